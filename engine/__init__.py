@@ -1,0 +1,1 @@
+"""pockprop compiler: PyTorch model -> ONNX training-step graph (trace, IR, autodiff, passes, emit)."""

@@ -1,0 +1,113 @@
+"""The compiled artifact and how it is written to disk (format described in docs/artifact.md).
+
+A directory: train_step.onnx, infer.onnx, state.safetensors (trainable tensors + optimizer state),
+manifest.json (what every graph input/output is, with shapes, dtypes and sha256 of each file).
+No pickle anywhere.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+
+from runtime import safetensors
+from runtime.manifest import FORMAT, FORMAT_VERSION
+
+from .emit import IR_VERSION, OPSET
+from .ir import TensorType
+from .optim import OptimizerSpec
+
+VERSION = "0.1.0"
+
+
+@dataclass
+class StateEntry:
+    """One tensor of training state: fed as graph input `input`, returned updated as `output`."""
+
+    name: str
+    role: str  # "param" or "optimizer"
+    input: str
+    output: str
+    initial: np.ndarray
+    param: str | None = None  # for optimizer slots: the parameter they belong to
+    slot: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"name": self.name, "role": self.role, "input": self.input, "output": self.output,
+                             "shape": list(self.initial.shape), "dtype": self.initial.dtype.name}
+        if self.param is not None:
+            d["param"] = self.param
+        if self.slot is not None:
+            d["slot"] = self.slot
+        return d
+
+
+def _io(name: str, t: TensorType) -> dict[str, Any]:
+    return {"name": name, "shape": list(t.shape), "dtype": t.dtype}
+
+
+@dataclass
+class Artifact:
+    name: str
+    train_model: onnx.ModelProto
+    infer_model: onnx.ModelProto
+    state: list[StateEntry]
+    data_inputs: list[tuple[str, TensorType]]
+    labels: tuple[str, TensorType]
+    output: str
+    loss: dict[str, Any]
+    optimizer: OptimizerSpec
+    trainable: list[str]
+    parameter_count: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def trainable_count(self) -> int:
+        return sum(self.parameter_count[p] for p in self.trainable)
+
+    def initial_state(self) -> dict[str, np.ndarray]:
+        return {s.name: s.initial for s in self.state}
+
+    def manifest(self) -> dict[str, Any]:
+        total = sum(self.parameter_count.values())
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "pockprop_version": VERSION,
+            "onnx": {"opset": OPSET, "ir_version": IR_VERSION},
+            "model": self.name,
+            "graphs": {"train_step": "train_step.onnx", "infer": "infer.onnx"},
+            "state_file": "state.safetensors",
+            "data": [_io(n, t) for n, t in self.data_inputs],
+            "labels": _io(*self.labels),
+            "lr": {"name": "lr", "initial": self.optimizer.lr},
+            "outputs": {"loss": "loss", "prediction": self.output},
+            "state": [s.to_json() for s in self.state],
+            "trainable": {"parameters": self.trainable, "count": self.trainable_count, "total": total},
+            "loss": self.loss,
+            "optimizer": self.optimizer.to_json(),
+        }
+
+    def save(self, directory: str) -> str:
+        """Write the artifact directory (created if missing); returns its path."""
+        os.makedirs(directory, exist_ok=True)
+        blobs = {
+            "train_step.onnx": self.train_model.SerializeToString(),
+            "infer.onnx": self.infer_model.SerializeToString(),
+            "state.safetensors": safetensors.dumps(self.initial_state()),
+        }
+        manifest = self.manifest()
+        manifest["files"] = {n: hashlib.sha256(data).hexdigest() for n, data in blobs.items()}
+        blobs["manifest.json"] = (json.dumps(manifest, indent=2) + "\n").encode()
+        for fname, data in blobs.items():  # manifest last: a directory with a manifest is complete
+            tmp = os.path.join(directory, fname + ".tmp")
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, os.path.join(directory, fname))
+        return directory

@@ -1,0 +1,135 @@
+"""compile(): a PyTorch model -> an Artifact holding the training-step and inference ONNX graphs.
+
+Pipeline: trace (torch.export -> IR) -> lift trainable parameters to graph inputs -> loss ->
+autodiff (VJP rules) -> optimizer update -> passes -> emit ONNX. Frozen tensors stay graph
+constants; the backward graph only reaches what the trainable tensors need.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+from passes import eliminate_dead_code
+
+from .artifact import Artifact, StateEntry
+from .autodiff import backward
+from .emit import to_onnx
+from .errors import CompileError
+from .ir import Builder, Graph, TensorType
+from .ops.loss import LOSSES
+from .ops.registry import FULL
+from .optim import build_update, initial_state, parse_optimizer
+from .trace import Traced, trace
+from .trainable import select, split_patterns
+
+LR = "lr"
+STEP = "optimizer.step"
+
+
+def _label_type(loss: str, out: TensorType, labels: Any) -> TensorType:
+    if labels is not None:
+        t = torch.as_tensor(labels)
+        return TensorType(tuple(t.shape), str(t.dtype).removeprefix("torch."))
+    if loss == "cross_entropy":
+        return TensorType(out.shape[:1], "int64")
+    return out
+
+
+def compile(model: torch.nn.Module, example_inputs: tuple[Any, ...] | torch.Tensor, labels: Any = None,
+            loss: str = "cross_entropy", optimizer: str | dict[str, Any] = "sgd",
+            trainable: str | Iterable[str] | None = None, *, label_smoothing: float = 0.0,
+            name: str | None = None) -> Artifact:
+    """Compile `model` into one ONNX training step (forward, loss, backward, update) + inference graph.
+
+    example_inputs: a tensor or tuple of tensors fixing the input shapes (batch size included).
+    labels: example labels fixing their shape/dtype (default: int64 (N,) for cross_entropy, else
+    like the model output). trainable: fnmatch patterns over parameter names ('features.17.*');
+    None trains every parameter.
+    """
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    loss_op = LOSSES.get(loss)
+    if loss_op is None:
+        raise CompileError(f"unknown loss {loss!r}; choose one of: {', '.join(sorted(LOSSES))}")
+    if label_smoothing and loss_op != "cross_entropy":
+        raise CompileError("label_smoothing applies to cross_entropy only")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise CompileError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    opt = parse_optimizer(optimizer)
+
+    traced = trace(model, tuple(example_inputs))
+    if len(traced.graph.outputs) != 1:
+        raise CompileError(f"the model must return one tensor, it returns {len(traced.graph.outputs)}")
+    chosen = select(split_patterns(trainable), traced.parameters, traced.buffers)
+    if not chosen:
+        raise CompileError("the model has no parameters to train")
+
+    fwd = traced.graph
+    frozen_values = {p: fwd.constants[p] for p in chosen}
+    for p in chosen:  # trainable tensors stop being constants: they are state fed at every step
+        del fwd.constants[p]
+        fwd.inputs.append(p)
+    infer = eliminate_dead_code(fwd).graph
+    train, state = _training_graph(fwd, traced, chosen, frozen_values, loss_op, labels, opt, label_smoothing)
+
+    model_name = name or type(model).__name__
+    return Artifact(
+        name=model_name,
+        train_model=to_onnx(train, f"{model_name}.train_step", doc="pockprop training step"),
+        infer_model=to_onnx(infer, f"{model_name}.infer", input_defaults=frozen_values, doc="pockprop inference"),
+        state=state,
+        data_inputs=[(n, fwd.types[n]) for n in traced.user_inputs],
+        labels=("labels", train.types["labels"]),
+        output=fwd.outputs[0],
+        loss={"name": loss_op, **({"label_smoothing": label_smoothing} if label_smoothing else {})},
+        optimizer=opt,
+        trainable=chosen,
+        parameter_count={p: int(traced.graph.types[p].numel) for p in traced.parameters},
+    )
+
+
+def _training_graph(fwd: Graph, traced: Traced, chosen: list[str], values: dict[str, np.ndarray], loss_op: str,
+                    labels: Any, opt: Any, label_smoothing: float) -> tuple[Graph, list[StateEntry]]:
+    g = fwd.copy()
+    b = Builder(g)
+    out = g.outputs[0]
+    y = g.add_input("labels", _label_type(loss_op, g.types[out], labels))
+    lr = g.add_input(LR, TensorType((), "float32"))
+    attrs = {"label_smoothing": label_smoothing} if loss_op == "cross_entropy" else {}
+    with b.scope("loss"):
+        loss = b.op(loss_op, [out, y], hint="loss", **attrs)
+
+    grads = backward(g, loss, {p: FULL for p in chosen})
+
+    state: list[StateEntry] = []
+    step = step_next = None
+    with b.scope("optimizer"):
+        if opt.needs_step:
+            step = g.add_input(STEP, TensorType((), "float32"))
+            step_next = b.op("add", [step, b.scalar_like(1.0, step)], hint="step_next")
+        for p in chosen:
+            slots = {s: g.add_input(f"optimizer.{s}.{p}", g.types[p]) for s in opt.slots()}
+            with b.scope(f"optimizer/{p}"):
+                new_p, new_slots = build_update(b, opt, p, grads[p], slots, lr, step_next)
+            state.append(StateEntry(p, "param", p, new_p, values[p]))
+            init = initial_state(opt, values[p])
+            state += [StateEntry(slots[s], "optimizer", slots[s], new_slots[s], init[s], param=p, slot=s)
+                      for s in opt.slots()]
+        if step is not None:
+            state.append(StateEntry(STEP, "optimizer", STEP, step_next, np.zeros((), np.float32), slot="step"))
+
+    # Graph outputs get stable, documented names: loss, the model output, then "new/<state>".
+    rename = {loss: "loss"} | {s.output: f"new/{s.name}" for s in state}
+    for node in g.nodes:
+        node.outputs = [rename.get(o, o) for o in node.outputs]
+        node.inputs = [rename.get(i, i) if i is not None else None for i in node.inputs]
+    for old, new in rename.items():
+        g.types[new] = g.types.pop(old)
+    for s in state:
+        s.output = rename[s.output]
+    g.outputs = ["loss", out] + [s.output for s in state]
+    g = eliminate_dead_code(g).graph
+    g.verify()
+    return g, state

@@ -1,0 +1,80 @@
+"""Read and write the safetensors format with numpy alone (no pickle, no extra dependency).
+
+Layout: 8-byte little-endian header size, a JSON header {name: {dtype, shape, data_offsets}}, then
+the raw little-endian tensor bytes. Reading validates offsets, so a truncated or tampered file is an
+error, never a wrong tensor.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from typing import IO
+
+import numpy as np
+
+_TO_ST = {"float32": "F32", "float64": "F64", "float16": "F16", "int64": "I64", "int32": "I32",
+          "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+_FROM_ST = {v: k for k, v in _TO_ST.items()}
+
+
+class SafetensorsError(ValueError):
+    """The bytes are not a valid safetensors file."""
+
+
+def dumps(tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> bytes:
+    header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+    blobs, offset = [], 0
+    for name in sorted(tensors):
+        a = np.asarray(tensors[name])
+        if a.dtype.name not in _TO_ST:
+            raise TypeError(f"tensor {name!r}: dtype {a.dtype} not supported")
+        raw = np.array(a, order="C").astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
+        header[name] = {"dtype": _TO_ST[a.dtype.name], "shape": list(a.shape), "data_offsets": [offset, offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # keep the data 8-byte aligned, as the reference writer does
+    return struct.pack("<Q", len(head)) + head + b"".join(blobs)
+
+
+def loads(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    if len(data) < 8:
+        raise SafetensorsError("file shorter than its 8-byte header size")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > len(data) - 8:
+        raise SafetensorsError(f"header size {n} exceeds the file ({len(data)} bytes)")
+    try:
+        header = json.loads(data[8:8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError) as ex:
+        raise SafetensorsError(f"header is not valid JSON: {ex}") from None
+    body = memoryview(data)[8 + n:]
+    meta = header.pop("__metadata__", None) or {}
+    out, end_max = {}, 0
+    for name, info in header.items():
+        try:
+            dtype = np.dtype(_FROM_ST[info["dtype"]]).newbyteorder("<")
+            shape = tuple(int(s) for s in info["shape"])
+            start, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError) as ex:
+            raise SafetensorsError(f"tensor {name!r}: malformed header entry ({ex})") from None
+        if not 0 <= start <= end <= len(body) or end - start != dtype.itemsize * int(np.prod(shape, dtype=np.int64)):
+            raise SafetensorsError(f"tensor {name!r}: data offsets {start}..{end} do not fit its shape or the file")
+        out[name] = np.frombuffer(body[start:end], dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
+        end_max = max(end_max, end)
+    if end_max != len(body):
+        raise SafetensorsError(f"{len(body) - end_max} trailing bytes after the last tensor")
+    return out, meta
+
+
+def save(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
+    with open(path, "wb") as f:
+        f.write(dumps(tensors, metadata))
+
+
+def load(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    with open(path, "rb") as f:
+        return loads(f.read())
+
+
+def write_to(f: IO[bytes], tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
+    f.write(dumps(tensors, metadata))
