@@ -19,7 +19,7 @@ from runtime import safetensors
 from runtime.manifest import FORMAT, FORMAT_VERSION
 
 from .emit import IR_VERSION, OPSET
-from .ir import TensorType
+from .ir import Graph, TensorType
 from .optim import OptimizerSpec
 
 VERSION = "0.1.0"
@@ -64,6 +64,7 @@ class Artifact:
     optimizer: OptimizerSpec
     trainable: list[str]
     parameter_count: dict[str, int] = field(default_factory=dict)
+    train_graph: Graph | None = None  # the IR behind train_model, for reports and structural tests
 
     @property
     def trainable_count(self) -> int:

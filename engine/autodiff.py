@@ -29,13 +29,12 @@ def backward(graph: Graph, loss: str, wants: dict[str, Need]) -> dict[str, str]:
         raise CompileError("the loss does not depend on any trainable tensor")
 
     forward = list(graph.nodes)
-    b = Builder(graph)
+    b = Builder(graph, phase="backward")
     cot: dict[str, str] = {loss: b.const(1.0, graph.types[loss].dtype, hint="d_loss")}
 
     def accumulate(value: str, grad: str) -> None:
         if value in cot:
-            with b.scope(b.module):
-                cot[value] = b.op("add", [cot[value], grad], hint=f"d_{value}")
+            cot[value] = b.op("add", [cot[value], grad], hint=f"d_{value}")
         else:
             cot[value] = grad
 

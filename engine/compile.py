@@ -87,6 +87,7 @@ def compile(model: torch.nn.Module, example_inputs: tuple[Any, ...] | torch.Tens
         optimizer=opt,
         trainable=chosen,
         parameter_count={p: int(traced.graph.types[p].numel) for p in traced.parameters},
+        train_graph=train,
     )
 
 
@@ -98,14 +99,14 @@ def _training_graph(fwd: Graph, traced: Traced, chosen: list[str], values: dict[
     y = g.add_input("labels", _label_type(loss_op, g.types[out], labels))
     lr = g.add_input(LR, TensorType((), "float32"))
     attrs = {"label_smoothing": label_smoothing} if loss_op == "cross_entropy" else {}
-    with b.scope("loss"):
+    with b.scope("loss", phase="loss"):
         loss = b.op(loss_op, [out, y], hint="loss", **attrs)
 
     grads = backward(g, loss, {p: FULL for p in chosen})
 
     state: list[StateEntry] = []
     step = step_next = None
-    with b.scope("optimizer"):
+    with b.scope("optimizer", phase="optimizer"):
         if opt.needs_step:
             step = g.add_input(STEP, TensorType((), "float32"))
             step_next = b.op("add", [step, b.scalar_like(1.0, step)], hint="step_next")

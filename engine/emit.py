@@ -54,8 +54,10 @@ class Emitter:
             outputs = [self.fresh(f"{base}/{op_type}") for _ in range(n_out)]
         elif isinstance(outputs, str):
             outputs = [outputs]
-        module = self.current.module if self.current is not None else ""
-        name = self._unique_node_name(f"{module or 'model'}/{op_type}")
+        module, phase = (self.current.module, self.current.phase) if self.current is not None else ("", "forward")
+        # "features.3.conv.0/Conv" forward, "features.3.conv.0/backward/ConvTranspose" for its gradient
+        where = module or "model" if phase in ("forward", "loss") else f"{module or 'model'}/{phase}"
+        name = self._unique_node_name(f"{where}/{op_type}")
         ins = ["" if i is None else i for i in inputs]
         while ins and ins[-1] == "":  # trailing absent optionals are simply left out
             ins.pop()

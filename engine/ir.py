@@ -40,6 +40,7 @@ class Node:
     outputs: list[str]
     attrs: dict[str, Any] = field(default_factory=dict)
     module: str = ""  # module path in the user's model ("features.3.conv.1"), "" for top level
+    phase: str = "forward"  # forward | loss | backward | optimizer: which part of the step built it
 
     def __repr__(self) -> str:
         attrs = ", ".join(f"{k}={v}" for k, v in self.attrs.items())
@@ -110,7 +111,7 @@ class Graph:
 
     def copy(self) -> "Graph":
         g = Graph()
-        g.nodes = [Node(n.op, list(n.inputs), list(n.outputs), dict(n.attrs), n.module) for n in self.nodes]
+        g.nodes = [Node(n.op, list(n.inputs), list(n.outputs), dict(n.attrs), n.module, n.phase) for n in self.nodes]
         g.types = dict(self.types)
         g.constants = dict(self.constants)  # arrays are shared: passes replace, never mutate them
         g.inputs = list(self.inputs)
@@ -148,18 +149,20 @@ class Builder:
     losses and optimizers all build through this, so they produce ordinary IR.
     """
 
-    def __init__(self, graph: Graph, module: str = "") -> None:
+    def __init__(self, graph: Graph, module: str = "", phase: str = "forward") -> None:
         self.graph = graph
         self.module = module
+        self.phase = phase
 
     @contextlib.contextmanager
-    def scope(self, module: str) -> Iterator["Builder"]:
-        """Nodes built inside carry `module` as their module path."""
-        saved, self.module = self.module, module
+    def scope(self, module: str, phase: str | None = None) -> Iterator["Builder"]:
+        """Nodes built inside carry `module` as their module path (and `phase`, if given)."""
+        saved = self.module, self.phase
+        self.module, self.phase = module, phase or self.phase
         try:
             yield self
         finally:
-            self.module = saved
+            self.module, self.phase = saved
 
     def type(self, value: str) -> TensorType:
         return self.graph.types[value]
@@ -171,7 +174,7 @@ class Builder:
         in_types = [None if i is None else self.graph.types[i] for i in inputs]
         out_types = opdef.shape(in_types, attrs)
         outs = [self.graph.add_value(self.graph.fresh(hint or op), t) for t in out_types]
-        self.graph.nodes.append(Node(op, list(inputs), outs, attrs, self.module))
+        self.graph.nodes.append(Node(op, list(inputs), outs, attrs, self.module, self.phase))
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def const(self, value: Any, dtype: str = "float32", hint: str = "c") -> str:

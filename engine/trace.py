@@ -116,6 +116,10 @@ def trace(model: torch.nn.Module, example_inputs: tuple[Any, ...]) -> Traced:
         elif node.op == "call_function":
             if node.target is operator.getitem:
                 src, idx = env[node.args[0]], node.args[1]
+                if src[idx] is None:  # an output the importer does not expose (e.g. max-pool indices)
+                    producer = node.args[0]
+                    raise UnsupportedOpError({f"{producer.target} (output {idx} used by the model)":
+                                              [_module_path(producer)[0]]})
                 env[node] = src[idx]
                 continue
             path, cls = _module_path(node)

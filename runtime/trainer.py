@@ -41,7 +41,8 @@ class Trainer:
         self._labels = manifest["labels"]
         self._state_io = [(s["name"], s["input"], s["output"]) for s in manifest["state"]]
         self._outputs = [self.manifest["outputs"]["loss"]] + [o for _, _, o in self._state_io]
-        infer_inputs = {i.name for i in self._infer.get_inputs()}
+        # onnxruntime lists inputs that have a default (the weights) apart from the required ones
+        infer_inputs = {i.name for i in self._infer.get_inputs() + self._infer.get_overridable_initializers()}
         self._infer_weights = [(s["name"], s["input"]) for s in manifest["state"]
                                if s["role"] == "param" and s["input"] in infer_inputs]
 

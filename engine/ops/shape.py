@@ -259,3 +259,9 @@ def _full(b: Builder, size: Any, value: float, dtype: Any = None, **kwargs: Any)
 def _scalar_tensor(b: Builder, value: float, dtype: Any = None, **kwargs: Any) -> str:
     name = "float32" if dtype is None else str(dtype).removeprefix("torch.")
     return b.const(value, name, hint="scalar")
+
+
+@aten("aten._assert_tensor_metadata.default")
+def _assert_metadata(b: Builder, x: str, *args: Any, **kwargs: Any) -> None:
+    """torch.export's dtype/shape assertion: our static types were already checked at import."""
+    return None
