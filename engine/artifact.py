@@ -65,6 +65,7 @@ class Artifact:
     trainable: list[str]
     parameter_count: dict[str, int] = field(default_factory=dict)
     train_graph: Graph | None = None  # the IR behind train_model, for reports and structural tests
+    preprocess: dict[str, Any] = field(default_factory=dict)  # raw data -> model input, applied by the runtime
 
     @property
     def trainable_count(self) -> int:
@@ -83,7 +84,8 @@ class Artifact:
             "model": self.name,
             "graphs": {"train_step": "train_step.onnx", "infer": "infer.onnx"},
             "state_file": "state.safetensors",
-            "data": [_io(n, t) for n, t in self.data_inputs],
+            "data": [_io(n, t) | ({"preprocess": self.preprocess} if self.preprocess else {})
+                     for n, t in self.data_inputs],
             "labels": _io(*self.labels),
             "lr": {"name": "lr", "initial": self.optimizer.lr},
             "outputs": {"loss": "loss", "prediction": self.output},

@@ -40,13 +40,14 @@ def _label_type(loss: str, out: TensorType, labels: Any) -> TensorType:
 def compile(model: torch.nn.Module, example_inputs: tuple[Any, ...] | torch.Tensor, labels: Any = None,
             loss: str = "cross_entropy", optimizer: str | dict[str, Any] = "sgd",
             trainable: str | Iterable[str] | None = None, *, label_smoothing: float = 0.0,
-            name: str | None = None) -> Artifact:
+            name: str | None = None, preprocess: dict[str, Any] | None = None) -> Artifact:
     """Compile `model` into one ONNX training step (forward, loss, backward, update) + inference graph.
 
     example_inputs: a tensor or tuple of tensors fixing the input shapes (batch size included).
     labels: example labels fixing their shape/dtype (default: int64 (N,) for cross_entropy, else
     like the model output). trainable: fnmatch patterns over parameter names ('features.17.*');
-    None trains every parameter.
+    None trains every parameter. preprocess: how raw device data becomes the model input, recorded
+    in the manifest for the runtime (e.g. {"resize": [32, 32], "scale": 1/255, "mean": [...], "std": [...]}).
     """
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
@@ -88,6 +89,7 @@ def compile(model: torch.nn.Module, example_inputs: tuple[Any, ...] | torch.Tens
         trainable=chosen,
         parameter_count={p: int(traced.graph.types[p].numel) for p in traced.parameters},
         train_graph=train,
+        preprocess=dict(preprocess or {}),
     )
 
 
