@@ -20,6 +20,7 @@ from runtime.manifest import FORMAT, FORMAT_VERSION
 
 from .emit import IR_VERSION, OPSET
 from .ir import Graph, TensorType
+from .ops.registry import Need
 from .optim import OptimizerSpec
 
 VERSION = "0.1.0"
@@ -36,6 +37,8 @@ class StateEntry:
     initial: np.ndarray
     param: str | None = None  # for optimizer slots: the parameter they belong to
     slot: str | None = None
+    slice: Need | None = None  # a parameter updated on a slice: which part of the full tensor this is
+    full_shape: tuple[int, ...] | None = None
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {"name": self.name, "role": self.role, "input": self.input, "output": self.output,
@@ -44,6 +47,10 @@ class StateEntry:
             d["param"] = self.param
         if self.slot is not None:
             d["slot"] = self.slot
+        if self.slice is not None:
+            d["param"] = self.name
+            d["slice"] = {"axis": self.slice.axis, "start": self.slice.start, "stop": self.slice.stop}
+            d["full_shape"] = list(self.full_shape or ())
         return d
 
 
@@ -66,10 +73,12 @@ class Artifact:
     parameter_count: dict[str, int] = field(default_factory=dict)
     train_graph: Graph | None = None  # the IR behind train_model, for reports and structural tests
     preprocess: dict[str, Any] = field(default_factory=dict)  # raw data -> model input, applied by the runtime
+    scheme: Any = None  # the ResolvedScheme the artifact was compiled with, if any
 
     @property
     def trainable_count(self) -> int:
-        return sum(self.parameter_count[p] for p in self.trainable)
+        """Trainable elements: a parameter updated on a slice counts the slice only."""
+        return sum(int(s.initial.size) for s in self.state if s.role == "param")
 
     def initial_state(self) -> dict[str, np.ndarray]:
         return {s.name: s.initial for s in self.state}
@@ -91,6 +100,10 @@ class Artifact:
             "outputs": {"loss": "loss", "prediction": self.output},
             "state": [s.to_json() for s in self.state],
             "trainable": {"parameters": self.trainable, "count": self.trainable_count, "total": total},
+            "scheme": None if self.scheme is None else {
+                "name": self.scheme.name,
+                "layers": [{"layer": u.layer.path, "op": u.layer.op, "block": u.layer.block, "update": u.kind}
+                           for u in self.scheme.updates]},
             "loss": self.loss,
             "optimizer": self.optimizer.to_json(),
         }

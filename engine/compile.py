@@ -17,15 +17,24 @@ from .artifact import Artifact, StateEntry
 from .autodiff import backward
 from .emit import to_onnx
 from .errors import CompileError
-from .ir import Builder, Graph, TensorType
+from .ir import Builder, Graph, Node, TensorType
 from .ops.loss import LOSSES
-from .ops.registry import FULL
+from .ops.registry import FULL, Need
 from .optim import build_update, initial_state, parse_optimizer
-from .trace import Traced, trace
+from .scheme import Scheme, discover_layers, load_scheme, module_tree, resolve_scheme
+from .trace import trace
 from .trainable import select, split_patterns
 
 LR = "lr"
 STEP = "optimizer.step"
+
+
+def _part(array: np.ndarray, need: Need) -> np.ndarray:
+    if need.is_full:
+        return array
+    idx = [slice(None)] * array.ndim
+    idx[need.axis] = slice(need.start, need.stop)
+    return np.ascontiguousarray(array[tuple(idx)])
 
 
 def _label_type(loss: str, out: TensorType, labels: Any) -> TensorType:
@@ -39,15 +48,18 @@ def _label_type(loss: str, out: TensorType, labels: Any) -> TensorType:
 
 def compile(model: torch.nn.Module, example_inputs: tuple[Any, ...] | torch.Tensor, labels: Any = None,
             loss: str = "cross_entropy", optimizer: str | dict[str, Any] = "sgd",
-            trainable: str | Iterable[str] | None = None, *, label_smoothing: float = 0.0,
-            name: str | None = None, preprocess: dict[str, Any] | None = None) -> Artifact:
+            trainable: str | Iterable[str] | None = None, *, scheme: str | Scheme | dict[str, Any] | None = None,
+            label_smoothing: float = 0.0, name: str | None = None,
+            preprocess: dict[str, Any] | None = None) -> Artifact:
     """Compile `model` into one ONNX training step (forward, loss, backward, update) + inference graph.
 
     example_inputs: a tensor or tuple of tensors fixing the input shapes (batch size included).
     labels: example labels fixing their shape/dtype (default: int64 (N,) for cross_entropy, else
-    like the model output). trainable: fnmatch patterns over parameter names ('features.17.*');
-    None trains every parameter. preprocess: how raw device data becomes the model input, recorded
-    in the manifest for the runtime (e.g. {"resize": [32, 32], "scale": 1/255, "mean": [...], "std": [...]}).
+    like the model output). What is trained is given by either `trainable` (fnmatch patterns over
+    parameter names, 'features.17.*', whole tensors) or `scheme` (a preset name like 'sparse', a
+    YAML path, a dict or a Scheme: per-layer updates incl. channel slices; see engine/scheme.py);
+    with neither, every parameter is trained. preprocess: how raw device data becomes the model
+    input, recorded in the manifest for the runtime (e.g. {"resize": [32, 32], "mean": [...], "std": [...]}).
     """
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
@@ -58,43 +70,83 @@ def compile(model: torch.nn.Module, example_inputs: tuple[Any, ...] | torch.Tens
         raise CompileError("label_smoothing applies to cross_entropy only")
     if not 0.0 <= label_smoothing < 1.0:
         raise CompileError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    if trainable is not None and scheme is not None:
+        raise CompileError("give either trainable patterns or a scheme, not both")
     opt = parse_optimizer(optimizer)
+    spec = load_scheme(scheme) if scheme is not None else None  # a bad scheme fails before the slow trace
 
     traced = trace(model, tuple(example_inputs))
     if len(traced.graph.outputs) != 1:
         raise CompileError(f"the model must return one tensor, it returns {len(traced.graph.outputs)}")
-    chosen = select(split_patterns(trainable), traced.parameters, traced.buffers)
-    if not chosen:
+    resolved = None
+    if spec is not None:
+        layers = discover_layers(traced.graph, traced.parameters, module_tree(model))
+        resolved = resolve_scheme(spec, layers, {p: traced.graph.types[p].shape for p in traced.parameters})
+        needs = resolved.needs()
+    else:
+        needs = {p: FULL for p in select(split_patterns(trainable), traced.parameters, traced.buffers)}
+    if not needs:
         raise CompileError("the model has no parameters to train")
+    chosen = [p for p in traced.parameters if p in needs]  # model order
 
-    fwd = traced.graph
-    frozen_values = {p: fwd.constants[p] for p in chosen}
-    for p in chosen:  # trainable tensors stop being constants: they are state fed at every step
-        del fwd.constants[p]
-        fwd.inputs.append(p)
-    infer = eliminate_dead_code(fwd).graph
-    train, state = _training_graph(fwd, traced, chosen, frozen_values, loss_op, labels, opt, label_smoothing)
+    full_values = {p: traced.graph.constants[p] for p in chosen}
+    infer, _ = _lift(traced.graph.copy(), {p: FULL for p in chosen})
+    infer = eliminate_dead_code(infer).graph
+    train_fwd, wants = _lift(traced.graph.copy(), {p: needs[p] for p in chosen})
+    train, state = _training_graph(train_fwd, wants, full_values, loss_op, labels, opt, label_smoothing)
 
     model_name = name or type(model).__name__
     return Artifact(
         name=model_name,
         train_model=to_onnx(train, f"{model_name}.train_step", doc="pockprop training step"),
-        infer_model=to_onnx(infer, f"{model_name}.infer", input_defaults=frozen_values, doc="pockprop inference"),
+        infer_model=to_onnx(infer, f"{model_name}.infer", input_defaults=full_values, doc="pockprop inference"),
         state=state,
-        data_inputs=[(n, fwd.types[n]) for n in traced.user_inputs],
+        data_inputs=[(n, traced.graph.types[n]) for n in traced.user_inputs],
         labels=("labels", train.types["labels"]),
-        output=fwd.outputs[0],
+        output=traced.graph.outputs[0],
         loss={"name": loss_op, **({"label_smoothing": label_smoothing} if label_smoothing else {})},
         optimizer=opt,
         trainable=chosen,
         parameter_count={p: int(traced.graph.types[p].numel) for p in traced.parameters},
         train_graph=train,
         preprocess=dict(preprocess or {}),
+        scheme=resolved,
     )
 
 
-def _training_graph(fwd: Graph, traced: Traced, chosen: list[str], values: dict[str, np.ndarray], loss_op: str,
-                    labels: Any, opt: Any, label_smoothing: float) -> tuple[Graph, list[StateEntry]]:
+def _lift(g: Graph, needs: dict[str, Need]) -> tuple[Graph, dict[str, tuple[str, Need]]]:
+    """Make the trainable tensors graph inputs; the frozen rest of a sliced one stays a constant.
+
+    A parameter updated on a slice [0, k) along an axis becomes the input `p` holding just the slice,
+    concatenated with the constant rest into the value the forward graph uses. Returns, per parameter,
+    the value to differentiate and the part of its gradient wanted.
+    """
+    wants: dict[str, tuple[str, Need]] = {}
+    merges = []
+    for p, need in needs.items():
+        full = g.constants.pop(p)
+        if need.is_full:
+            g.inputs.append(p)
+            wants[p] = (p, need)
+            continue
+        idx = [slice(None)] * full.ndim
+        idx[need.axis] = slice(need.start, need.stop)
+        rest = [slice(None)] * full.ndim
+        rest[need.axis] = slice(need.stop, None)
+        del g.types[p]
+        g.add_input(p, TensorType(tuple(full[tuple(idx)].shape), full.dtype.name))
+        frozen = g.add_constant(np.ascontiguousarray(full[tuple(rest)]), name=g.fresh(f"{p}.frozen"))
+        merged = g.add_value(g.fresh(f"{p}.merged"), TensorType(full.shape, full.dtype.name))
+        for node in g.nodes:
+            node.inputs = [merged if i == p else i for i in node.inputs]
+        merges.append(Node("concat", [p, frozen], [merged], {"axis": need.axis}, p.rsplit(".", 1)[0]))
+        wants[p] = (merged, need)
+    g.nodes[:0] = merges
+    return g, wants
+
+
+def _training_graph(fwd: Graph, wants: dict[str, tuple[str, Need]], full_values: dict[str, np.ndarray],
+                    loss_op: str, labels: Any, opt: Any, label_smoothing: float) -> tuple[Graph, list[StateEntry]]:
     g = fwd.copy()
     b = Builder(g)
     out = g.outputs[0]
@@ -104,7 +156,8 @@ def _training_graph(fwd: Graph, traced: Traced, chosen: list[str], values: dict[
     with b.scope("loss", phase="loss"):
         loss = b.op(loss_op, [out, y], hint="loss", **attrs)
 
-    grads = backward(g, loss, {p: FULL for p in chosen})
+    by_value = backward(g, loss, dict(wants.values()))
+    grads = {p: by_value[v] for p, (v, _) in wants.items()}
 
     state: list[StateEntry] = []
     step = step_next = None
@@ -112,12 +165,14 @@ def _training_graph(fwd: Graph, traced: Traced, chosen: list[str], values: dict[
         if opt.needs_step:
             step = g.add_input(STEP, TensorType((), "float32"))
             step_next = b.op("add", [step, b.scalar_like(1.0, step)], hint="step_next")
-        for p in chosen:
+        for p, (_, need) in wants.items():
             slots = {s: g.add_input(f"optimizer.{s}.{p}", g.types[p]) for s in opt.slots()}
             with b.scope(f"optimizer/{p}"):
                 new_p, new_slots = build_update(b, opt, p, grads[p], slots, lr, step_next)
-            state.append(StateEntry(p, "param", p, new_p, values[p]))
-            init = initial_state(opt, values[p])
+            value = _part(full_values[p], need)
+            state.append(StateEntry(p, "param", p, new_p, value, slice=None if need.is_full else need,
+                                    full_shape=full_values[p].shape))
+            init = initial_state(opt, value)
             state += [StateEntry(slots[s], "optimizer", slots[s], new_slots[s], init[s], param=p, slot=s)
                       for s in opt.slots()]
         if step is not None:
