@@ -54,9 +54,11 @@ def compile_command(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         print(f"compiling {args.model} for input {','.join(map(str, shape))} ...", file=sys.stderr)
         art = compile(model, (torch.randn(*shape),), loss=args.loss, optimizer=_optimizer(args),
-                      trainable=args.trainable, label_smoothing=args.label_smoothing,
+                      trainable=args.trainable, scheme=args.scheme, label_smoothing=args.label_smoothing,
                       name=args.model.split(":")[-1])
         art.save(args.output)
+        if art.scheme is not None:
+            print(art.scheme.table())
     except CompileError as ex:
         print(f"pockprop compile: error: {ex}", file=sys.stderr)
         return EXIT_BAD_INPUT

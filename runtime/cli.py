@@ -28,7 +28,10 @@ def _compile_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--betas", help="adamw betas, e.g. 0.9,0.999")
     p.add_argument("--eps", type=float, help="adamw epsilon")
     p.add_argument("--trainable", help="comma-separated parameter name patterns, e.g. 'features.17.*,classifier.*' "
-                                       "(default: every parameter)")
+                                       "(whole tensors; default: every parameter)")
+    p.add_argument("--scheme", help="update scheme instead of --trainable: a preset (full, classifier, last-k:N, "
+                                    "bias-only, sparse, tbft-front, tbft-middle, tbft-rear) or a YAML file; "
+                                    "see docs/schemes.md")
     p.add_argument("--seed", type=int, default=0, help="torch seed for the model's initial weights")
     p.add_argument("-o", "--output", required=True, help="artifact directory to write")
     p.set_defaults(func=from_engine("compile_command"))
