@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..ir import Builder, Node, TensorType
-from .registry import Need, Op, aten, register
+from .registry import InputGradOp, Need, Op, aten, register
 
 _CONV_ATTRS = ("stride", "padding", "dilation", "groups")
 
@@ -122,13 +122,9 @@ def _weight_grad(b: Builder, x: str, g: str, wshape: tuple[int, ...], conv: dict
 
 
 @register
-class Conv2dInputGrad(Op):
+class Conv2dInputGrad(InputGradOp):
     """Backward helper of conv2d: dx = conv_transpose(g, W) with output_padding so dx has exactly input_shape."""
     name = "conv2d_input_grad"
-    differentiable = False
-
-    def shape(self, ins, attrs):  # type: ignore[no-untyped-def]
-        return [TensorType(tuple(attrs["input_shape"]), ins[0].dtype)]
 
     def lower(self, e: Any, node: Node) -> None:
         g, w = node.inputs

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..ir import Builder, Node, TensorType
 from .conv import pair
-from .registry import Op, aten, register
+from .registry import InputGradOp, Op, aten, register
 
 
 def pool_out_size(size: int, k: int, s: int, p: int, d: int, ceil: bool) -> int:
@@ -90,13 +90,9 @@ class MaxPool2d(Op):
 
 
 @register
-class MaxPool2dGrad(Op):
+class MaxPool2dGrad(InputGradOp):
     """Backward helper of max_pool2d: dx = zeros(N*C*H*W) with g scatter-added at the flat argmax indices."""
     name = "max_pool2d_grad"
-    differentiable = False
-
-    def shape(self, ins, attrs):  # type: ignore[no-untyped-def]
-        return [TensorType(tuple(attrs["input_shape"]), ins[0].dtype)]
 
     def lower(self, e: Any, node: Node) -> None:
         from onnx import numpy_helper
@@ -146,13 +142,9 @@ class AvgPool2d(Op):
 
 
 @register
-class AvgPool2dGrad(Op):
+class AvgPool2dGrad(InputGradOp):
     """Backward helper of avg_pool2d: dx = conv_transpose(g / divisor, ones(kh, kw)) per channel, cropped to input_shape."""
     name = "avg_pool2d_grad"
-    differentiable = False
-
-    def shape(self, ins, attrs):  # type: ignore[no-untyped-def]
-        return [TensorType(tuple(attrs["input_shape"]), ins[0].dtype)]
 
     def lower(self, e: Any, node: Node) -> None:
         a = node.attrs

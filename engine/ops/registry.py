@@ -66,6 +66,16 @@ class Op:
         raise CompileError(f"op {self.name!r} has no ONNX lowering")
 
 
+class InputGradOp(Op):
+    """A backward helper whose output is the gradient of a forward input: shaped like attrs['input_shape']."""
+
+    differentiable = False
+
+    def shape(self, ins: list[TensorType | None], attrs: dict[str, Any]) -> list[TensorType]:
+        assert ins[0] is not None
+        return [TensorType(tuple(attrs["input_shape"]), ins[0].dtype)]
+
+
 _OPS: dict[str, Op] = {}
 ATEN: dict[str, Callable[..., Any]] = {}
 

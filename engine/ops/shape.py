@@ -11,7 +11,7 @@ import numpy as np
 
 from ..ir import Builder, Node, TensorType
 from .elementwise import broadcast_shape, unbroadcast
-from .registry import Need, Op, aten, register
+from .registry import InputGradOp, Need, Op, aten, register
 
 
 def _norm_axis(axis: int, rank: int) -> int:
@@ -116,13 +116,9 @@ class Slice(Op):
 
 
 @register
-class SliceGrad(Op):
+class SliceGrad(InputGradOp):
     """Backward helper of slice: zeros of input_shape with g placed at [start:stop:step] along axis."""
     name = "slice_grad"
-    differentiable = False
-
-    def shape(self, ins, attrs):  # type: ignore[no-untyped-def]
-        return [TensorType(tuple(attrs["input_shape"]), ins[0].dtype)]
 
     def lower(self, e: Any, node: Node) -> None:
         a, g = node.attrs, node.inputs[0]
