@@ -11,7 +11,8 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from passes import eliminate_dead_code
+from passes import eliminate_dead_code, fold_constants, fold_frozen_batchnorm, reorder_updates
+from passes.save_for_backward import save_small_for_backward
 
 from .artifact import Artifact, StateEntry
 from .autodiff import backward
@@ -50,7 +51,7 @@ def compile(model: torch.nn.Module, example_inputs: tuple[Any, ...] | torch.Tens
             loss: str = "cross_entropy", optimizer: str | dict[str, Any] = "sgd",
             trainable: str | Iterable[str] | None = None, *, scheme: str | Scheme | dict[str, Any] | None = None,
             label_smoothing: float = 0.0, name: str | None = None,
-            preprocess: dict[str, Any] | None = None) -> Artifact:
+            preprocess: dict[str, Any] | None = None, optimize: bool = True) -> Artifact:
     """Compile `model` into one ONNX training step (forward, loss, backward, update) + inference graph.
 
     example_inputs: a tensor or tuple of tensors fixing the input shapes (batch size included).
@@ -60,6 +61,8 @@ def compile(model: torch.nn.Module, example_inputs: tuple[Any, ...] | torch.Tens
     YAML path, a dict or a Scheme: per-layer updates incl. channel slices; see engine/scheme.py);
     with neither, every parameter is trained. preprocess: how raw device data becomes the model
     input, recorded in the manifest for the runtime (e.g. {"resize": [32, 32], "mean": [...], "std": [...]}).
+    optimize=False skips the optimization passes (BatchNorm folding, constant folding, saving slices
+    and masks for backward, update reordering): the same step, as autodiff built it; for debugging.
     """
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
@@ -91,9 +94,11 @@ def compile(model: torch.nn.Module, example_inputs: tuple[Any, ...] | torch.Tens
 
     full_values = {p: traced.graph.constants[p] for p in chosen}
     infer, _ = _lift(traced.graph.copy(), {p: FULL for p in chosen})
-    infer = eliminate_dead_code(infer).graph
+    infer = _optimize_forward(infer) if optimize else eliminate_dead_code(infer).graph
     train_fwd, wants = _lift(traced.graph.copy(), {p: needs[p] for p in chosen})
-    train, state = _training_graph(train_fwd, wants, full_values, loss_op, labels, opt, label_smoothing)
+    if optimize:  # before autodiff: a frozen conv+BN pair becomes one conv, so its backward is one op too
+        train_fwd = fold_frozen_batchnorm(train_fwd).graph
+    train, state = _training_graph(train_fwd, wants, full_values, loss_op, labels, opt, label_smoothing, optimize)
 
     model_name = name or type(model).__name__
     return Artifact(
@@ -112,6 +117,13 @@ def compile(model: torch.nn.Module, example_inputs: tuple[Any, ...] | torch.Tens
         preprocess=dict(preprocess or {}),
         scheme=resolved,
     )
+
+
+def _optimize_forward(g: Graph) -> Graph:
+    """Inference graph: frozen BatchNorms folded into their convs, constant subgraphs evaluated."""
+    g = fold_frozen_batchnorm(g).graph
+    g = fold_constants(g).graph
+    return eliminate_dead_code(g).graph
 
 
 def _lift(g: Graph, needs: dict[str, Need]) -> tuple[Graph, dict[str, tuple[str, Need]]]:
@@ -146,7 +158,8 @@ def _lift(g: Graph, needs: dict[str, Need]) -> tuple[Graph, dict[str, tuple[str,
 
 
 def _training_graph(fwd: Graph, wants: dict[str, tuple[str, Need]], full_values: dict[str, np.ndarray],
-                    loss_op: str, labels: Any, opt: Any, label_smoothing: float) -> tuple[Graph, list[StateEntry]]:
+                    loss_op: str, labels: Any, opt: Any, label_smoothing: float,
+                    optimize: bool) -> tuple[Graph, list[StateEntry]]:
     g = fwd.copy()
     b = Builder(g)
     out = g.outputs[0]
@@ -189,5 +202,9 @@ def _training_graph(fwd: Graph, wants: dict[str, tuple[str, Need]], full_values:
         s.output = rename[s.output]
     g.outputs = ["loss", out] + [s.output for s in state]
     g = eliminate_dead_code(g).graph
+    if optimize:
+        g = save_small_for_backward(g).graph  # backward keeps slices and masks, not whole activations
+        g = fold_constants(g).graph
+        g = reorder_updates(g).graph  # last: it only reorders (PockEngine's update-right-after-gradient)
     g.verify()
     return g, state

@@ -5,15 +5,9 @@ node reads is removed. Graph inputs are kept (they are the artifact's interface)
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from engine.ir import Graph
 
-
-@dataclass
-class PassResult:
-    graph: Graph
-    changed: bool
+from .base import PassResult
 
 
 def eliminate_dead_code(graph: Graph) -> PassResult:

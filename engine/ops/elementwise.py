@@ -1,7 +1,8 @@
 """Elementwise ops: binary arithmetic with numpy broadcasting, and unary activations.
 
 Gradients of broadcast operands are summed back to the operand's shape (`unbroadcast`). Activation
-VJPs that torch computes from a mask use the `mask_grad` op, which keeps a comparison, not a product.
+VJPs that torch computes from a mask use a bool `range_mask` of the forward value and `masked`, so
+backward can keep one byte per element instead of the activation.
 """
 from __future__ import annotations
 
@@ -192,7 +193,7 @@ class Relu(Unary):
     name, onnx_op = "relu", "Relu"
 
     def vjp(self, b, node, gouts, needs):  # type: ignore[no-untyped-def]
-        return [b.op("mask_grad", [gouts[0], node.outputs[0]], lo=0.0, hi=None)]
+        return [mask_grad(b, gouts[0], node.outputs[0], lo=0.0, hi=None)]
 
 
 @register
@@ -207,21 +208,31 @@ class Clamp(Unary):
                node.outputs)
 
     def vjp(self, b, node, gouts, needs):  # type: ignore[no-untyped-def]
-        return [b.op("mask_grad", [gouts[0], node.inputs[0]], lo=node.attrs.get("lo"), hi=node.attrs.get("hi"),
-                     inclusive=node.attrs.get("inclusive", False))]
+        return [mask_grad(b, gouts[0], node.inputs[0], lo=node.attrs.get("lo"), hi=node.attrs.get("hi"),
+                          inclusive=node.attrs.get("inclusive", False))]
+
+
+def mask_grad(b: Builder, g: str, x: str, lo: float | None, hi: float | None, inclusive: bool = False) -> str:
+    """dx = g where lo < x < hi (<= with `inclusive`), else 0, via a bool mask of x.
+
+    The mask depends on the forward value only, so a pass can compute it during the forward pass and
+    keep 1 byte per element for backward instead of x itself.
+    """
+    mask = b.op("range_mask", [x], lo=lo, hi=hi, inclusive=inclusive, hint="mask")
+    return b.op("masked", [g, mask])
 
 
 @register
-class MaskGrad(Op):
-    """Backward helper: dx = g where lo < x < hi (<= with `inclusive`), else 0; a bound of None is open."""
-    name = "mask_grad"
+class RangeMask(Op):
+    """m = lo < x < hi (<= with `inclusive`; a bound of None is open), a bool tensor; no gradient."""
+    name = "range_mask"
     differentiable = False
 
     def shape(self, ins, attrs):  # type: ignore[no-untyped-def]
-        return [ins[0]]
+        return [TensorType(ins[0].shape, "bool")]
 
     def lower(self, e: Any, node: Node) -> None:
-        g, x = node.inputs
+        x = node.inputs[0]
         dt = e.type(x).dtype
         incl = node.attrs.get("inclusive", False)
         conds = []
@@ -229,8 +240,24 @@ class MaskGrad(Op):
             conds.append(e.node("GreaterOrEqual" if incl else "Greater", [x, e.const(node.attrs["lo"], dt)]))
         if node.attrs.get("hi") is not None:
             conds.append(e.node("LessOrEqual" if incl else "Less", [x, e.const(node.attrs["hi"], dt)]))
-        cond = conds[0] if len(conds) == 1 else e.node("And", conds)
-        e.node("Where", [cond, g, e.const(0.0, e.type(g).dtype)], node.outputs)
+        if len(conds) == 1:
+            e.node("Identity", conds, node.outputs)
+        else:
+            e.node("And", conds, node.outputs)
+
+
+@register
+class Masked(Op):
+    """y = g where m else 0 (m a bool mask broadcastable to g)."""
+    name = "masked"
+    differentiable = False
+
+    def shape(self, ins, attrs):  # type: ignore[no-untyped-def]
+        return [ins[0]]
+
+    def lower(self, e: Any, node: Node) -> None:
+        g, m = node.inputs
+        e.node("Where", [m, g, e.const(0.0, e.type(g).dtype)], node.outputs)
 
 
 @register
@@ -307,7 +334,7 @@ class Hardsigmoid(Unary):
 
     def vjp(self, b, node, gouts, needs):  # type: ignore[no-untyped-def]
         x = node.inputs[0]
-        masked = b.op("mask_grad", [gouts[0], x], lo=-3.0, hi=3.0)
+        masked = mask_grad(b, gouts[0], x, lo=-3.0, hi=3.0)
         return [b.op("mul", [masked, b.scalar_like(1.0 / 6.0, x)])]
 
 

@@ -1,0 +1,105 @@
+"""Constant folding: evaluate at compile time every node whose inputs are all constants.
+
+Rewrite: a node whose inputs are all in `graph.constants` (and none is a graph input) is removed and
+those of its outputs that a remaining node reads become constants; constants nobody reads any more
+are dropped. Folding is transitive (a node fed by folded values folds too).
+
+Not folded: nodes whose outputs nobody reads (dead code is DCE's job), nodes producing a graph output
+(the artifact's outputs stay computed values), and nodes whose outputs take more than
+max(max_bytes, bytes of their inputs) -- an `expand` of a scalar to an activation-sized tensor would
+only move work from the step into the file and into memory.
+
+Evaluation is generic: the folded nodes are lowered with `engine.emit.to_onnx` and run once on
+onnxruntime, so every op with an ONNX lowering folds and no op has numpy code here. Should that one
+batch fail, nodes are evaluated one by one and those that fail (and what they feed) stay unfolded.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from engine.ir import Graph, Node
+
+from .base import PassResult, drop_unused_constants, nbytes
+
+DEFAULT_MAX_BYTES = 64 * 1024
+
+
+def _run(graph: Graph, nodes: list[Node], values: dict[str, np.ndarray], wanted: list[str]) -> dict[str, np.ndarray]:
+    """Evaluate `nodes` (inputs taken from `values`) on onnxruntime; returns `wanted` outputs."""
+    import onnxruntime as ort
+
+    from engine.emit import to_onnx
+
+    sub = Graph()
+    for n in nodes:
+        sub.nodes.append(n)
+        for i in n.inputs:
+            if i is not None and i not in sub.types and i in values:
+                sub.constants[i] = values[i]
+        for v in list(n.inputs) + n.outputs:
+            if v is not None:
+                sub.types[v] = graph.types[v]
+    sub.outputs = list(wanted)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    # run the kernels exactly as lowered, as the step itself would compute them
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(to_onnx(sub, "fold").SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    got = sess.run(wanted, {})
+    return {w: np.asarray(a, dtype=graph.types[w].dtype).reshape(graph.types[w].shape) for w, a in zip(wanted, got)}
+
+
+def _evaluate(graph: Graph, nodes: list[Node], wanted: list[str]) -> tuple[list[Node], dict[str, np.ndarray]]:
+    """(the nodes that could be evaluated, values of their outputs; `wanted` at least when all could)."""
+    try:
+        return nodes, _run(graph, nodes, graph.constants, wanted)
+    except Exception:  # noqa: BLE001 -- any failure (lowering, onnxruntime): retry one node at a time
+        values, ok = dict(graph.constants), []
+        for n in nodes:
+            if not all(i is None or i in values for i in n.inputs):
+                continue  # fed by a node that failed
+            try:
+                computed = _run(graph, [n], values, list(n.outputs))
+            except Exception:  # noqa: BLE001 -- this node stays in the graph, computed at run time
+                computed = None
+            if computed is not None:
+                values.update(computed)
+                ok.append(n)
+        return ok, {o: values[o] for n in ok for o in n.outputs}
+
+
+def fold_constants(graph: Graph, max_bytes: int = DEFAULT_MAX_BYTES) -> PassResult:
+    out = graph.copy()
+    users = out.users()
+    returned = set(out.outputs)
+    known = {c for c in out.constants if c not in out.inputs}  # a fed value is never compile-time
+    fold: list[Node] = []
+    for n in out.nodes:
+        if not n.outputs or not all(i is None or i in known for i in n.inputs):
+            continue
+        if not any(users.get(o) for o in n.outputs) or any(o in returned for o in n.outputs):
+            continue
+        in_bytes = sum(nbytes(out.types[i]) for i in set(n.inputs) if i is not None)
+        if sum(nbytes(out.types[o]) for o in n.outputs) > max(max_bytes, in_bytes):
+            continue
+        fold.append(n)
+        known.update(n.outputs)
+    if not fold:
+        return PassResult(out, False)
+
+    fold_ids = {id(n) for n in fold}
+    read_later = {i for n in out.nodes if id(n) not in fold_ids for i in n.inputs if i is not None}
+    done, values = _evaluate(out, fold, [o for n in fold for o in n.outputs if o in read_later])
+    if not done:
+        return PassResult(out, False)
+    done_ids = {id(n) for n in done}
+    out.nodes = [n for n in out.nodes if id(n) not in done_ids]
+    read_later = {i for n in out.nodes for i in n.inputs if i is not None}
+    for n in done:
+        for o in n.outputs:
+            if o in read_later:
+                out.constants[o] = values[o]
+            else:  # only folded nodes read it: the value disappears
+                del out.types[o]
+    drop_unused_constants(out, {i for n in done for i in n.inputs if i is not None})
+    return PassResult(out, True)

@@ -1,0 +1,59 @@
+"""Compute what backward keeps during the forward pass, so full activations die at their last forward use.
+
+Rewrite: a backward-phase `slice` or `range_mask` node whose inputs are all forward values (forward or
+loss phase outputs, graph inputs, constants) and whose output is no larger than its input moves to right
+after the producer of its last input and becomes forward phase. Backward then reads the small tensor —
+the channel slice a sliced weight gradient needs, the one-byte mask of an activation gradient — instead
+of the activation, which the memory planner sees as a shorter lifetime. Values and order of everything
+else are unchanged.
+"""
+from __future__ import annotations
+
+from engine.ir import Graph, Node
+
+from .base import PassResult, nbytes
+
+HOISTABLE = ("slice", "range_mask")
+FORWARD = ("forward", "loss")
+
+
+def save_small_for_backward(graph: Graph) -> PassResult:
+    g = graph.copy()
+    available = set(g.inputs) | set(g.constants)
+    for n in g.nodes:
+        if n.phase in FORWARD:
+            available.update(n.outputs)
+
+    hoisted: list[Node] = []
+    for n in g.nodes:
+        if (n.phase == "backward" and n.op in HOISTABLE and all(i in available for i in n.inputs if i)
+                and nbytes(g.types[n.outputs[0]]) <= nbytes(g.types[n.inputs[0]])):
+            hoisted.append(n)
+            available.update(n.outputs)  # a chain (mask of a slice) moves along
+    if not hoisted:
+        return PassResult(g, False)
+
+    pending = list(hoisted)
+    ids = {id(n) for n in hoisted}
+    defined = set(g.inputs) | set(g.constants)
+    order: list[Node] = []
+
+    def place_ready() -> None:
+        for h in list(pending):
+            if all(i in defined for i in h.inputs if i):
+                h.phase = "forward"
+                order.append(h)
+                defined.update(h.outputs)
+                pending.remove(h)
+
+    place_ready()
+    for n in g.nodes:
+        if id(n) in ids:
+            continue
+        order.append(n)
+        defined.update(n.outputs)
+        if n.phase in FORWARD:
+            place_ready()
+    assert not pending, "hoisted nodes whose inputs never became available"
+    g.nodes = order
+    return PassResult(g, True)
