@@ -59,6 +59,14 @@ def compile_command(args: argparse.Namespace) -> int:
         art.save(args.output)
         if art.scheme is not None:
             print(art.scheme.table())
+        if args.report:
+            from .report import compile_report, format_report
+
+            full = compile(model, (torch.randn(*shape),), loss=args.loss, optimizer=_optimizer(args), scheme="full")
+            report = compile_report(art, full)
+            with open(f"{args.output}/report.json", "w") as f:
+                json.dump(report, f, indent=1)
+            print(format_report(report, args.model))
     except CompileError as ex:
         print(f"pockprop compile: error: {ex}", file=sys.stderr)
         return EXIT_BAD_INPUT

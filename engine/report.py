@@ -37,7 +37,8 @@ def summarize(art: Artifact) -> dict[str, Any]:
     """Figures of one artifact: per layer and totals."""
     g = art.train_graph
     assert g is not None, "the artifact has no training graph (reports are made at compile time)"
-    layer_paths = sorted({p.rsplit(".", 1)[0] if "." in p else TOP_MODULE for p in art.parameter_count})
+    # parameter_count is in model order, so the layers come out in forward order
+    layer_paths = list(dict.fromkeys(p.rsplit(".", 1)[0] if "." in p else TOP_MODULE for p in art.parameter_count))
     trainable = {s.name: int(s.initial.size) for s in art.state if s.role == "param"}
     per: dict[str, dict[str, Any]] = {
         l: {"trainable_params": 0, "forward_macs": 0, "backward_macs": 0, "kept_bytes": 0} for l in layer_paths}
@@ -113,3 +114,8 @@ def format_report(report: dict[str, Any], name: str = "") -> str:
     lines.append(f"  kept for backward  {mb(s['kept_bytes'])}   full: {mb(f['kept_bytes'])}   ratio {r['kept_bytes']:.3f}")
     lines.append(f"  estimated peak  {mb(s['peak_bytes'])}   full: {mb(f['peak_bytes'])}   ratio {r['peak_bytes']:.3f}")
     return "\n".join(lines)
+
+
+def compile_report(art: Artifact, full: Artifact) -> dict[str, Any]:
+    """The report of `art` beside `full` (the same model compiled with scheme 'full')."""
+    return compare(summarize(art), summarize(full))

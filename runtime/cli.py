@@ -1,9 +1,14 @@
-"""The `pockprop` command. Compiler subcommands import torch lazily, so the device-side ones work
-where only numpy and onnxruntime are installed."""
+"""The `pockprop` command. Compiler subcommands import torch lazily, so the device-side ones (train,
+eval, export, inspect, pack) work where only numpy and onnxruntime are installed.
+
+Exit codes: 0 ok, 2 bad input (arguments, artifact, checkpoint or data), 1 internal error.
+"""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import traceback
 from typing import Callable
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
@@ -32,6 +37,8 @@ def _compile_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scheme", help="update scheme instead of --trainable: a preset (full, classifier, last-k:N, "
                                     "bias-only, sparse, tbft-front, tbft-middle, tbft-rear) or a YAML file; "
                                     "see docs/schemes.md")
+    p.add_argument("--report", action="store_true",
+                   help="print per-layer update kinds, MACs and memory beside full backprop; write report.json")
     p.add_argument("--seed", type=int, default=0, help="torch seed for the model's initial weights")
     p.add_argument("-o", "--output", required=True, help="artifact directory to write")
     p.set_defaults(func=from_engine("compile_command"))
@@ -41,11 +48,83 @@ def _compile_parser(sub: argparse._SubParsersAction) -> None:
     o.set_defaults(func=from_engine("ops_command"))
 
 
+def _device_parsers(sub: argparse._SubParsersAction) -> None:
+    from_runtime = lambda name: (lambda args: getattr(__import__("runtime.commands", fromlist=[name]), name)(args))  # noqa: E731
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    def common(p: argparse.ArgumentParser, checkpoint: bool = True) -> None:
+        p.add_argument("artifact", help="artifact directory or packed .pockprop file")
+        if checkpoint:
+            p.add_argument("--checkpoint-dir", help="use the trained state of this checkpoint directory")
+        p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
+        p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+
+    t = sub.add_parser("train", help="train an artifact on device data (numpy + onnxruntime only)", formatter_class=fmt,
+                       description="Train for N epochs; with --checkpoint-dir, checkpoints atomically and can --resume. "
+                                   "Resuming with the same data continues an interrupted run bit for bit; with new "
+                                   "data it starts the next round from the checkpoint (continual training).")
+    common(t, checkpoint=False)
+    t.add_argument("--data", required=True, help=".npz (x, y), .csv (features + label column) or a folder of class folders")
+    t.add_argument("--epochs", type=int, default=1)
+    t.add_argument("--batch", type=int, help="must equal the compiled batch size (the graph's shapes are fixed)")
+    t.add_argument("--lr", type=float, help="base learning rate (default: the artifact's)")
+    t.add_argument("--schedule", default="constant", choices=["constant", "warmup", "cosine", "step"])
+    t.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps (any schedule)")
+    t.add_argument("--step-size", type=int, default=0, help="step schedule: decay every this many steps")
+    t.add_argument("--gamma", type=float, default=0.1, help="step schedule: decay factor")
+    t.add_argument("--min-lr", type=float, default=0.0, help="cosine: final learning rate")
+    t.add_argument("--seed", type=int, default=0, help="shuffling seed")
+    t.add_argument("--last-batch", default="drop", choices=["drop", "wrap"],
+                   help="last partial batch of an epoch: drop it, or fill it with the epoch's first samples")
+    t.add_argument("--holdout", type=float, default=0.0, help="fraction of --data held out for accuracy before/after")
+    t.add_argument("--eval-data", help="held-out data for accuracy before/after (instead of --holdout)")
+    t.add_argument("--label-column", help="CSV: the label column (default: label/y/target/class, else the last)")
+    t.add_argument("--checkpoint-dir", help="write checkpoints here (atomically)")
+    t.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every K batches")
+    t.add_argument("--resume", action="store_true", help="start from the checkpoint in --checkpoint-dir if there is one")
+    t.add_argument("--guard", default="full", choices=["full", "loss", "off"],
+                   help="reject steps with non-finite loss or updated tensors (full), loss only, or never")
+    t.add_argument("--export", metavar="ONNX", help="also export the trained inference model here")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.set_defaults(func=from_runtime("train_command"))
+
+    e = sub.add_parser("eval", help="loss and accuracy of an artifact (optionally its checkpoint) on data", formatter_class=fmt)
+    common(e)
+    e.add_argument("--data", required=True, help=".npz, .csv or image folder")
+    e.add_argument("--label-column", help="CSV: the label column")
+    e.set_defaults(func=from_runtime("eval_command"))
+
+    x = sub.add_parser("export", help="write one self-contained inference ONNX model with the trained weights",
+                       formatter_class=fmt)
+    common(x)
+    x.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    x.set_defaults(func=from_runtime("export_command"))
+
+    i = sub.add_parser("inspect", help="validate an artifact and describe it (and a checkpoint)", formatter_class=fmt)
+    common(i)
+    i.set_defaults(func=from_runtime("inspect_command"))
+
+    k = sub.add_parser("pack", help="pack an artifact directory into one file for copying to a device",
+                       formatter_class=fmt)
+    k.add_argument("artifact", help="artifact directory")
+    k.add_argument("-o", "--output", required=True, help="the file to write, e.g. model.pockprop")
+    k.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    k.set_defaults(func=from_runtime("pack_command"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pockprop", description="Compile-ahead sparse training for edge devices.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _compile_parser(sub)
+    _device_parsers(sub)
     return parser
+
+
+def _fail(args: argparse.Namespace, code: int, message: str) -> int:
+    print(f"pockprop {args.command}: {message}", file=sys.stderr)
+    if getattr(args, "json", False):
+        print(json.dumps({"ok": False, "exit_code": code, "error": message}))
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,6 +142,15 @@ def main(argv: list[str] | None = None) -> int:
                   "`pip install 'pockprop[compile]'`", file=sys.stderr)
             return EXIT_BAD_INPUT
         raise
+    except Exception as ex:
+        from .errors import ArtifactError, DataError  # stdlib only
+
+        if args.command in ("compile", "ops"):  # the compiler reports its own errors; anything else is its bug
+            raise
+        if isinstance(ex, (ArtifactError, DataError)):
+            return _fail(args, EXIT_BAD_INPUT, f"error: {ex}")
+        traceback.print_exc()
+        return _fail(args, EXIT_INTERNAL, f"internal error: {type(ex).__name__}: {ex} (please report it)")
 
 
 if __name__ == "__main__":
