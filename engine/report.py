@@ -119,3 +119,53 @@ def format_report(report: dict[str, Any], name: str = "") -> str:
 def compile_report(art: Artifact, full: Artifact) -> dict[str, Any]:
     """The report of `art` beside `full` (the same model compiled with scheme 'full')."""
     return compare(summarize(art), summarize(full))
+
+
+def preset_table(model_spec: str, shape: tuple[int, ...], presets: list[str]) -> list[dict[str, Any]]:
+    """Each preset's trainable share, backward MACs, kept activations and peak memory as ratios to 'full'."""
+    import torch
+
+    import models
+
+    from .compile import compile
+
+    def build() -> Any:
+        torch.manual_seed(0)
+        return models.resolve(model_spec)[0].eval()
+
+    x = torch.zeros(shape)
+    full = summarize(compile(build(), (x,), scheme="full"))
+    rows = []
+    for preset in presets:
+        s = summarize(compile(build(), (x,), scheme=preset))
+        r = compare(s, full)["ratio_to_full"]
+        rows.append({"scheme": preset, "trainable_percent": s["trainable_percent"],
+                     "backward_macs_ratio": r["backward_macs"], "kept_ratio": r["kept_bytes"],
+                     "peak_ratio": r["peak_bytes"], "peak_mb": s["peak_bytes"] / 2**20,
+                     "full_peak_mb": full["peak_bytes"] / 2**20, "full_backward_gmacs": full["backward_macs"] / 1e9})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m engine.report MODEL --input-shape 8,3,128,128: the preset table as markdown."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m engine.report", description=main.__doc__)
+    p.add_argument("model", help="models:NAME or package.module:function")
+    p.add_argument("--input-shape", default="8,3,128,128")
+    p.add_argument("--schemes", default="sparse,bias-only,tbft-front,tbft-middle,tbft-rear,last-k:2,classifier")
+    args = p.parse_args(argv)
+    shape = tuple(int(v) for v in args.input_shape.split(","))
+    rows = preset_table(args.model, shape, args.schemes.split(","))
+    print(f"{args.model} at {args.input_shape}: full backprop = {rows[0]['full_backward_gmacs']:.2f} GMACs backward, "
+          f"estimated peak {rows[0]['full_peak_mb']:.1f} MB\n")
+    print("| scheme | trainable % | backward MACs / full | kept activations / full | est. peak / full (MB) |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        print(f"| {r['scheme']} | {r['trainable_percent']:.2f} | {r['backward_macs_ratio']:.3f} | {r['kept_ratio']:.3f} | "
+              f"{r['peak_ratio']:.3f} ({r['peak_mb']:.1f}) |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
