@@ -185,14 +185,17 @@ class Conv2dWeightGrad(Op):
             x5 = e.node("Reshape", [x, e.ints([n, groups, cig, h, w])])
             xt = e.node("Reshape", [e.node("Transpose", [x5], perm=[2, 1, 0, 3, 4]), e.ints([cig, groups * n, h, w])])
         gt = e.node("Transpose", [g], perm=[1, 0, 2, 3])  # (c_out, n, ho, wo): the kernel, n in-channels per group
-        # Sweeping g over x yields k' = k + (r // d) >= k taps, where r is the forward remainder; cut
-        # the end padding so the Conv stops at k (only padding no tap of the first k reads), else crop.
-        pads_end, k_out = [], []
+        # In padded coordinates the forward reads [0, L) with L = s*(out-1) + d*(k-1) + 1. Feed the Conv
+        # exactly that: crop x's end when it is longer, pad its end when shorter. The sweep of g then
+        # yields exactly k taps (no extra taps computed and thrown away).
+        pads_end, crop, k_out = [], [], []
         for i, (size, k, out) in enumerate(((h, kh, ho), (w, kw, wo))):
-            extra = (size + 2 * p[i] - d[i] * (k - 1) - 1 - s[i] * (out - 1)) // d[i]
-            pe = max(p[i] - extra * d[i], 0)
-            pads_end.append(pe)
-            k_out.append((size + p[i] + pe - s[i] * (out - 1) - 1) // d[i] + 1)
+            content = max(s[i] * (out - 1) + d[i] * (k - 1) + 1 - p[i], 1)  # rows of x the taps read
+            crop.append(min(content, size))
+            pads_end.append(max(content - size, 0))
+            k_out.append((p[i] + content - s[i] * (out - 1) - 1) // d[i] + 1)
+        if crop != [h, w]:
+            xt = e.node("Slice", [xt, e.ints([0, 0]), e.ints(crop), e.ints([2, 3])])
         dw = e.node("Conv", [xt, gt], strides=d, dilations=s, pads=p + pads_end, group=groups)  # (cig, c_out, k', k')
         if k_out != [kh, kw]:
             dw = e.node("Slice", [dw, e.ints([0, 0]), e.ints([kh, kw]), e.ints([2, 3])])
