@@ -1,47 +1,231 @@
-"""Artifact manifest: constants and validated loading (json + hashlib only: this runs on the device)."""
+"""Artifact manifest: constants, structural validation and verified loading (json + hashlib + tarfile).
+
+An artifact is a directory, or the same files packed into one uncompressed tar (`pockprop pack`) for
+copying to a device. Loading reads every file the manifest lists exactly once, checks its sha256 and
+keeps the bytes, so what is validated is what gets used (no re-read between check and use).
+"""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import re
+import tarfile
+from dataclasses import dataclass, field
 from typing import Any
+
+from .durable import write_atomic
+from .errors import ArtifactError
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "ArtifactError", "Bundle", "open_artifact", "read_manifest", "pack"]
 
 FORMAT = "pockprop-artifact"
 FORMAT_VERSION = 1
 REQUIRED = ("format", "format_version", "graphs", "state_file", "data", "labels", "lr", "outputs", "state", "files")
+DTYPES = {"float32", "float64", "float16", "int64", "int32", "int8", "uint8", "bool"}
+PREPROCESS_KEYS = {"resize", "scale", "mean", "std"}
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
-class ArtifactError(Exception):
-    """The artifact cannot be used: missing, truncated, tampered, or from an unknown format version."""
+@dataclass
+class Bundle:
+    """A loaded artifact: its manifest and the verified bytes of every file it lists."""
+
+    path: str
+    manifest: dict[str, Any]
+    files: dict[str, bytes] = field(repr=False)
+    manifest_bytes: bytes = field(repr=False, default=b"")
+
+    @property
+    def digest(self) -> str:
+        """sha256 of manifest.json, which lists every file's hash: identifies the artifact."""
+        return hashlib.sha256(self.manifest_bytes).hexdigest()
+
+    def where(self, name: str) -> str:
+        """How to name one of its files in a message."""
+        return os.path.join(self.path, name) if os.path.isdir(self.path) else f"{self.path}:{name}"
 
 
-def read_manifest(directory: str) -> dict[str, Any]:
-    """Load manifest.json and check every file it lists against its sha256."""
-    path = os.path.join(directory, "manifest.json")
-    if not os.path.isdir(directory):
-        raise ArtifactError(f"{directory}: no such artifact directory")
+def _fail(path: str, msg: str) -> ArtifactError:
+    return ArtifactError(f"{path}: {msg}")
+
+
+def _parse(raw: bytes, where: str) -> dict[str, Any]:
     try:
-        with open(path, "rb") as f:
-            manifest = json.loads(f.read())
-    except FileNotFoundError:
-        raise ArtifactError(f"{path}: missing (not a pockprop artifact?)") from None
+        manifest = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as ex:
-        raise ArtifactError(f"{path}: not valid JSON ({ex})") from None
+        raise _fail(where, f"not valid JSON ({ex})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ArtifactError(f"{path}: not a pockprop artifact manifest")
+        raise _fail(where, "not a pockprop artifact manifest")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
-        raise ArtifactError(f"{path}: format version {version!r}; this runtime reads version {FORMAT_VERSION}")
+        raise _fail(where, f"format version {version!r}; this runtime reads version {FORMAT_VERSION} "
+                           "(recompile the model, or update pockprop on the device)")
     missing = [k for k in REQUIRED if k not in manifest]
     if missing:
-        raise ArtifactError(f"{path}: missing fields {', '.join(missing)}")
-    for fname, digest in manifest["files"].items():
-        fpath = os.path.join(directory, fname)
+        raise _fail(where, f"missing fields {', '.join(missing)}")
+    validate(manifest, where)
+    return manifest
+
+
+def _shape(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(d, int) and d >= 0 for d in value)
+
+
+def _tensor_spec(spec: Any, what: str, where: str) -> None:
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        raise _fail(where, f"{what}: expected an object with a name")
+    if not _shape(spec.get("shape")) or spec.get("dtype") not in DTYPES:
+        raise _fail(where, f"{what} {spec['name']!r}: bad shape {spec.get('shape')!r} or dtype {spec.get('dtype')!r}")
+
+
+def validate(m: dict[str, Any], where: str) -> None:
+    """Check the manifest's structure (types, names, slices); ArtifactError naming the field if wrong."""
+    files = m["files"]
+    if not isinstance(files, dict) or not all(isinstance(v, str) and _SHA256.match(v) for v in files.values()):
+        raise _fail(where, "files: expected {file name: sha256 hex digest}")
+    for name in files:
+        if not name or name != os.path.basename(name) or name.startswith("."):
+            raise _fail(where, f"files: {name!r} is not a plain file name")
+    graphs = m["graphs"]
+    if not isinstance(graphs, dict) or not all(isinstance(graphs.get(k), str) for k in ("train_step", "infer")):
+        raise _fail(where, "graphs: expected {train_step: file, infer: file}")
+    for name in (graphs["train_step"], graphs["infer"], m["state_file"]):
+        if name not in files:
+            raise _fail(where, f"{name!r} is not listed in files (no hash to check it against)")
+    if not isinstance(m["data"], list) or len(m["data"]) != 1:
+        raise _fail(where, "data: this runtime feeds exactly one data input")
+    _tensor_spec(m["data"][0], "data", where)
+    if not m["data"][0]["shape"] or m["data"][0]["shape"][0] < 1:
+        raise _fail(where, "data: the first dimension (batch size) must be positive")
+    _preprocess(m["data"][0].get("preprocess") or {}, where)
+    _tensor_spec(m["labels"], "labels", where)
+    if not isinstance(m["lr"], dict) or not isinstance(m["lr"].get("name"), str) \
+            or not isinstance(m["lr"].get("initial"), (int, float)):
+        raise _fail(where, "lr: expected {name, initial}")
+    if not isinstance(m["outputs"], dict) or not all(isinstance(m["outputs"].get(k), str) for k in ("loss", "prediction")):
+        raise _fail(where, "outputs: expected {loss, prediction}")
+    if not isinstance(m["state"], list) or not m["state"]:
+        raise _fail(where, "state: expected a non-empty list")
+    seen: set[str] = set()
+    for s in m["state"]:
+        _tensor_spec(s, "state", where)
+        if s["name"] in seen:
+            raise _fail(where, f"state {s['name']!r} listed twice")
+        seen.add(s["name"])
+        if s.get("role") not in ("param", "optimizer") or not isinstance(s.get("input"), str) \
+                or not isinstance(s.get("output"), str):
+            raise _fail(where, f"state {s['name']!r}: needs role param|optimizer, input and output")
+        if "slice" in s:
+            _slice(s, where)
+
+
+def _slice(s: dict[str, Any], where: str) -> None:
+    """A param entry that is part of a parameter: full_shape, and `shape` = full_shape cut on one axis."""
+    sl, full = s["slice"], s.get("full_shape")
+    what = f"state {s['name']!r}"
+    if s["role"] != "param" or not isinstance(s.get("param"), str):
+        raise _fail(where, f"{what}: a slice belongs to a param entry naming its full parameter ('param')")
+    if not isinstance(sl, dict) or not all(isinstance(sl.get(k), int) for k in ("axis", "start", "stop")):
+        raise _fail(where, f"{what}: slice must be {{axis, start, stop}}")
+    if not _shape(full) or not 0 <= sl["axis"] < len(full) or not 0 <= sl["start"] < sl["stop"] <= full[sl["axis"]]:
+        raise _fail(where, f"{what}: slice {sl} does not fit full_shape {full}")
+    expect = list(full)
+    expect[sl["axis"]] = sl["stop"] - sl["start"]
+    if expect != s["shape"]:
+        raise _fail(where, f"{what}: shape {s['shape']} is not full_shape {full} cut by slice {sl}")
+
+
+def _preprocess(p: Any, where: str) -> None:
+    if not isinstance(p, dict):
+        raise _fail(where, "data preprocess: expected an object")
+    unknown = set(p) - PREPROCESS_KEYS
+    if unknown:
+        raise _fail(where, f"data preprocess: unknown steps {sorted(unknown)}; this runtime knows "
+                           f"{sorted(PREPROCESS_KEYS)}")
+    numbers = lambda v: isinstance(v, list) and v and all(isinstance(x, (int, float)) for x in v)  # noqa: E731
+    if "resize" in p and not (numbers(p["resize"]) and len(p["resize"]) == 2 and all(int(v) > 0 for v in p["resize"])):
+        raise _fail(where, f"data preprocess: resize must be [height, width], got {p['resize']!r}")
+    if "scale" in p and not isinstance(p["scale"], (int, float)):
+        raise _fail(where, f"data preprocess: scale must be a number, got {p['scale']!r}")
+    for k in ("mean", "std"):
+        if k in p and not (numbers(p[k]) or isinstance(p[k], (int, float))):
+            raise _fail(where, f"data preprocess: {k} must be a number or a list of numbers, got {p[k]!r}")
+    std = p.get("std", 1)
+    if any(v == 0 for v in (std if isinstance(std, list) else [std])):
+        raise _fail(where, "data preprocess: std must not be 0")
+
+
+# -- loading --------------------------------------------------------------------------------------
+def _read_directory(path: str) -> Bundle:
+    mpath = os.path.join(path, "manifest.json")
+    try:
+        with open(mpath, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise _fail(mpath, "missing (not a pockprop artifact?)") from None
+    manifest = _parse(raw, mpath)
+    files = {}
+    for fname in manifest["files"]:
+        fpath = os.path.join(path, fname)
         try:
             with open(fpath, "rb") as f:
-                actual = hashlib.sha256(f.read()).hexdigest()
+                files[fname] = f.read()
         except FileNotFoundError:
-            raise ArtifactError(f"{fpath}: missing") from None
-        if actual != digest:
-            raise ArtifactError(f"{fpath}: sha256 mismatch (truncated or modified)")
-    return manifest
+            raise _fail(fpath, "missing") from None
+        except OSError as ex:
+            raise _fail(fpath, f"cannot read ({ex.strerror})") from None
+    return Bundle(path, manifest, files, raw)
+
+
+def _read_packed(path: str) -> Bundle:
+    try:
+        with tarfile.open(path, "r:") as tar:
+            members = {}
+            for info in tar:
+                if not info.isfile() or info.name != os.path.basename(info.name):
+                    raise _fail(path, f"packed artifact holds {info.name!r}, which is not a plain file")
+                members[info.name] = tar.extractfile(info).read()  # type: ignore[union-attr]
+    except (tarfile.TarError, EOFError) as ex:
+        raise _fail(path, f"not a packed pockprop artifact, or truncated ({ex})") from None
+    if "manifest.json" not in members:
+        raise _fail(f"{path}:manifest.json", "missing (not a pockprop artifact?)")
+    manifest = _parse(members["manifest.json"], f"{path}:manifest.json")
+    missing = [n for n in manifest["files"] if n not in members]
+    if missing:
+        raise _fail(f"{path}:{missing[0]}", "missing (truncated pack?)")
+    return Bundle(path, manifest, {n: members[n] for n in manifest["files"]}, members["manifest.json"])
+
+
+def open_artifact(path: str) -> Bundle:
+    """Read an artifact directory or packed file and verify every listed file's sha256."""
+    if os.path.isdir(path):
+        bundle = _read_directory(path)
+    elif os.path.isfile(path):
+        bundle = _read_packed(path)
+    else:
+        raise _fail(path, "no such artifact (expected a directory or a packed .pockprop file)")
+    for fname, digest in bundle.manifest["files"].items():
+        if hashlib.sha256(bundle.files[fname]).hexdigest() != digest:
+            raise _fail(bundle.where(fname), "sha256 mismatch (truncated or modified)")
+    return bundle
+
+
+def read_manifest(path: str) -> dict[str, Any]:
+    """Load manifest.json and check every file it lists against its sha256."""
+    return open_artifact(path).manifest
+
+
+def pack(directory: str, output: str) -> str:
+    """Pack a verified artifact (directory or pack) into one uncompressed tar file (written atomically)."""
+    bundle = open_artifact(directory)
+    blobs = {"manifest.json": bundle.manifest_bytes} | bundle.files
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:", format=tarfile.USTAR_FORMAT) as tar:
+        for name in blobs:  # manifest first: a reader streaming the tar meets it before the rest
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.mtime = len(blobs[name]), 0o644, 0
+            tar.addfile(info, io.BytesIO(blobs[name]))
+    write_atomic(output, buf.getvalue())
+    return output

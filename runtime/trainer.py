@@ -1,113 +1,372 @@
 """Train a compiled artifact on the device: numpy + onnxruntime, no torch.
 
-The training state (trainable tensors and optimizer state) lives in a dict of arrays that is fed to
-train_step.onnx and replaced by the graph's "new/..." outputs after each step.
+The training state (trainable tensors and optimizer state) lives in two sets of onnxruntime-owned
+buffers, A and B. A step binds A as the graph's state inputs and B as its "new/..." outputs (IO
+binding, so onnxruntime writes the update straight into B), then swaps the roles. No weight is
+copied through numpy per step; numpy only reads the buffers through zero-copy views, for the guard.
+
+The guard: a batch with NaN/Inf is refused before running; after the run, a non-finite loss or
+updated tensor means the step is rejected by simply not swapping, so A, the last good state, stays
+current. Rejected steps are counted and reported.
 """
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import numpy as np
 import onnxruntime as ort
 
-from . import safetensors
-from .manifest import ArtifactError, read_manifest
+from . import checkpoint, data, onnx_wire, safetensors
+from .durable import write_atomic
+from .errors import ArtifactError, CheckpointError, DataError
+from .manifest import Bundle, open_artifact
+from .schedule import Schedule
+
+ORT_TYPES = {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(float16)": "float16",
+             "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int8)": "int8", "tensor(uint8)": "uint8",
+             "tensor(bool)": "bool"}
 
 
-def _session(path: str, threads: int | None) -> ort.InferenceSession:
+def _session(model: bytes, where: str, threads: int | None) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
     try:
-        return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
     except Exception as ex:  # onnxruntime raises its own exception types; the file is what is wrong
-        raise ArtifactError(f"{path}: onnxruntime cannot load it ({str(ex).splitlines()[0]})") from None
+        raise ArtifactError(f"{where}: onnxruntime cannot load it ({str(ex).splitlines()[0]})") from None
+
+
+def _finite(a: np.ndarray) -> bool:
+    """All elements finite, without allocating a mask (min/max propagate NaN; inf shows at the ends)."""
+    if a.dtype.kind != "f" or a.size == 0:
+        return True
+    return bool(np.isfinite(a.min()) and np.isfinite(a.max()))
+
+
+def param_name(entry: dict[str, Any]) -> str:
+    """The full parameter a param state entry trains (itself, unless it is a slice)."""
+    return entry["param"] if "slice" in entry else entry["name"]
+
+
+def _slice_index(entry: dict[str, Any]) -> tuple[slice, ...]:
+    sl = entry["slice"]
+    idx = [slice(None)] * len(entry["full_shape"])
+    idx[sl["axis"]] = slice(sl["start"], sl["stop"])
+    return tuple(idx)
+
+
+def _check_io(where: str, args: list[Any], want: dict[str, tuple[list[int], str]], what: str) -> None:
+    """Graph inputs/outputs `args` must include every name in `want` with a compatible shape and dtype."""
+    have = {a.name: a for a in args}
+    for name, (shape, dtype) in want.items():
+        arg = have.get(name)
+        if arg is None:
+            raise ArtifactError(f"{where}: the manifest names {what} {name!r}, which the graph does not have")
+        got_dtype = ORT_TYPES.get(arg.type, arg.type)
+        dims_ok = len(arg.shape) == len(shape) and all(not isinstance(g, int) or g == w for g, w in zip(arg.shape, shape))
+        if got_dtype != dtype or not dims_ok:
+            raise ArtifactError(f"{where}: {what} {name!r} is {got_dtype}{list(arg.shape)} in the graph, "
+                                f"{dtype}{shape} in the manifest")
 
 
 class Trainer:
-    """Holds an artifact's sessions and training state; `step` runs one training step."""
+    """An artifact's sessions and training state; `load` it, then `step`, `predict`, `evaluate`, `save_checkpoint`."""
 
-    def __init__(self, directory: str, manifest: dict[str, Any], state: dict[str, np.ndarray], threads: int | None):
-        self.directory = directory
-        self.manifest = manifest
-        self.state = state
-        self.lr = float(manifest["lr"]["initial"])
-        self.steps = 0
-        self._train = _session(os.path.join(directory, manifest["graphs"]["train_step"]), threads)
-        self._infer = _session(os.path.join(directory, manifest["graphs"]["infer"]), threads)
-        self._data = manifest["data"][0]
-        self._labels = manifest["labels"]
-        self._state_io = [(s["name"], s["input"], s["output"]) for s in manifest["state"]]
-        self._outputs = [self.manifest["outputs"]["loss"]] + [o for _, _, o in self._state_io]
-        # onnxruntime lists inputs that have a default (the weights) apart from the required ones
-        infer_inputs = {i.name for i in self._infer.get_inputs() + self._infer.get_overridable_initializers()}
-        self._infer_weights = [(s["name"], s["input"]) for s in manifest["state"]
-                               if s["role"] == "param" and s["input"] in infer_inputs]
+    def __init__(self, bundle: Bundle, state: dict[str, np.ndarray], threads: int | None = None) -> None:
+        m = bundle.manifest
+        self.path, self.manifest, self.digest = bundle.path, m, bundle.digest
+        self._entries: list[dict[str, Any]] = m["state"]
+        self._data, self._labels = m["data"][0], m["labels"]
+        self._train = _session(bundle.files[m["graphs"]["train_step"]], bundle.where(m["graphs"]["train_step"]), threads)
+        self._infer = _session(bundle.files[m["graphs"]["infer"]], bundle.where(m["graphs"]["infer"]), threads)
+        self._check_graphs(bundle)
+        self._bases = self._slice_bases(bundle)
+        infer_params = {a.name for a in self._infer.get_overridable_initializers()}
+        self._infer_params = [e for e in self._entries if e["role"] == "param" and param_name(e) in infer_params]
+        pred = next(o for o in self._infer.get_outputs() if o.name == m["outputs"]["prediction"])
+        classes = pred.shape[-1] if len(pred.shape) == 2 and isinstance(pred.shape[-1], int) else None
+        try:
+            self.pipeline = data.Pipeline(self._data, self._labels, classes)
+        except DataError as ex:
+            raise ArtifactError(f"{bundle.where('manifest.json')}: {ex}") from None
+
+        self.steps = 0  # accepted steps
+        self.rejected = 0
+        self.last_rejection: str | None = None
+        self.guard = "full"
+        self.schedule = Schedule("constant", float(m["lr"]["initial"]))
+        self.schedule_start = 0  # the step count at which `schedule` began (a new round restarts it)
+        self.progress: dict[str, Any] | None = None  # data position of the current round (runtime.loop)
+        self.rounds: list[dict[str, Any]] = []  # one record per finished round
+        self._allocate(state)
 
     @classmethod
-    def load(cls, directory: str, threads: int | None = None) -> "Trainer":
-        manifest = read_manifest(directory)
+    def load(cls, path: str, threads: int | None = None) -> "Trainer":
+        """Load and validate an artifact (directory or packed file); ArtifactError naming the file if unusable."""
+        bundle = open_artifact(path)
+        where = bundle.where(bundle.manifest["state_file"])
         try:
-            state, _ = safetensors.load(os.path.join(directory, manifest["state_file"]))
-        except (OSError, ValueError) as ex:
-            raise ArtifactError(f"{os.path.join(directory, manifest['state_file'])}: {ex}") from None
-        for s in manifest["state"]:
-            arr = state.get(s["name"])
-            if arr is None or list(arr.shape) != s["shape"] or arr.dtype.name != s["dtype"]:
-                raise ArtifactError(f"{directory}: state tensor {s['name']!r} missing or not {s['dtype']}{s['shape']}")
-        return cls(directory, manifest, state, threads)
+            state, _ = safetensors.loads(bundle.files[bundle.manifest["state_file"]])
+        except ValueError as ex:
+            raise ArtifactError(f"{where}: {ex}") from None
+        _check_state(state, bundle.manifest["state"], where)
+        return cls(bundle, state, threads)
 
-    # -- data checks ---------------------------------------------------------------------------
-    def _check(self, spec: dict[str, Any], arr: Any, what: str) -> np.ndarray:
-        arr = np.asarray(arr)
-        want_shape, want_dtype = tuple(spec["shape"]), spec["dtype"]
-        if arr.shape != want_shape:
-            raise ValueError(f"{what}: expected shape {want_shape}, got {arr.shape}")
-        if arr.dtype.name != want_dtype:
-            if np.can_cast(arr.dtype, want_dtype, casting="same_kind"):
-                arr = arr.astype(want_dtype)
-            else:
-                raise ValueError(f"{what}: expected dtype {want_dtype}, got {arr.dtype}")
-        return arr
+    # -- validation ------------------------------------------------------------------------------
+    def _check_graphs(self, bundle: Bundle) -> None:
+        m = self.manifest
+        spec = lambda s: (s["shape"], s["dtype"])  # noqa: E731
+        where = bundle.where(m["graphs"]["train_step"])
+        inputs = {self._data["name"]: spec(self._data), self._labels["name"]: spec(self._labels),
+                  m["lr"]["name"]: ([], "float32")} | {e["input"]: spec(e) for e in self._entries}
+        _check_io(where, self._train.get_inputs(), inputs, "input")
+        extra = {a.name for a in self._train.get_inputs()} - set(inputs)
+        if extra:
+            raise ArtifactError(f"{where}: the graph needs inputs {sorted(extra)} that the manifest does not describe")
+        outputs = {m["outputs"]["loss"]: ([], "float32")} | {e["output"]: spec(e) for e in self._entries}
+        _check_io(where, self._train.get_outputs(), outputs, "output")
+        where = bundle.where(m["graphs"]["infer"])
+        _check_io(where, self._infer.get_inputs(), {self._data["name"]: spec(self._data)}, "input")
+        if len(self._infer.get_inputs()) != 1:
+            raise ArtifactError(f"{where}: the graph needs inputs {[a.name for a in self._infer.get_inputs()]}; "
+                                f"the manifest feeds only {self._data['name']!r}")
+        full = {param_name(e): (e.get("full_shape", e["shape"]), e["dtype"]) for e in self._entries if e["role"] == "param"}
+        have = {a.name for a in self._infer.get_overridable_initializers()}
+        _check_io(where, self._infer.get_overridable_initializers(), {k: v for k, v in full.items() if k in have}, "parameter")
+        if m["outputs"]["prediction"] not in {o.name for o in self._infer.get_outputs()}:
+            raise ArtifactError(f"{where}: no output named {m['outputs']['prediction']!r} (manifest outputs.prediction)")
 
-    # -- training ------------------------------------------------------------------------------
-    def step(self, x: Any, y: Any, lr: float | None = None) -> float:
-        """One training step on a batch; returns the loss. State is replaced only on success."""
-        feeds = {self._data["name"]: self._check(self._data, x, "data"),
-                 self._labels["name"]: self._check(self._labels, y, "labels"),
-                 self.manifest["lr"]["name"]: np.asarray(self.lr if lr is None else lr, np.float32)}
-        for name, inp, _ in self._state_io:
-            feeds[inp] = self.state[name]
-        outs = self._train.run(self._outputs, feeds)
-        self.state = {name: out for (name, _, _), out in zip(self._state_io, outs[1:])}
-        self.steps += 1
-        return float(outs[0])
+    def _slice_bases(self, bundle: Bundle) -> dict[str, np.ndarray]:
+        """The frozen full value of each parameter trained on a slice (its initializer in infer.onnx)."""
+        names = {e["param"] for e in self._entries if "slice" in e}
+        if not names:
+            return {}
+        where = bundle.where(self.manifest["graphs"]["infer"])
+        try:
+            bases = onnx_wire.initializers(bundle.files[self.manifest["graphs"]["infer"]], names)
+        except onnx_wire.WireError as ex:
+            raise ArtifactError(f"{where}: {ex}") from None
+        for e in self._entries:
+            if "slice" in e and (e["param"] not in bases or list(bases[e["param"]].shape) != e["full_shape"]):
+                raise ArtifactError(f"{where}: needs an initializer {e['param']!r} of shape {e['full_shape']} "
+                                    f"to write the trained slice of {e['name']!r} into")
+        return bases
 
-    def predict(self, x: Any) -> np.ndarray:
-        feeds = {self._data["name"]: self._check(self._data, x, "data")}
-        for name, inp in self._infer_weights:
-            feeds[inp] = self.state[name]
-        return self._infer.run(None, feeds)[0]
+    # -- state buffers ---------------------------------------------------------------------------
+    def _allocate(self, state: dict[str, np.ndarray]) -> None:
+        def buffers() -> list[ort.OrtValue]:
+            return [ort.OrtValue.ortvalue_from_shape_and_type(e["shape"], np.dtype(e["dtype"]), "cpu", 0)
+                    for e in self._entries]
 
-    def evaluate(self, batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
-        """Accuracy of argmax predictions over (x, y) batches of the compiled batch size."""
-        correct = total = 0
-        for x, y in batches:
-            pred = self.predict(x).argmax(axis=1)
-            correct += int((pred == np.asarray(y)).sum())
-            total += len(y)
-        return {"accuracy": correct / max(total, 1), "samples": total}
+        self._bufs = [buffers(), buffers()]
+        self._views = [[v.numpy() for v in bufs] for bufs in self._bufs]  # zero-copy numpy views
+        self._loss = ort.OrtValue.ortvalue_from_shape_and_type([], np.float32, "cpu", 0)
+        self._loss_view = self._loss.numpy()
+        self._bindings = []
+        for src, dst in ((0, 1), (1, 0)):
+            b = self._train.io_binding()
+            for e, i, o in zip(self._entries, self._bufs[src], self._bufs[dst]):
+                b.bind_ortvalue_input(e["input"], i)
+                b.bind_ortvalue_output(e["output"], o)
+            b.bind_ortvalue_output(self.manifest["outputs"]["loss"], self._loss)
+            self._bindings.append(b)
+        self._cur = 0
+        self.load_state(state)
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        """Copy tensors (by state name) into the current buffers."""
+        _check_state(state, self._entries, "state")
+        for e, view in zip(self._entries, self._views[self._cur]):
+            view[...] = state[e["name"]]
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """A copy of the current training state, by state name."""
+        return {e["name"]: v.copy() for e, v in zip(self._entries, self._views[self._cur])}
+
+    @property
+    def state(self) -> dict[str, np.ndarray]:
+        return self.state_dict()
 
     @property
     def batch_size(self) -> int:
         return int(self._data["shape"][0])
 
+    # -- training --------------------------------------------------------------------------------
+    def _model_input(self, x: Any, batch: int | None) -> np.ndarray:
+        x = np.asarray(x)
+        want = tuple(self._data["shape"][1:])
+        if x.ndim != len(want) + 1 or x.shape[1:] != want or (batch is not None and len(x) != batch):
+            shape = [batch if batch is not None else "N", *want]
+            raise DataError(f"data: expected shape {shape} ({self._data['dtype']}), got {list(x.shape)}")
+        return self._same_kind(x, self._data, "data")
 
-def batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int | None = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Seeded shuffled full batches; the last partial batch is dropped (the graph has a fixed batch size)."""
-    order = np.arange(len(x)) if seed is None else np.random.default_rng(seed).permutation(len(x))
-    for i in range(0, len(order) - batch_size + 1, batch_size):
-        idx = order[i:i + batch_size]
-        yield x[idx], y[idx]
+    def _same_kind(self, a: np.ndarray, spec: dict[str, Any], what: str) -> np.ndarray:
+        want = np.dtype(spec["dtype"])
+        if a.dtype != want:
+            if a.dtype.kind != want.kind and not (a.dtype.kind in "iu" and want.kind in "iu"):
+                raise DataError(f"{what}: expected dtype {want}, got {a.dtype}")
+            a = a.astype(want)
+        return np.ascontiguousarray(a)
+
+    def _reject(self, reason: str) -> None:
+        self.rejected += 1
+        self.last_rejection = reason
+
+    def step(self, x: Any, y: Any, lr: float | None = None) -> float | None:
+        """One training step on a model-ready batch; the loss, or None if the guard rejected the step."""
+        x = self._model_input(x, self.batch_size)
+        y = np.asarray(y)
+        if list(y.shape) != self._labels["shape"]:
+            raise DataError(f"labels: expected shape {self._labels['shape']} ({self._labels['dtype']}), got {list(y.shape)}")
+        y = self._same_kind(y, self._labels, "labels")
+        if self.guard != "off" and not (_finite(x) and _finite(y)):
+            self._reject("the batch holds NaN or Inf")
+            return None
+        rate = self.schedule.lr(self.steps - self.schedule_start) if lr is None else lr
+        binding = self._bindings[self._cur]
+        binding.bind_cpu_input(self._data["name"], x)
+        binding.bind_cpu_input(self._labels["name"], y)
+        binding.bind_cpu_input(self.manifest["lr"]["name"], np.array(rate, np.float32))
+        self._train.run_with_iobinding(binding)
+        loss = float(self._loss_view)
+        nxt = 1 - self._cur
+        if self.guard != "off" and not np.isfinite(loss):
+            self._reject(f"loss is {loss}")
+            return None
+        if self.guard == "full":
+            for e, view in zip(self._entries, self._views[nxt]):
+                if not _finite(view):
+                    self._reject(f"the update made {e['name']!r} non-finite")
+                    return None
+        self._cur = nxt  # accept: the new state becomes current; the old buffers take the next update
+        self.steps += 1
+        return loss
+
+    # -- inference -------------------------------------------------------------------------------
+    def full_parameters(self) -> dict[str, np.ndarray]:
+        """Each trainable parameter's full current value (slices written into their frozen tensor)."""
+        out = {}
+        for e, view in zip(self._entries, self._views[self._cur]):
+            if e["role"] != "param":
+                continue
+            if "slice" in e:
+                full = out.get(e["param"])
+                if full is None:
+                    full = out[e["param"]] = self._bases[e["param"]].copy()
+                full[_slice_index(e)] = view
+            else:
+                out[e["name"]] = view
+        return out
+
+    def predict(self, x: Any) -> np.ndarray:
+        """Model output for model-ready inputs of shape (N, ...) with any N (batched and padded inside)."""
+        x = self._model_input(x, None)
+        full = self.full_parameters()
+        feeds = {param_name(e): full[param_name(e)] for e in self._infer_params}
+        name, out = self._data["name"], self.manifest["outputs"]["prediction"]
+        parts = [self._infer.run([out], feeds | {name: chunk})[0][:real]
+                 for chunk, real in data.padded_batches(x, self.batch_size)]
+        return np.concatenate(parts) if parts else np.zeros((0,), np.float32)
+
+    def evaluate(self, source: Any, y: Any = None) -> dict[str, float]:
+        """Loss and (for classification) accuracy over a Dataset or data path (raw, preprocessed here),
+        arrays x, y, or an iterable of (x, y) batches (model-ready)."""
+        if isinstance(source, str):
+            source = data.load(source)
+        if isinstance(source, data.Dataset):
+            self.pipeline.check(source)
+            labels = self.pipeline.labels(source.y, source.source)
+            preds = [self.predict(self.pipeline.inputs(source.x[i:i + 256], source.source))
+                     for i in range(0, len(source), 256)]
+        elif y is not None:
+            preds, labels = [self.predict(source)], np.asarray(y)
+        else:
+            pairs = [(self.predict(bx), np.asarray(by)) for bx, by in source]
+            preds, labels = [p for p, _ in pairs], np.concatenate([b for _, b in pairs]) if pairs else np.zeros(0)
+        pred = np.concatenate(preds) if preds else np.zeros((0,))
+        return metrics(self.manifest.get("loss", {}), pred, labels)
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def save_checkpoint(self, directory: str) -> str:
+        """Write the full training state atomically to directory/checkpoint.safetensors; returns its path."""
+        meta = {"artifact": self.digest, "model": self.manifest.get("model"), "steps": self.steps,
+                "rejected": self.rejected, "schedule": self.schedule.to_json(), "schedule_start": self.schedule_start,
+                "progress": self.progress, "rounds": self.rounds}
+        return checkpoint.save(directory, {e["name"]: v for e, v in zip(self._entries, self._views[self._cur])}, meta)
+
+    def resume(self, directory: str) -> dict[str, Any]:
+        """Restore state, counters, schedule and data position from a checkpoint of this artifact."""
+        tensors, meta = checkpoint.load(directory)
+        where = checkpoint.path_of(directory)
+        if meta.get("artifact") != self.digest:
+            raise CheckpointError(f"{where}: made for another artifact ({meta.get('model')!r}, manifest sha256 "
+                                  f"{str(meta.get('artifact'))[:12]}...), not {self.path}")
+        try:
+            _check_state(tensors, self._entries, where)
+            schedule = Schedule.from_json(meta["schedule"])
+            counters = int(meta["steps"]), int(meta["rejected"]), int(meta["schedule_start"])
+        except (KeyError, TypeError, ValueError) as ex:
+            raise CheckpointError(f"{where}: malformed checkpoint metadata ({ex})") from None
+        self.load_state(tensors)
+        self.steps, self.rejected, self.schedule_start = counters
+        self.schedule, self.progress, self.rounds = schedule, meta.get("progress"), list(meta.get("rounds") or [])
+        return meta
+
+    # -- export ----------------------------------------------------------------------------------
+    def export_inference(self, path: str) -> str:
+        """Write one self-contained ONNX model with the trained weights baked in; returns `path`."""
+        bundle = open_artifact(self.path)
+        if bundle.digest != self.digest:
+            raise ArtifactError(f"{self.path}: the artifact changed since it was loaded")
+        infer_name = self.manifest["graphs"]["infer"]
+        full = self.full_parameters()
+        values = {param_name(e): np.ascontiguousarray(full[param_name(e)]) for e in self._infer_params}
+        meta = {"pockprop.model": str(self.manifest.get("model", "")), "pockprop.steps": str(self.steps),
+                "pockprop.artifact_sha256": self.digest}
+        try:
+            model = onnx_wire.replace_initializers(bundle.files[infer_name], values, drop_inputs=True, metadata=meta)
+        except onnx_wire.WireError as ex:
+            raise ArtifactError(f"{bundle.where(infer_name)}: {ex}") from None
+        write_atomic(path, model)
+        return path
+
+
+def _check_state(state: dict[str, np.ndarray], entries: list[dict[str, Any]], where: str) -> None:
+    for e in entries:
+        arr = state.get(e["name"])
+        if arr is None or list(arr.shape) != e["shape"] or arr.dtype.name != e["dtype"]:
+            got = "missing" if arr is None else f"{arr.dtype}{list(arr.shape)}"
+            raise ArtifactError(f"{where}: state tensor {e['name']!r} should be {e['dtype']}{e['shape']}, is {got}")
+
+
+def metrics(loss: dict[str, Any], pred: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """The artifact's loss (numpy, float64) and, for classification, accuracy of predictions `pred`."""
+    name, n = loss.get("name", ""), len(pred)
+    out: dict[str, float] = {"samples": n}
+    if n == 0:
+        return out
+    p = pred.astype(np.float64)
+    if name == "cross_entropy":
+        y = y.astype(np.int64)
+        logp = p - p.max(axis=1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(axis=1, keepdims=True))
+        eps = float(loss.get("label_smoothing", 0.0))
+        nll = -logp[np.arange(n), y]
+        out["loss"] = float(np.mean((1 - eps) * nll - eps * logp.mean(axis=1)))
+        out["accuracy"] = float(np.mean(pred.argmax(axis=1) == y))
+    elif name == "bce_with_logits":
+        t = y.astype(np.float64)
+        out["loss"] = float(np.mean(np.maximum(p, 0) - p * t + np.log1p(np.exp(-np.abs(p)))))
+        out["accuracy"] = float(np.mean((p > 0) == (t > 0.5)))
+    elif name == "mse":
+        out["loss"] = float(np.mean((p - y.astype(np.float64)) ** 2))
+    return out
+
+
+def batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int | None = 0) -> Iterable[tuple[np.ndarray, np.ndarray]]:
+    """Seeded shuffled full batches of model-ready arrays (kept here for existing callers)."""
+    return data.batches(x, y, batch_size, seed)

@@ -3,59 +3,68 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
-import torch
+import numpy as np
 
-from engine.compile import compile
-
-ROOT = Path(__file__).resolve().parents[2]
-
-BLOCKER = textwrap.dedent("""
-    import sys
-    class _Block:
-        # A meta-path finder that makes the compile-side packages unimportable, as on a device.
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in {"torch", "onnx", "networkx", "yaml"}:
-                raise ModuleNotFoundError(f"No module named {name!r} (blocked)", name=name)
-    sys.meta_path.insert(0, _Block())
-""")
+from tests.runtime.conftest import BLOCKER, PY, ROOT, dataset_npz
 
 
-def _artifact(tmp_path: Path) -> Path:
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
-    art = compile(model, (torch.randn(4, 6),), optimizer={"name": "sgd", "lr": 0.5}, trainable=["2.*"])
-    return Path(art.save(str(tmp_path / "art")))
+def _run(script: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([PY, "-c", BLOCKER + textwrap.dedent(script)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
 
 
-def test_runtime_trains_without_torch(tmp_path: Path) -> None:
-    art = _artifact(tmp_path)
-    script = BLOCKER + textwrap.dedent(f"""
-        import json, numpy as np
+def test_load_train_checkpoint_export_without_torch(artifact, tmp_path: Path) -> None:
+    art, d = artifact(), dataset_npz(tmp_path / "d.npz", n=40)
+    ck, model = tmp_path / "ck", tmp_path / "model.onnx"
+    out = _run(f"""
+        import json, numpy as np, onnxruntime as ort
+        from runtime.cli import main
         from runtime.trainer import Trainer
+        assert main(["train", {str(art)!r}, "--data", {str(d)!r}, "--epochs", "8", "--checkpoint-dir", {str(ck)!r},
+                     "--no-progress"]) == 0
+        assert main(["train", {str(art)!r}, "--data", {str(d)!r}, "--epochs", "1", "--checkpoint-dir", {str(ck)!r},
+                     "--resume", "--no-progress"]) == 0
+        assert main(["export", {str(art)!r}, "--checkpoint-dir", {str(ck)!r}, "-o", {str(model)!r}]) == 0
         t = Trainer.load({str(art)!r})
-        rng = np.random.default_rng(0)
-        x = rng.standard_normal((4, 6)).astype(np.float32)
-        y = np.array([0, 1, 2, 1])
-        losses = [t.step(x, y) for _ in range(20)]
-        pred = t.predict(x)
-        banned = sorted(m for m in sys.modules if m.split(".")[0] in {{"torch", "onnx", "networkx", "engine"}})
-        print(json.dumps({{"losses": losses, "pred_shape": list(pred.shape), "banned": banned}}))
+        t.resume({str(ck)!r})
+        x = np.load({str(d)!r})["x"][:4]
+        exported = ort.InferenceSession({str(model)!r}).run(None, {{"input": x}})[0]
+        assert np.allclose(exported, t.predict(x), rtol=1e-5, atol=1e-6)
+        banned = sorted(m for m in sys.modules if m.split(".")[0] in {{"torch", "onnx", "networkx", "engine", "yaml"}})
+        print(json.dumps({{"banned": banned, "steps": t.steps, "rounds": t.rounds}}))
     """)
-    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     res = json.loads(out.stdout.strip().splitlines()[-1])
-    assert res["banned"] == []
-    assert res["pred_shape"] == [4, 3]
-    assert res["losses"][-1] < 0.5 * res["losses"][0], res["losses"]
+    assert res["banned"] == [] and res["steps"] == 90
+    first, second = res["rounds"][0]["epoch_losses"], res["rounds"][1]["epoch_losses"]
+    assert first[-1] < 0.6 * first[0] and second[0] <= first[-1] * 1.2
+
+
+def test_runtime_imports_only_numpy_and_onnxruntime() -> None:
+    out = _run("""
+        import runtime.cli, runtime.commands, runtime.trainer, runtime.loop, runtime.data, runtime.onnx_wire
+        third = sorted({m.split(".")[0] for m in sys.modules} - set(sys.stdlib_module_names) - {"runtime", "__main__"})
+        print(" ".join(third))
+    """)
+    assert out.returncode == 0, out.stderr
+    third = set(out.stdout.split())
+    assert {"numpy", "onnxruntime"} <= third
+    # onnxruntime's own imports (its packaging/protobuf helpers) are allowed; torch-side packages are not
+    assert not third & {"torch", "onnx", "networkx", "yaml", "PIL", "engine", "passes", "models"}, third
 
 
 def test_cli_compile_subcommand_says_what_to_install_without_torch() -> None:
-    script = BLOCKER + "from runtime.cli import main\nsys.exit(main(['compile', 'models:mlp', '-o', '/nonexistent']))"
-    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    out = _run("from runtime.cli import main\nsys.exit(main(['compile', 'models:mlp', '-o', '/nonexistent']))", 60)
     assert out.returncode == 2
     assert "pockprop[compile]" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_runtime_errors_without_torch_exit_2(tmp_path: Path) -> None:
+    np.savez(tmp_path / "d.npz", x=np.zeros((4, 6), np.float32), y=np.zeros(4))
+    out = _run(f"from runtime.cli import main\nsys.exit(main(['train', {str(tmp_path / 'nope')!r}, '--data', "
+               f"{str(tmp_path / 'd.npz')!r}]))", 60)
+    assert out.returncode == 2 and "no such artifact" in out.stderr and "Traceback" not in out.stderr

@@ -1,0 +1,104 @@
+"""Training rounds: epochs over a Dataset with checkpoints, resumable bit for bit (the µ-Trainer loop).
+
+A *round* is one `fit` call on one dataset. The trainer's `progress` records where the round is:
+its data (by fingerprint), settings, epoch and batch, and the running loss. Every checkpoint carries
+it, so after a crash `fit` with the same data continues exactly where the checkpoint left off: the
+batch order is a pure function of (seed, round, epoch) and the learning rate of the step count.
+Called with new data (or after the round finished), `fit` starts the next round from the current
+weights and optimizer state: continual learning on data that keeps arriving. Each finished round is
+logged in `trainer.rounds` (steps, rejected steps, per-epoch loss, held-out accuracy before/after).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from .data import Dataset, batch_indices, epoch_order
+from .schedule import Schedule
+from .trainer import Trainer
+
+OnBatch = Callable[[int, int, "float | None"], None]  # (batches done in round, total, loss or None)
+
+
+def _same_round(p: dict[str, Any] | None, key: dict[str, Any]) -> bool:
+    return bool(p) and not p.get("finished") and all(p.get(k) == v for k, v in key.items())
+
+
+def fit(trainer: Trainer, train: Dataset, epochs: int, *, seed: int = 0, last_batch: str = "drop",
+        schedule: Schedule | dict[str, Any] | None = None, holdout: float = 0.0, eval_data: Dataset | None = None,
+        checkpoint_dir: str | None = None, checkpoint_every: int = 0, on_batch: OnBatch | None = None) -> dict[str, Any]:
+    """Train `epochs` epochs on `train` (raw samples, preprocessed here); returns the round's log record.
+
+    schedule: a Schedule, or a dict of its fields where a cosine `total_steps` of 0 means "this round's
+    batches"; default constant at the artifact's lr. holdout: fraction of `train` held out to measure
+    accuracy before and after the round (or pass eval_data). checkpoint_every: also checkpoint every
+    that many batches (checkpoints are always written at each epoch end and at the end of the round).
+    """
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    pipe = trainer.pipeline
+    pipe.check(train)
+    held = eval_data
+    if holdout:
+        train, held = train.split(holdout, seed)
+    if held is not None:
+        pipe.check(held)
+    y_all = pipe.labels(train.y, train.source)
+    n_batches = len(batch_indices(np.arange(len(train)), trainer.batch_size, last_batch))
+
+    key = {"data": train.fingerprint, "epochs": epochs, "seed": seed, "last_batch": last_batch, "holdout": holdout}
+    p = trainer.progress
+    if not _same_round(p, key):  # a new round: continue from the current weights on this data
+        trainer.schedule = _schedule(schedule, trainer, epochs * n_batches)
+        trainer.schedule_start = trainer.steps
+        before = trainer.evaluate(held) if held is not None else {}
+        p = trainer.progress = {**key, "round": (p or {}).get("round", 0) + 1, "source": train.source,
+                                "samples": len(train), "epoch": 0, "batch": 0, "loss_sum": 0.0, "loss_count": 0,
+                                "epoch_losses": [], "steps_at_start": trainer.steps,
+                                "rejected_at_start": trainer.rejected, "before": before, "finished": False}
+    assert p is not None
+    t0 = time.perf_counter()
+    total = epochs * n_batches
+    for epoch in range(p["epoch"], epochs):
+        order = batch_indices(epoch_order(len(train), seed, p["round"], epoch), trainer.batch_size, last_batch)
+        for b in range(p["batch"], len(order)):
+            idx = order[b]
+            loss = trainer.step(pipe.inputs(train.x[idx], train.source), y_all[idx])
+            if loss is not None:
+                p["loss_sum"] += loss
+                p["loss_count"] += 1
+            p["batch"] = b + 1
+            done = epoch * n_batches + b + 1
+            if on_batch:
+                on_batch(done, total, loss)
+            if checkpoint_dir and checkpoint_every and done % checkpoint_every == 0 and b + 1 < len(order):
+                trainer.save_checkpoint(checkpoint_dir)
+        p["epoch_losses"].append(p["loss_sum"] / p["loss_count"] if p["loss_count"] else None)
+        p.update(epoch=epoch + 1, batch=0, loss_sum=0.0, loss_count=0)
+        if checkpoint_dir and epoch + 1 < epochs:
+            trainer.save_checkpoint(checkpoint_dir)
+
+    record = {"round": p["round"], "data": p["source"], "samples": p["samples"], "epochs": epochs,
+              "steps": trainer.steps - p["steps_at_start"], "rejected": trainer.rejected - p["rejected_at_start"],
+              "epoch_losses": p["epoch_losses"], "seconds": round(time.perf_counter() - t0, 3)}
+    if held is not None:
+        after = trainer.evaluate(held)
+        record |= {"held_out": after["samples"], "before": p["before"], "after": after}
+    trainer.rounds.append(record)
+    p["finished"] = True
+    if checkpoint_dir:
+        trainer.save_checkpoint(checkpoint_dir)
+    return record
+
+
+def _schedule(spec: Schedule | dict[str, Any] | None, trainer: Trainer, round_steps: int) -> Schedule:
+    if isinstance(spec, Schedule):
+        return spec
+    d = {"name": "constant", "base_lr": float(trainer.manifest["lr"]["initial"])} | dict(spec or {})
+    if d.get("base_lr") is None:
+        d["base_lr"] = float(trainer.manifest["lr"]["initial"])
+    if d["name"] == "cosine" and not d.get("total_steps"):
+        d["total_steps"] = round_steps
+    return Schedule(**d)

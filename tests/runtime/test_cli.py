@@ -1,0 +1,102 @@
+"""The device subcommands of `pockprop`: train (progress, checkpoints, resume, rounds), eval, export,
+inspect, pack; --json; exit codes 0 / 2 (bad input) / 1 (internal error)."""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from runtime import commands
+from runtime.cli import main
+from runtime.progress import Progress
+from tests.runtime.conftest import dataset_npz
+
+
+def _json(capsys) -> dict:
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_train_eval_export_inspect(artifact, tmp_path: Path, capsys) -> None:
+    art, d, ck = str(artifact()), str(dataset_npz(tmp_path / "d.npz", n=40)), str(tmp_path / "ck")
+    assert main(["train", art, "--data", d, "--epochs", "4", "--checkpoint-dir", ck, "--holdout", "0.2",
+                 "--schedule", "cosine", "--warmup-steps", "2"]) == 0
+    out = capsys.readouterr()
+    assert "train [" in out.err and "steps/s" in out.err and "loss" in out.err  # the progress bar
+    assert "round 1 on" in out.out and "held-out accuracy" in out.out and "checkpoint:" in out.out
+    assert main(["eval", art, "--data", d, "--checkpoint-dir", ck, "--json"]) == 0
+    ev = _json(capsys)
+    assert ev["ok"] and ev["steps"] == 32 and ev["samples"] == 40 and 0 <= ev["accuracy"] <= 1
+    assert main(["export", art, "--checkpoint-dir", ck, "-o", str(tmp_path / "m.onnx"), "--json"]) == 0
+    ex = _json(capsys)
+    assert ex["max_abs_diff_vs_predict"] < 1e-5 and ex["steps"] == 32
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    assert sess.run(None, {"input": np.zeros((4, 6), np.float32)})[0].shape == (4, 3)
+    assert main(["inspect", art, "--checkpoint-dir", ck]) == 0
+    text = capsys.readouterr().out
+    assert "all 3 file hashes verified" in text and "round 1:" in text and "32 steps" in text
+    assert main(["inspect", art, "--json"]) == 0
+    doc = _json(capsys)
+    assert doc["batch_size"] == 4 and doc["state"][0]["name"] == "2.weight"
+    assert main(["pack", art, "-o", str(tmp_path / "a.pockprop")]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "a.pockprop"), "--data", d, "--checkpoint-dir", ck, "--json"]) == 0
+    assert _json(capsys)["accuracy"] == ev["accuracy"]
+
+
+def test_train_resume_and_rounds(artifact, tmp_path: Path, capsys) -> None:
+    art, ck = str(artifact()), str(tmp_path / "ck")
+    a, b = str(dataset_npz(tmp_path / "a.npz", seed=1)), str(dataset_npz(tmp_path / "b.npz", seed=2))
+    assert main(["train", art, "--data", a, "--epochs", "1", "--checkpoint-dir", ck, "--json"]) == 0
+    assert _json(capsys)["round"]["round"] == 1
+    assert main(["train", art, "--data", a, "--checkpoint-dir", ck]) == 2  # would overwrite: say so
+    assert "pass --resume" in capsys.readouterr().err
+    assert main(["train", art, "--data", b, "--epochs", "2", "--checkpoint-dir", ck, "--resume", "--json",
+                 "--export", str(tmp_path / "m.onnx")]) == 0
+    doc = _json(capsys)
+    assert doc["resumed"] and doc["round"]["round"] == 2 and doc["steps"] == 30 and Path(doc["export"]).exists()
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--data", "{tmp}/missing.npz"], "missing.npz: no such file or folder"),
+    (["--data", "{tmp}/d.npz", "--batch", "8"], "--batch 8: the artifact was compiled for batch 4"),
+    (["--data", "{tmp}/wide.npz"], r"wide.npz: samples of shape (7,); the model expects (6,)"),
+    (["--data", "{tmp}/d.npz", "--resume"], "--resume needs --checkpoint-dir"),
+    (["--data", "{tmp}/d.npz", "--schedule", "step"], "--schedule step: the step schedule needs step_size > 0"),
+    (["--data", "{tmp}/d.npz", "--epochs", "0"], "--epochs must be >= 1"),
+])
+def test_bad_input_exits_2_with_a_message(artifact, tmp_path: Path, capsys, argv: list[str], needle: str) -> None:
+    dataset_npz(tmp_path / "d.npz")
+    np.savez(tmp_path / "wide.npz", x=np.zeros((8, 7), np.float32), y=np.zeros(8, np.int64))
+    code = main(["train", str(artifact())] + [a.format(tmp=tmp_path) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err and "Traceback" not in err
+
+
+def test_internal_error_exits_1(artifact, tmp_path: Path, capsys, monkeypatch) -> None:
+    def broken(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(commands, "fit", broken)
+    assert main(["train", str(artifact()), "--data", str(dataset_npz(tmp_path / "d.npz")), "--json"]) == 1
+    out = capsys.readouterr()
+    assert "internal error: RuntimeError: boom" in out.err and json.loads(out.out)["exit_code"] == 1
+
+
+def test_progress_bar_redraws_on_a_terminal_and_prints_lines_otherwise() -> None:
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    tty, log = Tty(), io.StringIO()
+    for stream in (tty, log):
+        bar = Progress(100, "train ", stream=stream, interval=0 if stream is tty else 60)
+        for i in range(1, 101):
+            bar.update(i, f"loss {1 / i:.2f}")
+        bar.close("loss 0.01")
+    assert tty.getvalue().count("\r") == 101 and tty.getvalue().endswith("\n") and "100/100 loss 0.01" in tty.getvalue()
+    lines = log.getvalue().splitlines()  # a line per quarter, not 100
+    assert [ln.split()[2] for ln in lines] == ["25/100", "50/100", "75/100", "100/100"] and "\r" not in log.getvalue()
