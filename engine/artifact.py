@@ -74,6 +74,7 @@ class Artifact:
     train_graph: Graph | None = None  # the IR behind train_model, for reports and structural tests
     preprocess: dict[str, Any] = field(default_factory=dict)  # raw data -> model input, applied by the runtime
     scheme: Any = None  # the ResolvedScheme the artifact was compiled with, if any
+    report: dict[str, Any] | None = None  # the compile report (engine/report.py), saved as report.json
 
     @property
     def trainable_count(self) -> int:
@@ -116,6 +117,8 @@ class Artifact:
             "infer.onnx": self.infer_model.SerializeToString(),
             "state.safetensors": safetensors.dumps(self.initial_state()),
         }
+        if self.report is not None:
+            blobs["report.json"] = (json.dumps(self.report, indent=1) + "\n").encode()
         manifest = self.manifest()
         manifest["files"] = {n: hashlib.sha256(data).hexdigest() for n, data in blobs.items()}
         blobs["manifest.json"] = (json.dumps(manifest, indent=2) + "\n").encode()

@@ -56,17 +56,16 @@ def compile_command(args: argparse.Namespace) -> int:
         art = compile(model, (torch.randn(*shape),), loss=args.loss, optimizer=_optimizer(args),
                       trainable=args.trainable, scheme=args.scheme, label_smoothing=args.label_smoothing,
                       name=args.model.split(":")[-1])
-        art.save(args.output)
-        if art.scheme is not None:
-            print(art.scheme.table())
         if args.report:
             from .report import compile_report, format_report
 
             full = compile(model, (torch.randn(*shape),), loss=args.loss, optimizer=_optimizer(args), scheme="full")
-            report = compile_report(art, full)
-            with open(f"{args.output}/report.json", "w") as f:
-                json.dump(report, f, indent=1)
-            print(format_report(report, args.model))
+            art.report = compile_report(art, full)
+        art.save(args.output)
+        if art.scheme is not None:
+            print(art.scheme.table())
+        if art.report is not None:
+            print(format_report(art.report, args.model))
     except CompileError as ex:
         print(f"pockprop compile: error: {ex}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -178,6 +178,9 @@ def inspect_command(args: argparse.Namespace) -> int:
         lines.append(f"    {e['role']:9s} {e['name']}: {e['dtype']}{e['shape']}{where}")
     for name, info in doc["files"].items():
         lines.append(f"  file {name}: {info['bytes']:,} bytes")
+    if "report.json" in bundle.files:  # written by `pockprop compile --report`
+        doc["report"] = report = json.loads(bundle.files["report.json"])
+        lines += _report_lines(report)
     if "checkpoint" in doc:
         c = doc["checkpoint"]
         lines.append(f"  checkpoint {c['path']}: {c['steps']} steps, {c['rejected']} rejected, {len(c['rounds'])} rounds")
@@ -186,6 +189,18 @@ def inspect_command(args: argparse.Namespace) -> int:
             lines.append(f"    round {r['round']}: {r['data']}, {r['steps']} steps, epoch losses "
                          f"{[None if v is None else round(v, 4) for v in r['epoch_losses']]}{acc}")
     return _emit(args, doc, lines)
+
+
+def _report_lines(report: dict[str, Any]) -> list[str]:
+    """The compile report's totals beside full backprop (per-layer rows are in the JSON)."""
+    s, f, r = report["scheme"], report["full"], report["ratio_to_full"]
+    lines = ["  compile report (this scheme vs full backprop):"]
+    for key, label, unit in (("trainable_params", "trainable parameters", 1), ("backward_macs", "backward MACs", 1e6),
+                             ("kept_bytes", "activations kept for backward", 2**20), ("peak_bytes", "estimated peak memory", 2**20)):
+        suffix, digits = {1: ("", 0), 1e6: ("M", 2), 2**20: (" MB", 2)}[unit]
+        lines.append(f"    {label:30s} {s[key] / unit:12,.{digits}f}{suffix}  vs {f[key] / unit:12,.{digits}f}{suffix}"
+                     f"  ratio {r[key]:.3f}")
+    return lines
 
 
 def pack_command(args: argparse.Namespace) -> int:

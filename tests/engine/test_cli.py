@@ -47,3 +47,18 @@ def test_ops_lists_every_rule(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["ops"]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert "aten.linear.default" in listed["aten"] and "conv2d" in listed["ir"]
+
+
+def test_compile_report_is_part_of_the_artifact_and_inspect_shows_it(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "mlp"
+    assert main(["compile", "models:mlp", "--input-shape", "4,64", "--scheme", "sparse", "--report", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "scheme sparse:" in printed and "backward MACs" in printed
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert "report.json" in manifest["files"]  # hashed like every other file
+    report = json.loads((out / "report.json").read_text())
+    assert 0 < report["ratio_to_full"]["backward_macs"] < 1
+    assert report["scheme"]["layers"]["layers.4"]["update"] == "full"
+    assert main(["inspect", str(out)]) == 0
+    assert "compile report" in capsys.readouterr().out
