@@ -11,7 +11,6 @@ current. Rejected steps are counted and reported.
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Iterable
 
 import numpy as np

@@ -62,17 +62,21 @@ def avg_divisors(in_hw: tuple[int, int], out_hw: list[int], attrs: dict[str, Any
     return np.outer(sizes[0], sizes[1]).astype(np.float64)
 
 
+def _pooled_shape(op: str, x: TensorType, attrs: dict[str, Any]) -> tuple[int, ...]:
+    """(N, C, Ho, Wo) of a pooling op, after checking its attributes against x."""
+    outs, _ = _geometry(x.shape, attrs)
+    _check(op, x, attrs, outs)
+    return x.shape[:2] + tuple(outs)
+
+
 @register
 class MaxPool2d(Op):
     """y = max over each window of x (padding excluded), idx = flat argmax;  dx = scatter-add of g at idx."""
     name = "max_pool2d"
 
     def shape(self, ins, attrs):  # type: ignore[no-untyped-def]
-        x = ins[0]
-        outs, _ = _geometry(x.shape, attrs)
-        _check(self.name, x, attrs, outs)
-        shape = x.shape[:2] + tuple(outs)
-        return [TensorType(shape, x.dtype), TensorType(shape, "int64")]
+        shape = _pooled_shape(self.name, ins[0], attrs)
+        return [TensorType(shape, ins[0].dtype), TensorType(shape, "int64")]
 
     def vjp(self, b, node, gouts, needs):  # type: ignore[no-untyped-def]
         return [b.op("max_pool2d_grad", [gouts[0], node.outputs[1]], input_shape=list(b.type(node.inputs[0]).shape),
@@ -113,10 +117,7 @@ class AvgPool2d(Op):
     name = "avg_pool2d"
 
     def shape(self, ins, attrs):  # type: ignore[no-untyped-def]
-        x = ins[0]
-        outs, _ = _geometry(x.shape, attrs)
-        _check(self.name, x, attrs, outs)
-        return [TensorType(x.shape[:2] + tuple(outs), x.dtype)]
+        return [TensorType(_pooled_shape(self.name, ins[0], attrs), ins[0].dtype)]
 
     def vjp(self, b, node, gouts, needs):  # type: ignore[no-untyped-def]
         return [b.op("avg_pool2d_grad", [gouts[0]], input_shape=list(b.type(node.inputs[0]).shape),
