@@ -180,7 +180,7 @@ def _training_graph(fwd: Graph, wants: dict[str, tuple[str, Need]], full_values:
             step_next = b.op("add", [step, b.scalar_like(1.0, step)], hint="step_next")
         for p, (_, need) in wants.items():
             slots = {s: g.add_input(f"optimizer.{s}.{p}", g.types[p]) for s in opt.slots()}
-            with b.scope(f"optimizer/{p}"):
+            with b.scope(p.rsplit(".", 1)[0] if "." in p else ""):  # the layer it updates, phase optimizer
                 new_p, new_slots = build_update(b, opt, p, grads[p], slots, lr, step_next)
             value = _part(full_values[p], need)
             state.append(StateEntry(p, "param", p, new_p, value, slice=None if need.is_full else need,
@@ -193,6 +193,10 @@ def _training_graph(fwd: Graph, wants: dict[str, tuple[str, Need]], full_values:
 
     # Graph outputs get stable, documented names: loss, the model output, then "new/<state>".
     rename = {loss: "loss"} | {s.output: f"new/{s.name}" for s in state}
+    taken = [new for old, new in rename.items() if new != old and new in g.types]
+    if taken:
+        raise CompileError(f"the model already has values named {', '.join(taken)}, which name the training "
+                           "step's outputs; rename them in the model")
     for node in g.nodes:
         node.outputs = [rename.get(o, o) for o in node.outputs]
         node.inputs = [rename.get(i, i) if i is not None else None for i in node.inputs]
