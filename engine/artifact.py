@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 
 from runtime import safetensors
+from runtime.durable import write_atomic
 from runtime.manifest import FORMAT, FORMAT_VERSION
 
 from .emit import IR_VERSION, OPSET
@@ -123,10 +124,5 @@ class Artifact:
         manifest["files"] = {n: hashlib.sha256(data).hexdigest() for n, data in blobs.items()}
         blobs["manifest.json"] = (json.dumps(manifest, indent=2) + "\n").encode()
         for fname, data in blobs.items():  # manifest last: a directory with a manifest is complete
-            tmp = os.path.join(directory, fname + ".tmp")
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, os.path.join(directory, fname))
+            write_atomic(os.path.join(directory, fname), data)
         return directory
