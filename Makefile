@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
 JOBS    ?= 2
 
-.PHONY: test demo venv clean test-fast arm-check
+.PHONY: test demo venv clean test-fast arm-check peers bench
 
 $(STAMP):
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,6 +30,24 @@ demo: $(STAMP)
 # losses with x86 (rtol 1e-4). Skips with the reason, exit 0, where the emulator cannot be built.
 arm-check: $(STAMP)
 	$(BIN)/python -m tests.runtime.arm_check
+
+# Peer runtime for `pockprop bench`: onnxruntime-training 1.19.2 (deprecated on-device training API) conflicts
+# with onnxruntime and needs onnx 1.16.x, so it lives in its own venv. torch is there only because
+# `import onnxruntime.training` imports it; the bench hands the forward model over as ONNX (pockprop's infer.onnx).
+PEERS := .venv-peers
+peers: $(PEERS)/.installed
+$(PEERS)/.installed:
+	test -x $(PEERS)/bin/python || $(PY) -m venv $(PEERS)
+	$(PEERS)/bin/python -m pip install -q --upgrade pip
+	$(PEERS)/bin/python -m pip install -q torch==2.13.0
+	$(PEERS)/bin/python -m pip install -q onnxruntime-training==1.19.2 onnx==1.16.2 'numpy<2'
+	$(PEERS)/bin/python -c "import onnxruntime.training.api, onnxruntime.training.artifacts, onnx; print('peers ok: onnx', onnx.__version__)"
+	touch $@
+
+# Benchmark MobileNetV2 (batch 8, 128x128, 2 threads) with each scheme; see docs/benchmarks.md.
+bench: $(STAMP)
+	for s in sparse bias-only full; do $(BIN)/python -m runtime.cli bench --model mobilenet_v2 --scheme $$s \
+	  --json out/bench-$$s.json --png out/bench-$$s.png || exit 1; done
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

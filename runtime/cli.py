@@ -48,6 +48,47 @@ def _compile_parser(sub: argparse._SubParsersAction) -> None:
     o.set_defaults(func=from_engine("ops_command"))
 
 
+def _bench_parser(sub: argparse._SubParsersAction) -> None:
+    def bench(args: argparse.Namespace) -> int:
+        from engine.bench import bench_command  # lazy: torch and the compiler load only for this subcommand
+        return bench_command(args)
+
+    def kwargs(text: str) -> dict:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as ex:
+            raise argparse.ArgumentTypeError(f"--model-kwargs: not JSON: {ex}") from None
+        if not isinstance(value, dict):
+            raise argparse.ArgumentTypeError("--model-kwargs: expected a JSON object")
+        return value
+
+    b = sub.add_parser("bench", help="benchmark one training step against onnxruntime inference, PyTorch eager and "
+                                     "onnxruntime-training (needs the [compile] extra)",
+                       description="Each configuration in its own worker process; interleaved rounds; medians and "
+                                   "medians of per-round ratios; peak RSS from VmHWM. See docs/benchmarks.md.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    b.add_argument("--model", default="mobilenet_v2", help="zoo NAME or package.module:function")
+    b.add_argument("--model-kwargs", type=kwargs, help='JSON builder kwargs, e.g. \'{"width_mult": 0.25}\'')
+    b.add_argument("--num-classes", type=int, default=10)
+    b.add_argument("--scheme", default="sparse", help="scheme preset or YAML file (see docs/schemes.md)")
+    b.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
+    b.add_argument("--lr", type=float, help="learning rate (default: the optimizer's)")
+    b.add_argument("--batch", type=int, default=8)
+    b.add_argument("--resolution", type=int, default=128, help="input height and width (image models)")
+    b.add_argument("--threads", type=int, default=2, help="intra-op threads for every configuration")
+    b.add_argument("--rounds", type=int, default=10, help="interleaved measured rounds")
+    b.add_argument("--warmup", type=int, default=2, help="unmeasured rounds first")
+    b.add_argument("--steps", type=int, default=3, help="steps per round per configuration (median taken)")
+    b.add_argument("--configs", nargs="+", help="only these configurations (names or kinds); default: all")
+    b.add_argument("--no-peers", dest="peers", action="store_false", help="skip the onnxruntime-training rows")
+    b.add_argument("--workdir", help="keep compiled artifacts here (default: a temporary directory)")
+    b.add_argument("--json", help="write the results here")
+    b.add_argument("--png", help="write a bar chart here (needs matplotlib)")
+    b.add_argument("--verbose", action="store_true", help="show the workers' stderr")
+    b.add_argument("--quiet", action="store_true", help="no progress lines")
+    b.set_defaults(func=bench)
+
+
 def _device_parsers(sub: argparse._SubParsersAction) -> None:
     from_runtime = lambda name: (lambda args: getattr(__import__("runtime.commands", fromlist=[name]), name)(args))  # noqa: E731
     fmt = argparse.ArgumentDefaultsHelpFormatter
@@ -116,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pockprop", description="Compile-ahead sparse training for edge devices.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _compile_parser(sub)
+    _bench_parser(sub)
     _device_parsers(sub)
     return parser
 
