@@ -9,18 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 
+from passes.base import nbytes
 from passes.memory_plan import kept_for_backward, plan_memory
 
 from .artifact import Artifact
 from .cost import TOP as TOP_MODULE, node_macs
-
-
-def _nbytes(art: Artifact, v: str) -> int:
-    assert art.train_graph is not None
-    t = art.train_graph.types[v]
-    return t.numel * np.dtype(t.dtype).itemsize
 
 
 def _layer_of(module: str, layers: list[str]) -> str | None:
@@ -62,7 +56,7 @@ def summarize(art: Artifact) -> dict[str, Any]:
                     readers[i] = _layer_of(node.module, layer_paths)
     for v, layer in readers.items():
         if layer is not None:
-            per[layer]["kept_bytes"] += _nbytes(art, v)
+            per[layer]["kept_bytes"] += nbytes(g.types[v])
     if art.scheme is not None:
         for u in art.scheme.updates:
             if u.layer.path in per:

@@ -26,6 +26,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from runtime.data import bilinear_matrix
+
 __all__ = ["MEAN", "STD", "digits", "digits_flat"]
 
 MEAN = 0.5
@@ -79,14 +81,7 @@ def _resize_matrix(src: int, dst: int, interpolation: str) -> np.ndarray:
         # torch's legacy "nearest": floor(dst_index * scale).
         matrix[out, np.minimum((out * scale).astype(np.int64), src - 1)] = 1.0
         return matrix
-    # Half-pixel centres, clamped at the borders (align_corners=False).
-    pos = np.clip((out + 0.5) * scale - 0.5, 0.0, src - 1)
-    lo = np.floor(pos).astype(np.int64)
-    hi = np.minimum(lo + 1, src - 1)
-    frac = pos - lo
-    np.add.at(matrix, (out, lo), 1.0 - frac)
-    np.add.at(matrix, (out, hi), frac)
-    return matrix
+    return bilinear_matrix(src, dst)  # the device runtime's resize: the device feeds what training saw
 
 
 def digits(resolution: int = 32, channels: int = 3, split: str = "train", seed: int = 0,

@@ -182,7 +182,7 @@ def load_image_folder(path: str, channels: int = 3, size: tuple[int, int] | None
 
 
 # -- preprocessing --------------------------------------------------------------------------------
-def _resize_matrix(src: int, dst: int) -> np.ndarray:
+def bilinear_matrix(src: int, dst: int) -> np.ndarray:
     """(dst, src) bilinear weights, half-pixel centres (torch's interpolate, align_corners=False)."""
     pos = np.clip((np.arange(dst) + 0.5) * (src / dst) - 0.5, 0.0, src - 1)
     lo = np.floor(pos).astype(np.int64)
@@ -195,7 +195,7 @@ def _resize_matrix(src: int, dst: int) -> np.ndarray:
 
 def resize(x: np.ndarray, size: tuple[int, int] | list[int]) -> np.ndarray:
     """Bilinear resize of (N, C, H, W) to (N, C, *size), float32, without antialiasing."""
-    rows, cols = _resize_matrix(x.shape[2], int(size[0])), _resize_matrix(x.shape[3], int(size[1]))
+    rows, cols = bilinear_matrix(x.shape[2], int(size[0])), bilinear_matrix(x.shape[3], int(size[1]))
     return np.einsum("ih,nchw,jw->ncij", rows, x.astype(np.float64), cols).astype(np.float32)
 
 

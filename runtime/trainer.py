@@ -11,7 +11,7 @@ current. Rejected steps are counted and reported.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -364,8 +364,3 @@ def metrics(loss: dict[str, Any], pred: np.ndarray, y: np.ndarray) -> dict[str, 
     elif name == "mse":
         out["loss"] = float(np.mean((p - y.astype(np.float64)) ** 2))
     return out
-
-
-def batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int | None = 0) -> Iterable[tuple[np.ndarray, np.ndarray]]:
-    """Seeded shuffled full batches of model-ready arrays (kept here for existing callers)."""
-    return data.batches(x, y, batch_size, seed)
