@@ -76,6 +76,7 @@ class Artifact:
     preprocess: dict[str, Any] = field(default_factory=dict)  # raw data -> model input, applied by the runtime
     scheme: Any = None  # the ResolvedScheme the artifact was compiled with, if any
     report: dict[str, Any] | None = None  # the compile report (engine/report.py), saved as report.json
+    source: dict[str, Any] | None = None  # how to rebuild the model (manifest "source", optional; pockprop search)
 
     @property
     def trainable_count(self) -> int:
@@ -108,11 +109,10 @@ class Artifact:
                            for u in self.scheme.updates]},
             "loss": self.loss,
             "optimizer": self.optimizer.to_json(),
-        }
+        } | ({"source": self.source} if self.source else {})
 
-    def save(self, directory: str) -> str:
-        """Write the artifact directory (created if missing); returns its path."""
-        os.makedirs(directory, exist_ok=True)
+    def files(self) -> dict[str, bytes]:
+        """Every file of the artifact directory by name, manifest.json (with the others' sha256) last."""
         blobs = {
             "train_step.onnx": self.train_model.SerializeToString(),
             "infer.onnx": self.infer_model.SerializeToString(),
@@ -123,6 +123,11 @@ class Artifact:
         manifest = self.manifest()
         manifest["files"] = {n: hashlib.sha256(data).hexdigest() for n, data in blobs.items()}
         blobs["manifest.json"] = (json.dumps(manifest, indent=2) + "\n").encode()
-        for fname, data in blobs.items():  # manifest last: a directory with a manifest is complete
+        return blobs
+
+    def save(self, directory: str) -> str:
+        """Write the artifact directory (created if missing); returns its path."""
+        os.makedirs(directory, exist_ok=True)
+        for fname, data in self.files().items():  # manifest last: a directory with a manifest is complete
             write_atomic(os.path.join(directory, fname), data)
         return directory

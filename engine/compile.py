@@ -6,6 +6,7 @@ constants; the backward graph only reaches what the trainable tensors need.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import numpy as np
@@ -22,8 +23,8 @@ from .ir import Builder, Graph, Node, TensorType
 from .ops.loss import LOSSES
 from .ops.registry import FULL, Need
 from .optim import build_update, initial_state, parse_optimizer
-from .scheme import Scheme, discover_layers, load_scheme, module_tree, resolve_scheme
-from .trace import trace
+from .scheme import Layer, Scheme, discover_layers, load_scheme, module_tree, resolve_scheme
+from .trace import Traced, trace
 from .trainable import select, split_patterns
 
 LR = "lr"
@@ -47,6 +48,51 @@ def _label_type(loss: str, out: TensorType, labels: Any) -> TensorType:
     return out
 
 
+@dataclass
+class TracedModel:
+    """A model traced once (torch.export -> IR), ready to be compiled with several schemes.
+
+    `compile_traced` never mutates it (every compile works on copies of the graph), so scheme search
+    compiles dozens of schemes from one trace: the trace is the slow part of compiling a small model.
+    """
+
+    traced: Traced
+    tree: list[tuple[str, bool]]  # engine.scheme.module_tree(model): the blocks presets are defined over
+    name: str  # type(model).__name__, the artifact's default name
+
+    @property
+    def layers(self) -> list[Layer]:
+        """The model's layers in forward order (engine.scheme.discover_layers)."""
+        return discover_layers(self.traced.graph, self.traced.parameters, self.tree)
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {p: self.traced.graph.types[p].shape for p in self.traced.parameters}
+
+
+def trace_model(model: torch.nn.Module, example_inputs: tuple[Any, ...] | torch.Tensor) -> TracedModel:
+    """Trace `model` once for `compile_traced` (puts it in eval form, as `compile` does)."""
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    traced = trace(model, tuple(example_inputs))
+    if len(traced.graph.outputs) != 1:
+        raise CompileError(f"the model must return one tensor, it returns {len(traced.graph.outputs)}")
+    return TracedModel(traced, module_tree(model), type(model).__name__)
+
+
+def _check_options(loss: str, label_smoothing: float, trainable: Any, scheme: Any) -> str:
+    loss_op = LOSSES.get(loss)
+    if loss_op is None:
+        raise CompileError(f"unknown loss {loss!r}; choose one of: {', '.join(sorted(LOSSES))}")
+    if label_smoothing and loss_op != "cross_entropy":
+        raise CompileError("label_smoothing applies to cross_entropy only")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise CompileError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    if trainable is not None and scheme is not None:
+        raise CompileError("give either trainable patterns or a scheme, not both")
+    return loss_op
+
+
 def compile(model: torch.nn.Module, example_inputs: tuple[Any, ...] | torch.Tensor, labels: Any = None,
             loss: str = "cross_entropy", optimizer: str | dict[str, Any] = "sgd",
             trainable: str | Iterable[str] | None = None, *, scheme: str | Scheme | dict[str, Any] | None = None,
@@ -63,28 +109,31 @@ def compile(model: torch.nn.Module, example_inputs: tuple[Any, ...] | torch.Tens
     input, recorded in the manifest for the runtime (e.g. {"resize": [32, 32], "mean": [...], "std": [...]}).
     optimize=False skips the optimization passes (BatchNorm folding, constant folding, saving slices
     and masks for backward, update reordering): the same step, as autodiff built it; for debugging.
-    """
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    loss_op = LOSSES.get(loss)
-    if loss_op is None:
-        raise CompileError(f"unknown loss {loss!r}; choose one of: {', '.join(sorted(LOSSES))}")
-    if label_smoothing and loss_op != "cross_entropy":
-        raise CompileError("label_smoothing applies to cross_entropy only")
-    if not 0.0 <= label_smoothing < 1.0:
-        raise CompileError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-    if trainable is not None and scheme is not None:
-        raise CompileError("give either trainable patterns or a scheme, not both")
-    opt = parse_optimizer(optimizer)
-    spec = load_scheme(scheme) if scheme is not None else None  # a bad scheme fails before the slow trace
 
-    traced = trace(model, tuple(example_inputs))
-    if len(traced.graph.outputs) != 1:
-        raise CompileError(f"the model must return one tensor, it returns {len(traced.graph.outputs)}")
+    The same as `compile_traced(trace_model(model, example_inputs), ...)`; use those two to compile
+    one model with several schemes while tracing it once.
+    """
+    _check_options(loss, label_smoothing, trainable, scheme)
+    parse_optimizer(optimizer)
+    if scheme is not None:
+        scheme = load_scheme(scheme)  # a bad scheme fails before the slow trace
+    return compile_traced(trace_model(model, example_inputs), labels, loss, optimizer, trainable, scheme=scheme,
+                          label_smoothing=label_smoothing, name=name, preprocess=preprocess, optimize=optimize)
+
+
+def compile_traced(tm: TracedModel, labels: Any = None, loss: str = "cross_entropy",
+                   optimizer: str | dict[str, Any] = "sgd", trainable: str | Iterable[str] | None = None, *,
+                   scheme: str | Scheme | dict[str, Any] | None = None, label_smoothing: float = 0.0,
+                   name: str | None = None, preprocess: dict[str, Any] | None = None,
+                   optimize: bool = True) -> Artifact:
+    """`compile` of an already traced model (see `trace_model`); the arguments mean the same."""
+    loss_op = _check_options(loss, label_smoothing, trainable, scheme)
+    opt = parse_optimizer(optimizer)
+    spec = load_scheme(scheme) if scheme is not None else None
+    traced = tm.traced
     resolved = None
     if spec is not None:
-        layers = discover_layers(traced.graph, traced.parameters, module_tree(model))
-        resolved = resolve_scheme(spec, layers, {p: traced.graph.types[p].shape for p in traced.parameters})
+        resolved = resolve_scheme(spec, tm.layers, tm.shapes)
         needs = resolved.needs()
     else:
         needs = {p: FULL for p in select(split_patterns(trainable), traced.parameters, traced.buffers)}
@@ -100,7 +149,7 @@ def compile(model: torch.nn.Module, example_inputs: tuple[Any, ...] | torch.Tens
         train_fwd = fold_frozen_batchnorm(train_fwd).graph
     train, state = _training_graph(train_fwd, wants, full_values, loss_op, labels, opt, label_smoothing, optimize)
 
-    model_name = name or type(model).__name__
+    model_name = name or tm.name
     return Artifact(
         name=model_name,
         train_model=to_onnx(train, f"{model_name}.train_step", doc="pockprop training step"),

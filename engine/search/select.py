@@ -1,0 +1,166 @@
+"""search(): contribution analysis, costs, and selection under a memory (and step-time) budget.
+
+1. Trace the model once (engine.compile.trace_model); every scheme below compiles from that trace.
+2. Probe the baseline (`classifier`: the head only) and every option (engine/search/options.py) with
+   a short fine-tuning run through the device runtime (engine/search/contribution.py).
+3. Cost of an option = figures(classifier + option) - figures(classifier) from the compile report
+   (engine/search/costs.py): memory bytes of the chosen memory metric, backward MACs, and the
+   measured median ms per training step (clamped at 0).
+4. Solve the multiple-choice knapsack (engine/search/solver.py): at most one option per layer,
+   maximize the summed score with summed memory <= budget - baseline memory (and summed ms <=
+   budget_ms - baseline ms).
+5. Costs are not exactly additive: backprop to an early layer makes every layer above it compute its
+   input gradient, and kept activations can be shared. So the chosen scheme is compiled and its own
+   figures checked against the budget; if it is over by X, the solver's budget becomes (the
+   selection's estimated cost - X - 1) and it solves again. Each round excludes the previous
+   selection, and choosing nothing (the baseline) always fits, so this ends; the returned scheme
+   respects the budget by its own compile report (and, for budget_ms, by its own measured step time).
+6. With `validate=True` the chosen scheme is fine-tuned like a probe, to report the gain the
+   options achieve together (not only the sum of their separate gains).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+import torch
+
+from runtime.progress import Progress
+
+from ..compile import TracedModel, compile_traced, trace_model
+from .contribution import FinetuneConfig, ProbeCache, SearchData, model_fingerprint, probe, score
+from .costs import difference, figures, memory_of
+from .options import (Option, SearchError, candidate_layers, enumerate_options, head_of, parse_ratios,
+                      scheme_of)
+from .result import SearchResult, human_bytes
+from .solver import frontier, solve
+
+
+class ProbeProgress(Progress):
+    """runtime.progress's bar, counting probes."""
+
+    def line(self, done: int, extra: str) -> str:
+        elapsed = time.perf_counter() - self.start
+        frac = min(done / self.total, 1.0)
+        bar = "#" * int(24 * frac) + "-" * (24 - int(24 * frac))
+        return f"{self.label}[{bar}] {done}/{self.total} probes {elapsed:.0f}s {extra}".rstrip()
+
+
+def sample_shape(input_shape: Sequence[int], data: SearchData) -> tuple[int, ...]:
+    """input_shape with or without its batch dimension -> the per-sample shape, checked against the data."""
+    shape = tuple(int(d) for d in input_shape)
+    want = tuple(data.x_train.shape[1:])
+    if len(shape) == len(want) + 1:
+        shape = shape[1:]
+    if shape != want:
+        raise SearchError(f"input shape {tuple(input_shape)} does not match the data's samples {want}")
+    return shape
+
+
+def prepare(model: torch.nn.Module, input_shape: Sequence[int], data: SearchData, config: FinetuneConfig,
+            traced: TracedModel | None, loss: str, cache_dir: str | None) -> tuple[TracedModel, ProbeCache]:
+    """The trace (batch = config.batch) and the probe cache keyed by model, data, config and loss."""
+    shape = sample_shape(input_shape, data)
+    config.total_steps(len(data.x_train))  # fail early on a batch larger than the data
+    tm = traced if traced is not None else trace_model(model, (torch.zeros((config.batch, *shape)),))
+    context = {"model": model_fingerprint(model, tm), "data": data.fingerprint(), "config": config.key(),
+               "loss": loss, "input": [config.batch, *shape]}
+    return tm, ProbeCache(cache_dir, context)
+
+
+def search(model: torch.nn.Module, input_shape: Sequence[int], data: SearchData, *, budget_memory: int,
+           budget_ms: float | None = None, ratios: Sequence[float] | str = (1 / 8, 1 / 4, 1 / 2, 1),
+           config: FinetuneConfig | None = None, cache_dir: str | None = None, progress: bool = True,
+           preprocess: dict[str, Any] | None = None, candidates: str | Sequence[str] | None = None,
+           max_layers: int | None = None, metric: str = "accuracy", memory: str = "training",
+           loss: str = "cross_entropy", weight_with_bias: bool = True, validate: bool = True,
+           name: str | None = None, traced: TracedModel | None = None, max_rounds: int = 32) -> SearchResult:
+    """Choose an update scheme for `model` that fits `budget_memory` bytes (see the module docstring).
+
+    input_shape: the model input, with or without the batch dimension (the batch is config.batch).
+    data: model-ready train and validation arrays. memory: "training" or "peak" (engine/search/costs.py).
+    metric: "accuracy" (loss breaks ties) or "loss". candidates: fnmatch patterns limiting the layers;
+    max_layers: only the last N candidate layers. preprocess: recorded in the probes' artifacts only
+    (the data is model-ready already). traced: a TracedModel of `model` to reuse (batch config.batch).
+    """
+    t0 = time.perf_counter()
+    config = config or FinetuneConfig()
+    if not budget_memory > 0:
+        raise SearchError(f"the memory budget must be positive, got {budget_memory}")
+    if budget_ms is not None and not budget_ms > 0:
+        raise SearchError(f"the step-time budget must be positive, got {budget_ms} ms")
+    score(0.0, 0.0, 1, metric)  # validates the metric
+    memory_of({"training_bytes": 0, "peak_bytes": 0}, memory)
+    ratio_values = parse_ratios(ratios)
+    tm, cache = prepare(model, input_shape, data, config, traced, loss, cache_dir)
+    layers = tm.layers
+    head = head_of(layers)
+    options = enumerate_options(candidate_layers(layers, candidates, max_layers), ratio_values, weight_with_bias)
+    bar = ProbeProgress(len(options) + 1 + int(validate), "search ", enabled=progress)
+    run = lambda scheme, what: probe(tm, scheme, data, config, cache, loss=loss, preprocess=preprocess, what=what)  # noqa: E731
+
+    bar.update(0, "classifier baseline", force=True)
+    base = run(scheme_of(head, [], "classifier"), "baseline")
+    base_fig = base["figures"]
+    base_mem = memory_of(base_fig, memory)
+    if base_mem > budget_memory:
+        raise SearchError(f"the classifier-only baseline alone needs {human_bytes(base_mem)} of {memory} memory, "
+                          f"over the budget of {human_bytes(budget_memory)}; raise the budget")
+    if budget_ms is not None and base["ms"] > budget_ms:
+        raise SearchError(f"the classifier-only baseline alone takes {base['ms']:.2f} ms per step, over the budget "
+                          f"of {budget_ms:g} ms")
+    n_val = len(data.y_val)
+    for i, o in enumerate(options):
+        bar.update(i + 1, o.label)
+        r = run(scheme_of(head, [o]), o.label)
+        o.accuracy, o.loss, o.cached = r["accuracy"], r["loss"], r["cached"]
+        o.gain, o.loss_gain = r["accuracy"] - base["accuracy"], base["loss"] - r["loss"]
+        o.score = score(o.gain, o.loss_gain, n_val, metric)
+        cost = difference(r["figures"], base_fig, memory)
+        o.memory_bytes, o.backward_macs = cost["memory_bytes"], int(cost["backward_macs"])
+        o.ms = max(0.0, r["ms"] - base["ms"])
+
+    mem_cap = float(budget_memory - base_mem)
+    ms_cap = None if budget_ms is None else float(budget_ms - base["ms"])
+    rounds = 0
+    while True:
+        rounds += 1
+        chosen = solve(options, mem_cap, ms_cap, cost2=(lambda o: o.ms) if ms_cap is not None else None)
+        scheme = scheme_of(head, chosen, name or f"search-{human_bytes(budget_memory)}")
+        art = compile_traced(tm, loss=loss, optimizer=config.optimizer, scheme=scheme, preprocess=preprocess)
+        fig = figures(art)
+        over = memory_of(fig, memory) - budget_memory
+        together = None
+        over_ms = 0.0
+        if ms_cap is not None and chosen:
+            together = run(scheme, "chosen")
+            over_ms = together["ms"] - budget_ms  # type: ignore[operator]
+        if (over <= 0 and over_ms <= 0) or not chosen:
+            break
+        if rounds >= max_rounds:  # the baseline always fits
+            chosen, scheme = [], scheme_of(head, [], scheme.name)
+            fig, together = base_fig, None
+            break
+        if over > 0:
+            mem_cap = min(mem_cap, sum(o.memory_bytes for o in chosen)) - over - 1
+        if over_ms > 0:
+            ms_cap = min(ms_cap, sum(o.ms for o in chosen)) - over_ms - 1e-6  # type: ignore[type-var]
+
+    estimate = dict(fig) | {
+        "memory_bytes": memory_of(fig, memory), "extra_bytes": fig["training_bytes"] - base_fig["training_bytes"],
+        "estimated_gain": sum(o.gain for o in chosen), "estimated_score": sum(o.score for o in chosen),
+        "estimated_memory_bytes": base_mem + sum(o.memory_bytes for o in chosen)}
+    if validate:
+        bar.update(len(options) + 1, "chosen scheme together")
+        together = together or (run(scheme, "chosen") if chosen else base)
+        estimate |= {"accuracy": together["accuracy"], "loss": together["loss"], "ms": together["ms"],
+                     "gain": together["accuracy"] - base["accuracy"]}
+    bar.update(bar.total, "done")
+    bar.close()
+    front = [(c, g) for c, g, _ in frontier(options)]
+    baseline = {"accuracy": base["accuracy"], "loss": base["loss"], "ms": base["ms"], "memory_bytes": base_mem,
+                "figures": base_fig}
+    return SearchResult(scheme, options, chosen, baseline, estimate, int(budget_memory), budget_ms, memory, metric,
+                        front, cache.runs, cache.hits, rounds, time.perf_counter() - t0,
+                        name or type(model).__name__)
+
