@@ -1,4 +1,4 @@
-"""Compiler subcommands of `pockprop` (compile, ops); runtime/cli.py dispatches here lazily."""
+"""Compiler subcommands of `pockprop` (compile, ops, search); runtime/cli.py dispatches here lazily."""
 from __future__ import annotations
 
 import argparse
@@ -34,20 +34,83 @@ def _shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def compile_command(args: argparse.Namespace) -> int:
+def load_weights(model: object, path: str) -> None:
+    """Load a safetensors state_dict into `model`; CompileError naming missing, extra or mis-shaped keys."""
+    import torch
+
+    from runtime import safetensors
+
+    try:
+        tensors, _ = safetensors.load(path)
+    except FileNotFoundError:
+        raise CompileError(f"--weights {path}: no such file") from None
+    except (OSError, ValueError) as ex:
+        raise CompileError(f"--weights {path}: cannot read as safetensors ({ex})") from None
+    own = model.state_dict()  # type: ignore[attr-defined]
+    missing = [k for k in own if k not in tensors]
+    extra = [k for k in tensors if k not in own]
+    shapes = [f"{k} {list(tensors[k].shape)} (model {list(own[k].shape)})" for k in own
+              if k in tensors and tuple(tensors[k].shape) != tuple(own[k].shape)]
+    problems = []
+    for what, keys in (("missing keys", missing), ("unexpected keys", extra), ("mis-shaped", shapes)):
+        if keys:
+            problems.append(f"{what}: {', '.join(keys[:6])}" + (f" (+{len(keys) - 6} more)" if len(keys) > 6 else ""))
+    if problems:
+        raise CompileError(f"--weights {path} does not fit the model: " + "; ".join(problems))
+    model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in tensors.items()})  # type: ignore[attr-defined]
+
+
+def model_kwargs(args: argparse.Namespace) -> dict[str, object]:
+    """Builder kwargs from --model-kwargs (JSON) and --num-classes."""
+    kwargs: dict[str, object] = {}
+    if getattr(args, "model_kwargs", None):
+        try:
+            kwargs = json.loads(args.model_kwargs)
+        except json.JSONDecodeError as ex:
+            raise CompileError(f"--model-kwargs {args.model_kwargs!r}: not JSON ({ex})") from None
+        if not isinstance(kwargs, dict):
+            raise CompileError(f"--model-kwargs {args.model_kwargs!r}: expected a JSON object")
+    if args.num_classes:
+        kwargs["num_classes"] = args.num_classes
+    return kwargs
+
+
+def build_model(spec: str, kwargs: dict[str, object], seed: int, weights: str | None) -> tuple[object, object]:
+    """(model, default input shape) from a spec, seeded, with --weights loaded; CompileError if it fails."""
     import torch
 
     import models
 
+    torch.manual_seed(seed)
+    try:
+        model, default_shape = models.resolve(spec, **kwargs)
+    except (ValueError, TypeError) as ex:
+        raise CompileError(str(ex)) from None
+    if weights:
+        load_weights(model, weights)
+    return model, default_shape
+
+
+def source_of(args: argparse.Namespace, kwargs: dict[str, object]) -> dict[str, object]:
+    """What the manifest records to rebuild the model (manifest 'source'; read by `pockprop search ARTIFACT`)."""
+    import hashlib
+    import os
+
+    src: dict[str, object] = {"model": args.model, "kwargs": kwargs, "seed": args.seed}
+    if args.weights:
+        with open(args.weights, "rb") as f:
+            src["weights"] = {"path": os.path.abspath(args.weights), "sha256": hashlib.sha256(f.read()).hexdigest()}
+    return src
+
+
+def compile_command(args: argparse.Namespace) -> int:
+    import torch
+
     from .compile import compile
 
     try:
-        torch.manual_seed(args.seed)
-        kwargs = {"num_classes": args.num_classes} if args.num_classes else {}
-        try:
-            model, default_shape = models.resolve(args.model, **kwargs)
-        except ValueError as ex:
-            raise CompileError(str(ex)) from None
+        kwargs = model_kwargs(args)
+        model, default_shape = build_model(args.model, kwargs, args.seed, args.weights)
         shape = _shape(args.input_shape) if args.input_shape else default_shape
         if shape is None:
             raise CompileError(f"{args.model} has no default input shape; pass --input-shape")
@@ -56,6 +119,7 @@ def compile_command(args: argparse.Namespace) -> int:
         art = compile(model, (torch.randn(*shape),), loss=args.loss, optimizer=_optimizer(args),
                       trainable=args.trainable, scheme=args.scheme, label_smoothing=args.label_smoothing,
                       name=args.model.split(":")[-1])
+        art.source = source_of(args, kwargs)
         if args.report:
             from .report import compile_report, format_report
 
@@ -74,6 +138,12 @@ def compile_command(args: argparse.Namespace) -> int:
           f"{art.trainable_count:,} of {total:,} parameters ({100 * art.trainable_count / max(total, 1):.2f}%), "
           f"train_step.onnx {len(art.train_model.graph.node)} nodes")
     return EXIT_OK
+
+
+def search_command(args: argparse.Namespace) -> int:
+    from .search.cli import search_command as run
+
+    return run(args)
 
 
 def supported_ops() -> tuple[list[str], dict[str, str]]:

@@ -23,6 +23,8 @@ def _compile_parser(sub: argparse._SubParsersAction) -> None:
                                  "or package.module:function returning an nn.Module")
     p.add_argument("--input-shape", help="input shape incl. batch, e.g. 8,3,128,128 (default: the zoo model's)")
     p.add_argument("--num-classes", type=int, help="passed to the model builder")
+    p.add_argument("--model-kwargs", help='JSON builder kwargs, e.g. \'{"width": 8}\'')
+    p.add_argument("--weights", help="pretrained weights to fine-tune from: a state_dict saved with safetensors")
     p.add_argument("--loss", default="cross_entropy", choices=["cross_entropy", "bce_with_logits", "mse"])
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
@@ -43,9 +45,65 @@ def _compile_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True, help="artifact directory to write")
     p.set_defaults(func=from_engine("compile_command"))
 
+    _search_parser(sub, from_engine("search_command"))
+
     o = sub.add_parser("ops", help="list the ops the compiler supports (needs the [compile] extra)")
     o.add_argument("--markdown", action="store_true", help="print docs/ops.md")
     o.set_defaults(func=from_engine("ops_command"))
+
+
+def _search_parser(sub: argparse._SubParsersAction, func: Callable[[argparse.Namespace], int]) -> None:
+    s = sub.add_parser("search", help="choose a sparse update scheme under a memory budget by probing fine-tuning runs "
+                                      "(needs the [compile] extra)",
+                       description="Contribution analysis: fine-tune each candidate layer's bias and weight slices "
+                                   "briefly through the device runtime, measure the validation gain over the "
+                                   "classifier-only baseline, cost each option from the compile report, and pick the "
+                                   "best set under the budget (exact knapsack). --drift instead probes "
+                                   "tbft-front/middle/rear. See docs/search.md.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s.add_argument("model", metavar="MODEL_OR_ARTIFACT",
+                   help="models:NAME or package.module:function (as for compile), or an artifact directory / packed "
+                        "file compiled by `pockprop compile` (its model, weights and preprocessing are reused)")
+    s.add_argument("--data", required=True, help=".npz (x, y), .csv or a folder of class folders: raw training data, "
+                                                 "preprocessed like the runtime does; a part is held out for validation")
+    s.add_argument("--budget-memory", help="training-memory budget, e.g. 2MB, 512KB, 1.5GB or bytes "
+                                           "(KB = 1024 bytes); required unless --drift")
+    s.add_argument("--memory", default="training", choices=["training", "peak"],
+                   help="what the budget bounds: training memory (trainable + gradient + optimizer state + kept "
+                        "activations) or the planner's estimated peak")
+    s.add_argument("--budget-ms", type=float, help="also bound the measured milliseconds per training step")
+    s.add_argument("--ratios", default="1/8,1/4,1/2,1", help="weight channel ratios to probe")
+    s.add_argument("--candidates", help="comma-separated layer patterns to consider (default: every conv/linear/BN "
+                                        "layer but the head)")
+    s.add_argument("--max-layers", type=int, help="consider only the last N candidate layers")
+    s.add_argument("--metric", default="accuracy", choices=["accuracy", "loss"],
+                   help="gain measure (accuracy: validation loss breaks ties)")
+    s.add_argument("--input-shape", help="input shape incl. batch (default: the zoo model's; an artifact's own)")
+    s.add_argument("--num-classes", type=int, help="passed to the model builder")
+    s.add_argument("--model-kwargs", help="JSON builder kwargs")
+    s.add_argument("--weights", help="pretrained weights (safetensors state_dict) to start from")
+    s.add_argument("--seed", type=int, default=0, help="torch seed for the model's initial weights (no --weights)")
+    s.add_argument("--checkpoint-dir", help="artifact only: start from this checkpoint's trained weights")
+    s.add_argument("--preprocess", help='model only: JSON preprocessing of raw data, e.g. \'{"mean": 0.5, "std": 0.5}\' '
+                                        "(an artifact's recorded preprocessing is used as is)")
+    s.add_argument("--label-column", help="CSV: the label column")
+    s.add_argument("--val-fraction", type=float, default=0.2, help="stratified share of --data held out for validation")
+    s.add_argument("--batch", type=int, help="probe batch size (default: an artifact's, else 32)")
+    s.add_argument("--epochs", type=float, default=2.0, help="fine-tuning epochs per probe")
+    s.add_argument("--steps", type=int, help="fine-tuning steps per probe (instead of --epochs)")
+    s.add_argument("--repeats", type=int, default=1, help="average each probe over this many data orders")
+    s.add_argument("--optimizer", choices=["sgd", "adamw"], help="probe optimizer (default: an artifact's, else sgd)")
+    s.add_argument("--lr", type=float, help="probe learning rate (default: an artifact's, else 0.01)")
+    s.add_argument("--momentum", type=float, help="sgd momentum (default 0.9)")
+    s.add_argument("--cache", help="probe cache directory: a re-run skips finished probes, an interrupted one resumes")
+    s.add_argument("-o", "--output", help="write the chosen scheme as YAML here (for pockprop compile --scheme)")
+    s.add_argument("--plot", help="write a PNG of gain vs memory here (needs matplotlib)")
+    s.add_argument("--json", help="write every probe, cost and the choice as JSON here")
+    s.add_argument("--drift", action="store_true", help="TBFT: probe tbft-front/middle/rear and choose the block, "
+                                                        "with an energy estimate per scheme")
+    s.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.set_defaults(func=func)
 
 
 def _bench_parser(sub: argparse._SubParsersAction) -> None:

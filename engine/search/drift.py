@@ -5,9 +5,10 @@ sensor, lighting, noise), the middle for feature-level drift and the rear for ou
 (new label mapping, class priors). `drift_probe` does not guess the kind of drift: it compiles the
 presets tbft-front / tbft-middle / tbft-rear (engine/scheme.py; each with the head) and the
 classifier baseline from one trace, fine-tunes each briefly through the device runtime with the same
-data order (engine/search/contribution.py), and picks the block whose validation accuracy gains the
-most over the classifier (ties: the lower energy per step, then the later block, which is cheaper
-to backpropagate to). Each scheme's energy per training step is estimated from its MACs and bytes
+data order (engine/search/contribution.py), and picks the block with the best score over the
+classifier, the same score `search` maximizes (metric "accuracy": the accuracy gain, the validation
+loss breaking ties; or "loss"); remaining ties go to the lower energy per step, then the earlier
+preset in front/middle/rear order. Each scheme's energy per training step is estimated from its MACs and bytes
 moved (engine/search/energy.py, constants documented there).
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .contribution import FinetuneConfig, SearchData, probe
+from .contribution import FinetuneConfig, SearchData, probe, score
 from .energy import E_BYTE, E_MAC, SOURCE
 from .result import human_bytes, human_macs
 from .select import ProbeProgress, prepare
@@ -70,10 +71,11 @@ class DriftResult:
 def drift_probe(model: torch.nn.Module, input_shape: Sequence[int], data: SearchData, *,
                 config: FinetuneConfig | None = None, progress: bool = True, cache_dir: str | None = None,
                 loss: str = "cross_entropy", preprocess: dict[str, Any] | None = None,
-                traced: Any = None) -> DriftResult:
+                traced: Any = None, metric: str = "accuracy") -> DriftResult:
     """Probe tbft-front/middle/rear against the classifier and choose the block (module docstring)."""
     t0 = time.perf_counter()
     config = config or FinetuneConfig()
+    score(0.0, 0.0, 1, metric)  # validates the metric
     tm, cache = prepare(model, input_shape, data, config, traced, loss, cache_dir)
     bar = ProbeProgress(len(SCHEMES), "drift ", enabled=progress)
     results: dict[str, dict[str, Any]] = {}
@@ -85,7 +87,9 @@ def drift_probe(model: torch.nn.Module, input_shape: Sequence[int], data: Search
     acc = {s: r["accuracy"] for s, r in results.items()}
     gains = {s: acc[s] - acc["classifier"] for s in SCHEMES[1:]}
     energy = {s: r["figures"]["energy"] for s, r in results.items()}
-    best = max(SCHEMES[1:], key=lambda s: (gains[s], -energy[s]["joules"], SCHEMES.index(s)))
+    base = results["classifier"]
+    scores = {s: score(gains[s], base["loss"] - results[s]["loss"], len(data.y_val), metric) for s in SCHEMES[1:]}
+    best = max(SCHEMES[1:], key=lambda s: (scores[s], -energy[s]["joules"], -SCHEMES.index(s)))
     return DriftResult(best.removeprefix("tbft-"), gains, acc, energy, {s: r["loss"] for s, r in results.items()},
                        {s: {k: v for k, v in r["figures"].items() if k != "energy"} for s, r in results.items()},
                        {s: r["ms"] for s, r in results.items()}, cache.runs, cache.hits, time.perf_counter() - t0)

@@ -30,7 +30,7 @@ from runtime.progress import Progress
 from ..compile import TracedModel, compile_traced, trace_model
 from .contribution import FinetuneConfig, ProbeCache, SearchData, model_fingerprint, probe, score
 from .costs import difference, figures, memory_of
-from .options import (Option, SearchError, candidate_layers, enumerate_options, head_of, parse_ratios,
+from .options import (SearchError, candidate_layers, enumerate_options, head_of, parse_ratios,
                       scheme_of)
 from .result import SearchResult, human_bytes
 from .solver import frontier, solve
