@@ -103,8 +103,11 @@ def _prepare(args: Any, workdir: str) -> tuple[list[Config], dict[str, Any]]:
     params = list(full.parameter_count)
     scheme_tensors = list(arts[args.scheme].trainable)
 
-    # The peers' forward model: pockprop's full infer.onnx (torch names, every parameter an initializer,
-    # BatchNorm in inference mode), with parameters no longer graph inputs so generate_artifacts sees them.
+    # The deployed forward model: pockprop's full infer.onnx (torch names, BatchNorm in inference mode) with
+    # every parameter a plain initializer instead of an overridable graph input, so onnxruntime folds
+    # BatchNorm into the convs and pre-packs the weights, as it would for the model shipped for inference.
+    # It is the floor (`ort-infer`) for every scheme, and the peers' forward model (generate_artifacts needs
+    # the parameters as initializers too).
     fwd = onnx.ModelProto()
     fwd.CopyFrom(full.infer_model)
     inits = {i.name for i in fwd.graph.initializer}
@@ -112,14 +115,14 @@ def _prepare(args: Any, workdir: str) -> tuple[list[Config], dict[str, Any]]:
     del fwd.graph.input[:]
     fwd.graph.input.extend(keep)
     fwd.ir_version = min(fwd.ir_version, 9)  # onnx 1.16 in .venv-peers
-    peers_onnx = os.path.join(workdir, "peers-forward.onnx")
+    peers_onnx = os.path.join(workdir, "forward-constant.onnx")
     onnx.save(fwd, peers_onnx)
 
     base = {"repo": REPO, "threads": args.threads, "input_shape": shape, "num_classes": num_classes, "seed": 0,
             "model": spec_name, "model_kwargs": kwargs, "optimizer": optimizer}
     S = args.scheme
-    cfgs = [Config("ort-infer", "ort-infer", "onnxruntime forward only (infer.onnx), the floor",
-                   {**base, "onnx": os.path.join(dirs[S], "infer.onnx")})]
+    cfgs = [Config("ort-infer", "ort-infer", "onnxruntime forward only, all weights constant: the floor",
+                   {**base, "onnx": peers_onnx})]
     cfgs.append(Config(f"pockprop-{S}", "pockprop", f"pockprop artifact, scheme {S}, runtime.Trainer",
                        {**base, "artifact": dirs[S]}, memory_baseline="ort-infer"))
     if S != "full":
@@ -256,6 +259,32 @@ def _ratio(c: Config, base: Config | None) -> float | None:
     return statistics.median(pairs) if pairs else None
 
 
+# The issue's targets per scheme: (row, baseline row, what is compared, the most the ratio may be).
+# Speed ratios are medians of per-round ratios; the memory ratio compares extra training memory.
+TARGETS = {
+    "sparse": [("pockprop-sparse", "torch-full", "time", 1 / 8), ("pockprop-sparse", "torch-sparse", "time", 1 / 2),
+               ("pockprop-sparse", "ortt-sparse", "time", 1 / 3), ("pockprop-sparse", "ort-infer", "time", 1.5),
+               ("pockprop-sparse", "pockprop-full", "extra memory", 1 / 5)],
+    "bias-only": [("pockprop-bias-only", "torch-full", "time", 1 / 3)],
+}
+
+
+def targets(rows: list[dict[str, Any]], cfgs: dict[str, Config], scheme: str) -> list[dict[str, Any]]:
+    """Each target of `scheme` with its measured ratio and whether it is met (None: a row is missing)."""
+    by_row = {r["name"]: r for r in rows}
+    out = []
+    for row, base, what, limit in TARGETS.get(scheme, []):
+        a, b = by_row.get(row, {}), by_row.get(base, {})
+        ratio = None
+        if what == "time" and row in cfgs and base in cfgs:
+            ratio = _ratio(cfgs[row], cfgs[base])
+        elif what == "extra memory" and a.get("extra_train_mb") and b.get("extra_train_mb"):
+            ratio = a["extra_train_mb"] / b["extra_train_mb"]
+        out.append({"row": row, "baseline": base, "what": what, "limit": limit, "ratio": ratio,
+                    "met": None if ratio is None else ratio <= limit})
+    return out
+
+
 def _result(args: Any, cfgs: list[Config], meta: dict[str, Any]) -> dict[str, Any]:
     by = {c.name: c for c in cfgs}
     rows = []
@@ -279,6 +308,7 @@ def _result(args: Any, cfgs: list[Config], meta: dict[str, Any]) -> dict[str, An
         "machine": {"platform": platform.platform(), "machine": platform.machine(), "cpus": os.cpu_count(),
                     "python": platform.python_version()},
         "configs": rows,
+        "targets": targets(rows, by, args.scheme),
     }
 
 
@@ -313,6 +343,7 @@ def print_table(result: dict[str, Any]) -> None:
         print(title)
         for r in rows:
             print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) + "  " + r[-1])
+        print_targets(result)
         return
     t = Table(title=title)
     for i, h in enumerate(HEADER):
@@ -320,6 +351,21 @@ def print_table(result: dict[str, Any]) -> None:
     for r in table_rows(result):
         t.add_row(*r)
     Console(width=200).print(t)
+    print_targets(result)
+
+
+def targets_lines(result: dict[str, Any]) -> list[str]:
+    lines = []
+    for t in result.get("targets", []):
+        verdict = "not measured" if t["met"] is None else "met" if t["met"] else "MISSED"
+        ratio = "-" if t["ratio"] is None else f"{t['ratio']:.3f}"
+        lines.append(f"{t['row']} / {t['baseline']} ({t['what']}): {ratio}, target <= {t['limit']:.3f}: {verdict}")
+    return lines
+
+
+def print_targets(result: dict[str, Any]) -> None:
+    for line in targets_lines(result):
+        print("target " + line)
 
 
 def markdown_table(result: dict[str, Any]) -> str:

@@ -49,7 +49,16 @@ def test_bench_end_to_end(tmp_path, capsys):
     assert rows["torch-full"]["memory_baseline"] == "torch-infer"
     assert rows["ort-infer"]["vs_infer"] == 1.0
     assert result["input_shape"] == [2, 64] and result["threads"] == 1
-    assert "pockprop-sparse" in capsys.readouterr().out  # the table
+    # The targets for `sparse` are listed with their ratio; the peer rows are skipped, so theirs are open.
+    tg = {(t["row"], t["baseline"]): t for t in result["targets"]}
+    assert set(tg) == {("pockprop-sparse", b) for b in ("torch-full", "torch-sparse", "ortt-sparse", "ort-infer",
+                                                        "pockprop-full")}
+    assert tg[("pockprop-sparse", "ortt-sparse")]["ratio"] is None and tg[("pockprop-sparse", "ortt-sparse")]["met"] is None
+    t = tg[("pockprop-sparse", "ort-infer")]
+    assert t["ratio"] == rows["pockprop-sparse"]["vs_infer"] and t["met"] == (t["ratio"] <= 1.5)
+    printed = capsys.readouterr().out
+    assert "pockprop-sparse" in printed  # the table
+    assert "target pockprop-sparse / ort-infer (time)" in printed
     assert "| config |" in markdown_table(result)
     # No matplotlib in the venv: the PNG is skipped with a note; with it, the file exists.
     assert (tmp_path / "b.png").exists() or result.get("png_skipped")
