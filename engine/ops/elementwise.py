@@ -218,8 +218,12 @@ class Clamp(Unary):
                node.outputs)
 
     def vjp(self, b, node, gouts, needs):  # type: ignore[no-untyped-def]
-        return [mask_grad(b, gouts[0], node.inputs[0], lo=node.attrs.get("lo"), hi=node.attrs.get("hi"),
-                          inclusive=node.attrs.get("inclusive", False))]
+        inclusive = node.attrs.get("inclusive", False)
+        # lo < x < hi  <=>  lo < y < hi, so the exclusive mask reads the output: then the layer's input
+        # (a conv's output) has one reader, the clip, and onnxruntime fuses conv + clip. Not so for the
+        # inclusive mask: x < lo gives y = lo, inside [lo, hi].
+        src = node.inputs[0] if inclusive else node.outputs[0]
+        return [mask_grad(b, gouts[0], src, lo=node.attrs.get("lo"), hi=node.attrs.get("hi"), inclusive=inclusive)]
 
 
 def mask_grad(b: Builder, g: str, x: str, lo: float | None, hi: float | None, inclusive: bool = False) -> str:
