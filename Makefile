@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
 JOBS    ?= 2
 
-.PHONY: test demo venv clean test-fast arm-check peers bench
+.PHONY: test demo venv clean test-fast arm-check peers bench accuracy
 
 $(STAMP):
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -48,6 +48,12 @@ $(PEERS)/.installed:
 bench: $(STAMP)
 	for s in sparse bias-only full; do $(BIN)/python -m runtime.cli bench --model mobilenet_v2 --scheme $$s \
 	  --json out/bench-$$s.json --png out/bench-$$s.png || exit 1; done
+
+# Sparse schemes vs full backprop on three digits drift tasks (docs/accuracy.md): pre-train, search, fine-tune
+# every scheme with 3 seeds; writes out/accuracy/*.json and the tables of docs/accuracy.md. About 20 minutes
+# on 2 cores. ARGS="--task input" runs one task, ARGS=--quick a smoke run (out/accuracy-quick, doc untouched).
+accuracy: $(STAMP)
+	$(BIN)/python -m models.accuracy $(ARGS)
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
