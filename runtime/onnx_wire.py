@@ -237,3 +237,55 @@ def graph_inputs(model: bytes) -> list[str]:
     """Names in graph.input, in order."""
     graph = _single(model, MODEL_GRAPH)
     return [_string(v, 1) for n, w, v, _, _ in fields(graph) if n == GRAPH_INPUT and w == LEN]  # type: ignore[arg-type]
+
+
+# -- graph signature --------------------------------------------------------------------------------
+GRAPH_OUTPUT = 12
+TYPE_TENSOR, TENSOR_ELEM, TENSOR_SHAPE, SHAPE_DIM, DIM_VALUE, DIM_PARAM = 1, 1, 2, 1, 1, 2
+
+
+class ValueInfo:
+    """A graph input or output as onnxruntime's NodeArg shows it: name, type ('float32', ...) and shape
+    (ints, or names for symbolic dimensions)."""
+
+    def __init__(self, name: str, type: str, shape: list[int | str]) -> None:
+        self.name, self.type, self.shape = name, type, shape
+
+
+def _value_info(buf: bytes) -> ValueInfo:
+    name, elem, shape = _string(buf, 1), 0, []
+    for n, w, tp, _, _ in fields(buf):
+        if n != 2 or w != LEN:
+            continue
+        for n2, w2, tensor, _, _ in fields(tp):  # type: ignore[arg-type]
+            if n2 != TYPE_TENSOR or w2 != LEN:
+                continue
+            for n3, w3, v3, _, _ in fields(tensor):  # type: ignore[arg-type]
+                if n3 == TENSOR_ELEM and w3 == VARINT:
+                    elem = int(v3)  # type: ignore[arg-type]
+                elif n3 == TENSOR_SHAPE and w3 == LEN:
+                    for n4, w4, dim, _, _ in fields(v3):  # type: ignore[arg-type]
+                        if n4 == SHAPE_DIM and w4 == LEN:
+                            d: int | str = "?"
+                            for n5, w5, v5, _, _ in fields(dim):  # type: ignore[arg-type]
+                                d = int(v5) if n5 == DIM_VALUE and w5 == VARINT else v5.decode() if n5 == DIM_PARAM else d  # type: ignore[union-attr]
+                            shape.append(d)
+    dtype = np.dtype(DTYPES[elem]).name if elem in DTYPES else f"tensor({elem})"
+    return ValueInfo(name, dtype, shape)
+
+
+def signature(model: bytes) -> tuple[list[ValueInfo], list[ValueInfo], list[ValueInfo]]:
+    """(inputs, outputs, overridable initializers) as onnxruntime's session would list them: graph inputs
+    that have an initializer are overridable initializers, not inputs. Reads no tensor data."""
+    graph = _single(model, MODEL_GRAPH)
+    inits, ins, outs = set(), [], []
+    for n, w, v, _, _ in fields(graph):
+        if w != LEN:
+            continue
+        if n == GRAPH_INITIALIZER:
+            inits.add(_string(v, T_NAME))  # type: ignore[arg-type]
+        elif n == GRAPH_INPUT:
+            ins.append(_value_info(v))  # type: ignore[arg-type]
+        elif n == GRAPH_OUTPUT:
+            outs.append(_value_info(v))  # type: ignore[arg-type]
+    return [i for i in ins if i.name not in inits], outs, [i for i in ins if i.name in inits]

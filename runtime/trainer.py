@@ -11,6 +11,7 @@ current. Rejected steps are counted and reported.
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -81,12 +82,24 @@ class Trainer:
         self._entries: list[dict[str, Any]] = m["state"]
         self._data, self._labels = m["data"][0], m["labels"]
         self._train = _session(bundle.files[m["graphs"]["train_step"]], bundle.where(m["graphs"]["train_step"]), threads)
-        self._infer = _session(bundle.files[m["graphs"]["infer"]], bundle.where(m["graphs"]["infer"]), threads)
-        self._check_graphs(bundle)
-        self._bases = self._slice_bases(bundle)
-        infer_params = {a.name for a in self._infer.get_overridable_initializers()}
+        self._check_train(bundle)
+        # The inference graph's signature is checked now from its protobuf (onnx_wire), but its onnxruntime
+        # session is made on first use (predict, evaluate): a device that only trains never holds a second
+        # copy of every weight (ResNet-18: 110 MB of RSS, for 45 MB of weights).
+        self._threads = threads
+        infer_name = m["graphs"]["infer"]
+        try:
+            infer = onnx_wire.signature(bundle.files[infer_name])
+        except (onnx_wire.WireError, KeyError, IndexError, UnicodeDecodeError) as ex:
+            raise ArtifactError(f"{bundle.where(infer_name)}: not a readable ONNX model ({ex})") from None
+        self._check_infer(bundle, *infer)
+        infer_params = {a.name for a in infer[2]}
         self._infer_params = [e for e in self._entries if e["role"] == "param" and param_name(e) in infer_params]
-        pred = next(o for o in self._infer.get_outputs() if o.name == m["outputs"]["prediction"])
+        pred = next(o for o in infer[1] if o.name == m["outputs"]["prediction"])
+        self._infer_session: ort.InferenceSession | None = None
+        # a bundle read from disk is read again then (and its hash checked); one built in memory is kept
+        self._infer_bytes = None if os.path.exists(bundle.path) else bundle.files[infer_name]
+        self._bases = self._slice_bases(bundle)
         classes = pred.shape[-1] if len(pred.shape) == 2 and isinstance(pred.shape[-1], int) else None
         try:
             self.pipeline = data.Pipeline(self._data, self._labels, classes)
@@ -116,7 +129,7 @@ class Trainer:
         return cls(bundle, state, threads)
 
     # -- validation ------------------------------------------------------------------------------
-    def _check_graphs(self, bundle: Bundle) -> None:
+    def _check_train(self, bundle: Bundle) -> None:
         m = self.manifest
         spec = lambda s: (s["shape"], s["dtype"])  # noqa: E731
         where = bundle.where(m["graphs"]["train_step"])
@@ -128,16 +141,35 @@ class Trainer:
             raise ArtifactError(f"{where}: the graph needs inputs {sorted(extra)} that the manifest does not describe")
         outputs = {m["outputs"]["loss"]: ([], "float32")} | {e["output"]: spec(e) for e in self._entries}
         _check_io(where, self._train.get_outputs(), outputs, "output")
+
+    def _check_infer(self, bundle: Bundle, inputs: list[Any], outputs: list[Any], overridable: list[Any]) -> None:
+        m = self.manifest
+        spec = lambda s: (s["shape"], s["dtype"])  # noqa: E731
         where = bundle.where(m["graphs"]["infer"])
-        _check_io(where, self._infer.get_inputs(), {self._data["name"]: spec(self._data)}, "input")
-        if len(self._infer.get_inputs()) != 1:
-            raise ArtifactError(f"{where}: the graph needs inputs {[a.name for a in self._infer.get_inputs()]}; "
+        _check_io(where, inputs, {self._data["name"]: spec(self._data)}, "input")
+        if len(inputs) != 1:
+            raise ArtifactError(f"{where}: the graph needs inputs {[a.name for a in inputs]}; "
                                 f"the manifest feeds only {self._data['name']!r}")
         full = {param_name(e): (e.get("full_shape", e["shape"]), e["dtype"]) for e in self._entries if e["role"] == "param"}
-        have = {a.name for a in self._infer.get_overridable_initializers()}
-        _check_io(where, self._infer.get_overridable_initializers(), {k: v for k, v in full.items() if k in have}, "parameter")
-        if m["outputs"]["prediction"] not in {o.name for o in self._infer.get_outputs()}:
+        have = {a.name for a in overridable}
+        _check_io(where, overridable, {k: v for k, v in full.items() if k in have}, "parameter")
+        if m["outputs"]["prediction"] not in {o.name for o in outputs}:
             raise ArtifactError(f"{where}: no output named {m['outputs']['prediction']!r} (manifest outputs.prediction)")
+
+    @property
+    def _infer(self) -> ort.InferenceSession:
+        """The inference session, made on first use (see __init__)."""
+        if self._infer_session is None:
+            name = self.manifest["graphs"]["infer"]
+            raw = self._infer_bytes
+            where = f"{self.path}: {name}"
+            if raw is None:
+                bundle = open_artifact(self.path)
+                if bundle.digest != self.digest:
+                    raise ArtifactError(f"{self.path}: the artifact changed on disk after it was loaded")
+                raw, where = bundle.files[name], bundle.where(name)
+            self._infer_session = _session(raw, where, self._threads)
+        return self._infer_session
 
     def _slice_bases(self, bundle: Bundle) -> dict[str, np.ndarray]:
         """The frozen full value of each parameter trained on a slice (its initializer in infer.onnx)."""

@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 
 from runtime import data, safetensors
-from runtime.errors import DataError
+from runtime.errors import ArtifactError, DataError
 from runtime.schedule import Schedule
 from runtime.trainer import Trainer
 from tests.runtime.conftest import batch
@@ -150,3 +150,31 @@ def test_schedule_drives_the_step_lr(artifact) -> None:
     for i in range(4):
         assert a.step(*batch(i)) == b.step(*batch(i), lr=0.1 * 0.5 ** (i // 2))
     np.testing.assert_array_equal(a.state["2.weight"], b.state["2.weight"])
+
+
+@pytest.mark.parametrize("name", ["mlp", "sliced"])
+def test_infer_signature_from_the_protobuf_matches_onnxruntime(artifact, name: str) -> None:
+    """The load-time check of infer.onnx reads its signature with onnx_wire; it must be what onnxruntime sees."""
+    from runtime import onnx_wire
+
+    raw = (artifact(name) / "infer.onnx").read_bytes()
+    sess = ort.InferenceSession(raw, providers=["CPUExecutionProvider"])
+    ins, outs, over = onnx_wire.signature(raw)
+    for ours, theirs in ((ins, sess.get_inputs()), (outs, sess.get_outputs()), (over, sess.get_overridable_initializers())):
+        assert [(a.name, list(a.shape)) for a in ours] == [(a.name, list(a.shape)) for a in theirs]
+        assert [a.type for a in ours] == [{"tensor(float)": "float32", "tensor(int64)": "int64"}[a.type] for a in theirs]
+    assert over, "the trainable parameters are overridable initializers"
+
+
+def test_inference_session_is_made_on_first_use_from_the_verified_files(artifact) -> None:
+    art = artifact("mlp")
+    trainer = Trainer.load(str(art))
+    assert trainer._infer_session is None  # training alone never loads a second copy of the weights
+    trainer.step(*batch(0))
+    x, _ = batch(1)
+    first = trainer.predict(x)
+    assert trainer._infer_session is not None and first.shape == (4, 3)
+    again = Trainer.load(str(art))
+    (art / "infer.onnx").write_bytes((art / "infer.onnx").read_bytes() + b"\x00")  # changed after loading
+    with pytest.raises(ArtifactError, match="infer.onnx"):
+        again.predict(x)
