@@ -151,6 +151,13 @@ def _prepare(args: Any, workdir: str) -> tuple[list[Config], dict[str, Any]]:
         cfgs.append(Config(f"ortt-{S}", "ortt-train", f"onnxruntime-training 1.19.2, whole tensors scheme {S} touches",
                            {**pbase, "trainable": scheme_tensors, "workdir": os.path.join(workdir, f"ortt-{S}")},
                            python=PEERS_PYTHON, memory_baseline="ortt-infer", skip=peer_skip or peer_train_skip))
+    # The same pockprop artifact stepped by the peer venv's onnxruntime (1.19.2): the device runtime needs only
+    # numpy and onnxruntime, so this row compares pockprop with onnxruntime-training on one onnxruntime build
+    # (the main venv's newer onnxruntime runs the same convolutions at a different speed).
+    cfgs.append(Config(f"pockprop-{S}@peer-ort", "pockprop-peer-ort",
+                       f"the pockprop-{S} artifact on .venv-peers' onnxruntime 1.19.2 (runtime.Trainer)",
+                       {**base, "artifact": dirs[S]}, python=PEERS_PYTHON, memory_baseline="ortt-infer",
+                       skip=peer_skip))
     for c in cfgs:
         c.spec["kind"] = c.kind
     meta = {"input_shape": shape, "num_classes": num_classes, "optimizer": optimizer, "compile_s": compile_s,
@@ -264,7 +271,10 @@ def _ratio(c: Config, base: Config | None) -> float | None:
 TARGETS = {
     "sparse": [("pockprop-sparse", "torch-full", "time", 1 / 8), ("pockprop-sparse", "torch-sparse", "time", 1 / 2),
                ("pockprop-sparse", "ortt-sparse", "time", 1 / 3), ("pockprop-sparse", "ort-infer", "time", 1.5),
-               ("pockprop-sparse", "pockprop-full", "extra memory", 1 / 5)],
+               ("pockprop-sparse", "pockprop-full", "extra memory", 1 / 5),
+               # the same two comparisons on one onnxruntime build (1.19.2): not the issue's rows, shown beside them
+               ("pockprop-sparse@peer-ort", "ortt-sparse", "time", 1 / 3),
+               ("pockprop-sparse@peer-ort", "ortt-infer", "time", 1.5)],
     "bias-only": [("pockprop-bias-only", "torch-full", "time", 1 / 3)],
 }
 

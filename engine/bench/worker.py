@@ -164,8 +164,9 @@ def build_ortt_train(spec: dict):
     return step
 
 
-BUILDERS = {"ort-infer": build_ort_infer, "pockprop": build_pockprop, "torch-infer": build_torch_infer,
-            "torch-train": build_torch_train, "ortt-infer": build_ort_infer, "ortt-train": build_ortt_train}
+BUILDERS = {"ort-infer": build_ort_infer, "pockprop": build_pockprop, "pockprop-peer-ort": build_pockprop,
+            "torch-infer": build_torch_infer, "torch-train": build_torch_train, "ortt-infer": build_ort_infer,
+            "ortt-train": build_ortt_train}
 
 
 def main() -> int:

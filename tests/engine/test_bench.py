@@ -9,7 +9,7 @@ from engine.bench.harness import input_shape, markdown_table, peers_status
 from runtime.cli import build_parser, main
 
 EXPECTED = {"ort-infer", "pockprop-sparse", "pockprop-full", "torch-infer", "torch-full", "torch-sparse",
-            "ortt-infer", "ortt-full", "ortt-sparse"}
+            "ortt-infer", "ortt-full", "ortt-sparse", "pockprop-sparse@peer-ort"}
 
 
 def test_bench_parser_defaults():
@@ -43,7 +43,7 @@ def test_bench_end_to_end(tmp_path, capsys):
             assert r["peak_rss_mb"] is None or r["peak_rss_mb"] > 0
     for name in ("ort-infer", "pockprop-sparse", "pockprop-full", "torch-infer", "torch-full", "torch-sparse"):
         assert rows[name]["status"] == "ok", rows[name]
-    for name in ("ortt-infer", "ortt-full", "ortt-sparse"):
+    for name in ("ortt-infer", "ortt-full", "ortt-sparse", "pockprop-sparse@peer-ort"):
         assert rows[name]["status"] == "skipped" and "no-peers" in rows[name]["reason"]
     assert rows["pockprop-sparse"]["memory_baseline"] == "ort-infer"
     assert rows["torch-full"]["memory_baseline"] == "torch-infer"
@@ -52,7 +52,8 @@ def test_bench_end_to_end(tmp_path, capsys):
     # The issue's targets for `sparse` are listed with their ratio; the peer rows are skipped, so theirs are open.
     tg = {(t["row"], t["baseline"]): t for t in result["targets"]}
     assert set(tg) == {("pockprop-sparse", b) for b in ("torch-full", "torch-sparse", "ortt-sparse", "ort-infer",
-                                                        "pockprop-full")}
+                                                        "pockprop-full")} | {("pockprop-sparse@peer-ort", "ortt-sparse"),
+                                                                             ("pockprop-sparse@peer-ort", "ortt-infer")}
     assert tg[("pockprop-sparse", "ortt-sparse")]["ratio"] is None and tg[("pockprop-sparse", "ortt-sparse")]["met"] is None
     t = tg[("pockprop-sparse", "ort-infer")]
     assert t["ratio"] == rows["pockprop-sparse"]["vs_infer"] and t["met"] == (t["ratio"] <= 1.5)
@@ -75,10 +76,11 @@ def test_bench_peers_rows(tmp_path):
     """Where `make peers` built .venv-peers, the onnxruntime-training rows run (only those, to stay fast)."""
     out = tmp_path / "bench.json"
     rc = main(["bench", "--model", "mlp", "--batch", "2", "--rounds", "1", "--warmup", "1", "--steps", "1",
-               "--threads", "1", "--configs", "ortt-infer", "ortt-full", "ortt-sparse", "--quiet", "--json", str(out)])
+               "--threads", "1", "--configs", "ortt-infer", "ortt-full", "ortt-sparse", "pockprop-sparse@peer-ort",
+               "--quiet", "--json", str(out)])
     assert rc == 0
     rows = {r["name"]: r for r in json.loads(out.read_text())["configs"]}
-    for name in ("ortt-infer", "ortt-full", "ortt-sparse"):
+    for name in ("ortt-infer", "ortt-full", "ortt-sparse", "pockprop-sparse@peer-ort"):
         assert rows[name]["status"] == "ok", rows[name]
     assert rows["ortt-full"]["memory_baseline"] == "ortt-infer"
     assert rows["torch-full"]["status"] == "skipped" and "--configs" in rows["torch-full"]["reason"]
