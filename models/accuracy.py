@@ -4,7 +4,8 @@ For each drift task of models/drift.py (input-, feature- and output-level shifts
 digits): pre-train a zoo CNN on the source setting with PyTorch (cached as safetensors), then, from
 those weights, compile every scheme with pockprop and fine-tune it on the shifted setting through the
 device runtime (runtime.Trainer: onnxruntime), 3 seeds each, with one recipe for every scheme. The
-searched scheme comes from engine.search under a memory budget of 1/4 of full's training memory,
+searched scheme comes from engine.search under a memory budget of 1/4 of full's training memory and
+a trainable-parameter budget of 10 % of the model (the issue's targets, given to the search as budgets),
 and the drift probe's block choice is recorded beside the drift kind. Results go to
 out/accuracy/<task>.json and, regenerated from those files, to the tables of docs/accuracy.md.
 
@@ -56,6 +57,7 @@ class Config:
     schemes: tuple[str, ...] = SCHEMES
     val_fraction: float = 0.2  # carved from the target's train images; the search and probe see only it
     budget_fraction: float = 0.25  # the search's memory budget, as a share of full's training memory
+    params_fraction: float | None = 0.10  # and its trainable-parameter budget, as a share of the model's
     ratios: tuple[float, ...] = (1 / 8, 1 / 4, 1 / 2, 1.0)
     search_epochs: float = 2.0  # fine-tuning length of each search / probe candidate
     search_max_layers: int | None = None  # only the last N candidate layers (tests); None: every layer
@@ -273,13 +275,15 @@ def run_task(name: str, cfg: Config, out: str) -> dict[str, Any]:
     if api is not None and "searched" in cfg.schemes:
         budget = int(cfg.budget_fraction * full["training_bytes"])
         log(f"[{name}] search: memory budget {budget / 2**20:.3f} MiB (= {cfg.budget_fraction:g} x full's training "
-            f"memory {full['training_bytes'] / 2**20:.3f} MiB), ratios {[round(r, 4) for r in cfg.ratios]}")
+            f"memory {full['training_bytes'] / 2**20:.3f} MiB), trainable parameters <= {cfg.params_fraction} of the "
+            f"model's, ratios {[round(r, 4) for r in cfg.ratios]}")
         t0 = time.perf_counter()
         res = api.search(build(cfg, state), shape, d0, budget_memory=budget, ratios=cfg.ratios, config=fcfg,
                          cache_dir=os.path.join(out, "search-cache", name), progress=True,
-                         max_layers=cfg.search_max_layers)
+                         max_layers=cfg.search_max_layers, budget_params=cfg.params_fraction)
         log(res.table())
-        result["search"] = {"budget_bytes": budget, "seconds": time.perf_counter() - t0, "yaml": res.yaml(),
+        result["search"] = {"budget_bytes": budget, "budget_params": res.budget_params, "fallback": res.fallback,
+                            "seconds": time.perf_counter() - t0, "yaml": res.yaml(),
                             "result": _jsonable(res.to_json())}
         costs["searched"] = compile_scheme(state, res.scheme, cfg, os.path.join(arts, f"searched-{name}"))
     if api is not None and cfg.probe:
@@ -363,8 +367,13 @@ def markdown(results: dict[str, dict[str, Any]]) -> str:
                          f"{row.get('lr', '')} | {row['trainable_percent']:.2f} | {mb(row['training_bytes'])} ({row['memory_ratio']:.3f}) | "
                          f"{mb(row['peak_bytes'])} ({row['peak_ratio']:.3f}) | {row['step_ms']:.1f} |")
         if "search" in r:
-            lines += ["", f"Searched scheme (budget {mb(r['search']['budget_bytes'])} MiB of training memory; search "
-                      f"took {r['search']['seconds']:.0f} s):", "", "```yaml", r["search"]["yaml"].rstrip(), "```"]
+            bp = r["search"].get("budget_params")
+            lines += ["", f"Searched scheme (budget {mb(r['search']['budget_bytes'])} MiB of training memory"
+                      + (f" and {bp:,} trainable parameters" if bp else "")
+                      + f"; search took {r['search']['seconds']:.0f} s):", ""]
+            if r["search"].get("fallback"):
+                lines += [f"Validation fallback: {r['search']['fallback']}.", ""]
+            lines += ["```yaml", r["search"]["yaml"].rstrip(), "```"]
         lines.append("")
     probes = [(t, results[t]["probe"], results[t]["kind"]) for t in TASKS if t in results and "probe" in results[t]]
     if probes:

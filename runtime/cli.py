@@ -72,6 +72,8 @@ def _search_parser(sub: argparse._SubParsersAction, func: Callable[[argparse.Nam
                    help="what the budget bounds: training memory (trainable + gradient + optimizer state + kept "
                         "activations) or the planner's estimated peak")
     s.add_argument("--budget-ms", type=float, help="also bound the measured milliseconds per training step")
+    s.add_argument("--budget-params", help="also bound the trainable parameters: a count (50000) or a percentage of "
+                                           "the model's parameters (10%%); not with --budget-ms")
     s.add_argument("--ratios", default="1/8,1/4,1/2,1", help="weight channel ratios to probe")
     s.add_argument("--candidates", help="comma-separated layer patterns to consider (default: every conv/linear/BN "
                                         "layer but the head)")

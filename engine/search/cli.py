@@ -118,6 +118,20 @@ def _write(path: str, text: str) -> None:
         raise SearchError(str(ex)) from None
 
 
+def parse_params(text: str | None) -> float | None:
+    """--budget-params: '10%' -> 0.1 (a fraction of the model's parameters), '50000' -> 50000.0, None -> None."""
+    if text is None:
+        return None
+    t = text.strip()
+    try:
+        value = float(t[:-1]) / 100 if t.endswith("%") else float(int(t.replace(",", "").replace("_", "")))
+    except ValueError:
+        raise SearchError(f"--budget-params {text!r}: write a count like 50000 or a percentage like 10%") from None
+    if not value > 0 or (t.endswith("%") and value > 1):
+        raise SearchError(f"--budget-params {text!r}: must be a positive count or a percentage in (0, 100]")
+    return value
+
+
 def search_command(args: argparse.Namespace) -> int:
     from . import FinetuneConfig, drift_probe, search
 
@@ -165,7 +179,7 @@ def search_command(args: argparse.Namespace) -> int:
         result = search(model, shape, data, budget_memory=budget, budget_ms=args.budget_ms, ratios=args.ratios,  # type: ignore[arg-type]
                         config=config, cache_dir=args.cache, progress=progress, preprocess=pre,
                         candidates=args.candidates, max_layers=args.max_layers, metric=args.metric,
-                        memory=args.memory, name=None)
+                        memory=args.memory, name=None, budget_params=parse_params(args.budget_params))
         result.model = args.model
         print(result.table())
         if args.output:

@@ -71,6 +71,7 @@ class Option:
     memory_bytes: float = 0.0  # memory cost over the classifier baseline (see engine.search.costs)
     backward_macs: int = 0  # backward MACs over the baseline
     ms: float = 0.0  # measured ms per step over the baseline (>= 0)
+    params: int = 0  # trainable parameters over the baseline
     cached: bool = False
 
     @property
@@ -149,7 +150,8 @@ def scheme_dict(scheme: Scheme) -> dict[str, Any]:
     for r in scheme.rules:
         d: dict[str, Any] = {"match": r.pattern, "update": r.update}
         if r.update == "weight":
-            d["ratio"] = ratio_text(r.ratio)
+            text = ratio_text(r.ratio)  # 1/4 stays a readable fraction; whole numbers stay numbers in YAML
+            d["ratio"] = int(text) if text.isdigit() else text
             if r.bias:
                 d["bias"] = True
         rules.append(d)

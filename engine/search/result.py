@@ -43,11 +43,14 @@ class SearchResult:
     rounds: int = 1  # solve/compile rounds until the compiled scheme met the budget
     seconds: float = 0.0
     model: str = ""
+    budget_params: int | None = None  # trainable-parameter budget, as a count
+    fallback: str | None = None  # why the validated result replaced the knapsack's selection (search step 6)
 
     def yaml(self) -> str:
         """The scheme as YAML for `pockprop compile --scheme` (engine.scheme.scheme_from_dict format)."""
         head = (f"# pockprop search: {self.model}, memory budget {human_bytes(self.budget_memory)} ({self.memory} "
-                f"memory){f', {self.budget_ms:g} ms/step' if self.budget_ms else ''}\n"
+                f"memory){f', {self.budget_ms:g} ms/step' if self.budget_ms else ''}"
+                f"{f', {self.budget_params:,} trainable parameters' if self.budget_params is not None else ''}\n"
                 f"# estimated gain {100 * self.estimate.get('estimated_gain', 0.0):+.2f} points of validation accuracy; "
                 f"compiled {self.memory} memory {human_bytes(self.estimate['memory_bytes'])}\n")
         return head + yaml.safe_dump(scheme_dict(self.scheme), sort_keys=False)
@@ -68,7 +71,8 @@ class SearchResult:
         lines += ["  " + "  ".join(c.rjust(w) if i > 2 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
                   for r in rows]
         e = self.estimate
-        budget = f"budget {human_bytes(self.budget_memory)}" + (f", {self.budget_ms:g} ms" if self.budget_ms else "")
+        budget = (f"budget {human_bytes(self.budget_memory)}" + (f", {self.budget_ms:g} ms" if self.budget_ms else "")
+                  + (f", {self.budget_params:,} trainable parameters" if self.budget_params is not None else ""))
         lines.append(f"chosen ({budget}): {', '.join(o.label for o in self.chosen) or 'nothing beyond the classifier'}")
         lines.append(f"  compiled: {self.memory} memory {human_bytes(e['memory_bytes'])} (training "
                      f"{human_bytes(e['training_bytes'])}, extra over classifier {human_bytes(e['extra_bytes'])}, "
@@ -78,10 +82,13 @@ class SearchResult:
         if "accuracy" in e:
             line += f"; fine-tuned together: val accuracy {100 * e['accuracy']:.1f}% ({100 * e['gain']:+.1f} points)"
         lines.append(line)
+        if self.fallback:
+            lines.append(f"  validated: {self.fallback}")
         return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:
         return {"model": self.model, "budget_memory": self.budget_memory, "budget_ms": self.budget_ms,
+                "budget_params": self.budget_params, "fallback": self.fallback,
                 "memory": self.memory, "metric": self.metric, "scheme": scheme_dict(self.scheme),
                 "chosen": [o.label for o in self.chosen], "options": [o.to_json() for o in self.options],
                 "baseline": self.baseline, "estimate": self.estimate,

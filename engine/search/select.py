@@ -16,7 +16,16 @@
    selection, and choosing nothing (the baseline) always fits, so this ends; the returned scheme
    respects the budget by its own compile report (and, for budget_ms, by its own measured step time).
 6. With `validate=True` the chosen scheme is fine-tuned like a probe, to report the gain the
-   options achieve together (not only the sum of their separate gains).
+   options achieve together (not only the sum of their separate gains). Gains need not add up (two
+   options can chase the same error, or together move the model too far): if the selection together
+   gains less than the best single option that fits the budget (or less than nothing), that option
+   (or the classifier alone) is returned instead, and `fallback` says why. Its figures were measured by
+   its own probe, so the result still carries evidence for exactly what it returns.
+
+A budget on trainable parameters (`budget_params`: a count, or a fraction of the model's parameters
+when below 1) bounds what a device would send when fleets exchange only the trained tensors; it is an
+exact knapsack constraint (trainable counts add up exactly), the solver's second cost, so it cannot be
+combined with `budget_ms`.
 """
 from __future__ import annotations
 
@@ -74,7 +83,8 @@ def search(model: torch.nn.Module, input_shape: Sequence[int], data: SearchData,
            preprocess: dict[str, Any] | None = None, candidates: str | Sequence[str] | None = None,
            max_layers: int | None = None, metric: str = "accuracy", memory: str = "training",
            loss: str = "cross_entropy", weight_with_bias: bool = True, validate: bool = True,
-           name: str | None = None, traced: TracedModel | None = None, max_rounds: int = 32) -> SearchResult:
+           name: str | None = None, traced: TracedModel | None = None, max_rounds: int = 32,
+           budget_params: float | None = None) -> SearchResult:
     """Choose an update scheme for `model` that fits `budget_memory` bytes (see the module docstring).
 
     input_shape: the model input, with or without the batch dimension (the batch is config.batch).
@@ -89,6 +99,10 @@ def search(model: torch.nn.Module, input_shape: Sequence[int], data: SearchData,
         raise SearchError(f"the memory budget must be positive, got {budget_memory}")
     if budget_ms is not None and not budget_ms > 0:
         raise SearchError(f"the step-time budget must be positive, got {budget_ms} ms")
+    if budget_params is not None and not budget_params > 0:
+        raise SearchError(f"the trainable-parameter budget must be positive, got {budget_params}")
+    if budget_params is not None and budget_ms is not None:
+        raise SearchError("give a step-time budget or a trainable-parameter budget, not both")
     score(0.0, 0.0, 1, metric)  # validates the metric
     memory_of({"training_bytes": 0, "peak_bytes": 0}, memory)
     ratio_values = parse_ratios(ratios)
@@ -109,6 +123,13 @@ def search(model: torch.nn.Module, input_shape: Sequence[int], data: SearchData,
     if budget_ms is not None and base["ms"] > budget_ms:
         raise SearchError(f"the classifier-only baseline alone takes {base['ms']:.2f} ms per step, over the budget "
                           f"of {budget_ms:g} ms")
+    max_params = None
+    if budget_params is not None:
+        total = base_fig["total_params"]
+        max_params = int(budget_params * total) if budget_params < 1 else int(budget_params)
+        if base_fig["trainable_params"] > max_params:
+            raise SearchError(f"the classifier-only baseline alone trains {base_fig['trainable_params']:,} parameters, "
+                              f"over the budget of {max_params:,} ({100 * max_params / total:.2f}% of {total:,})")
     n_val = len(data.y_val)
     for i, o in enumerate(options):
         bar.update(i + 1, o.label)
@@ -119,13 +140,16 @@ def search(model: torch.nn.Module, input_shape: Sequence[int], data: SearchData,
         cost = difference(r["figures"], base_fig, memory)
         o.memory_bytes, o.backward_macs = cost["memory_bytes"], int(cost["backward_macs"])
         o.ms = max(0.0, r["ms"] - base["ms"])
+        o.params = int(r["figures"]["trainable_params"] - base_fig["trainable_params"])
 
     mem_cap = float(budget_memory - base_mem)
     ms_cap = None if budget_ms is None else float(budget_ms - base["ms"])
+    params_cap = None if max_params is None else float(max_params - base_fig["trainable_params"])
+    cost2 = (lambda o: o.ms) if ms_cap is not None else (lambda o: o.params) if params_cap is not None else None
     rounds = 0
     while True:
         rounds += 1
-        chosen = solve(options, mem_cap, ms_cap, cost2=(lambda o: o.ms) if ms_cap is not None else None)
+        chosen = solve(options, mem_cap, ms_cap if ms_cap is not None else params_cap, cost2=cost2)
         scheme = scheme_of(head, chosen, name or f"search-{human_bytes(budget_memory)}")
         art = compile_traced(tm, loss=loss, optimizer=config.optimizer, scheme=scheme, preprocess=preprocess)
         fig = figures(art)
@@ -146,15 +170,36 @@ def search(model: torch.nn.Module, input_shape: Sequence[int], data: SearchData,
         if over_ms > 0:
             ms_cap = min(ms_cap, sum(o.ms for o in chosen)) - over_ms - 1e-6  # type: ignore[type-var]
 
-    estimate = dict(fig) | {
-        "memory_bytes": memory_of(fig, memory), "extra_bytes": fig["training_bytes"] - base_fig["training_bytes"],
-        "estimated_gain": sum(o.gain for o in chosen), "estimated_score": sum(o.score for o in chosen),
-        "estimated_memory_bytes": base_mem + sum(o.memory_bytes for o in chosen)}
+    def estimate_of(fig: dict[str, Any], chosen: list[Any]) -> dict[str, Any]:
+        return dict(fig) | {
+            "memory_bytes": memory_of(fig, memory), "extra_bytes": fig["training_bytes"] - base_fig["training_bytes"],
+            "estimated_gain": sum(o.gain for o in chosen), "estimated_score": sum(o.score for o in chosen),
+            "estimated_memory_bytes": base_mem + sum(o.memory_bytes for o in chosen)}
+
+    estimate = estimate_of(fig, chosen)
+    fallback = None
     if validate:
         bar.update(len(options) + 1, "chosen scheme together")
         together = together or (run(scheme, "chosen") if chosen else base)
-        estimate |= {"accuracy": together["accuracy"], "loss": together["loss"], "ms": together["ms"],
-                     "gain": together["accuracy"] - base["accuracy"]}
+        gain = together["accuracy"] - base["accuracy"]
+        fits = [o for o in options if base_mem + o.memory_bytes <= budget_memory and o.gain > 0
+                and (ms_cap is None or o.ms <= ms_cap) and (params_cap is None or o.params <= params_cap)]
+        single = max(fits, key=lambda o: (o.gain, -o.memory_bytes), default=None)
+        if len(chosen) > 1 and single is not None and single.gain > gain:
+            fallback = (f"the {len(chosen)} options together gained {100 * gain:+.1f} points, less than "
+                        f"{single.label} alone ({100 * single.gain:+.1f}); returning that option")
+            chosen, scheme = [single], scheme_of(head, [single], scheme.name)
+        elif chosen and gain < 0 and (single is None or single.gain <= 0):
+            fallback = (f"the chosen options together lost {100 * -gain:.1f} points against the classifier alone; "
+                        f"returning the classifier alone")
+            chosen, scheme = [], scheme_of(head, [], scheme.name)
+        if fallback is not None:
+            art = compile_traced(tm, loss=loss, optimizer=config.optimizer, scheme=scheme, preprocess=preprocess)
+            fig = figures(art)
+            together = run(scheme, "chosen") if chosen else base
+            gain = together["accuracy"] - base["accuracy"]
+            estimate = estimate_of(fig, chosen)
+        estimate |= {"accuracy": together["accuracy"], "loss": together["loss"], "ms": together["ms"], "gain": gain}
     bar.update(bar.total, "done")
     bar.close()
     front = [(c, g) for c, g, _ in frontier(options)]
@@ -162,5 +207,5 @@ def search(model: torch.nn.Module, input_shape: Sequence[int], data: SearchData,
                 "figures": base_fig}
     return SearchResult(scheme, options, chosen, baseline, estimate, int(budget_memory), budget_ms, memory, metric,
                         front, cache.runs, cache.hits, rounds, time.perf_counter() - t0,
-                        name or type(model).__name__)
+                        name or type(model).__name__, budget_params=max_params, fallback=fallback)
 

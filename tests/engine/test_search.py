@@ -161,3 +161,66 @@ def test_ratios_and_budget_strings() -> None:
     assert parse_bytes("1.5GB") == int(1.5 * 2**30)
     with pytest.raises(SearchError, match="expected a size like 2MB"):
         parse_bytes("2 lightyears")
+    from engine.search.cli import parse_params
+
+    assert parse_params("10%") == pytest.approx(0.1) and parse_params("50,000") == 50000 and parse_params(None) is None
+    for bad in ("lots", "0", "150%", "-3"):
+        with pytest.raises(SearchError, match="--budget-params"):
+            parse_params(bad)
+
+
+def test_trainable_parameter_budget_bounds_the_compiled_scheme(data: SearchData) -> None:
+    model = tiny_mlp()
+    free = search(model, (64,), data, budget_memory=64 * 1024, config=CONFIG, progress=False, validate=False)
+    cap = free.estimate["trainable_params"] - 1  # one parameter less than the memory budget alone picks
+    r = search(model, (64,), data, budget_memory=64 * 1024, budget_params=cap, config=CONFIG, progress=False,
+               validate=False)
+    assert r.budget_params == cap and r.estimate["trainable_params"] <= cap
+    assert sum(o.params for o in r.chosen) + free.baseline["figures"]["trainable_params"] == r.estimate["trainable_params"]
+    frac = search(model, (64,), data, budget_memory=64 * 1024, budget_params=0.2, config=CONFIG, progress=False,
+                  validate=False)  # a fraction of the model's parameters
+    assert frac.estimate["trainable_params"] <= 0.2 * frac.estimate["total_params"]
+    with pytest.raises(SearchError, match="baseline alone trains"):
+        search(model, (64,), data, budget_memory=64 * 1024, budget_params=10, config=CONFIG, progress=False)
+    with pytest.raises(SearchError, match="not both"):
+        search(model, (64,), data, budget_memory=64 * 1024, budget_params=0.5, budget_ms=10.0, config=CONFIG,
+               progress=False)
+
+
+@pytest.mark.parametrize("singles", ["gain", "lose"])
+def test_a_selection_that_loses_together_falls_back(data: SearchData, monkeypatch: pytest.MonkeyPatch,
+                                                    singles: str) -> None:
+    """Probe gains need not add up: a selection that does worse together than its best single option (or
+    than the classifier alone) is replaced by that option (or by the classifier)."""
+    real_probe = select.probe
+
+    def solve_two(options, *a, **k):  # type: ignore[no-untyped-def]
+        """Two options of different layers, whatever the budget allows (the knapsack's answer is not the point)."""
+        best = {}
+        for o in options:
+            best.setdefault(o.layer, o)
+        return list(best.values())[:2]
+
+    def probe(tm, scheme, *a, what="", **k):  # type: ignore[no-untyped-def]
+        r = real_probe(tm, scheme, *a, what=what, **k)
+        if len(scheme.rules) > 2:  # head + two options: the together run does badly
+            return dict(r, accuracy=0.0)
+        if len(scheme.rules) == 2:  # one option: layers.4's all gain ("gain"), or every option loses ("lose")
+            good = singles == "gain" and scheme.rules[1].pattern == "layers.4"
+            return dict(r, accuracy=1.0 if good else 0.0)
+        return r
+
+    monkeypatch.setattr(select, "solve", solve_two)
+    monkeypatch.setattr(select, "probe", probe)
+    r = search(tiny_mlp(), (64,), data, budget_memory=1 << 20, config=CONFIG, progress=False)
+    assert r.fallback and "validated:" in r.table() and r.to_json()["fallback"] == r.fallback
+    if singles == "gain":
+        assert "less than" in r.fallback
+        fits = [o for o in r.options if o.gain > 0]
+        assert {o.layer for o in fits} == {"layers.4"}
+        assert r.chosen == [max(fits, key=lambda o: (o.gain, -o.memory_bytes))]
+        assert r.estimate["accuracy"] == 1.0  # the probe of exactly what is returned
+        assert r.estimate["memory_bytes"] == r.baseline["memory_bytes"] + r.chosen[0].memory_bytes
+    else:
+        assert "classifier alone" in r.fallback and r.chosen == []
+        assert [x.pattern for x in r.scheme.rules] == ["layers.6"] and r.estimate["accuracy"] == r.baseline["accuracy"]
