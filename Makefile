@@ -44,10 +44,20 @@ $(PEERS)/.installed:
 	$(PEERS)/bin/python -c "import onnxruntime.training.api, onnxruntime.training.artifacts, onnx; print('peers ok: onnx', onnx.__version__)"
 	touch $@
 
-# Benchmark MobileNetV2 (batch 8, 128x128, 2 threads) with each scheme; see docs/benchmarks.md.
+# The benchmarks of docs/benchmarks.md (about 20 minutes on 2 cores; out/bench/*.json, *.png): MobileNetV2 and
+# ResNet-18 at batch 8 with `sparse` and `bias-only` (every row, PyTorch and onnxruntime-training included), the
+# MCUNet-style model at batch 8 and 1, and the other presets (pockprop and PyTorch rows). Run `make peers` first
+# for the onnxruntime-training rows. A quiet machine matters: see the doc's caveats.
+BENCH := $(BIN)/python -m runtime.cli bench --threads 2 --warmup 2 --steps 3 --resolution 128
 bench: $(STAMP)
-	for s in sparse bias-only full; do $(BIN)/python -m runtime.cli bench --model mobilenet_v2 --scheme $$s \
-	  --json out/bench-$$s.json --png out/bench-$$s.png || exit 1; done
+	mkdir -p out/bench
+	for m in mobilenet_v2 resnet18; do for s in sparse bias-only; do $(BENCH) --model $$m --scheme $$s --batch 8 \
+	  --rounds 10 --json out/bench/$$m-b8-$$s.json --png out/bench/$$m-b8-$$s.png || exit 1; done; done
+	for b in 8 1; do for s in sparse bias-only; do $(BENCH) --model mcunet --scheme $$s --batch $$b --rounds 10 \
+	  --json out/bench/mcunet-b$$b-$$s.json --png out/bench/mcunet-b$$b-$$s.png || exit 1; done; done
+	for m in mobilenet_v2 resnet18; do for s in classifier last-k:2 tbft-front tbft-middle tbft-rear; do \
+	  $(BENCH) --model $$m --scheme $$s --batch 8 --rounds 6 --no-peers --configs ort-infer pockprop torch-train \
+	  torch-infer --json out/bench/$$m-b8-$$s.json || exit 1; done; done
 
 # Sparse schemes vs full backprop on three digits drift tasks (docs/accuracy.md): pre-train, search, fine-tune
 # every scheme with 3 seeds; writes out/accuracy/*.json and the tables of docs/accuracy.md. About 20 minutes
