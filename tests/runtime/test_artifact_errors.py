@@ -168,3 +168,20 @@ def test_cli_json_error_and_exit_code(artifact, capsys) -> None:
     assert main(["inspect", str(art), "--json"]) == 2
     doc = json.loads(capsys.readouterr().out)
     assert doc["ok"] is False and doc["exit_code"] == 2 and "format version 2" in doc["error"]
+
+
+def test_directory_files_are_checked_again_when_read_later(artifact) -> None:
+    """A directory artifact's bytes are not kept after loading; a file changed afterwards fails its later read."""
+    from runtime.manifest import DirectoryFiles, open_artifact
+
+    art = artifact()
+    bundle = open_artifact(str(art))
+    assert isinstance(bundle.files, DirectoryFiles) and set(bundle.files) == set(bundle.manifest["files"])
+    assert bundle.files["state.safetensors"] == (art / "state.safetensors").read_bytes()
+    raw = bytearray((art / "state.safetensors").read_bytes())
+    raw[-3] ^= 0x40
+    (art / "state.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(ArtifactError, match="state.safetensors: sha256 mismatch"):
+        bundle.files["state.safetensors"]
+    with pytest.raises(KeyError):
+        bundle.files["not-listed.bin"]
