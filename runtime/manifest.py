@@ -182,14 +182,18 @@ class DirectoryFiles(Mapping[str, bytes]):
         if digest != self.digests[fname]:
             raise _fail(os.path.join(self.path, fname), "sha256 mismatch (truncated or modified)")
 
-    def verify(self) -> None:
-        """Check every file's sha256, streaming (nothing is kept)."""
-        for fname in self.digests:
+    def verify(self, only: str | None = None) -> None:
+        """Check every file's sha256 (or just `only`'s), streaming: nothing is kept."""
+        for fname in [only] if only is not None else self.digests:
             h = hashlib.sha256()
             with self._open(fname) as f:
                 while chunk := f.read(self.CHUNK):
                     h.update(chunk)
             self._check(fname, h.hexdigest())
+
+    def local_path(self, fname: str) -> str:
+        """Where the file is, for a reader (onnxruntime) that loads it itself; verify(fname) after that read."""
+        return os.path.join(self.path, fname)
 
     def __getitem__(self, fname: str) -> bytes:
         if fname not in self.digests:

@@ -20,7 +20,7 @@ import onnxruntime as ort
 from . import checkpoint, data, onnx_wire, safetensors
 from .durable import write_atomic
 from .errors import ArtifactError, CheckpointError, DataError
-from .manifest import Bundle, open_artifact
+from .manifest import Bundle, DirectoryFiles, open_artifact
 from .schedule import Schedule
 
 ORT_TYPES = {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(float16)": "float16",
@@ -28,7 +28,8 @@ ORT_TYPES = {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(fl
              "tensor(bool)": "bool"}
 
 
-def _session(model: bytes, where: str, threads: int | None) -> ort.InferenceSession:
+def _session(model: bytes | str, where: str, threads: int | None) -> ort.InferenceSession:
+    """An onnxruntime CPU session of the model (bytes, or a file path), or ArtifactError naming `where`."""
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
@@ -81,17 +82,23 @@ class Trainer:
         self.path, self.manifest, self.digest = bundle.path, m, bundle.digest
         self._entries: list[dict[str, Any]] = m["state"]
         self._data, self._labels = m["data"][0], m["labels"]
-        self._train = _session(bundle.files[m["graphs"]["train_step"]], bundle.where(m["graphs"]["train_step"]), threads)
-        self._check_train(bundle)
-        # The inference graph's signature is checked now from its protobuf (onnx_wire), but its onnxruntime
+        # The inference graph's signature is read now from its protobuf (onnx_wire), but its onnxruntime
         # session is made on first use (predict, evaluate): a device that only trains never holds a second
-        # copy of every weight (ResNet-18: 110 MB of RSS, for 45 MB of weights).
+        # copy of every weight (ResNet-18: 110 MB of RSS, for 45 MB of weights). It is read before the
+        # training session is built, so its bytes are gone by then; the peak is onnxruntime's build.
         self._threads = threads
         infer_name = m["graphs"]["infer"]
         try:
             infer = onnx_wire.signature(bundle.files[infer_name])
         except (onnx_wire.WireError, KeyError, IndexError, UnicodeDecodeError) as ex:
             raise ArtifactError(f"{bundle.where(infer_name)}: not a readable ONNX model ({ex})") from None
+        train_name = m["graphs"]["train_step"]
+        if isinstance(bundle.files, DirectoryFiles):  # onnxruntime reads the file itself: no copy in Python
+            self._train = _session(bundle.files.local_path(train_name), bundle.where(train_name), threads)
+            bundle.files.verify(train_name)  # what it read is what was verified at load
+        else:
+            self._train = _session(bundle.files[train_name], bundle.where(train_name), threads)
+        self._check_train(bundle)
         self._check_infer(bundle, *infer)
         infer_params = {a.name for a in infer[2]}
         self._infer_params = [e for e in self._entries if e["role"] == "param" and param_name(e) in infer_params]
