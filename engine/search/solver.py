@@ -68,9 +68,22 @@ def _prune(states: list[tuple[float, float, float, tuple[int, ...]]],
                 kept.append(s)
                 best = s[2]
         return kept
-    for s in states:  # sorted by first cost: a dominator of s comes before it
-        if not any(k[1] <= s[1] and k[2] >= s[2] - EPS for k in kept):
-            kept.append(s)
+    # Sorted by first cost, a dominator of s comes before it: s is dominated when some kept state with
+    # second cost <= s's has gain >= s's. A Fenwick tree over the ranks of the second cost answers "best
+    # gain kept at second cost <= x" in O(log n), so pruning is O(n log n), not O(n^2) (two budgets can
+    # leave tens of thousands of states).
+    ranks = {c: i + 1 for i, c in enumerate(sorted({st[1] for st in states}))}
+    tree = [-math.inf] * (len(ranks) + 1)
+    for st in states:
+        r = ranks[st[1]]
+        best, i = -math.inf, r
+        while i > 0:
+            best, i = max(best, tree[i]), i - (i & -i)
+        if best >= st[2] - EPS:
+            continue
+        kept.append(st)
+        while r < len(tree):
+            tree[r], r = max(tree[r], st[2]), r + (r & -r)
     return kept
 
 
