@@ -88,10 +88,15 @@ class Trainer:
         # training session is built, so its bytes are gone by then; the peak is onnxruntime's build.
         self._threads = threads
         infer_name = m["graphs"]["infer"]
+        infer_raw = bundle.files[infer_name]  # read once (a directory's file is read on each lookup)
         try:
-            infer = onnx_wire.signature(bundle.files[infer_name])
+            infer = onnx_wire.signature(infer_raw)
         except (onnx_wire.WireError, KeyError, IndexError, UnicodeDecodeError) as ex:
             raise ArtifactError(f"{bundle.where(infer_name)}: not a readable ONNX model ({ex})") from None
+        self._bases = self._slice_bases(bundle, infer_raw)
+        # a bundle read from disk is read again on first use (and its hash checked); one built in memory is kept
+        self._infer_bytes = None if os.path.exists(bundle.path) else infer_raw
+        del infer_raw
         train_name = m["graphs"]["train_step"]
         if isinstance(bundle.files, DirectoryFiles):  # onnxruntime reads the file itself: no copy in Python
             self._train = _session(bundle.files.local_path(train_name), bundle.where(train_name), threads)
@@ -104,9 +109,6 @@ class Trainer:
         self._infer_params = [e for e in self._entries if e["role"] == "param" and param_name(e) in infer_params]
         pred = next(o for o in infer[1] if o.name == m["outputs"]["prediction"])
         self._infer_session: ort.InferenceSession | None = None
-        # a bundle read from disk is read again then (and its hash checked); one built in memory is kept
-        self._infer_bytes = None if os.path.exists(bundle.path) else bundle.files[infer_name]
-        self._bases = self._slice_bases(bundle)
         classes = pred.shape[-1] if len(pred.shape) == 2 and isinstance(pred.shape[-1], int) else None
         try:
             self.pipeline = data.Pipeline(self._data, self._labels, classes)
@@ -178,14 +180,14 @@ class Trainer:
             self._infer_session = _session(raw, where, self._threads)
         return self._infer_session
 
-    def _slice_bases(self, bundle: Bundle) -> dict[str, np.ndarray]:
+    def _slice_bases(self, bundle: Bundle, infer_raw: bytes) -> dict[str, np.ndarray]:
         """The frozen full value of each parameter trained on a slice (its initializer in infer.onnx)."""
         names = {e["param"] for e in self._entries if "slice" in e}
         if not names:
             return {}
         where = bundle.where(self.manifest["graphs"]["infer"])
         try:
-            bases = onnx_wire.initializers(bundle.files[self.manifest["graphs"]["infer"]], names)
+            bases = onnx_wire.initializers(infer_raw, names)
         except onnx_wire.WireError as ex:
             raise ArtifactError(f"{where}: {ex}") from None
         for e in self._entries:
