@@ -169,16 +169,18 @@ class Trainer:
     def _infer(self) -> ort.InferenceSession:
         """The inference session, made on first use (see __init__)."""
         if self._infer_session is None:
-            name = self.manifest["graphs"]["infer"]
-            raw = self._infer_bytes
-            where = f"{self.path}: {name}"
-            if raw is None:
-                bundle = open_artifact(self.path)
-                if bundle.digest != self.digest:
-                    raise ArtifactError(f"{self.path}: the artifact changed on disk after it was loaded")
-                raw, where = bundle.files[name], bundle.where(name)
-            self._infer_session = _session(raw, where, self._threads)
+            self._infer_session = _session(*self._infer_file(), self._threads)
         return self._infer_session
+
+    def _infer_file(self) -> tuple[bytes, str]:
+        """infer.onnx's bytes (kept for an in-memory bundle, else read and verified again) and its name."""
+        name = self.manifest["graphs"]["infer"]
+        if self._infer_bytes is not None:
+            return self._infer_bytes, f"{self.path}: {name}"
+        bundle = open_artifact(self.path)
+        if bundle.digest != self.digest:
+            raise ArtifactError(f"{self.path}: the artifact changed since it was loaded")
+        return bundle.files[name], bundle.where(name)
 
     def _slice_bases(self, bundle: Bundle, infer_raw: bytes) -> dict[str, np.ndarray]:
         """The frozen full value of each parameter trained on a slice (its initializer in infer.onnx)."""
@@ -359,18 +361,15 @@ class Trainer:
     # -- export ----------------------------------------------------------------------------------
     def export_inference(self, path: str) -> str:
         """Write one self-contained ONNX model with the trained weights baked in; returns `path`."""
-        bundle = open_artifact(self.path)
-        if bundle.digest != self.digest:
-            raise ArtifactError(f"{self.path}: the artifact changed since it was loaded")
-        infer_name = self.manifest["graphs"]["infer"]
+        raw, where = self._infer_file()
         full = self.full_parameters()
         values = {param_name(e): np.ascontiguousarray(full[param_name(e)]) for e in self._infer_params}
         meta = {"pockprop.model": str(self.manifest.get("model", "")), "pockprop.steps": str(self.steps),
                 "pockprop.artifact_sha256": self.digest}
         try:
-            model = onnx_wire.replace_initializers(bundle.files[infer_name], values, drop_inputs=True, metadata=meta)
+            model = onnx_wire.replace_initializers(raw, values, drop_inputs=True, metadata=meta)
         except onnx_wire.WireError as ex:
-            raise ArtifactError(f"{bundle.where(infer_name)}: {ex}") from None
+            raise ArtifactError(f"{where}: {ex}") from None
         write_atomic(path, model)
         return path
 
