@@ -24,7 +24,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -n $(JOBS) -m "not slow" tests
 
 demo: $(STAMP)
-	$(BIN)/python -m models.demo
+	$(BIN)/python -m experiments.demo
 
 # Train an x86-compiled artifact under emulated aarch64 (shared/arm; cached in .cache/aarch64) and compare
 # losses with x86 (rtol 1e-4). Skips with the reason, exit 0, where the emulator cannot be built.
@@ -48,7 +48,7 @@ $(PEERS)/.installed:
 # ResNet-18 at batch 8 with `sparse` and `bias-only` (every row, PyTorch and onnxruntime-training included), the
 # MCUNet-style model at batch 8 and 1, and the other presets (pockprop and PyTorch rows). Run `make peers` first
 # for the onnxruntime-training rows. A quiet machine matters: see the doc's caveats.
-BENCH := $(BIN)/python -m runtime.cli bench --threads 2 --warmup 2 --steps 3 --resolution 128
+BENCH := $(BIN)/python -m pockprop bench --threads 2 --warmup 2 --steps 3 --resolution 128
 bench: $(STAMP)
 	mkdir -p out/bench
 	for m in mobilenet_v2 resnet18; do for s in sparse bias-only; do $(BENCH) --model $$m --scheme $$s --batch 8 \
@@ -63,7 +63,7 @@ bench: $(STAMP)
 # every scheme with 3 seeds; writes out/accuracy/*.json and the tables of docs/accuracy.md. About 20 minutes
 # on 2 cores. ARGS="--task input" runs one task, ARGS=--quick a smoke run (out/accuracy-quick, doc untouched).
 accuracy: $(STAMP)
-	$(BIN)/python -m models.accuracy $(ARGS)
+	$(BIN)/python -m experiments.accuracy $(ARGS)
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

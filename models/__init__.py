@@ -35,10 +35,10 @@ from typing import TYPE_CHECKING, Any, Callable
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from torch import nn
 
-    from .mobilenetv2 import mobilenet_v2
-    from .perceptron import mlp
-    from .proxyless import mcunet
-    from .resnet import resnet18, resnet26, resnet50
+    from pockprop.models.mobilenetv2 import mobilenet_v2
+    from pockprop.models.perceptron import mlp
+    from pockprop.models.proxyless import mcunet
+    from pockprop.models.resnet import resnet18, resnet26, resnet50
 
 __all__ = ["ModelInfo", "ZOO", "resolve",
            "mobilenet_v2", "resnet18", "resnet26", "resnet50", "mcunet", "mlp"]

@@ -26,7 +26,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from runtime.data import bilinear_matrix
+from pockprop.runtime.data import bilinear_matrix
 
 __all__ = ["MEAN", "STD", "digits", "digits_flat"]
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._common import _make_divisible, init_conv_bn_linear
+from pockprop.models._common import _make_divisible, init_conv_bn_linear
 
 __all__ = ["ConvBNReLU", "InvertedResidual", "MobileNetV2", "mobilenet_v2"]
 

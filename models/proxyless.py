@@ -42,7 +42,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from ._common import _make_divisible, init_conv_bn_linear
+from pockprop.models._common import _make_divisible, init_conv_bn_linear
 
 __all__ = ["MBInvertedConvLayer", "MobileInvertedResidualBlock", "MCUNet", "mcunet", "BLOCK_SETTING"]
 

@@ -22,7 +22,7 @@ from typing import Type, Union
 import torch
 from torch import nn
 
-from ._common import init_conv_bn_linear
+from pockprop.models._common import init_conv_bn_linear
 
 __all__ = ["BasicBlock", "Bottleneck", "ResNet", "resnet18", "resnet26", "resnet50"]
 

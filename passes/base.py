@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.ir import Graph, TensorType
+from pockprop.ir import Graph, TensorType
 
 
 @dataclass

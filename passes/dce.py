@@ -5,9 +5,9 @@ node reads is removed. Graph inputs are kept (they are the artifact's interface)
 """
 from __future__ import annotations
 
-from engine.ir import Graph
+from pockprop.ir import Graph
 
-from .base import PassResult
+from pockprop.passes.base import PassResult
 
 
 def eliminate_dead_code(graph: Graph) -> PassResult:

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.ir import Graph, Node
+from pockprop.ir import Graph, Node
 
-from .base import PassResult, drop_unused_constants, is_constant
+from pockprop.passes.base import PassResult, drop_unused_constants, is_constant
 
 _FOLDABLE = {"conv2d": 4, "linear": 2}  # producer op -> rank of the activation it feeds to the BN
 

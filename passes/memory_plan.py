@@ -9,7 +9,7 @@ update's `new/...` output is a buffer of its own, as onnxruntime allocates it). 
 what the passes change: what is kept for backward, and how long gradients and state live.
 
 Categories of a live value (first match wins):
-  optimizer_state   graph inputs `optimizer.*` and outputs `new/optimizer.*` (engine/compile.py)
+  optimizer_state   graph inputs `optimizer.*` and outputs `new/optimizer.*` (compiler/compile.py)
   parameters        trainable graph inputs (named in `param_names`), their `new/<param>` outputs, and
                     forward values computed from weights alone, never from data (a channel-sliced
                     weight concatenated with its frozen rest)
@@ -22,9 +22,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.ir import Graph
+from pockprop.ir import Graph
 
-from .base import nbytes
+from pockprop.passes.base import nbytes
 
 CATEGORIES = ("activations_kept", "gradients", "optimizer_state", "parameters", "data", "workspace")
 _STATE_PREFIXES = ("optimizer.", "new/optimizer.")

@@ -24,10 +24,10 @@ The result is a valid topological order (checked with `Graph.verify`).
 """
 from __future__ import annotations
 
-from engine.ir import Graph, Node
+from pockprop.ir import Graph, Node
 
-from .base import PassResult
-from .memory_plan import plan_memory
+from pockprop.passes.base import PassResult
+from pockprop.passes.memory_plan import plan_memory
 
 OPTIMIZER = "optimizer"
 

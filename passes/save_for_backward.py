@@ -9,9 +9,9 @@ else are unchanged.
 """
 from __future__ import annotations
 
-from engine.ir import Graph, Node
+from pockprop.ir import Graph, Node
 
-from .base import PassResult, nbytes
+from pockprop.passes.base import PassResult, nbytes
 
 HOISTABLE = ("slice", "range_mask")
 FORWARD = ("forward", "loss")

@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from . import safetensors
-from .durable import remove_stale_temps, write_atomic
-from .errors import CheckpointError
+from pockprop.artifact import safetensors
+from pockprop.artifact.durable import remove_stale_temps, write_atomic
+from pockprop.errors import CheckpointError
 
 FILE = "checkpoint.safetensors"
 META_KEY = "pockprop_checkpoint"

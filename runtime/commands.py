@@ -1,7 +1,7 @@
 """The device-side `pockprop` subcommands: train, eval, export, inspect, pack (numpy + onnxruntime only).
 
 Each returns an exit code; errors are raised as ArtifactError/DataError and turned into exit code 2
-by runtime.cli.main. Human output goes to stdout (progress to stderr); --json prints one JSON
+by pockprop.cli.main. Human output goes to stdout (progress to stderr); --json prints one JSON
 document on stdout instead.
 """
 from __future__ import annotations
@@ -14,13 +14,13 @@ from typing import Any
 
 import numpy as np
 
-from . import checkpoint, data
-from .errors import CheckpointError, DataError
-from .loop import fit
-from .manifest import open_artifact, pack
-from .progress import Progress
-from .schedule import Schedule
-from .trainer import Trainer
+from pockprop.runtime import checkpoint, data
+from pockprop.errors import CheckpointError, DataError
+from pockprop.runtime.loop import fit
+from pockprop.artifact.manifest import open_artifact, pack
+from pockprop.runtime.progress import Progress
+from pockprop.runtime.schedule import Schedule
+from pockprop.runtime.trainer import Trainer
 
 
 def _emit(args: argparse.Namespace, doc: dict[str, Any], lines: list[str]) -> int:

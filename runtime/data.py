@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .errors import DataError
+from pockprop.errors import DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
 LABEL_COLUMNS = ("label", "labels", "y", "target", "class")

@@ -15,9 +15,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .data import Dataset, batch_indices, epoch_order
-from .schedule import Schedule
-from .trainer import Trainer
+from pockprop.runtime.data import Dataset, batch_indices, epoch_order
+from pockprop.runtime.schedule import Schedule
+from pockprop.runtime.trainer import Trainer
 
 OnBatch = Callable[[int, int, "float | None"], None]  # (batches done in round, total, loss or None)
 

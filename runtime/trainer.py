@@ -17,11 +17,12 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from . import checkpoint, data, onnx_wire, safetensors
-from .durable import write_atomic
-from .errors import ArtifactError, CheckpointError, DataError
-from .manifest import Bundle, DirectoryFiles, open_artifact
-from .schedule import Schedule
+from pockprop.runtime import checkpoint, data
+from pockprop.artifact import onnx_wire, safetensors
+from pockprop.artifact.durable import write_atomic
+from pockprop.errors import ArtifactError, CheckpointError, DataError
+from pockprop.artifact.manifest import Bundle, DirectoryFiles, open_artifact
+from pockprop.runtime.schedule import Schedule
 
 ORT_TYPES = {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(float16)": "float16",
              "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int8)": "int8", "tensor(uint8)": "uint8",

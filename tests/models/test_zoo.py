@@ -16,10 +16,10 @@ import pytest
 import torch
 from torch import nn
 
-import models
-from models import ZOO, ModelInfo, resolve
-from models.data import digits, digits_flat
-from models.perceptron import MLP
+from pockprop import models
+from pockprop.models import ZOO, ModelInfo, resolve
+from pockprop.models.data import digits, digits_flat
+from pockprop.models.perceptron import MLP
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 NUM_CLASSES = 10
@@ -169,8 +169,8 @@ def test_builders_importable_as_plain_spec():
 
     # Importing every submodule must not replace a builder attribute of the package.
     for sub in ("mobilenetv2", "resnet", "proxyless", "perceptron", "data"):
-        importlib.import_module(f"models.{sub}")
-    package = importlib.import_module("models")
+        importlib.import_module(f"pockprop.models.{sub}")
+    package = importlib.import_module("pockprop.models")
     for name, info in ZOO.items():
         assert getattr(package, name) is info.builder and callable(info.builder)
     with pytest.raises(AttributeError):
@@ -196,7 +196,7 @@ def test_resolve_module_function():
     model, shape = resolve("tests.models.test_zoo:tiny_conv")
     assert isinstance(model, nn.Conv2d) and shape is None
     # A submodule path reaches the same builders, with their shape attribute.
-    _, shape = resolve("models.resnet:resnet18", num_classes=NUM_CLASSES, width=8)
+    _, shape = resolve("pockprop.models.resnet:resnet18", num_classes=NUM_CLASSES, width=8)
     assert shape == (8, 3, 128, 128)
 
 
@@ -258,7 +258,7 @@ def test_train_test_partition_the_dataset():
 
     # Same multiset of rows as the whole dataset: every image is used exactly once.
     assert np.array_equal(sorted_rows(np.concatenate(parts)), sorted_rows(full))
-    from models.data import _split_indices
+    from pockprop.models.data import _split_indices
 
     train_idx, test_idx = _split_indices(1, 0.25)
     assert not set(train_idx) & set(test_idx)
@@ -285,6 +285,6 @@ def test_digits_bad_arguments(kwargs):
 
 
 def test_data_module_does_not_import_torch():
-    code = ("import sys, models.data as d; d.digits(resolution=8); d.digits_flat(); "
+    code = ("import sys, pockprop.models.data as d; d.digits(resolution=8); d.digits_flat(); "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True)

@@ -4,11 +4,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.compile import compile
-from engine.emit import to_onnx
-from engine.gradcheck import run_onnx
-from engine.ir import Builder, Graph, TensorType
-from passes import fold_constants
+from pockprop.compiler.compile import compile
+from pockprop.emit.onnx import to_onnx
+from pockprop.autodiff.gradcheck import run_onnx
+from pockprop.ops.builder import Builder
+from pockprop.ir import Graph, TensorType
+from pockprop.passes import fold_constants
 
 
 def _graph() -> Graph:

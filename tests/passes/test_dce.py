@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.emit import to_onnx
-from engine.gradcheck import run_onnx
-from engine.ir import Builder, Graph, TensorType
-from passes import eliminate_dead_code
+from pockprop.emit.onnx import to_onnx
+from pockprop.autodiff.gradcheck import run_onnx
+from pockprop.ops.builder import Builder
+from pockprop.ir import Graph, TensorType
+from pockprop.passes import eliminate_dead_code
 
 
 def _graph() -> Graph:

@@ -4,11 +4,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from engine.emit import to_onnx
-from engine.gradcheck import run_onnx
-from engine.ir import Builder, Graph, TensorType
-from engine.trace import trace
-from passes import eliminate_dead_code, fold_frozen_batchnorm
+from pockprop.emit.onnx import to_onnx
+from pockprop.autodiff.gradcheck import run_onnx
+from pockprop.ops.builder import Builder
+from pockprop.ir import Graph, TensorType
+from pockprop.tracing.trace import trace
+from pockprop.passes import eliminate_dead_code, fold_frozen_batchnorm
 
 RNG = np.random.default_rng(0)
 CONV = {"stride": [1, 1], "padding": [1, 1], "dilation": [1, 1], "groups": 1}

@@ -4,9 +4,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from engine.compile import compile
-from engine.ir import Builder, Graph, TensorType
-from passes import plan_memory
+from pockprop.compiler.compile import compile
+from pockprop.ops.builder import Builder
+from pockprop.ir import Graph, TensorType
+from pockprop.passes import plan_memory
 
 F4 = TensorType((4,), "float32")
 

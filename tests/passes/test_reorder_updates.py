@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from engine.compile import compile
-from engine.emit import to_onnx
-from engine.gradcheck import run_onnx
-from engine.ir import Graph
-from passes import plan_memory, reorder_updates
+from pockprop.compiler.compile import compile
+from pockprop.emit.onnx import to_onnx
+from pockprop.autodiff.gradcheck import run_onnx
+from pockprop.ir import Graph
+from pockprop.passes import plan_memory, reorder_updates
 
 LAYERS = ["0", "2", "4"]  # the Linear modules, first to last
 OPT = {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4}
@@ -94,7 +94,7 @@ def test_reorder_keeps_numerics_and_lowers_peak(step) -> None:  # type: ignore[n
 
 
 def _max_gradient_bytes(g: Graph) -> int:
-    from passes.memory_plan import categorize
+    from pockprop.passes.memory_plan import categorize
 
     plan, cat = plan_memory(g), categorize(g)
     live = [0] * (len(g.nodes) + 1)

@@ -4,12 +4,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from engine.compile import compile
-from engine.emit import to_onnx
-from engine.gradcheck import run_onnx
-from engine.scheme import Rule, Scheme
-from passes import plan_memory
-from passes.save_for_backward import save_small_for_backward
+from pockprop.compiler.compile import compile
+from pockprop.emit.onnx import to_onnx
+from pockprop.autodiff.gradcheck import run_onnx
+from pockprop.compiler.scheme import Rule, Scheme
+from pockprop.passes import plan_memory
+from pockprop.passes.save_for_backward import save_small_for_backward
 
 
 def _art():  # type: ignore[no-untyped-def]

@@ -32,7 +32,7 @@ STEPS, RTOL = 12, 1e-4
 
 def train(art: str, data_path: str, out: str) -> None:
     """Train STEPS steps, checkpoint halfway and resume in a fresh Trainer, export; write the figures."""
-    from runtime.trainer import Trainer
+    from pockprop.runtime.trainer import Trainer
 
     t0 = time.perf_counter()
     d = np.load(data_path)
@@ -60,7 +60,7 @@ def train(art: str, data_path: str, out: str) -> None:
 def _artifact(work: Path) -> tuple[Path, Path]:
     import torch
 
-    from engine.compile import compile
+    from pockprop.compiler.compile import compile
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),

@@ -26,7 +26,7 @@ sys.meta_path.insert(0, _Block())
 def _build(name: str, out: Path) -> Path:
     import torch
 
-    from engine.compile import compile
+    from pockprop.compiler.compile import compile
 
     torch.manual_seed(0)
     if name == "mlp":  # SGD + momentum, last layer trainable

@@ -12,9 +12,10 @@ import os
 import sys
 import time
 
-from runtime import checkpoint, data, durable
-from runtime.loop import fit
-from runtime.trainer import Trainer
+from pockprop.runtime import checkpoint, data
+from pockprop.artifact import durable
+from pockprop.runtime.loop import fit
+from pockprop.runtime.trainer import Trainer
 
 EPOCHS, SEED, EVERY = 5, 3, 4
 SCHEDULE = {"name": "cosine", "warmup_steps": 3}

@@ -10,10 +10,10 @@ from typing import Callable
 
 import pytest
 
-from runtime.cli import main
-from runtime.errors import ArtifactError
-from runtime.manifest import pack
-from runtime.trainer import Trainer
+from pockprop.cli import main
+from pockprop.errors import ArtifactError
+from pockprop.artifact.manifest import pack
+from pockprop.runtime.trainer import Trainer
 
 
 def _manifest(art: Path) -> dict:
@@ -172,7 +172,7 @@ def test_cli_json_error_and_exit_code(artifact, capsys) -> None:
 
 def test_directory_files_are_checked_again_when_read_later(artifact) -> None:
     """A directory artifact's bytes are not kept after loading; a file changed afterwards fails its later read."""
-    from runtime.manifest import DirectoryFiles, open_artifact
+    from pockprop.artifact.manifest import DirectoryFiles, open_artifact
 
     art = artifact()
     bundle = open_artifact(str(art))

@@ -11,10 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime import checkpoint, data, durable
-from runtime.errors import CheckpointError
-from runtime.loop import fit
-from runtime.trainer import Trainer
+from pockprop.runtime import checkpoint, data
+from pockprop.artifact import durable
+from pockprop.errors import CheckpointError
+from pockprop.runtime.loop import fit
+from pockprop.runtime.trainer import Trainer
 from tests.runtime.conftest import PY, ROOT, batch, dataset_npz
 
 
@@ -96,7 +97,7 @@ def test_damaged_checkpoint_is_a_checkpoint_error(artifact, tmp_path: Path, dama
     elif damage == "truncate":
         raw = raw[:-10]
     else:
-        from runtime import safetensors
+        from pockprop.artifact import safetensors
 
         raw = bytearray(safetensors.dumps(t.state))
     path.write_bytes(bytes(raw))
@@ -129,8 +130,8 @@ def test_file_size_limit_during_write_keeps_the_previous_checkpoint(artifact, tm
     art, ckpt = artifact(), tmp_path / "ckpt"
     script = textwrap.dedent(f"""
         import json, os, resource, signal, numpy as np
-        from runtime.trainer import Trainer
-        from runtime.errors import CheckpointError
+        from pockprop.runtime.trainer import Trainer
+        from pockprop.errors import CheckpointError
         t = Trainer.load({str(art)!r})
         x = np.zeros((4, 6), np.float32); y = np.zeros(4, np.int64)
         t.step(x, y)

@@ -10,9 +10,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from runtime import commands
-from runtime.cli import main
-from runtime.progress import Progress
+from pockprop.runtime import commands
+from pockprop.cli import main
+from pockprop.runtime.progress import Progress
 from tests.runtime.conftest import dataset_npz
 
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime import checkpoint, data
-from runtime.loop import fit
-from runtime.trainer import Trainer
+from pockprop.runtime import checkpoint, data
+from pockprop.runtime.loop import fit
+from pockprop.runtime.trainer import Trainer
 from tests.runtime import crash_child as child
 from tests.runtime.conftest import PY, ROOT
 

@@ -6,10 +6,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime import data
-from runtime.errors import DataError
-from runtime.loop import fit
-from runtime.trainer import Trainer
+from pockprop.runtime import data
+from pockprop.errors import DataError
+from pockprop.runtime.loop import fit
+from pockprop.runtime.trainer import Trainer
 
 CNN_SPEC = {"name": "input", "shape": [4, 3, 8, 8], "dtype": "float32",
             "preprocess": {"resize": [8, 8], "scale": 1 / 255, "mean": [0.5, 0.4, 0.3], "std": [0.25, 0.2, 0.3]}}

@@ -10,8 +10,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from runtime import onnx_wire
-from runtime.trainer import Trainer
+from pockprop.artifact import onnx_wire
+from pockprop.runtime.trainer import Trainer
 
 
 def _train(art: Path, steps: int = 5) -> Trainer:

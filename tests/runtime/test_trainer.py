@@ -8,10 +8,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from runtime import data, safetensors
-from runtime.errors import ArtifactError, DataError
-from runtime.schedule import Schedule
-from runtime.trainer import Trainer
+from pockprop.runtime import data
+from pockprop.artifact import safetensors
+from pockprop.errors import ArtifactError, DataError
+from pockprop.runtime.schedule import Schedule
+from pockprop.runtime.trainer import Trainer
 from tests.runtime.conftest import batch
 
 
@@ -155,7 +156,7 @@ def test_schedule_drives_the_step_lr(artifact) -> None:
 @pytest.mark.parametrize("name", ["mlp", "sliced"])
 def test_infer_signature_from_the_protobuf_matches_onnxruntime(artifact, name: str) -> None:
     """The load-time check of infer.onnx reads its signature with onnx_wire; it must be what onnxruntime sees."""
-    from runtime import onnx_wire
+    from pockprop.artifact import onnx_wire
 
     raw = (artifact(name) / "infer.onnx").read_bytes()
     sess = ort.InferenceSession(raw, providers=["CPUExecutionProvider"])

@@ -1,0 +1,1 @@
+"""Compile-time reverse-mode autodiff over the IR (backward.py) and its torch oracle (gradcheck.py)."""

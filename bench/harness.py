@@ -1,0 +1,404 @@
+"""`pockprop bench`: one training step of a pockprop artifact beside its peers, each in its own process.
+
+Method (docs/benchmarks.md): the parent compiles the artifacts, starts one worker process per configuration
+(bench/worker.py), lets every worker build and warm up, then drives interleaved rounds A B C ... A B C:
+each round asks every worker in turn for `steps` steps and takes the median step time of that round. It
+reports per configuration the median over rounds, and the median over rounds of the per-round ratio to a
+baseline (the same round's time of the baseline worker), so slow drift of a shared machine cancels out.
+Extra training memory = the worker's peak RSS (VmHWM) minus the peak RSS of the forward-only worker of the
+same runtime.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import select
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "worker.py")
+PEERS_PYTHON = os.path.join(REPO, ".venv-peers", "bin", "python")
+REPLY_TIMEOUT_S = 900.0
+
+
+@dataclass
+class Config:
+    name: str
+    kind: str
+    what: str
+    spec: dict[str, Any]
+    python: str = sys.executable
+    memory_baseline: str | None = None  # forward-only config of the same runtime
+    skip: str | None = None
+    proc: subprocess.Popen | None = None
+    rounds: list[float] = field(default_factory=list)
+    build_s: float | None = None
+    vmhwm_kb: int | None = None
+
+
+def input_shape(default: tuple[int, ...] | None, batch: int, resolution: int) -> list[int]:
+    if default is None:
+        raise ValueError("the model has no default input shape")
+    shape = [batch, *default[1:]]
+    if len(shape) == 4:
+        shape[2] = shape[3] = resolution
+    return shape
+
+
+def peers_status(python: str = PEERS_PYTHON) -> str | None:
+    """None when the onnxruntime-training peer venv works, else why not."""
+    if not os.path.exists(python):
+        return f"no {os.path.relpath(python, REPO)} (run `make peers` to build the onnxruntime-training venv)"
+    try:
+        code = "import onnxruntime.training.api, onnxruntime.training.artifacts"
+        r = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    except (OSError, subprocess.TimeoutExpired) as ex:
+        return f"{python} does not run: {ex}"
+    if r.returncode != 0:
+        return "onnxruntime-training does not import in .venv-peers: " + (r.stderr.strip().splitlines() or ["?"])[-1]
+    return None
+
+
+def _prepare(args: Any, workdir: str) -> tuple[list[Config], dict[str, Any]]:
+    """Compile the artifacts and the peers' forward model; return the configurations."""
+    import onnx
+    import torch
+
+    from pockprop import models
+    from pockprop.compiler.compile import compile
+
+    kwargs = dict(args.model_kwargs or {})
+    if args.num_classes:
+        kwargs["num_classes"] = args.num_classes
+    spec_name = args.model if ":" in args.model else f"models:{args.model}"
+    torch.manual_seed(0)
+    model, default = models.resolve(spec_name, **kwargs)
+    model.eval()
+    shape = input_shape(default, args.batch, args.resolution)
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        num_classes = int(model(x).shape[-1])
+    opt: dict[str, Any] = {"name": args.optimizer}
+    if args.lr is not None:
+        opt["lr"] = args.lr
+    t0 = time.perf_counter()
+    arts = {args.scheme: compile(model, (x,), optimizer=opt, scheme=args.scheme)}
+    if args.scheme != "full":
+        arts["full"] = compile(model, (x,), optimizer=opt, scheme="full")
+    compile_s = time.perf_counter() - t0
+    dirs = {}
+    for s, art in arts.items():
+        dirs[s] = art.save(os.path.join(workdir, f"artifact-{s}"))
+    full = arts["full"]
+    optimizer = full.optimizer
+    optimizer = {k: v for k, v in (optimizer.__dict__ if hasattr(optimizer, "__dict__") else dict(optimizer)).items()
+                 if k in ("name", "lr", "momentum", "weight_decay", "nesterov", "betas", "eps")}
+    params = list(full.parameter_count)
+    scheme_tensors = list(arts[args.scheme].trainable)
+
+    # The deployed forward model: pockprop's full infer.onnx (torch names, BatchNorm in inference mode) with
+    # every parameter a plain initializer instead of an overridable graph input, so onnxruntime folds
+    # BatchNorm into the convs and pre-packs the weights, as it would for the model shipped for inference.
+    # It is the floor (`ort-infer`) for every scheme, and the peers' forward model (generate_artifacts needs
+    # the parameters as initializers too).
+    fwd = onnx.ModelProto()
+    fwd.CopyFrom(full.infer_model)
+    inits = {i.name for i in fwd.graph.initializer}
+    keep = [i for i in fwd.graph.input if i.name not in inits]
+    del fwd.graph.input[:]
+    fwd.graph.input.extend(keep)
+    fwd.ir_version = min(fwd.ir_version, 9)  # onnx 1.16 in .venv-peers
+    peers_onnx = os.path.join(workdir, "forward-constant.onnx")
+    onnx.save(fwd, peers_onnx)
+
+    base = {"repo": REPO, "threads": args.threads, "input_shape": shape, "num_classes": num_classes, "seed": 0,
+            "model": spec_name, "model_kwargs": kwargs, "optimizer": optimizer}
+    S = args.scheme
+    cfgs = [Config("ort-infer", "ort-infer", "onnxruntime forward only, all weights constant: the floor",
+                   {**base, "onnx": peers_onnx})]
+    cfgs.append(Config(f"pockprop-{S}", "pockprop", f"pockprop artifact, scheme {S}, runtime.Trainer",
+                       {**base, "artifact": dirs[S]}, memory_baseline="ort-infer"))
+    if S != "full":
+        cfgs.append(Config("pockprop-full", "pockprop", "pockprop artifact, scheme full",
+                           {**base, "artifact": dirs["full"]}, memory_baseline="ort-infer"))
+    cfgs.append(Config("torch-infer", "torch-infer", "PyTorch eager forward only (no_grad)", dict(base)))
+    cfgs.append(Config("torch-full", "torch-train", "PyTorch eager, full backprop", {**base, "trainable": None},
+                       memory_baseline="torch-infer"))
+    if S != "full":
+        cfgs.append(Config(f"torch-{S}", "torch-train", f"PyTorch eager, whole tensors scheme {S} touches "
+                           f"({len(scheme_tensors)} tensors)", {**base, "trainable": scheme_tensors},
+                           memory_baseline="torch-infer"))
+    peer_skip = None if args.peers else "disabled (--no-peers)"
+    peer_skip = peer_skip or peers_status()
+    if optimizer["name"] == "sgd" and (optimizer.get("momentum") or optimizer.get("weight_decay")):
+        peer_train_skip = "onnxruntime-training's SGD has no momentum / weight decay"
+    else:
+        peer_train_skip = None
+    pbase = {**base, "onnx": peers_onnx, "parameters": params}
+    cfgs.append(Config("ortt-infer", "ortt-infer", "onnxruntime-training 1.19.2 InferenceSession, forward only",
+                       dict(pbase), python=PEERS_PYTHON, skip=peer_skip))
+    cfgs.append(Config("ortt-full", "ortt-train", "onnxruntime-training 1.19.2, every tensor trainable",
+                       {**pbase, "trainable": None, "workdir": os.path.join(workdir, "ortt-full")},
+                       python=PEERS_PYTHON, memory_baseline="ortt-infer", skip=peer_skip or peer_train_skip))
+    if S != "full":
+        cfgs.append(Config(f"ortt-{S}", "ortt-train", f"onnxruntime-training 1.19.2, whole tensors scheme {S} touches",
+                           {**pbase, "trainable": scheme_tensors, "workdir": os.path.join(workdir, f"ortt-{S}")},
+                           python=PEERS_PYTHON, memory_baseline="ortt-infer", skip=peer_skip or peer_train_skip))
+    # The same pockprop artifact stepped by the peer venv's onnxruntime (1.19.2): the device runtime needs only
+    # numpy and onnxruntime, so this row compares pockprop with onnxruntime-training on one onnxruntime build
+    # (the main venv's newer onnxruntime runs the same convolutions at a different speed).
+    cfgs.append(Config(f"pockprop-{S}@peer-ort", "pockprop-peer-ort",
+                       f"the pockprop-{S} artifact on .venv-peers' onnxruntime 1.19.2 (runtime.Trainer)",
+                       {**base, "artifact": dirs[S]}, python=PEERS_PYTHON, memory_baseline="ortt-infer",
+                       skip=peer_skip))
+    for c in cfgs:
+        c.spec["kind"] = c.kind
+    meta = {"input_shape": shape, "num_classes": num_classes, "optimizer": optimizer, "compile_s": compile_s,
+            "scheme_tensors": len(scheme_tensors), "parameters": len(params),
+            "scheme_trainable_count": arts[S].trainable_count, "full_trainable_count": full.trainable_count}
+    return cfgs, meta
+
+
+def _ask(c: Config, msg: dict[str, Any] | None) -> dict[str, Any]:
+    assert c.proc is not None and c.proc.stdin is not None and c.proc.stdout is not None
+    if msg is not None:
+        c.proc.stdin.write(json.dumps(msg) + "\n")
+        c.proc.stdin.flush()
+    ready, _, _ = select.select([c.proc.stdout], [], [], REPLY_TIMEOUT_S)
+    line = c.proc.stdout.readline() if ready else ""
+    if not line:
+        raise RuntimeError(f"worker exited or timed out (rc {c.proc.poll()})")
+    return json.loads(line)
+
+
+def _skip(c: Config, reason: str) -> None:
+    c.skip = reason
+    if c.proc is not None:
+        try:
+            c.proc.kill()
+            c.proc.wait(timeout=10)
+        except Exception:  # noqa: BLE001
+            pass
+        c.proc = None
+
+
+def run(args: Any, log=print) -> dict[str, Any]:
+    """Run the benchmark described by `args` (the bench subcommand's namespace); return the result dict."""
+    own_tmp = None
+    workdir = args.workdir
+    if not workdir:
+        own_tmp = tempfile.TemporaryDirectory(prefix="pockprop-bench-")
+        workdir = own_tmp.name
+    os.makedirs(workdir, exist_ok=True)
+    try:
+        log(f"compiling {args.model} ({args.scheme} and full) ...")
+        cfgs, meta = _prepare(args, workdir)
+        wanted = set(args.configs) if args.configs else None
+        for c in cfgs:
+            if wanted is not None and c.name not in wanted and c.kind not in wanted:
+                c.skip = c.skip or "not selected (--configs)"
+        live = [c for c in cfgs if c.skip is None]
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
+               "PYTHONPATH": REPO}
+        for c in live:  # build in parallel; peak RSS is per process
+            c.proc = subprocess.Popen([c.python, WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      stderr=None if args.verbose else subprocess.DEVNULL, text=True, env=env,
+                                      cwd=REPO)
+            c.proc.stdin.write(json.dumps(c.spec) + "\n")
+            c.proc.stdin.flush()
+        for c in live:
+            try:
+                r = _ask(c, None)
+            except Exception as ex:  # noqa: BLE001
+                r = {"error": str(ex)}
+            if "error" in r:
+                _skip(c, f"build failed: {r['error']}")
+            else:
+                c.build_s = r.get("build_s")
+        live = [c for c in live if c.skip is None]
+        log(f"{len(live)} workers ready; warmup {args.warmup} x {args.steps} steps, {args.rounds} interleaved rounds")
+
+        def one_round(record: bool) -> None:
+            for c in list(live):
+                if c.skip is not None:
+                    continue
+                try:
+                    r = _ask(c, {"cmd": "run", "steps": args.steps})
+                except Exception as ex:  # noqa: BLE001
+                    r = {"error": str(ex)}
+                if "error" in r or "times" not in r:
+                    _skip(c, f"step failed: {r.get('error', r)}")
+                elif record:
+                    c.rounds.append(statistics.median(r["times"]))
+        for _ in range(args.warmup):
+            one_round(False)
+        for k in range(args.rounds):
+            one_round(True)
+            if args.rounds > 1:
+                log(f"round {k + 1}/{args.rounds}")
+        for c in live:
+            if c.skip is None:
+                try:
+                    c.vmhwm_kb = _ask(c, {"cmd": "stop"}).get("vmhwm_kb")
+                    c.proc.wait(timeout=30)
+                except Exception as ex:  # noqa: BLE001
+                    _skip(c, f"stop failed: {ex}")
+        return _result(args, cfgs, meta)
+    finally:
+        for c in cfgs if "cfgs" in locals() else []:
+            if c.proc is not None and c.proc.poll() is None:
+                c.proc.kill()
+        if own_tmp is not None:
+            own_tmp.cleanup()
+
+
+def _ratio(c: Config, base: Config | None) -> float | None:
+    if base is None or base.skip is not None or c.skip is not None or not c.rounds:
+        return None
+    pairs = [a / b for a, b in zip(c.rounds, base.rounds) if b > 0]
+    return statistics.median(pairs) if pairs else None
+
+
+# The issue's targets per scheme: (row, baseline row, what is compared, the most the ratio may be).
+# Speed ratios are medians of per-round ratios; the memory ratio compares extra training memory.
+TARGETS = {
+    "sparse": [("pockprop-sparse", "torch-full", "time", 1 / 8), ("pockprop-sparse", "torch-sparse", "time", 1 / 2),
+               ("pockprop-sparse", "ortt-sparse", "time", 1 / 3), ("pockprop-sparse", "ort-infer", "time", 1.5),
+               ("pockprop-sparse", "pockprop-full", "extra memory", 1 / 5),
+               # the same two comparisons on one onnxruntime build (1.19.2): not the issue's rows, shown beside them
+               ("pockprop-sparse@peer-ort", "ortt-sparse", "time", 1 / 3),
+               ("pockprop-sparse@peer-ort", "ortt-infer", "time", 1.5)],
+    "bias-only": [("pockprop-bias-only", "torch-full", "time", 1 / 3)],
+}
+
+
+def targets(rows: list[dict[str, Any]], cfgs: dict[str, Config], scheme: str) -> list[dict[str, Any]]:
+    """Each target of `scheme` with its measured ratio and whether it is met (None: a row is missing)."""
+    by_row = {r["name"]: r for r in rows}
+    out = []
+    for row, base, what, limit in TARGETS.get(scheme, []):
+        a, b = by_row.get(row, {}), by_row.get(base, {})
+        ratio = None
+        if what == "time" and row in cfgs and base in cfgs:
+            ratio = _ratio(cfgs[row], cfgs[base])
+        elif what == "extra memory" and a.get("extra_train_mb") and b.get("extra_train_mb"):
+            ratio = a["extra_train_mb"] / b["extra_train_mb"]
+        out.append({"row": row, "baseline": base, "what": what, "limit": limit, "ratio": ratio,
+                    "met": None if ratio is None else ratio <= limit})
+    return out
+
+
+def _result(args: Any, cfgs: list[Config], meta: dict[str, Any]) -> dict[str, Any]:
+    by = {c.name: c for c in cfgs}
+    rows = []
+    for c in cfgs:
+        row: dict[str, Any] = {"name": c.name, "what": c.what, "kind": c.kind}
+        if c.skip is not None:
+            row.update(status="skipped", reason=c.skip)
+        else:
+            mb = by.get(c.memory_baseline) if c.memory_baseline else None
+            extra = (c.vmhwm_kb - mb.vmhwm_kb) / 1024 if (mb and mb.skip is None and c.vmhwm_kb is not None
+                                                             and mb.vmhwm_kb is not None) else None
+            row.update(status="ok", median_ms=1000 * statistics.median(c.rounds), rounds_ms=[1000 * t for t in c.rounds],
+                       vs_infer=_ratio(c, by.get("ort-infer")), vs_torch_full=_ratio(c, by.get("torch-full")),
+                       peak_rss_mb=c.vmhwm_kb / 1024 if c.vmhwm_kb is not None else None,
+                       extra_train_mb=extra, memory_baseline=c.memory_baseline, build_s=c.build_s)
+        rows.append(row)
+    return {
+        "model": args.model, "scheme": args.scheme, "batch": args.batch, "resolution": args.resolution,
+        "threads": args.threads, "rounds": args.rounds, "warmup": args.warmup, "steps_per_round": args.steps,
+        **meta,
+        "machine": {"platform": platform.platform(), "machine": platform.machine(), "cpus": os.cpu_count(),
+                    "python": platform.python_version()},
+        "configs": rows,
+        "targets": targets(rows, by, args.scheme),
+    }
+
+
+def _fmt(v: Any, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def table_rows(result: dict[str, Any]) -> list[list[str]]:
+    out = []
+    for r in result["configs"]:
+        if r["status"] != "ok":
+            out.append([r["name"], "skipped", "", "", "", "", r["reason"]])
+        else:
+            out.append([r["name"], _fmt(r["median_ms"], ".1f"), _fmt(r["vs_infer"], ".2f"),
+                        _fmt(r["vs_torch_full"], ".2f"), _fmt(r["peak_rss_mb"], ".0f"),
+                        _fmt(r["extra_train_mb"], ".0f"), r["what"]])
+    return out
+
+
+HEADER = ["config", "ms/step", "x infer", "x torch-full", "peak RSS MB", "extra train MB", "what"]
+
+
+def print_table(result: dict[str, Any]) -> None:
+    title = (f"{result['model']} scheme={result['scheme']} batch={result['batch']} input={result['input_shape']} "
+             f"threads={result['threads']} rounds={result['rounds']} (medians; ratios are medians of per-round ratios)")
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        rows = [HEADER] + table_rows(result)
+        widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER) - 1)]
+        print(title)
+        for r in rows:
+            print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) + "  " + r[-1])
+        print_targets(result)
+        return
+    t = Table(title=title)
+    for i, h in enumerate(HEADER):
+        t.add_column(h, justify="left" if i in (0, len(HEADER) - 1) else "right")
+    for r in table_rows(result):
+        t.add_row(*r)
+    Console(width=200).print(t)
+    print_targets(result)
+
+
+def targets_lines(result: dict[str, Any]) -> list[str]:
+    lines = []
+    for t in result.get("targets", []):
+        verdict = "not measured" if t["met"] is None else "met" if t["met"] else "MISSED"
+        ratio = "-" if t["ratio"] is None else f"{t['ratio']:.3f}"
+        lines.append(f"{t['row']} / {t['baseline']} ({t['what']}): {ratio}, target <= {t['limit']:.3f}: {verdict}")
+    return lines
+
+
+def print_targets(result: dict[str, Any]) -> None:
+    for line in targets_lines(result):
+        print("target " + line)
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(r) + " |" for r in table_rows(result)]
+    return "\n".join(lines)
+
+
+def write_png(result: dict[str, Any], path: str) -> str | None:
+    """Bar chart of ms/step; returns None, or why no PNG was written."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed in this venv; no PNG written (the JSON has every number)"
+    ok = [r for r in result["configs"] if r["status"] == "ok"]
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(ok) + 1.5))
+    ax.barh([r["name"] for r in ok], [r["median_ms"] for r in ok])
+    ax.invert_yaxis()
+    ax.set_xlabel("ms per step (median)")
+    ax.set_title(f"{result['model']} {result['scheme']} batch {result['batch']} threads {result['threads']}")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return None

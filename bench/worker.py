@@ -1,0 +1,206 @@
+"""One benchmark configuration in its own process, driven over a line protocol by bench/harness.py.
+
+Run as a script (`python bench/worker.py`), not as a package module: the onnxruntime-training peer
+runs it with the .venv-peers interpreter, which has no pockprop dependencies beyond numpy/onnxruntime, so
+nothing here is imported at top level except the standard library and numpy.
+
+Protocol: one JSON object per line. The parent writes the spec line first; the worker builds its thing and
+answers {"ready": true, "build_s": ...} or {"error": "..."}. Then {"cmd": "run", "steps": k} answers
+{"times": [seconds per step]}, and {"cmd": "stop"} answers {"vmhwm_kb": peak RSS} and exits. Anything the
+libraries print goes to stderr: the protocol has its own copy of the original stdout.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+
+
+def vmhwm_kb() -> int | None:
+    """Peak resident set size of this process (VmHWM), in KiB; None where /proc is missing."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    try:
+        import resource
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # KiB on Linux
+    except Exception:  # pragma: no cover
+        return None
+
+
+def _data(spec: dict):
+    import numpy as np
+    rng = np.random.default_rng(spec.get("seed", 0))
+    x = rng.standard_normal(spec["input_shape"]).astype(np.float32)
+    y = rng.integers(0, spec["num_classes"], size=(spec["input_shape"][0],)).astype(np.int64)
+    return x, y
+
+
+def _ort_options(ort, threads: int):
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.log_severity_level = 3  # warnings and info would flood stderr
+    return so
+
+
+def build_ort_infer(spec: dict):
+    import numpy as np  # noqa: F401
+    import onnxruntime as ort
+    x, _ = _data(spec)
+    sess = ort.InferenceSession(spec["onnx"], _ort_options(ort, spec["threads"]), providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    feeds = {name: x}
+    return lambda: sess.run(None, feeds)
+
+
+def build_pockprop(spec: dict):
+    sys.path.insert(0, spec["repo"])
+    from pockprop.runtime.trainer import Trainer
+    x, y = _data(spec)
+    tr = Trainer.load(spec["artifact"], threads=spec["threads"])
+    return lambda: tr.step(x, y)
+
+
+def _torch_model(spec: dict):
+    sys.path.insert(0, spec["repo"])
+    import torch
+    from pockprop import models
+    torch.set_num_threads(spec["threads"])
+    torch.manual_seed(0)
+    model, _ = models.resolve(spec["model"], **spec["model_kwargs"])
+    model.eval()  # BatchNorm uses running statistics, as in pockprop's training step
+    return torch, model
+
+
+def build_torch_infer(spec: dict):
+    torch, model = _torch_model(spec)
+    x, _ = _data(spec)
+    xt = torch.from_numpy(x)
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    def step():
+        with torch.no_grad():
+            model(xt)
+    return step
+
+
+def build_torch_train(spec: dict):
+    torch, model = _torch_model(spec)
+    x, y = _data(spec)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    want = spec.get("trainable")  # None: every parameter
+    params = []
+    for name, p in model.named_parameters():
+        on = want is None or name in want
+        p.requires_grad_(on)
+        if on:
+            params.append(p)
+    if not params:
+        raise RuntimeError("no trainable parameters")
+    opt = spec["optimizer"]
+    if opt["name"] == "sgd":
+        optim = torch.optim.SGD(params, lr=opt["lr"], momentum=opt.get("momentum", 0.0),
+                                weight_decay=opt.get("weight_decay", 0.0), nesterov=opt.get("nesterov", False))
+    else:
+        optim = torch.optim.AdamW(params, lr=opt["lr"], betas=tuple(opt.get("betas", (0.9, 0.999))),
+                                  eps=opt.get("eps", 1e-8), weight_decay=opt.get("weight_decay", 0.01))
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=spec.get("label_smoothing", 0.0))
+
+    def step():
+        optim.zero_grad(set_to_none=True)
+        loss = loss_fn(model(xt), yt)
+        loss.backward()
+        optim.step()
+    return step
+
+
+def build_ortt_train(spec: dict):
+    """onnxruntime-training (deprecated on-device API): generate_artifacts, then Module + Optimizer."""
+    import numpy as np  # noqa: F401
+    import onnx
+    import onnxruntime as ort
+    ort.set_default_logger_severity(3)
+    from onnxruntime.training import artifacts
+    from onnxruntime.training.api import CheckpointState, Module, Optimizer
+    x, y = _data(spec)
+    model = onnx.load(spec["onnx"])
+    params = [i.name for i in model.graph.initializer if i.name in set(spec["parameters"])]
+    want = set(spec["trainable"]) if spec.get("trainable") is not None else set(params)
+    grad = [p for p in params if p in want]
+    frozen = [p for p in params if p not in want]
+    opt = spec["optimizer"]
+    if opt["name"] != "adamw" and not hasattr(artifacts.OptimType, "SGD"):
+        raise RuntimeError("this onnxruntime-training has no SGD optimizer")
+    otype = artifacts.OptimType.AdamW if opt["name"] == "adamw" else artifacts.OptimType.SGD
+    out = spec["workdir"]
+    os.makedirs(out, exist_ok=True)
+    artifacts.generate_artifacts(model, requires_grad=grad, frozen_params=frozen,
+                                 loss=artifacts.LossType.CrossEntropyLoss, optimizer=otype, artifact_directory=out)
+    state = CheckpointState.load_checkpoint(os.path.join(out, "checkpoint"))
+    so = _ort_options(ort, spec["threads"])
+    try:
+        module = Module(os.path.join(out, "training_model.onnx"), state, os.path.join(out, "eval_model.onnx"),
+                        device="cpu", session_options=so)
+    except TypeError:  # older signature without session_options
+        module = Module(os.path.join(out, "training_model.onnx"), state, os.path.join(out, "eval_model.onnx"),
+                        device="cpu")
+    optimizer = Optimizer(os.path.join(out, "optimizer_model.onnx"), module)
+    optimizer.set_learning_rate(opt["lr"])
+    module.train()
+
+    def step():
+        module(x, y)
+        optimizer.step()
+        module.lazy_reset_grad()
+    return step
+
+
+BUILDERS = {"ort-infer": build_ort_infer, "pockprop": build_pockprop, "pockprop-peer-ort": build_pockprop,
+            "torch-infer": build_torch_infer, "torch-train": build_torch_train, "ortt-infer": build_ort_infer,
+            "ortt-train": build_ortt_train}
+
+
+def main() -> int:
+    proto = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # library prints go to stderr
+    sys.stdout = sys.stderr
+
+    def say(obj: dict) -> None:
+        proto.write(json.dumps(obj) + "\n")
+        proto.flush()
+
+    spec = json.loads(sys.stdin.readline())
+    try:
+        t0 = time.perf_counter()
+        step = BUILDERS[spec["kind"]](spec)
+        say({"ready": True, "build_s": time.perf_counter() - t0, "vmhwm_build_kb": vmhwm_kb()})
+    except BaseException as ex:  # noqa: BLE001 - any failure becomes a skipped row with its reason
+        traceback.print_exc()
+        say({"error": f"{type(ex).__name__}: {ex}".strip()[:500]})
+        return 0
+    for line in sys.stdin:
+        msg = json.loads(line)
+        if msg["cmd"] == "run":
+            times = []
+            for _ in range(msg["steps"]):
+                t = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - t)
+            say({"times": times})
+        elif msg["cmd"] == "stop":
+            say({"vmhwm_kb": vmhwm_kb()})
+            return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,264 @@
+"""compile(): a PyTorch model -> an Artifact holding the training-step and inference ONNX graphs.
+
+Pipeline: trace (torch.export -> IR) -> lift trainable parameters to graph inputs -> loss ->
+autodiff (VJP rules) -> optimizer update -> passes -> emit ONNX. Frozen tensors stay graph
+constants; the backward graph only reaches what the trainable tensors need.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+from pockprop.passes import eliminate_dead_code, fold_constants, fold_frozen_batchnorm, reorder_updates
+from pockprop.passes.save_for_backward import save_small_for_backward
+
+from pockprop.compiler.artifact import Artifact, StateEntry
+from pockprop.autodiff.backward import backward
+from pockprop.emit.onnx import to_onnx
+from pockprop.errors import CompileError
+from pockprop.ops.builder import Builder
+from pockprop.ir import Graph, Node, TensorType
+from pockprop.ops.loss import LOSSES
+from pockprop.ops.registry import FULL, Need
+from pockprop.compiler.optim import build_update, initial_state, parse_optimizer
+from pockprop.compiler.scheme import Layer, Scheme, discover_layers, load_scheme, module_tree, resolve_scheme
+from pockprop.tracing.trace import Traced, trace
+from pockprop.compiler.trainable import select, split_patterns
+
+LR = "lr"
+STEP = "optimizer.step"
+
+
+def _part(array: np.ndarray, need: Need) -> np.ndarray:
+    if need.is_full:
+        return array
+    idx = [slice(None)] * array.ndim
+    idx[need.axis] = slice(need.start, need.stop)
+    return np.ascontiguousarray(array[tuple(idx)])
+
+
+def _label_type(loss: str, out: TensorType, labels: Any) -> TensorType:
+    if labels is not None:
+        t = torch.as_tensor(labels)
+        return TensorType(tuple(t.shape), str(t.dtype).removeprefix("torch."))
+    if loss == "cross_entropy":
+        return TensorType(out.shape[:1], "int64")
+    return out
+
+
+@dataclass
+class TracedModel:
+    """A model traced once (torch.export -> IR), ready to be compiled with several schemes.
+
+    `compile_traced` never mutates it (every compile works on copies of the graph), so scheme search
+    compiles dozens of schemes from one trace: the trace is the slow part of compiling a small model.
+    """
+
+    traced: Traced
+    tree: list[tuple[str, bool]]  # pockprop.compiler.scheme.module_tree(model): the blocks presets are defined over
+    name: str  # type(model).__name__, the artifact's default name
+
+    @property
+    def layers(self) -> list[Layer]:
+        """The model's layers in forward order (pockprop.compiler.scheme.discover_layers)."""
+        return discover_layers(self.traced.graph, self.traced.parameters, self.tree)
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {p: self.traced.graph.types[p].shape for p in self.traced.parameters}
+
+
+def trace_model(model: torch.nn.Module, example_inputs: tuple[Any, ...] | torch.Tensor) -> TracedModel:
+    """Trace `model` once for `compile_traced` (puts it in eval form, as `compile` does)."""
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    traced = trace(model, tuple(example_inputs))
+    if len(traced.graph.outputs) != 1:
+        raise CompileError(f"the model must return one tensor, it returns {len(traced.graph.outputs)}")
+    return TracedModel(traced, module_tree(model), type(model).__name__)
+
+
+def _check_options(loss: str, label_smoothing: float, trainable: Any, scheme: Any) -> str:
+    loss_op = LOSSES.get(loss)
+    if loss_op is None:
+        raise CompileError(f"unknown loss {loss!r}; choose one of: {', '.join(sorted(LOSSES))}")
+    if label_smoothing and loss_op != "cross_entropy":
+        raise CompileError("label_smoothing applies to cross_entropy only")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise CompileError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    if trainable is not None and scheme is not None:
+        raise CompileError("give either trainable patterns or a scheme, not both")
+    return loss_op
+
+
+def compile(model: torch.nn.Module, example_inputs: tuple[Any, ...] | torch.Tensor, labels: Any = None,
+            loss: str = "cross_entropy", optimizer: str | dict[str, Any] = "sgd",
+            trainable: str | Iterable[str] | None = None, *, scheme: str | Scheme | dict[str, Any] | None = None,
+            label_smoothing: float = 0.0, name: str | None = None,
+            preprocess: dict[str, Any] | None = None, optimize: bool = True) -> Artifact:
+    """Compile `model` into one ONNX training step (forward, loss, backward, update) + inference graph.
+
+    example_inputs: a tensor or tuple of tensors fixing the input shapes (batch size included).
+    labels: example labels fixing their shape/dtype (default: int64 (N,) for cross_entropy, else
+    like the model output). What is trained is given by either `trainable` (fnmatch patterns over
+    parameter names, 'features.17.*', whole tensors) or `scheme` (a preset name like 'sparse', a
+    YAML path, a dict or a Scheme: per-layer updates incl. channel slices; see compiler/scheme.py);
+    with neither, every parameter is trained. preprocess: how raw device data becomes the model
+    input, recorded in the manifest for the runtime (e.g. {"resize": [32, 32], "mean": [...], "std": [...]}).
+    optimize=False skips the optimization passes (BatchNorm folding, constant folding, saving slices
+    and masks for backward, update reordering): the same step, as autodiff built it; for debugging.
+
+    The same as `compile_traced(trace_model(model, example_inputs), ...)`; use those two to compile
+    one model with several schemes while tracing it once.
+    """
+    _check_options(loss, label_smoothing, trainable, scheme)
+    parse_optimizer(optimizer)
+    if scheme is not None:
+        scheme = load_scheme(scheme)  # a bad scheme fails before the slow trace
+    return compile_traced(trace_model(model, example_inputs), labels, loss, optimizer, trainable, scheme=scheme,
+                          label_smoothing=label_smoothing, name=name, preprocess=preprocess, optimize=optimize)
+
+
+def compile_traced(tm: TracedModel, labels: Any = None, loss: str = "cross_entropy",
+                   optimizer: str | dict[str, Any] = "sgd", trainable: str | Iterable[str] | None = None, *,
+                   scheme: str | Scheme | dict[str, Any] | None = None, label_smoothing: float = 0.0,
+                   name: str | None = None, preprocess: dict[str, Any] | None = None,
+                   optimize: bool = True) -> Artifact:
+    """`compile` of an already traced model (see `trace_model`); the arguments mean the same."""
+    loss_op = _check_options(loss, label_smoothing, trainable, scheme)
+    opt = parse_optimizer(optimizer)
+    spec = load_scheme(scheme) if scheme is not None else None
+    traced = tm.traced
+    resolved = None
+    if spec is not None:
+        resolved = resolve_scheme(spec, tm.layers, tm.shapes)
+        needs = resolved.needs()
+    else:
+        needs = {p: FULL for p in select(split_patterns(trainable), traced.parameters, traced.buffers)}
+    if not needs:
+        raise CompileError("the model has no parameters to train")
+    chosen = [p for p in traced.parameters if p in needs]  # model order
+
+    full_values = {p: traced.graph.constants[p] for p in chosen}
+    infer, _ = _lift(traced.graph.copy(), {p: FULL for p in chosen})
+    infer = _optimize_forward(infer) if optimize else eliminate_dead_code(infer).graph
+    train_fwd, wants = _lift(traced.graph.copy(), {p: needs[p] for p in chosen})
+    if optimize:  # before autodiff: a frozen conv+BN pair becomes one conv, so its backward is one op too
+        train_fwd = fold_frozen_batchnorm(train_fwd).graph
+    train, state = _training_graph(train_fwd, wants, full_values, loss_op, labels, opt, label_smoothing, optimize)
+
+    model_name = name or tm.name
+    return Artifact(
+        name=model_name,
+        train_model=to_onnx(train, f"{model_name}.train_step", doc="pockprop training step"),
+        infer_model=to_onnx(infer, f"{model_name}.infer", input_defaults=full_values, doc="pockprop inference"),
+        state=state,
+        data_inputs=[(n, traced.graph.types[n]) for n in traced.user_inputs],
+        labels=("labels", train.types["labels"]),
+        output=traced.graph.outputs[0],
+        loss={"name": loss_op, **({"label_smoothing": label_smoothing} if label_smoothing else {})},
+        optimizer=opt,
+        trainable=chosen,
+        parameter_count={p: int(traced.graph.types[p].numel) for p in traced.parameters},
+        train_graph=train,
+        preprocess=dict(preprocess or {}),
+        scheme=resolved,
+    )
+
+
+def _optimize_forward(g: Graph) -> Graph:
+    """Inference graph: frozen BatchNorms folded into their convs, constant subgraphs evaluated."""
+    g = fold_frozen_batchnorm(g).graph
+    g = fold_constants(g).graph
+    return eliminate_dead_code(g).graph
+
+
+def _lift(g: Graph, needs: dict[str, Need]) -> tuple[Graph, dict[str, tuple[str, Need]]]:
+    """Make the trainable tensors graph inputs; the frozen rest of a sliced one stays a constant.
+
+    A parameter updated on a slice [0, k) along an axis becomes the input `p` holding just the slice,
+    concatenated with the constant rest into the value the forward graph uses. Returns, per parameter,
+    the value to differentiate and the part of its gradient wanted.
+    """
+    wants: dict[str, tuple[str, Need]] = {}
+    merges = []
+    for p, need in needs.items():
+        full = g.constants.pop(p)
+        if need.is_full:
+            g.inputs.append(p)
+            wants[p] = (p, need)
+            continue
+        idx = [slice(None)] * full.ndim
+        idx[need.axis] = slice(need.start, need.stop)
+        rest = [slice(None)] * full.ndim
+        rest[need.axis] = slice(need.stop, None)
+        del g.types[p]
+        g.add_input(p, TensorType(tuple(full[tuple(idx)].shape), full.dtype.name))
+        frozen = g.add_constant(np.ascontiguousarray(full[tuple(rest)]), name=g.fresh(f"{p}.frozen"))
+        merged = g.add_value(g.fresh(f"{p}.merged"), TensorType(full.shape, full.dtype.name))
+        for node in g.nodes:
+            node.inputs = [merged if i == p else i for i in node.inputs]
+        merges.append(Node("concat", [p, frozen], [merged], {"axis": need.axis}, p.rsplit(".", 1)[0]))
+        wants[p] = (merged, need)
+    g.nodes[:0] = merges
+    return g, wants
+
+
+def _training_graph(fwd: Graph, wants: dict[str, tuple[str, Need]], full_values: dict[str, np.ndarray],
+                    loss_op: str, labels: Any, opt: Any, label_smoothing: float,
+                    optimize: bool) -> tuple[Graph, list[StateEntry]]:
+    g = fwd.copy()
+    b = Builder(g)
+    out = g.outputs[0]
+    y = g.add_input("labels", _label_type(loss_op, g.types[out], labels))
+    lr = g.add_input(LR, TensorType((), "float32"))
+    attrs = {"label_smoothing": label_smoothing} if loss_op == "cross_entropy" else {}
+    with b.scope("loss", phase="loss"):
+        loss = b.op(loss_op, [out, y], hint="loss", **attrs)
+
+    by_value = backward(g, loss, dict(wants.values()))
+    grads = {p: by_value[v] for p, (v, _) in wants.items()}
+
+    state: list[StateEntry] = []
+    step = step_next = None
+    with b.scope("optimizer", phase="optimizer"):
+        if opt.needs_step:
+            step = g.add_input(STEP, TensorType((), "float32"))
+            step_next = b.op("add", [step, b.scalar_like(1.0, step)], hint="step_next")
+        for p, (_, need) in wants.items():
+            slots = {s: g.add_input(f"optimizer.{s}.{p}", g.types[p]) for s in opt.slots()}
+            with b.scope(p.rsplit(".", 1)[0] if "." in p else ""):  # the layer it updates, phase optimizer
+                new_p, new_slots = build_update(b, opt, p, grads[p], slots, lr, step_next)
+            value = _part(full_values[p], need)
+            state.append(StateEntry(p, "param", p, new_p, value, slice=None if need.is_full else need,
+                                    full_shape=full_values[p].shape))
+            init = initial_state(opt, value)
+            state += [StateEntry(slots[s], "optimizer", slots[s], new_slots[s], init[s], param=p, slot=s)
+                      for s in opt.slots()]
+        if step is not None:
+            state.append(StateEntry(STEP, "optimizer", STEP, step_next, np.zeros((), np.float32), slot="step"))
+
+    # Graph outputs get stable, documented names: loss, the model output, then "new/<state>".
+    rename = {loss: "loss"} | {s.output: f"new/{s.name}" for s in state}
+    taken = [new for old, new in rename.items() if new != old and new in g.types]
+    if taken:
+        raise CompileError(f"the model already has values named {', '.join(taken)}, which name the training "
+                           "step's outputs; rename them in the model")
+    for node in g.nodes:
+        node.outputs = [rename.get(o, o) for o in node.outputs]
+        node.inputs = [rename.get(i, i) if i is not None else None for i in node.inputs]
+    for old, new in rename.items():
+        g.types[new] = g.types.pop(old)
+    for s in state:
+        s.output = rename[s.output]
+    g.outputs = ["loss", out] + [s.output for s in state]
+    g = eliminate_dead_code(g).graph
+    if optimize:
+        g = save_small_for_backward(g).graph  # backward keeps slices and masks, not whole activations
+        g = fold_constants(g).graph
+        g = reorder_updates(g).graph  # last: it only reorders (PockEngine's update-right-after-gradient)
+    g.verify()
+    return g, state

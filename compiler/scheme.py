@@ -1,0 +1,333 @@
+"""Update schemes: which parts of which layers a training step updates (sparse backpropagation).
+
+A scheme is a list of rules over layer module paths (fnmatch; 'fc.*' also matches 'fc' itself; a
+later rule overrides an earlier one for the layers it matches). Each rule gives an update kind:
+
+  frozen   nothing
+  full     weight and bias, whole
+  bias     the bias only (BatchNorm: beta)
+  weight   the weight on a channel slice at `ratio` (0 < ratio <= 1), with the bias if `bias: true`
+
+Slices take the first round(ratio * C) channels (at least one), as the Tiny Training Engine does, on
+the **input**-channel axis of a conv or linear weight: the weight gradient then needs only that slice
+of the input activation, which is the memory win. A depthwise conv has one input channel per group,
+so its slice is over channels (axis 0), and the activation slice shrinks the same way.
+
+Presets (`resolve_scheme("NAME", ...)`) are defined over the model's blocks: the children of its
+top-level containers (nn.Sequential/ModuleList/ModuleDict), with consecutive top-level layers outside
+containers grouped into one block (a ResNet stem). The head is the last linear layer in forward order.
+  full          every parameter
+  classifier    the head only
+  last-k:N      every layer of the last N blocks, and the head
+  bias-only     every bias (conv/linear bias, BatchNorm beta), and the head
+  sparse        the head; biases of the layers in the last half of the blocks; the weight of the first
+                conv/linear layer of each of the last 4 blocks at ratios 1/8, 1/4, 1/4, 1/2
+  tbft-front / tbft-middle / tbft-rear
+                the blocks and the head's block split into three consecutive groups of near-equal size
+                (earlier groups take the remainder); every layer of the chosen group, and the head
+                (TBFT: input-, feature- and output-level drift respectively)
+"""
+from __future__ import annotations
+
+import fnmatch
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from pockprop.errors import CompileError
+from pockprop.ir import Graph
+from pockprop.ops.registry import FULL, Need
+
+KINDS = ("frozen", "full", "bias", "weight")
+PRESETS = ("full", "classifier", "last-k:N", "bias-only", "sparse", "tbft-front", "tbft-middle", "tbft-rear")
+SPARSE_RATIOS = (1 / 8, 1 / 4, 1 / 4, 1 / 2)
+
+
+@dataclass(frozen=True)
+class Rule:
+    pattern: str
+    update: str = "full"
+    ratio: float = 1.0
+    bias: bool = False
+
+    def __post_init__(self) -> None:
+        if self.update not in KINDS:
+            raise CompileError(f"scheme rule {self.pattern!r}: update {self.update!r} is not one of {', '.join(KINDS)}")
+        if not 0.0 < self.ratio <= 1.0:
+            raise CompileError(f"scheme rule {self.pattern!r}: ratio {self.ratio} is outside (0, 1]")
+        if self.update != "weight" and (self.ratio != 1.0 or self.bias):
+            raise CompileError(f"scheme rule {self.pattern!r}: ratio and bias apply to update 'weight' only")
+
+
+@dataclass(frozen=True)
+class Scheme:
+    name: str
+    rules: tuple[Rule, ...]
+
+
+@dataclass
+class Layer:
+    """A module that owns parameters, in forward order, as the traced graph uses them."""
+
+    path: str
+    op: str  # conv2d | linear | batch_norm | other
+    weight: str | None = None
+    bias: str | None = None
+    groups: int = 1
+    block: str = ""
+    params: list[str] = field(default_factory=list)  # every parameter of the module
+
+
+@dataclass
+class LayerUpdate:
+    layer: Layer
+    weight: Need | None  # None: frozen weight
+    bias: bool
+    ratio: float = 1.0
+
+    @property
+    def kind(self) -> str:
+        if self.weight is None:
+            return "bias" if self.bias else "frozen"
+        if self.weight.is_full:
+            return "full" if self.bias or self.layer.bias is None else "weight"
+        return f"weight@{self.ratio:g}" + ("+bias" if self.bias else "")
+
+
+@dataclass
+class ResolvedScheme:
+    name: str
+    updates: list[LayerUpdate]
+
+    def needs(self) -> dict[str, Need]:
+        """Trainable parameter -> the part of it that is updated."""
+        out: dict[str, Need] = {}
+        for u in self.updates:
+            if u.weight is not None and u.layer.weight:
+                out[u.layer.weight] = u.weight
+            if u.bias and u.layer.bias:
+                out[u.layer.bias] = FULL
+            if u.weight is not None and u.layer.op == "other":
+                out.update({p: FULL for p in u.layer.params})
+        return out
+
+    def table(self, counts: dict[str, int] | None = None) -> str:
+        rows = [("layer", "op", "block", "update")] + [
+            (u.layer.path or "<top>", u.layer.op, u.layer.block, u.kind) for u in self.updates]
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        lines = [f"scheme {self.name}:"] + ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+        return "\n".join(lines)
+
+
+# -- reading schemes ------------------------------------------------------------------------------
+
+def scheme_from_dict(d: dict[str, Any], name: str = "custom") -> Scheme:
+    if not isinstance(d, dict) or not isinstance(d.get("rules"), list) or not d["rules"]:
+        raise CompileError(f"scheme {name}: expected a mapping with a non-empty list 'rules'")
+    unknown = set(d) - {"name", "rules"}
+    if unknown:
+        raise CompileError(f"scheme {name}: unknown keys {', '.join(sorted(unknown))} (expected name, rules)")
+    rules = []
+    for i, r in enumerate(d["rules"]):
+        if not isinstance(r, dict) or "match" not in r:
+            raise CompileError(f"scheme {name}: rule {i + 1} needs a 'match' pattern")
+        extra = set(r) - {"match", "update", "ratio", "bias"}
+        if extra:
+            raise CompileError(f"scheme {name}: rule {i + 1} ({r['match']!r}) has unknown keys {', '.join(sorted(extra))}")
+        rules.append(Rule(str(r["match"]), str(r.get("update", "full")), _ratio(r.get("ratio", 1.0), r["match"]),
+                          bool(r.get("bias", False))))
+    return Scheme(str(d.get("name", name)), tuple(rules))
+
+
+def _ratio(v: Any, pattern: str) -> float:
+    try:
+        if isinstance(v, str) and "/" in v:
+            num, den = v.split("/")
+            return float(num) / float(den)
+        return float(v)
+    except (ValueError, ZeroDivisionError):
+        raise CompileError(f"scheme rule {pattern!r}: ratio {v!r} is not a number or fraction like 1/4") from None
+
+
+def load_scheme(spec: str | Scheme | dict[str, Any]) -> Scheme | str:
+    """A Scheme, a preset name (returned as is, resolved against the model later) or a YAML path."""
+    if isinstance(spec, Scheme):
+        return spec
+    if isinstance(spec, dict):
+        return scheme_from_dict(spec)
+    if spec.endswith((".yaml", ".yml")) or os.path.sep in spec:
+        import yaml
+
+        try:
+            with open(spec) as f:
+                data = yaml.safe_load(f)
+        except FileNotFoundError:
+            raise CompileError(f"scheme file {spec} not found") from None
+        except yaml.YAMLError as ex:
+            raise CompileError(f"scheme file {spec}: invalid YAML ({ex})") from None
+        return scheme_from_dict(data, name=os.path.basename(spec))
+    base = spec.split(":")[0]
+    if base not in {p.split(":")[0] for p in PRESETS}:
+        raise CompileError(f"unknown scheme preset {spec!r}; presets: {', '.join(PRESETS)}, or a YAML file")
+    return spec
+
+
+# -- model structure ------------------------------------------------------------------------------
+
+LAYER_OPS = ("conv2d", "linear", "batch_norm")
+
+
+def discover_layers(graph: Graph, parameters: list[str], module_tree: list[tuple[str, bool]]) -> list[Layer]:
+    """Layers in forward order from the traced graph; `module_tree` = top-level children (name, is_container).
+
+    A module whose parameters feed a conv/linear/batch norm as its weight (input 1) or bias (input 2)
+    is that kind of layer; one whose parameters are used any other way is 'other' (whole tensors only).
+    """
+    layers: dict[str, Layer] = {}
+    owner = {p: p.rsplit(".", 1)[0] if "." in p else "" for p in parameters}
+    for node in graph.nodes:
+        for k, v in enumerate(node.inputs):
+            if v not in owner:
+                continue
+            layer = layers.setdefault(owner[v], Layer(owner[v], node.op))
+            if node.op not in LAYER_OPS or k not in (1, 2) or layer.op != node.op:
+                layer.op = "other"
+            elif k == 1:
+                layer.weight, layer.groups = v, int(node.attrs.get("groups", 1))
+            else:
+                layer.bias = v
+    for p, path in owner.items():
+        if path in layers:
+            layers[path].params.append(p)
+    blocks = _blocks(module_tree)
+    for layer in layers.values():
+        layer.block = next((name for name, prefix in blocks
+                            if layer.path == prefix or layer.path.startswith(prefix + ".")), layer.path)
+    return list(layers.values())
+
+
+def _blocks(module_tree: list[tuple[str, bool]]) -> list[tuple[str, str]]:
+    """(block name, module prefix) pairs; top-level layers in a row share one block named a+b."""
+    out: list[tuple[str, str]] = []
+    run: list[str] = []
+    for name, is_container in module_tree:
+        if is_container:
+            if run:
+                out += [("+".join(run), r) for r in run]
+                run = []
+            out.append((name, name))
+        else:
+            run.append(name)
+    if run:
+        out += [("+".join(run), r) for r in run]
+    return out
+
+
+def module_tree(model: Any) -> list[tuple[str, bool]]:
+    """Top-level structure of an nn.Module: containers expand to their children (the blocks)."""
+    import torch.nn as nn
+
+    containers = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+    if isinstance(model, containers):  # the model is itself a container: its children are the blocks
+        return [(name, True) for name, c in model.named_children() if any(True for _ in c.parameters())]
+    tree: list[tuple[str, bool]] = []
+    for name, child in model.named_children():
+        if isinstance(child, containers):
+            tree += [(f"{name}.{sub}", True) for sub, c in child.named_children() if any(True for _ in c.parameters())]
+        elif any(True for _ in child.parameters()):
+            tree.append((name, False))
+    return tree
+
+
+# -- resolution -----------------------------------------------------------------------------------
+
+def _matches(path: str, pattern: str) -> bool:
+    return fnmatch.fnmatchcase(path, pattern) or fnmatch.fnmatchcase(path + ".", pattern)
+
+
+def _slice_need(layer: Layer, ratio: float, shapes: dict[str, tuple[int, ...]]) -> Need:
+    shape = shapes[layer.weight] if layer.weight else ()
+    if layer.op not in ("conv2d", "linear") or len(shape) < 2:
+        raise CompileError(f"layer {layer.path} ({layer.op}): its weight cannot be sliced by channels; "
+                           "use update 'full' or 'bias' for it")
+    depthwise = layer.op == "conv2d" and shape[1] == 1 and layer.groups > 1
+    axis = 0 if depthwise else 1
+    k = max(1, round(ratio * shape[axis]))
+    return FULL if k == shape[axis] else Need(axis, 0, k)
+
+
+def _preset_rules(name: str, layers: list[Layer]) -> tuple[Rule, ...]:
+    head = [l for l in layers if l.op == "linear"]
+    if not head:
+        raise CompileError(f"scheme {name}: the model has no linear layer to serve as the classifier head")
+    head_rule = Rule(head[-1].path, "full")
+    blocks: list[str] = []
+    for l in layers:
+        if l.path != head[-1].path and l.block not in blocks:
+            blocks.append(l.block)
+    by_block = lambda bs: [Rule(l.path, "full") for l in layers if l.block in bs]  # noqa: E731
+    if name == "full":
+        return (Rule("*", "full"),)
+    if name == "classifier":
+        return (head_rule,)
+    if name.startswith("last-k"):
+        try:
+            k = int(name.split(":")[1])
+            assert k >= 1
+        except (IndexError, ValueError, AssertionError):
+            raise CompileError(f"scheme {name!r}: write last-k:N with N >= 1 blocks, e.g. last-k:2") from None
+        if k > len(blocks):
+            raise CompileError(f"scheme {name}: the model has only {len(blocks)} blocks")
+        return tuple(by_block(blocks[-k:])) + (head_rule,)
+    if name == "bias-only":
+        return tuple(Rule(l.path, "bias") for l in layers if l.bias) + (head_rule,)
+    if name == "sparse":
+        late = blocks[len(blocks) // 2:]
+        rules = [Rule(l.path, "bias") for l in layers if l.block in late and l.bias]
+        for block, ratio in zip(blocks[-len(SPARSE_RATIOS):], SPARSE_RATIOS[-len(blocks):]):
+            first = next((l for l in layers if l.block == block and l.op in ("conv2d", "linear")), None)
+            if first is not None:
+                rules.append(Rule(first.path, "weight", ratio, bias=first.bias is not None and block in late))
+        return tuple(rules) + (head_rule,)
+    if name.startswith("tbft-"):
+        blocks = blocks + [head[-1].block]  # the head is the rear end of the model here
+        if len(blocks) < 3:
+            raise CompileError(f"scheme {name}: needs at least 3 blocks, the model has {len(blocks)}")
+        n, r = divmod(len(blocks), 3)
+        sizes = [n + (1 if i < r else 0) for i in range(3)]
+        part = {"tbft-front": 0, "tbft-middle": 1, "tbft-rear": 2}[name]
+        start = sum(sizes[:part])
+        return tuple(by_block(blocks[start:start + sizes[part]])) + (head_rule,)
+    raise CompileError(f"unknown scheme preset {name!r}; presets: {', '.join(PRESETS)}")
+
+
+def resolve_scheme(spec: Scheme | str, layers: list[Layer], shapes: dict[str, tuple[int, ...]]) -> ResolvedScheme:
+    """Apply the rules to the layers; every rule must match something it can update."""
+    scheme = spec if isinstance(spec, Scheme) else Scheme(spec, _preset_rules(spec, layers))
+    chosen: dict[str, LayerUpdate] = {l.path: LayerUpdate(l, None, False) for l in layers}
+    for rule in scheme.rules:
+        hits = [l for l in layers if _matches(l.path, rule.pattern)]
+        if not hits:
+            raise CompileError(f"scheme {scheme.name}: pattern {rule.pattern!r} matches no layer; layers look like "
+                               f"{', '.join(l.path for l in layers[:3])}, ...")
+        if rule.update == "bias" and not any(l.bias for l in hits):
+            raise CompileError(f"scheme {scheme.name}: pattern {rule.pattern!r} updates biases, but none of its "
+                               f"layers ({hits[0].path}, ...) has one")
+        for l in hits:
+            if rule.update == "frozen":
+                chosen[l.path] = LayerUpdate(l, None, False)
+            elif rule.update == "full":
+                chosen[l.path] = LayerUpdate(l, FULL, l.bias is not None)
+            elif rule.update == "bias":
+                chosen[l.path] = LayerUpdate(l, None, l.bias is not None)
+            else:
+                need = FULL if rule.ratio == 1.0 else _slice_need(l, rule.ratio, shapes)
+                chosen[l.path] = LayerUpdate(l, need, rule.bias and l.bias is not None, rule.ratio)
+    resolved = ResolvedScheme(scheme.name, [chosen[l.path] for l in layers])
+    if not resolved.needs():
+        raise CompileError(f"scheme {scheme.name} leaves nothing to train")
+    return resolved
+
+
+def scheme_names() -> Iterable[str]:
+    return PRESETS

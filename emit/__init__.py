@@ -1,0 +1,1 @@
+"""Emission: IR graph -> standard ONNX (onnx.py)."""

@@ -1,0 +1,124 @@
+"""Emission: IR graph -> ONNX model (standard domain only, opset 17, IR version 8).
+
+Each IR op lowers itself through the small `Emitter` API below; this file only walks the graph,
+turns constants into initializers and writes the graph signature. Node names carry the module path
+so a graph opened in Netron reads in the user's own names.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from pockprop.ir import Graph, Node, TensorType
+from pockprop.ops.registry import get_op
+
+OPSET = 17
+IR_VERSION = 8  # onnxruntime >= 1.10 loads IR 8; newer onnx would write a higher one by default
+
+
+def onnx_dtype(dtype: str) -> int:
+    return helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+
+
+class Emitter:
+    """What a lowering sees: add ONNX nodes, constants and fresh names, look up IR types."""
+
+    def __init__(self, graph: Graph) -> None:
+        self.graph = graph
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: dict[str, np.ndarray] = {}
+        self._taken: set[str] = set(graph.types)
+        self._node_names: set[str] = set()
+        self._const_cache: dict[tuple[Any, ...], str] = {}
+        self.current: Node | None = None
+
+    def type(self, value: str) -> TensorType:
+        return self.graph.types[value]
+
+    def fresh(self, hint: str) -> str:
+        name, i = hint, 0
+        while name in self._taken:
+            i += 1
+            name = f"{hint}_{i}"
+        self._taken.add(name)
+        return name
+
+    def node(self, op_type: str, inputs: list[str | None], outputs: list[str] | str | None = None,
+             n_out: int = 1, **attrs: Any) -> Any:
+        """Add one ONNX node; returns its output name (or list of names when n_out > 1)."""
+        if outputs is None:
+            base = self.current.outputs[0] if self.current is not None else "t"
+            outputs = [self.fresh(f"{base}/{op_type}") for _ in range(n_out)]
+        elif isinstance(outputs, str):
+            outputs = [outputs]
+        module, phase = (self.current.module, self.current.phase) if self.current is not None else ("", "forward")
+        # "features.3.conv.0/Conv" forward, "features.3.conv.0/backward/ConvTranspose" for its gradient
+        where = module or "model" if phase in ("forward", "loss") else f"{module or 'model'}/{phase}"
+        name = self._unique_node_name(f"{where}/{op_type}")
+        ins = ["" if i is None else i for i in inputs]
+        while ins and ins[-1] == "":  # trailing absent optionals are simply left out
+            ins.pop()
+        self.nodes.append(helper.make_node(op_type, ins, list(outputs), name=name,
+                                           **{k: v for k, v in attrs.items() if v is not None}))
+        return outputs[0] if len(outputs) == 1 else list(outputs)
+
+    def const(self, value: Any, dtype: str = "float32", hint: str = "const") -> str:
+        arr = np.asarray(value, dtype=dtype)
+        key = (arr.dtype.name, arr.shape, arr.tobytes()) if arr.size <= 16 else None
+        if key is not None and key in self._const_cache:
+            return self._const_cache[key]
+        name = self.fresh(hint)
+        self.initializers[name] = arr
+        if key is not None:
+            self._const_cache[key] = name
+        return name
+
+    def ints(self, values: Any) -> str:
+        """An int64 1-D constant (axes, shapes, starts...)."""
+        return self.const(list(values), "int64", "ints")
+
+    def _unique_node_name(self, base: str) -> str:
+        name, i = base, 0
+        while name in self._node_names:
+            i += 1
+            name = f"{base}_{i}"
+        self._node_names.add(name)
+        return name
+
+
+def _tensor(array: np.ndarray, name: str) -> onnx.TensorProto:
+    # np.ascontiguousarray would turn a rank-0 array into rank 1; np.array(order="C") keeps the rank
+    return numpy_helper.from_array(np.array(array, order="C"), name)
+
+
+def to_onnx(graph: Graph, name: str = "pockprop", input_defaults: dict[str, np.ndarray] | None = None,
+            doc: str = "") -> onnx.ModelProto:
+    """Lower `graph` to an ONNX model. `input_defaults` become initializers of same-named inputs
+    (overridable at run time), which is how infer.onnx takes fine-tuned weights optionally."""
+    e = Emitter(graph)
+    for node in graph.nodes:
+        e.current = node
+        get_op(node.op).lower(e, node)
+    e.current = None
+
+    used = {i for n in e.nodes for i in n.input} | set(graph.outputs)
+    inits = [_tensor(a, n) for n, a in graph.constants.items() if n in used]
+    inits += [_tensor(a, n) for n, a in e.initializers.items()]
+    for n, a in (input_defaults or {}).items():
+        inits.append(_tensor(a, n))
+
+    def vi(v: str) -> onnx.ValueInfoProto:
+        t = graph.types[v]
+        return helper.make_tensor_value_info(v, onnx_dtype(t.dtype), list(t.shape))
+
+    outputs = [vi(o) for o in graph.outputs]
+    g = helper.make_graph(e.nodes, name, [vi(i) for i in graph.inputs], outputs, initializer=inits, doc_string=doc)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="pockprop")
+    model.ir_version = IR_VERSION
+    return model
+
+
+__all__ = ["Emitter", "to_onnx", "OPSET", "IR_VERSION", "onnx_dtype", "TensorProto"]

@@ -1,1 +1,0 @@
-"""pockprop compiler: PyTorch model -> ONNX training-step graph (trace, IR, autodiff, passes, emit)."""

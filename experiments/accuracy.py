@@ -1,0 +1,473 @@
+"""`make accuracy`: does a sparse update scheme lose accuracy against full backprop on real drift tasks?
+
+For each drift task of experiments/drift.py (input-, feature- and output-level shifts of scikit-learn's
+digits): pre-train a zoo CNN on the source setting with PyTorch (cached as safetensors), then, from
+those weights, compile every scheme with pockprop and fine-tune it on the shifted setting through the
+device runtime (runtime.Trainer: onnxruntime), 3 seeds each, with one recipe for every scheme. The
+searched scheme comes from pockprop.search under a memory budget of 1/4 of full's training memory and
+a trainable-parameter budget of 10 % of the model (the issue's targets, given to the search as budgets),
+and the drift probe's block choice is recorded beside the drift kind. Results go to
+out/accuracy/<task>.json and, regenerated from those files, to the tables of docs/accuracy.md.
+
+    python -m experiments.accuracy                 # everything (the documented run)
+    python -m experiments.accuracy --task input    # one task (the doc is rebuilt from every task's JSON)
+    python -m experiments.accuracy --quick         # a smoke run: tiny model, 1 seed, out/accuracy-quick
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from pockprop.artifact import safetensors
+from pockprop.runtime.data import batches
+from pockprop.runtime.schedule import Schedule
+
+from experiments.drift import EXPECTED_BLOCK, TASKS, DriftTask, make_task
+
+SCHEMES = ("full", "classifier", "bias-only", "last-k:2", "tbft-front", "tbft-middle", "tbft-rear", "searched")
+DOC = "docs/accuracy.md"
+BEGIN, END = "<!-- accuracy-results:begin (make accuracy writes this part) -->", "<!-- accuracy-results:end -->"
+
+
+@dataclass
+class Config:
+    """Every knob of the experiment; the same fine-tuning recipe applies to every scheme."""
+
+    model: str = "resnet18"
+    width: int = 16
+    resolution: int = 32
+    channels: int = 3
+    batch: int = 32
+    pretrain_epochs: int = 20  # PyTorch, SGD momentum 0.9, weight decay 5e-4, cosine, +-2 px shifts
+    pretrain_lr: float = 0.05
+    epochs: int = 10  # fine-tuning: SGD momentum 0.9, cosine from lr to 0 over all steps, no weight decay
+    lrs: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03)  # per scheme, chosen on the validation hold-out
+    lr: float = 0.01  # compiled into the artifacts, and the search's / probe's fine-tuning lr
+    momentum: float = 0.9
+    seeds: tuple[int, ...] = (0, 1, 2)
+    schemes: tuple[str, ...] = SCHEMES
+    val_fraction: float = 0.2  # carved from the target's train images; the search and probe see only it
+    budget_fraction: float = 0.25  # the search's memory budget, as a share of full's training memory
+    params_fraction: float | None = 0.10  # and its trainable-parameter budget, as a share of the model's
+    ratios: tuple[float, ...] = (1 / 8, 1 / 4, 1 / 2, 1.0)
+    search_epochs: float = 2.0  # fine-tuning length of each search / probe candidate
+    search_max_layers: int | None = None  # only the last N candidate layers (tests); None: every layer
+    probe: bool = True
+    threads: int | None = None  # onnxruntime intra-op threads and PyTorch threads; None: their defaults
+
+    def optimizer(self) -> dict[str, Any]:
+        return {"name": "sgd", "lr": self.lr, "momentum": self.momentum}
+
+    def key(self) -> str:
+        d = {k: v for k, v in asdict(self).items() if k in ("model", "width", "resolution", "channels", "batch",
+                                                          "pretrain_epochs", "pretrain_lr")}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
+
+
+QUICK = Config(width=4, resolution=16, pretrain_epochs=2, epochs=1, seeds=(0,), lrs=(0.01,),
+               schemes=("full", "classifier", "searched"), ratios=(1 / 4, 1.0), search_epochs=0.5)
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# -- the model ------------------------------------------------------------------------------------
+
+def build(cfg: Config, state: dict[str, np.ndarray] | None = None) -> Any:
+    """The zoo model (10 classes), with `state` loaded if given, in eval mode (frozen BatchNorm statistics)."""
+    import torch
+
+    from pockprop import models
+
+    width = {"width": cfg.width} if cfg.model.startswith("resnet") else {"width_mult": cfg.width}
+    torch.manual_seed(0)
+    model = models.resolve(f"models:{cfg.model}", num_classes=10, **width)[0]
+    if state is not None:
+        model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
+    return model.eval()
+
+
+def pretrain(task: DriftTask, cfg: Config, out: str) -> dict[str, np.ndarray]:
+    """PyTorch pre-training on the task's source images (BatchNorm in train mode), then the BatchNorm
+    statistics recalibrated on the same images; cached per source setting and config as safetensors."""
+    path = os.path.join(out, f"pretrained-{task.source_key}-{cfg.model}-{cfg.key()}.safetensors")
+    if os.path.exists(path):
+        return safetensors.load(path)[0]
+    import torch
+
+    from experiments.demo import calibrate_batchnorm
+
+    t0 = time.perf_counter()
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    model = build(cfg).train()
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.from_numpy(task.source.x), torch.from_numpy(task.source.y)
+    per_epoch = len(y) // cfg.batch
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.pretrain_lr, momentum=0.9, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.pretrain_epochs * per_epoch)
+    for epoch in range(cfg.pretrain_epochs):
+        order, total = torch.randperm(len(y), generator=gen), 0.0
+        for i in range(per_epoch):
+            idx = order[i * cfg.batch:(i + 1) * cfg.batch]
+            dy, dx = torch.randint(-2, 3, (2,), generator=gen).tolist()  # small translations
+            loss = torch.nn.functional.cross_entropy(model(torch.roll(x[idx], (dy, dx), (2, 3))), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss.detach())
+        log(f"  pre-train {task.source_key} epoch {epoch + 1}/{cfg.pretrain_epochs}: loss {total / per_epoch:.4f}")
+    calibrate_batchnorm(model, task.source.x)
+    torch.set_num_threads(threads)
+    state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    os.makedirs(out, exist_ok=True)
+    safetensors.save(path, state, {"config": json.dumps(asdict(cfg)), "source": task.source_key})
+    log(f"  pre-trained in {time.perf_counter() - t0:.0f}s -> {path}")
+    return state
+
+
+# -- compile, fine-tune, measure ------------------------------------------------------------------
+
+def training_bytes(art: Any, summary: dict[str, Any]) -> int:
+    """What training adds to inference (pockprop.search.costs' definition): the trainable tensors, their
+    gradients, the optimizer state and the activations kept for backward."""
+    params = sum(int(e.initial.nbytes) for e in art.state if e.role == "param")
+    optim = sum(int(e.initial.nbytes) for e in art.state if e.role == "optimizer" and e.initial.ndim)
+    return int(2 * params + optim + summary["kept_bytes"])
+
+
+def compile_scheme(state: dict[str, np.ndarray], scheme: Any, cfg: Config, directory: str) -> dict[str, Any]:
+    """Compile the pretrained model with `scheme`, save it to `directory`; its cost figures."""
+    import torch
+
+    from pockprop.compiler.compile import compile
+    from pockprop.compiler.report import summarize
+
+    shape = (cfg.batch, cfg.channels, cfg.resolution, cfg.resolution)
+    art = compile(build(cfg, state), (torch.zeros(shape),), optimizer=cfg.optimizer(), scheme=scheme, name=cfg.model)
+    art.save(directory)
+    s = summarize(art)
+    return {"dir": directory, "trainable_percent": float(s["trainable_percent"]),
+            "trainable_params": int(s["trainable_params"]), "training_bytes": training_bytes(art, s),
+            "peak_bytes": int(s["peak_bytes"]), "backward_macs": int(s["backward_macs"]),
+            "scheme_table": art.scheme.table() if art.scheme is not None else ""}
+
+
+def finetune(art_dir: str, train: tuple[np.ndarray, np.ndarray], cfg: Config, seed: int, lr: float) -> tuple[dict[str, Any], Any]:
+    """The one fine-tuning recipe: cfg.epochs epochs of full shuffled batches (order seeded by `seed`),
+    SGD momentum, cosine lr from `lr` to 0 over all steps. Returns the run's record and its Trainer."""
+    from pockprop.runtime.trainer import Trainer
+
+    trainer = Trainer.load(art_dir, threads=cfg.threads)
+    x, y = train
+    total = cfg.epochs * (len(y) // cfg.batch)
+    trainer.schedule = Schedule("cosine", lr, total_steps=max(total, 1))
+    times, losses = [], []
+    for epoch in range(cfg.epochs):
+        for bx, by in batches(x, y, cfg.batch, seed=seed * 1000 + epoch):
+            t0 = time.perf_counter()
+            loss = trainer.step(bx, by)
+            times.append(time.perf_counter() - t0)
+            if loss is not None:
+                losses.append(loss)
+    return {"seed": seed, "lr": lr, "steps": trainer.steps, "rejected": trainer.rejected,
+            "train_loss": float(np.mean(losses[-10:])) if losses else float("nan"),
+            "step_ms": float(np.median(times[2:] if len(times) > 4 else times) * 1e3) if times else 0.0}, trainer
+
+
+def evaluate(trainer: Any, record: dict[str, Any], evals: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
+    for name, (x, y) in evals.items():
+        m = trainer.evaluate(x, y)
+        record[f"{name}_accuracy"], record[f"{name}_loss"] = float(m["accuracy"]), float(m["loss"])
+    return record
+
+
+def choose_lr(art_dir: str, data: Any, cfg: Config, seed: int) -> tuple[float, list[dict[str, Any]], Any]:
+    """The scheme's learning rate from cfg.lrs: the best validation accuracy after the seed's run (ties:
+    the lower validation loss). The test set is not looked at. Returns the lr, every grid run, and the
+    chosen run's (record, trainer), which is the seed's run of the results."""
+    grid, best = [], None
+    for lr in cfg.lrs:
+        record, trainer = finetune(art_dir, (data.x_train, data.y_train), cfg, seed, lr)
+        evaluate(trainer, record, {"val": (data.x_val, data.y_val)})
+        grid.append(record)
+        if best is None or (record["val_accuracy"], -record["val_loss"]) > (best[0]["val_accuracy"], -best[0]["val_loss"]):
+            best = (record, trainer)
+    assert best is not None
+    return best[0]["lr"], grid, best
+
+
+def pretrained_accuracy(art_dir: str, evals: dict[str, tuple[np.ndarray, np.ndarray]], cfg: Config) -> dict[str, float]:
+    from pockprop.runtime.trainer import Trainer
+
+    trainer = Trainer.load(art_dir, threads=cfg.threads)
+    return {f"{n}_accuracy": float(trainer.evaluate(x, y)["accuracy"]) for n, (x, y) in evals.items()}
+
+
+def _search_api() -> Any:
+    try:
+        from pockprop import search as search_api
+
+        search_api.SearchData, search_api.search, search_api.drift_probe, search_api.FinetuneConfig  # noqa: B018
+        return search_api
+    except (ImportError, AttributeError) as ex:
+        log(f"  pockprop.search is not available ({ex}): no searched scheme, no drift probe")
+        return None
+
+
+# -- one task -------------------------------------------------------------------------------------
+
+def run_task(name: str, cfg: Config, out: str) -> dict[str, Any]:
+    t_task = time.perf_counter()
+    task0 = make_task(name, cfg.resolution, cfg.channels, seed=cfg.seeds[0])
+    log(f"[{name}] {task0.kind} drift: {len(task0.source)} source (pre-training), {len(task0.target)} target "
+        f"(fine-tuning, {cfg.val_fraction:.0%} of it held out for validation), {len(task0.test)} test images")
+    state = pretrain(task0, cfg, out)
+    test = (task0.test.x, task0.test.y)
+    shape = (cfg.batch, cfg.channels, cfg.resolution, cfg.resolution)
+    api = _search_api() if ("searched" in cfg.schemes or cfg.probe) else None
+
+    def data_of(task: DriftTask) -> Any:
+        if api is not None:
+            return api.SearchData.split(task.target.x, task.target.y, val_fraction=cfg.val_fraction, seed=0)
+        from types import SimpleNamespace  # the same stratified hold-out, without pockprop.search
+
+        val = _holdout(task.target.y, cfg.val_fraction)
+        keep = np.setdiff1d(np.arange(len(task.target.y)), val)
+        return SimpleNamespace(x_train=task.target.x[keep], y_train=task.target.y[keep],
+                               x_val=task.target.x[val], y_val=task.target.y[val])
+
+    datas = {seed: data_of(make_task(name, cfg.resolution, cfg.channels, seed=seed) if name == "input" else task0)
+             for seed in cfg.seeds}
+    d0 = datas[cfg.seeds[0]]
+    arts = os.path.join(out, "artifacts", f"{task0.source_key}-{cfg.key()}")
+    costs: dict[str, dict[str, Any]] = {}
+    for scheme in [s for s in cfg.schemes if s != "searched"] or ["full"]:
+        costs[scheme] = compile_scheme(state, scheme, cfg, os.path.join(arts, scheme.replace(":", "-")))
+    if "full" not in costs:
+        costs["full"] = compile_scheme(state, "full", cfg, os.path.join(arts, "full"))
+    full = costs["full"]
+    result: dict[str, Any] = {"task": name, "kind": task0.kind, "config": asdict(cfg), "notes": task0.notes,
+                              "images": {"source": len(task0.source), "target": len(task0.target),
+                                         "fine-tune": len(d0.y_train), "validation": len(d0.y_val),
+                                         "test": len(task0.test)}}
+    result["pretrained"] = pretrained_accuracy(full["dir"], {"test": test, "val": (d0.x_val, d0.y_val),
+                                                             "source": (task0.source.x, task0.source.y)}, cfg)
+    log(f"[{name}] pre-trained model: source {100 * result['pretrained']['source_accuracy']:.1f}%, shifted test "
+        f"{100 * result['pretrained']['test_accuracy']:.1f}%")
+    fcfg = None
+    if api is not None:
+        fcfg = api.FinetuneConfig(batch=cfg.batch, epochs=cfg.search_epochs, optimizer=cfg.optimizer(), seed=0,
+                                  threads=cfg.threads)
+    if api is not None and "searched" in cfg.schemes:
+        budget = int(cfg.budget_fraction * full["training_bytes"])
+        log(f"[{name}] search: memory budget {budget / 2**20:.3f} MiB (= {cfg.budget_fraction:g} x full's training "
+            f"memory {full['training_bytes'] / 2**20:.3f} MiB), trainable parameters <= {cfg.params_fraction} of the "
+            f"model's, ratios {[round(r, 4) for r in cfg.ratios]}")
+        t0 = time.perf_counter()
+        res = api.search(build(cfg, state), shape, d0, budget_memory=budget, ratios=cfg.ratios, config=fcfg,
+                         cache_dir=os.path.join(out, "search-cache", name), progress=True,
+                         max_layers=cfg.search_max_layers, budget_params=cfg.params_fraction)
+        log(res.table())
+        result["search"] = {"budget_bytes": budget, "budget_params": res.budget_params, "fallback": res.fallback,
+                            "seconds": time.perf_counter() - t0, "yaml": res.yaml(),
+                            "result": _jsonable(res.to_json())}
+        costs["searched"] = compile_scheme(state, res.scheme, cfg, os.path.join(arts, f"searched-{name}"))
+    if api is not None and cfg.probe:
+        t0 = time.perf_counter()
+        dr = api.drift_probe(build(cfg, state), shape, d0, config=fcfg, progress=True,
+                             cache_dir=os.path.join(out, "search-cache", name))
+        log(dr.table())
+        result["probe"] = {"block": dr.block, "expected": EXPECTED_BLOCK[name], "match": dr.block == EXPECTED_BLOCK[name],
+                           "seconds": time.perf_counter() - t0, "result": _jsonable(dr.to_json())}
+        log(f"[{name}] drift probe picks {dr.block} (a {task0.kind} drift suggests {EXPECTED_BLOCK[name]})")
+
+    rows = []
+    for scheme in [s for s in cfg.schemes if s in costs]:
+        art_dir, first = costs[scheme]["dir"], cfg.seeds[0]
+        lr, grid, chosen = choose_lr(art_dir, datas[first], cfg, first)
+        log(f"[{name}] {scheme:12s} lr by validation (seed {first}): "
+            + ", ".join(f"{g['lr']:g}: {100 * g['val_accuracy']:.1f}%" for g in grid) + f" -> {lr:g}")
+        runs = []
+        for seed in cfg.seeds:
+            d = datas[seed]
+            record, trainer = chosen if seed == first else finetune(art_dir, (d.x_train, d.y_train), cfg, seed, lr)
+            r = evaluate(trainer, record, {"test": test, "val": (d.x_val, d.y_val)})
+            runs.append(r)
+            log(f"[{name}] {scheme:12s} seed {seed}: test {100 * r['test_accuracy']:.1f}%  val "
+                f"{100 * r['val_accuracy']:.1f}%  loss {r['train_loss']:.3f}  {r['step_ms']:.1f} ms/step")
+        c = {k: v for k, v in costs[scheme].items() if k != "dir"}
+        acc = np.array([r["test_accuracy"] for r in runs]) * 100
+        val = np.array([r["val_accuracy"] for r in runs]) * 100
+        rows.append({"scheme": scheme, **c, "lr": lr, "lr_grid": grid, "runs": runs,
+                     "test_mean": float(acc.mean()), "test_std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
+                     "val_mean": float(val.mean()),
+                     "step_ms": float(np.median([r["step_ms"] for r in runs])),
+                     "memory_ratio": c["training_bytes"] / full["training_bytes"],
+                     "peak_ratio": c["peak_bytes"] / full["peak_bytes"]})
+    result["rows"] = rows
+    result["seconds"] = time.perf_counter() - t_task
+    path = os.path.join(out, f"{name}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    log(f"[{name}] done in {result['seconds']:.0f}s -> {path}")
+    return result
+
+
+def _holdout(y: np.ndarray, fraction: float) -> np.ndarray:
+    """Stratified seeded validation indices (the rule of pockprop.search.SearchData.split)."""
+    rng = np.random.default_rng([0, 0x5EA4C4])
+    val = []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        k = min(max(int(round(fraction * len(idx))), 1 if len(idx) > 1 else 0), len(idx) - 1)
+        val.append(rng.permutation(idx)[:k])
+    return np.sort(np.concatenate(val))
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
+# -- the report -----------------------------------------------------------------------------------
+
+def markdown(results: dict[str, dict[str, Any]]) -> str:
+    """The results tables of docs/accuracy.md, from the per-task JSON records."""
+    mb = lambda b: f"{b / 2**20:.2f}"  # noqa: E731
+    lines: list[str] = []
+    for name in [t for t in TASKS if t in results]:
+        r = results[name]
+        rows = {row["scheme"]: row for row in r["rows"]}
+        full = rows.get("full")
+        n = r["images"]
+        lines += [f"### {name}: {r['kind']} drift", "",
+                  f"{n['source']} pre-training / {n['fine-tune']} fine-tuning (+{n['validation']} validation) / "
+                  f"{n['test']} test images; {len(r['config']['seeds'])} seeds; {r['seconds']:.0f} s.", "",
+                  "| scheme | test acc. % (mean ± std) | vs full | val. acc. % | lr | trainable % "
+                  "| training memory MiB (/ full) | est. peak MiB (/ full) | step ms |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+                  f"| pre-trained, no fine-tuning | {100 * r['pretrained']['test_accuracy']:.1f} | | "
+                  f"{100 * r['pretrained']['val_accuracy']:.1f} | | 0 | | | |"]
+        for s, row in rows.items():
+            delta = f"{row['test_mean'] - full['test_mean']:+.1f}" if full and s != "full" else ""
+            lines.append(f"| {s} | {row['test_mean']:.1f} ± {row['test_std']:.1f} | {delta} | {row['val_mean']:.1f} | "
+                         f"{row.get('lr', '')} | {row['trainable_percent']:.2f} | {mb(row['training_bytes'])} ({row['memory_ratio']:.3f}) | "
+                         f"{mb(row['peak_bytes'])} ({row['peak_ratio']:.3f}) | {row['step_ms']:.1f} |")
+        if "search" in r:
+            bp = r["search"].get("budget_params")
+            lines += ["", f"Searched scheme (budget {mb(r['search']['budget_bytes'])} MiB of training memory"
+                      + (f" and {bp:,} trainable parameters" if bp else "")
+                      + f"; search took {r['search']['seconds']:.0f} s):", ""]
+            if r["search"].get("fallback"):
+                lines += [f"Validation fallback: {r['search']['fallback']}.", ""]
+            lines += ["```yaml", r["search"]["yaml"].rstrip(), "```"]
+        lines.append("")
+    probes = [(t, results[t]["probe"], results[t]["kind"]) for t in TASKS if t in results and "probe" in results[t]]
+    if probes:
+        lines += ["### Drift probe", "", "| task | drift kind | TBFT block for it | probe picks | gains | match |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for t, p, kind in probes:
+            gains = p["result"].get("gains", {})
+            g = ", ".join(f"{k} {100 * v:+.1f}" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in gains.items()) \
+                if isinstance(gains, dict) else str(gains)
+            lines.append(f"| {t} | {kind} | {p['expected']} | {p['block']} | {g} | {'yes' if p['match'] else 'no'} |")
+        lines += ["", f"The probe picks the matching block in {sum(p['match'] for _, p, _ in probes)} of {len(probes)} tasks.", ""]
+    lines += ["### Targets", "", *targets(results), ""]
+    return "\n".join(lines)
+
+
+def targets(results: dict[str, dict[str, Any]]) -> list[str]:
+    """One line per target and task: met or missed, with the numbers."""
+    out = []
+    for name in [t for t in TASKS if t in results]:
+        rows = {row["scheme"]: row for row in results[name]["rows"]}
+        s, f = rows.get("searched"), rows.get("full")
+        if not (s and f):
+            out.append(f"- {name}: no searched scheme in this run")
+            continue
+        gap = s["test_mean"] - f["test_mean"]
+        checks = [("within 1 point of full", gap >= -1.0, f"{gap:+.1f} points"),
+                  ("≤ 10 % of the weights trained", s["trainable_percent"] <= 10.0, f"{s['trainable_percent']:.2f} %"),
+                  ("≤ 1/4 of full's training memory", s["memory_ratio"] <= 0.25, f"{s['memory_ratio']:.3f} x full")]
+        out.append(f"- {name}: " + "; ".join(f"{what}: **{'met' if ok else 'MISSED'}** ({num})" for what, ok, num in checks))
+    probes = [results[t]["probe"]["match"] for t in TASKS if t in results and "probe" in results[t]]
+    if probes:
+        k = sum(probes)
+        verdict = "met" if k >= 2 else "MISSED" if len(probes) - k >= 2 else "open (not every task ran)"
+        out.append(f"- drift probe matches the drift kind in ≥ 2 of 3 tasks: **{verdict}** ({k} of {len(probes)})")
+    return out
+
+
+def update_doc(path: str, text: str) -> bool:
+    """Replace what lies between the markers of `path` with `text`; False if the doc has no markers."""
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        doc = f.read()
+    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
+    if not pattern.search(doc):
+        return False
+    with open(path, "w") as f:
+        f.write(pattern.sub(lambda _: f"{BEGIN}\n{text}\n{END}", doc))
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m experiments.accuracy", description=__doc__.splitlines()[0])
+    p.add_argument("--task", action="append", choices=TASKS, help="run only this task (repeatable; default all)")
+    p.add_argument("--quick", action="store_true", help="a smoke run: tiny model, 1 seed, 1 epoch, out/accuracy-quick")
+    p.add_argument("--schemes", help="comma-separated schemes (default: all; 'searched' runs the search)")
+    p.add_argument("--seeds", help="comma-separated seeds")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--no-probe", action="store_true")
+    p.add_argument("--tables-only", action="store_true", help="run nothing: rebuild the tables from the JSON files")
+    p.add_argument("--out", help="output folder (default out/accuracy, --quick: out/accuracy-quick)")
+    p.add_argument("--doc", help=f"markdown file to write the tables into (default {DOC}; never with --quick)")
+    args = p.parse_args(argv)
+    cfg = QUICK if args.quick else Config()
+    if args.schemes:
+        cfg = replace(cfg, schemes=tuple(s.strip() for s in args.schemes.split(",") if s.strip()))
+    if args.seeds:
+        cfg = replace(cfg, seeds=tuple(int(s) for s in args.seeds.split(",")))
+    if args.epochs:
+        cfg = replace(cfg, epochs=args.epochs)
+    if args.no_probe:
+        cfg = replace(cfg, probe=False)
+    out = args.out or ("out/accuracy-quick" if args.quick else "out/accuracy")
+    os.makedirs(out, exist_ok=True)
+    t0 = time.perf_counter()
+    for name in [] if args.tables_only else args.task or TASKS:
+        run_task(name, cfg, out)
+    results = {}
+    for name in TASKS:
+        path = os.path.join(out, f"{name}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                results[name] = json.load(f)
+    text = markdown(results)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(text)
+    doc = args.doc or (None if args.quick else DOC)
+    if doc and update_doc(doc, text):
+        log(f"tables written into {doc}")
+    else:
+        log(text)
+    log(f"total {time.perf_counter() - t0:.0f}s; results in {out}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

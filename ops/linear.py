@@ -1,0 +1,111 @@
+"""Matrix products: linear (x W^T + b) and batched matmul (mm, bmm, addmm map onto these).
+
+`linear` honours a sliced weight-gradient need on either axis: columns (input features) slice the
+kept activation x, rows (output features) slice the cotangent, so the weight-gradient MatMul shrinks
+by the ratio and only the slice of x must be kept for backward.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from pockprop.errors import CompileError
+from pockprop.ops.builder import Builder
+from pockprop.ir import Node, TensorType
+from pockprop.ops.elementwise import unbroadcast
+from pockprop.ops.registry import Need, Op, aten, register
+
+
+@register
+class Linear(Op):
+    """y = x W^T + b;  dx = g W,  dW = g2^T x2 (rows of g and x flattened),  db = sum(g2, 0)."""
+    name = "linear"
+    sliceable = frozenset({1})
+
+    def shape(self, ins, attrs):  # type: ignore[no-untyped-def]
+        x, w = ins[0], ins[1]
+        if x.shape[-1] != w.shape[1]:
+            raise ValueError(f"linear: x {x.shape} does not match weight {w.shape}")
+        return [TensorType(x.shape[:-1] + (w.shape[0],), x.dtype)]
+
+    def vjp(self, b: Builder, node: Node, gouts: list[str | None], needs: list[Need | None]) -> list[str | None]:
+        x, w, bias = (node.inputs + [None])[:3]
+        g = gouts[0]
+        assert g is not None
+        n_out, n_in = b.type(w).shape
+        dx = b.op("matmul", [g, w]) if needs[0] else None
+        dw = db = None
+        if needs[1] or (bias is not None and needs[2]):
+            g2 = g if b.type(g).rank == 2 else b.op("reshape", [g], shape=[b.type(g).numel // n_out, n_out])
+            if needs[1]:
+                x2 = x if b.type(x).rank == 2 else b.op("reshape", [x], shape=[b.type(x).numel // n_in, n_in])
+                need, gw = needs[1], g2
+                if need.axis == 1:  # input features: only this slice of x takes part (and must be kept)
+                    x2 = b.op("slice", [x2], axis=1, start=need.start, stop=need.stop, step=1)
+                elif need.axis == 0:  # output features: only this slice of the cotangent
+                    gw = b.op("slice", [g2], axis=1, start=need.start, stop=need.stop, step=1)
+                dw = b.op("matmul", [b.op("permute", [gw], perm=[1, 0]), x2], hint="d_weight")
+            if bias is not None and needs[2]:
+                db = b.op("sum", [g2], axes=[0], keepdim=False, hint="d_bias")
+        return [dx, dw] + ([db] if len(node.inputs) > 2 else [])
+
+    def lower(self, e: Any, node: Node) -> None:
+        x, w = node.inputs[0], node.inputs[1]
+        bias = node.inputs[2] if len(node.inputs) > 2 else None
+        if e.type(x).rank == 2:
+            e.node("Gemm", [x, w, bias], node.outputs, transB=1)
+            return
+        y = e.node("MatMul", [x, e.node("Transpose", [w], perm=[1, 0])], None if bias else node.outputs)
+        if bias is not None:
+            e.node("Add", [y, bias], node.outputs)
+
+
+@register
+class MatMul(Op):
+    """y = a @ b (batch dims broadcast);  da = g @ b^T,  db = a^T @ g (summed over broadcast batches)."""
+    name = "matmul"
+
+    def shape(self, ins, attrs):  # type: ignore[no-untyped-def]
+        a, c = ins
+        if a.rank < 2 or c.rank < 2 or a.shape[-1] != c.shape[-2]:
+            raise ValueError(f"matmul: incompatible shapes {a.shape} @ {c.shape}")
+        batch = tuple(int(s) for s in np.broadcast_shapes(a.shape[:-2], c.shape[:-2]))
+        return [TensorType(batch + (a.shape[-2], c.shape[-1]), a.dtype)]
+
+    def vjp(self, b, node, gouts, needs):  # type: ignore[no-untyped-def]
+        a, c = node.inputs
+        g = gouts[0]
+
+        def t(v: str) -> str:
+            r = b.type(v).rank
+            return b.op("permute", [v], perm=list(range(r - 2)) + [r - 1, r - 2])
+
+        da = unbroadcast(b, b.op("matmul", [g, t(c)]), b.type(a).shape) if needs[0] else None
+        dc = unbroadcast(b, b.op("matmul", [t(a), g]), b.type(c).shape) if needs[1] else None
+        return [da, dc]
+
+    def lower(self, e: Any, node: Node) -> None:
+        e.node("MatMul", node.inputs, node.outputs)
+
+
+@aten("aten.linear.default")
+def _linear(b: Builder, x: str, w: str, bias: str | None = None) -> str:
+    return b.op("linear", [x, w] + ([bias] if bias is not None else []))
+
+
+@aten("aten.mm.default", "aten.bmm.default", "aten.matmul.default")
+def _mm(b: Builder, a: str, c: str) -> str:
+    if b.type(a).rank < 2 or b.type(c).rank < 2:
+        raise CompileError("matmul with a 1-D operand is not supported yet")
+    return b.op("matmul", [a, c])
+
+
+@aten("aten.addmm.default")
+def _addmm(b: Builder, bias: str, a: str, c: str, beta: float = 1, alpha: float = 1) -> str:
+    y = b.op("matmul", [a, c])
+    if alpha != 1:
+        y = b.op("mul", [y, b.scalar_like(float(alpha), y)])
+    if beta != 1:
+        bias = b.op("mul", [bias, b.scalar_like(float(beta), bias)])
+    return b.op("add", [y, bias])

@@ -1,0 +1,114 @@
+"""Losses computed inside the training graph, each with its own hand-derived VJP.
+
+All reduce to a scalar mean, as torch's default reduction does. Labels are graph inputs and carry
+no gradient. Losses are ordinary ops, so a distillation or multi-label loss added later is one
+more class here.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from pockprop.errors import CompileError
+from pockprop.ops.builder import Builder
+from pockprop.ir import Node, TensorType
+from pockprop.ops.registry import Need, Op, register
+
+SCALAR = ()
+
+
+def _check_pair(pred: TensorType, target: TensorType, what: str) -> None:
+    if pred.shape != target.shape:
+        raise CompileError(f"{what}: targets of shape {target.shape} do not match predictions {pred.shape}")
+
+
+@register
+class CrossEntropy(Op):
+    """L = mean_n -sum_c t[n,c] log softmax(z)[n,c], t = (1-eps) onehot(y) + eps/C;  dz = (softmax(z) - t) g / N."""
+    name = "cross_entropy"
+
+    def shape(self, ins, attrs):  # type: ignore[no-untyped-def]
+        z, y = ins
+        if z.rank != 2 or y.shape != z.shape[:1] or not y.dtype.startswith("int"):
+            raise CompileError(f"cross_entropy expects logits (N, C) and int64 labels (N,); got {z} and {y}")
+        return [TensorType(SCALAR, z.dtype)]
+
+    def vjp(self, b: Builder, node: Node, gouts: list[str | None], needs: list[Need | None]) -> list[str | None]:
+        return [b.op("cross_entropy_grad", [node.inputs[0], node.inputs[1], gouts[0]], **node.attrs), None]
+
+    def lower(self, e: Any, node: Node) -> None:
+        z, y = node.inputs
+        eps = float(node.attrs.get("label_smoothing", 0.0))
+        dt = e.type(z).dtype
+        lsm = e.node("LogSoftmax", [z], axis=1)
+        picked = e.node("GatherElements", [lsm, e.node("Unsqueeze", [y, e.ints([1])])], axis=1)
+        nll = e.node("Neg", [e.node("ReduceMean", [picked], axes=[0, 1], keepdims=0)])
+        if eps == 0.0:
+            e.node("Identity", [nll], node.outputs)
+            return
+        smooth = e.node("Neg", [e.node("ReduceMean", [lsm], axes=[0, 1], keepdims=0)])
+        e.node("Add", [e.node("Mul", [nll, e.const(1.0 - eps, dt)]), e.node("Mul", [smooth, e.const(eps, dt)])],
+               node.outputs)
+
+
+@register
+class CrossEntropyGrad(Op):
+    """Backward helper: dz = (softmax(z) - ((1-eps) onehot(y) + eps/C)) * g / N."""
+    name = "cross_entropy_grad"
+    differentiable = False
+
+    def shape(self, ins, attrs):  # type: ignore[no-untyped-def]
+        return [ins[0]]
+
+    def lower(self, e: Any, node: Node) -> None:
+        z, y, g = node.inputs
+        n, c = e.type(z).shape
+        eps = float(node.attrs.get("label_smoothing", 0.0))
+        dt = e.type(z).dtype
+        target = e.node("OneHot", [y, e.const(c, "int64"), e.const([eps / c, 1.0 - eps + eps / c], dt)], axis=-1)
+        diff = e.node("Sub", [e.node("Softmax", [z], axis=1), target])
+        e.node("Mul", [diff, e.node("Div", [g, e.const(float(n), dt)])], node.outputs)
+
+
+@register
+class BCEWithLogits(Op):
+    """L = mean(max(z,0) - z t + log(1 + exp(-|z|))) (multi-label);  dz = (sigmoid(z) - t) g / numel."""
+    name = "bce_with_logits"
+
+    def shape(self, ins, attrs):  # type: ignore[no-untyped-def]
+        _check_pair(ins[0], ins[1], "bce_with_logits")
+        return [TensorType(SCALAR, ins[0].dtype)]
+
+    def vjp(self, b: Builder, node: Node, gouts: list[str | None], needs: list[Need | None]) -> list[str | None]:
+        z, t = node.inputs
+        scale = b.op("mul", [gouts[0], b.scalar_like(1.0 / b.type(z).numel, z)])
+        return [b.op("mul", [b.op("sub", [b.op("sigmoid", [z]), t]), scale]), None]
+
+    def lower(self, e: Any, node: Node) -> None:
+        z, t = node.inputs
+        softplus = e.node("Softplus", [e.node("Neg", [e.node("Abs", [z])])])
+        per = e.node("Add", [e.node("Sub", [e.node("Relu", [z]), e.node("Mul", [z, t])]), softplus])
+        e.node("ReduceMean", [per], node.outputs, axes=list(range(e.type(z).rank)), keepdims=0)
+
+
+@register
+class MSE(Op):
+    """L = mean((p - t)^2);  dp = 2 (p - t) g / numel."""
+    name = "mse"
+
+    def shape(self, ins, attrs):  # type: ignore[no-untyped-def]
+        _check_pair(ins[0], ins[1], "mse")
+        return [TensorType(SCALAR, ins[0].dtype)]
+
+    def vjp(self, b: Builder, node: Node, gouts: list[str | None], needs: list[Need | None]) -> list[str | None]:
+        p, t = node.inputs
+        scale = b.op("mul", [gouts[0], b.scalar_like(2.0 / b.type(p).numel, p)])
+        return [b.op("mul", [b.op("sub", [p, t]), scale]), None]
+
+    def lower(self, e: Any, node: Node) -> None:
+        p, t = node.inputs
+        d = e.node("Sub", [p, t])
+        e.node("ReduceMean", [e.node("Mul", [d, d])], node.outputs, axes=list(range(e.type(p).rank)), keepdims=0)
+
+
+LOSSES = {"cross_entropy": "cross_entropy", "bce_with_logits": "bce_with_logits", "bce": "bce_with_logits",
+          "mse": "mse"}

@@ -1,0 +1,40 @@
+"""Every error pockprop reports to a user: a leaf module (stdlib only), imported by the compiler and the device runtime.
+
+They carry a message written for the user (op names, module paths, parameter names, file names), never a
+stack trace. The CLI maps each of them to exit code 2 (bad input); anything else is an internal error (1).
+"""
+from __future__ import annotations
+
+
+class CompileError(Exception):
+    """The model cannot be compiled as asked: unsupported ops, bad options, bad trainable patterns."""
+
+
+class UnsupportedVariant(CompileError):
+    """An importer met a supported op with an attribute combination we do not handle."""
+
+
+class UnsupportedOpError(CompileError):
+    """One or more ops in the traced model have no rule; `ops` maps op name -> module paths where it occurs."""
+
+    def __init__(self, ops: dict[str, list[str]]):
+        self.ops = ops
+        lines = [f"{len(ops)} unsupported op(s) in the model:"]
+        for op, paths in sorted(ops.items()):
+            where = ", ".join(sorted(set(p or "<top level>" for p in paths))[:5])
+            more = "" if len(set(paths)) <= 5 else f" (+{len(set(paths)) - 5} more)"
+            lines.append(f"  - {op}  in module {where}{more}")
+        lines.append("Supported ops are listed in docs/ops.md (`pockprop ops` prints them).")
+        super().__init__("\n".join(lines))
+
+
+class ArtifactError(Exception):
+    """The artifact cannot be used: missing, truncated, tampered, contradictory or of an unknown version."""
+
+
+class CheckpointError(ArtifactError):
+    """A checkpoint cannot be written or read, or belongs to another artifact."""
+
+
+class DataError(ValueError):
+    """Training or inference data does not fit the model: wrong shape, dtype, labels or file format."""

@@ -1,0 +1,239 @@
+"""Contribution analysis: how much updating one part of the model helps, measured by fine-tuning.
+
+A *probe* compiles a scheme (from the one trace of the model), loads it into the device runtime
+(runtime.Trainer: onnxruntime, not PyTorch, so what is measured is what the device will do),
+fine-tunes it briefly on `data.x_train` from the pretrained weights, and evaluates it on `data.x_val`.
+Every probe of a search uses the same weights, the same batch order (seeded by `config.seed`) and
+the same step count, so the differences between probes are the options'. Short runs on a small
+validation set are still noisy; `config.repeats` > 1 averages over that many data orders.
+
+Gain of an option = its validation accuracy - the classifier-only baseline's. The solver maximizes
+the summed `score`:
+  metric "accuracy" (default): score = accuracy gain + loss gain / (10 x n_val)
+      the validation loss only breaks ties: a loss gain of one nat is worth a tenth of one
+      validation sample, so options whose accuracies are equal are ordered by their loss
+  metric "loss": score = baseline loss - loss
+
+Cache: one JSON file per probe in `cache_dir`, named by the sha256 of everything the result depends
+on (model structure and weights, the four data arrays, the fine-tuning config, the loss, the input
+shape, the scheme's rules) and written atomically (runtime.durable.write_atomic), so an interrupted
+search resumes where it stopped and a repeated one runs no probe again.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pockprop.runtime import data as rdata
+from pockprop.artifact.durable import write_atomic
+from pockprop.artifact.manifest import Bundle, validate
+from pockprop.runtime.trainer import Trainer
+
+from pockprop.compiler.compile import TracedModel, compile_traced
+from pockprop.compiler.scheme import Scheme
+from pockprop.search.costs import figures, median_ms
+from pockprop.search.options import SearchError, scheme_dict
+
+CACHE_VERSION = 1
+METRICS = ("accuracy", "loss")
+
+
+@dataclass
+class SearchData:
+    """Model-ready arrays (preprocessed as the model expects; float32) and int64 labels.
+
+    The validation part is held out from the *training* data: the search must never see the test set.
+    """
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+
+    def __post_init__(self) -> None:
+        for x, y, what in ((self.x_train, self.y_train, "train"), (self.x_val, self.y_val, "validation")):
+            if len(x) != len(y):
+                raise SearchError(f"{what} data: {len(x)} samples but {len(y)} labels")
+            if len(x) == 0:
+                raise SearchError(f"{what} data: no samples")
+        if self.x_train.shape[1:] != self.x_val.shape[1:]:
+            raise SearchError(f"train samples are {self.x_train.shape[1:]}, validation samples {self.x_val.shape[1:]}")
+        self.x_train = np.ascontiguousarray(self.x_train, np.float32)
+        self.x_val = np.ascontiguousarray(self.x_val, np.float32)
+        self.y_train = np.asarray(self.y_train).astype(np.int64)
+        self.y_val = np.asarray(self.y_val).astype(np.int64)
+
+    @classmethod
+    def split(cls, x: np.ndarray, y: np.ndarray, val_fraction: float = 0.2, seed: int = 0) -> "SearchData":
+        """Stratified seeded hold-out: round(val_fraction x n_c) samples of each class c (at least one of any
+        class with two or more samples) go to validation, in a seeded random choice."""
+        if not 0.0 < val_fraction < 1.0:
+            raise SearchError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        x, y = np.asarray(x), np.asarray(y)
+        if len(x) != len(y):
+            raise SearchError(f"{len(x)} samples but {len(y)} labels")
+        rng = np.random.default_rng([seed, 0x5EA4C4])
+        val = []
+        for c in np.unique(y):
+            idx = np.flatnonzero(y == c)
+            k = int(round(val_fraction * len(idx)))
+            k = min(max(k, 1 if len(idx) > 1 else 0), len(idx) - 1)
+            val.append(rng.permutation(idx)[:k])
+        val_idx = np.sort(np.concatenate(val)) if val else np.zeros(0, np.int64)
+        train_idx = np.setdiff1d(np.arange(len(y)), val_idx)
+        return cls(x[train_idx], y[train_idx], x[val_idx], y[val_idx])
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for a in (self.x_train, self.y_train, self.x_val, self.y_val):
+            h.update(f"{a.dtype.str}{a.shape}".encode())
+            h.update(np.ascontiguousarray(a).data)
+        return h.hexdigest()
+
+
+def _default_optimizer() -> dict[str, Any]:
+    return {"name": "sgd", "lr": 0.01, "momentum": 0.9}
+
+
+@dataclass
+class FinetuneConfig:
+    """How every probe trains: `steps` steps if given, else `epochs` (a float) x the full batches of an epoch."""
+
+    batch: int = 32
+    epochs: float = 2.0
+    steps: int | None = None
+    optimizer: dict[str, Any] = field(default_factory=_default_optimizer)
+    seed: int = 0
+    threads: int | None = None  # onnxruntime intra-op threads (not part of the cache key)
+    repeats: int = 1  # probes averaged over this many data orders (seeds seed, seed+1, ...)
+
+    def total_steps(self, n_train: int) -> int:
+        per_epoch = n_train // self.batch
+        if per_epoch < 1:
+            raise SearchError(f"{n_train} training samples make no full batch of {self.batch}; lower the batch")
+        if self.steps is not None:
+            if self.steps < 1:
+                raise SearchError(f"steps must be >= 1, got {self.steps}")
+            return int(self.steps)
+        if not self.epochs > 0:
+            raise SearchError(f"epochs must be > 0, got {self.epochs}")
+        return max(1, int(round(self.epochs * per_epoch)))
+
+    def key(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("threads")
+        return d
+
+
+def trainer_of(art: Any, threads: int | None = None) -> Trainer:
+    """A runtime Trainer on an artifact held in memory (the same bytes `Artifact.save` would write)."""
+    files = art.files()
+    raw = files.pop("manifest.json")
+    manifest = json.loads(raw)
+    validate(manifest, "<search probe>")
+    return Trainer(Bundle("<search probe>", manifest, files, raw), art.initial_state(), threads)
+
+
+def finetune(trainer: Trainer, data: SearchData, config: FinetuneConfig, seed: int) -> dict[str, Any]:
+    """Train `config.total_steps` steps in seeded epoch orders, then evaluate on the validation data."""
+    total = config.total_steps(len(data.x_train))
+    times: list[float] = []
+    losses: list[float] = []
+    epoch = 0
+    while len(times) < total:
+        order = rdata.epoch_order(len(data.x_train), seed, 0, epoch)
+        for idx in rdata.batch_indices(order, trainer.batch_size):
+            if len(times) >= total:
+                break
+            t0 = time.perf_counter()
+            loss = trainer.step(data.x_train[idx], data.y_train[idx])
+            times.append(time.perf_counter() - t0)
+            if loss is not None:
+                losses.append(loss)
+        epoch += 1
+    m = trainer.evaluate(data.x_val, data.y_val)
+    return {"accuracy": float(m.get("accuracy", 0.0)), "loss": float(m["loss"]), "steps": total,
+            "rejected": trainer.rejected, "train_loss": float(np.mean(losses[-10:])) if losses else float("nan"),
+            "ms": median_ms(times)}
+
+
+def model_fingerprint(model: Any, tm: TracedModel) -> str:
+    """sha256 of the traced structure (ops, shapes, module paths) and every weight and buffer."""
+    h = hashlib.sha256(type(model).__name__.encode())
+    g = tm.traced.graph
+    for n in g.nodes:
+        h.update(f"{n.op}|{n.module}|{[g.types[o].shape for o in n.outputs if o]}|{sorted(n.attrs)}".encode())
+    for name, t in sorted(model.state_dict().items()):
+        a = t.detach().cpu().contiguous().numpy()
+        h.update(f"{name}{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+class ProbeCache:
+    """Probe results on disk, one JSON file per probe (see the module docstring); None = no cache."""
+
+    def __init__(self, directory: str | None, context: dict[str, Any]) -> None:
+        self.directory, self.context = directory, context
+        self.hits = self.runs = 0
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+
+    def key(self, scheme: Scheme, kind: str) -> str:
+        doc = {"v": CACHE_VERSION, "kind": kind, "scheme": scheme_dict(scheme)["rules"]} | self.context
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        if not self.directory:
+            return None
+        path = os.path.join(self.directory, f"{key[:40]}.json")
+        try:
+            with open(path) as f:
+                doc = json.load(f)
+        except (OSError, ValueError):
+            return None
+        return doc.get("result") if doc.get("key") == key else None
+
+    def put(self, key: str, result: dict[str, Any], what: str) -> None:
+        if self.directory:
+            doc = {"key": key, "what": what, "result": result}
+            write_atomic(os.path.join(self.directory, f"{key[:40]}.json"), (json.dumps(doc, indent=1) + "\n").encode())
+
+
+def probe(tm: TracedModel, scheme: Scheme | str, data: SearchData, config: FinetuneConfig, cache: ProbeCache, *,
+          loss: str = "cross_entropy", preprocess: dict[str, Any] | None = None, what: str = "") -> dict[str, Any]:
+    """Compile `scheme`, fine-tune it (config.repeats times) and evaluate it: {"accuracy", "loss", "ms",
+    "figures", "cached"}; from the cache when it holds this probe."""
+    spec = scheme if isinstance(scheme, Scheme) else Scheme(scheme, ())
+    key = cache.key(spec, "probe" if isinstance(scheme, Scheme) else f"preset:{scheme}")
+    hit = cache.get(key)
+    if hit is not None:
+        cache.hits += 1
+        return hit | {"cached": True}
+    art = compile_traced(tm, loss=loss, optimizer=config.optimizer, scheme=scheme, preprocess=preprocess)
+    runs = []
+    for r in range(max(1, config.repeats)):
+        trainer = trainer_of(art, config.threads)
+        runs.append(finetune(trainer, data, config, config.seed + r))
+    result = {"accuracy": float(np.mean([r["accuracy"] for r in runs])), "loss": float(np.mean([r["loss"] for r in runs])),
+              "ms": float(np.median([r["ms"] for r in runs])), "steps": runs[0]["steps"],
+              "rejected": int(sum(r["rejected"] for r in runs)), "train_loss": float(np.mean([r["train_loss"] for r in runs])),
+              "figures": figures(art)}
+    cache.runs += 1
+    cache.put(key, result, what)
+    return result | {"cached": False}
+
+
+def score(gain: float, loss_gain: float, n_val: int, metric: str) -> float:
+    """What the solver maximizes for one option (see the module docstring)."""
+    if metric == "accuracy":
+        return gain + loss_gain / (10.0 * max(n_val, 1))
+    if metric == "loss":
+        return loss_gain
+    raise SearchError(f"metric {metric!r}: use one of {', '.join(METRICS)}")

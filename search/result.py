@@ -1,0 +1,103 @@
+"""SearchResult: the chosen scheme with the evidence behind it (table, JSON, YAML, plot)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from pockprop.compiler.scheme import Scheme
+from pockprop.search.options import Option, scheme_dict
+
+
+def human_bytes(n: float) -> str:
+    for unit, size in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return f"{n:.0f}B"
+
+
+def human_macs(n: float) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+@dataclass
+class SearchResult:
+    """What `search` found. Memory figures are bytes of the `memory` metric (search/costs.py)."""
+
+    scheme: Scheme
+    options: list[Option]  # every probed option, with gain and costs over the baseline
+    chosen: list[Option]
+    baseline: dict[str, Any]  # the classifier-only scheme: accuracy, loss, ms, figures
+    estimate: dict[str, Any]  # the chosen scheme's own compile-report figures (+ validated accuracy if run)
+    budget_memory: int
+    budget_ms: float | None = None
+    memory: str = "training"
+    metric: str = "accuracy"
+    frontier: list[tuple[float, float]] = field(default_factory=list)  # (memory cost over baseline, best score)
+    probes_run: int = 0  # probes fine-tuned in this call
+    probes_cached: int = 0  # probes read from the cache
+    rounds: int = 1  # solve/compile rounds until the compiled scheme met the budget
+    seconds: float = 0.0
+    model: str = ""
+    budget_params: int | None = None  # trainable-parameter budget, as a count
+    fallback: str | None = None  # why the validated result replaced the knapsack's selection (search step 6)
+
+    def yaml(self) -> str:
+        """The scheme as YAML for `pockprop compile --scheme` (pockprop.compiler.scheme.scheme_from_dict format)."""
+        head = (f"# pockprop search: {self.model}, memory budget {human_bytes(self.budget_memory)} ({self.memory} "
+                f"memory){f', {self.budget_ms:g} ms/step' if self.budget_ms else ''}"
+                f"{f', {self.budget_params:,} trainable parameters' if self.budget_params is not None else ''}\n"
+                f"# estimated gain {100 * self.estimate.get('estimated_gain', 0.0):+.2f} points of validation accuracy; "
+                f"compiled {self.memory} memory {human_bytes(self.estimate['memory_bytes'])}\n")
+        return head + yaml.safe_dump(scheme_dict(self.scheme), sort_keys=False)
+
+    def table(self) -> str:
+        """Every option (chosen ones marked *), then the chosen scheme's compiled figures."""
+        b = self.baseline
+        rows = [("", "layer", "option", "val acc", "gain", "Δloss", "memory", "bwd MACs", "ms")]
+        chosen = {o.label for o in self.chosen}
+        for o in self.options:
+            rows.append(("*" if o.label in chosen else "", o.layer, o.name, f"{100 * o.accuracy:.1f}%",
+                         f"{100 * o.gain:+.1f}", f"{o.loss_gain:+.3f}", human_bytes(o.memory_bytes),
+                         human_macs(o.backward_macs), f"{o.ms:.2f}"))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = [f"search over {len(self.options)} options ({self.probes_run} probed, {self.probes_cached} from cache); "
+                 f"baseline (classifier only): val accuracy {100 * b['accuracy']:.1f}%, loss {b['loss']:.4f}, "
+                 f"{self.memory} memory {human_bytes(b['memory_bytes'])}, {b['ms']:.2f} ms/step"]
+        lines += ["  " + "  ".join(c.rjust(w) if i > 2 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                  for r in rows]
+        e = self.estimate
+        budget = (f"budget {human_bytes(self.budget_memory)}" + (f", {self.budget_ms:g} ms" if self.budget_ms else "")
+                  + (f", {self.budget_params:,} trainable parameters" if self.budget_params is not None else ""))
+        lines.append(f"chosen ({budget}): {', '.join(o.label for o in self.chosen) or 'nothing beyond the classifier'}")
+        lines.append(f"  compiled: {self.memory} memory {human_bytes(e['memory_bytes'])} (training "
+                     f"{human_bytes(e['training_bytes'])}, extra over classifier {human_bytes(e['extra_bytes'])}, "
+                     f"est. peak {human_bytes(e['peak_bytes'])}); trainable {e['trainable_percent']:.2f}%; "
+                     f"backward {human_macs(e['backward_macs'])} MACs")
+        line = f"  estimated gain (sum of probes) {100 * e['estimated_gain']:+.1f} points"
+        if "accuracy" in e:
+            line += f"; fine-tuned together: val accuracy {100 * e['accuracy']:.1f}% ({100 * e['gain']:+.1f} points)"
+        lines.append(line)
+        if self.fallback:
+            lines.append(f"  validated: {self.fallback}")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model": self.model, "budget_memory": self.budget_memory, "budget_ms": self.budget_ms,
+                "budget_params": self.budget_params, "fallback": self.fallback,
+                "memory": self.memory, "metric": self.metric, "scheme": scheme_dict(self.scheme),
+                "chosen": [o.label for o in self.chosen], "options": [o.to_json() for o in self.options],
+                "baseline": self.baseline, "estimate": self.estimate,
+                "frontier": [{"memory_bytes": c, "score": g} for c, g in self.frontier],
+                "probes_run": self.probes_run, "probes_cached": self.probes_cached, "rounds": self.rounds,
+                "seconds": self.seconds}
+
+    def plot(self, path: str) -> str:
+        """Validation gain vs memory, the frontier, the chosen point and the budget, as a PNG (needs matplotlib)."""
+        from pockprop.search.plot import plot_search
+
+        return plot_search(self, path)

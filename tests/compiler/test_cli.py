@@ -1,0 +1,64 @@
+"""`pockprop compile` and `pockprop ops` from the command line (in-process, via pockprop.cli.main)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pockprop.compiler.cli import ops_markdown
+from pockprop.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_compile_writes_a_complete_artifact(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "mlp"
+    code = main(["compile", "models:mlp", "--num-classes", "5", "--input-shape", "4,64", "--optimizer", "adamw",
+                 "--lr", "0.002", "--trainable", "layers.4.*", "-o", str(out)])
+    assert code == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert sorted(manifest["files"]) == ["infer.onnx", "state.safetensors", "train_step.onnx"]
+    assert manifest["trainable"]["parameters"] == ["layers.4.weight", "layers.4.bias"]
+    assert manifest["optimizer"]["name"] == "adamw" and manifest["lr"]["initial"] == 0.002
+    assert manifest["data"][0]["shape"] == [4, 64]
+    assert "trainable tensors" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["models:nope"], "unknown"),
+    (["models:mlp", "--trainable", "conv.*"], "matches no parameter"),
+    (["models:mlp", "--input-shape", "4,x"], "--input-shape"),
+    (["nomodule_here:fn"], "nomodule_here"),
+])
+def test_compile_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], needle: str) -> None:
+    code = main(["compile", *args, "-o", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert needle in err and "Traceback" not in err
+    assert not (tmp_path / "x").exists(), "a failed compile writes nothing"
+
+
+def test_docs_ops_md_is_in_sync_with_the_registry() -> None:
+    assert (ROOT / "docs" / "ops.md").read_text() == ops_markdown(), "regenerate: pockprop ops --markdown > docs/ops.md"
+
+
+def test_ops_lists_every_rule(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["ops"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert "aten.linear.default" in listed["aten"] and "conv2d" in listed["ir"]
+
+
+def test_compile_report_is_part_of_the_artifact_and_inspect_shows_it(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "mlp"
+    assert main(["compile", "models:mlp", "--input-shape", "4,64", "--scheme", "sparse", "--report", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "scheme sparse:" in printed and "backward MACs" in printed
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert "report.json" in manifest["files"]  # hashed like every other file
+    report = json.loads((out / "report.json").read_text())
+    assert 0 < report["ratio_to_full"]["backward_macs"] < 1
+    assert report["scheme"]["layers"]["layers.4"]["update"] == "full"
+    assert main(["inspect", str(out)]) == 0
+    assert "compile report" in capsys.readouterr().out

@@ -1,0 +1,128 @@
+"""Update schemes: every preset on every zoo model trains exactly like PyTorch with masked gradients.
+
+The PyTorch reference marks the scheme's tensors trainable and zeroes gradient entries outside each
+slice; weight decay is off so the frozen part of a sliced tensor stays bit-identical in both.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pockprop.compiler.compile import compile
+from pockprop.errors import CompileError
+from pockprop.compiler.scheme import Rule, Scheme
+from pockprop.runtime.trainer import Trainer
+from tests.compiler.zoo_cases import CASES, IDS, ZooCase, batch, build, torch_optimizer
+
+PRESETS = ["full", "classifier", "last-k:2", "bias-only", "sparse", "tbft-front", "tbft-middle", "tbft-rear"]
+OPT = {"name": "sgd", "lr": 0.01, "momentum": 0.9}
+STEPS = 3
+
+
+def _torch_step_with_scheme(case: ZooCase, art, steps: int):  # type: ignore[no-untyped-def]
+    ref = build(case)
+    params = dict(ref.named_parameters())
+    masks = {}
+    for s in art.state:
+        if s.role != "param":
+            continue
+        mask = torch.zeros_like(params[s.name])
+        sl = s.to_json().get("slice")
+        if sl:
+            idx = [slice(None)] * mask.dim()
+            idx[sl["axis"]] = slice(sl["start"], sl["stop"])
+            mask[tuple(idx)] = 1
+        else:
+            mask += 1
+        masks[s.name] = mask
+    for n, p in params.items():
+        p.requires_grad_(n in masks)
+    opt = torch_optimizer(OPT, [params[n] for n in masks])
+    before = {n: p.detach().clone() for n, p in params.items()}
+    losses = []
+    for step in range(steps):
+        x, y = batch(case, step)
+        opt.zero_grad()
+        loss = F.cross_entropy(ref(x), y)
+        loss.backward()
+        for n, m in masks.items():
+            params[n].grad *= m
+        opt.step()
+        losses.append(loss.item())
+    return params, masks, before, losses
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_preset_step_matches_masked_pytorch(case: ZooCase, preset: str, tmp_path) -> None:
+    model = build(case)
+    x0, y0 = batch(case, 0)
+    art = compile(model, (x0,), labels=y0, optimizer=OPT, scheme=preset)
+    trainer = Trainer.load(art.save(str(tmp_path / "art")), threads=1)
+    losses = [trainer.step(*(t.numpy() for t in batch(case, step))) for step in range(STEPS)]
+
+    params, masks, before, ref_losses = _torch_step_with_scheme(case, art, STEPS)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-4, atol=1e-5)
+    for s in art.state:
+        if s.role != "param":
+            continue
+        full = params[s.name].detach()
+        sl = s.to_json().get("slice")
+        part = full.narrow(sl["axis"], sl["start"], sl["stop"] - sl["start"]) if sl else full
+        np.testing.assert_allclose(trainer.state[s.name], part.numpy(), rtol=1e-4, atol=1e-5, err_msg=s.name)
+        frozen = masks[s.name] == 0
+        assert torch.equal(full[frozen], before[s.name][frozen]), f"frozen part of {s.name} moved in torch"
+    for n, p in params.items():
+        if n not in masks:
+            assert torch.equal(p, before[n])
+
+
+def _mlp() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8), torch.nn.ReLU(),
+                               torch.nn.Linear(8, 3))
+
+
+@pytest.mark.parametrize("scheme,needle", [
+    ("nonsense", "unknown scheme preset 'nonsense'"),
+    ("last-k:x", "last-k:N"),
+    ("last-k:9", "only 2 blocks"),
+    ({"rules": [{"match": "9.*", "update": "full"}]}, "'9.*' matches no layer"),
+    ({"rules": [{"match": "2", "update": "weight", "ratio": 1.5}]}, "ratio 1.5 is outside (0, 1]"),
+    ({"rules": [{"match": "2", "update": "weight", "ratio": 0}]}, "outside (0, 1]"),
+    ({"rules": [{"match": "2", "update": "sideways"}]}, "update 'sideways' is not one of"),
+    ({"rules": [{"match": "2", "update": "full", "color": 1}]}, "unknown keys color"),
+    ({"rules": []}, "non-empty list 'rules'"),
+    ({"rules": [{"match": "*", "update": "frozen"}]}, "leaves nothing to train"),
+])
+def test_scheme_errors_name_the_problem(scheme, needle: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(CompileError) as info:
+        compile(_mlp(), (torch.randn(2, 4),), scheme=scheme)
+    assert needle in str(info.value)
+
+
+def test_slice_on_unsliceable_parameter_is_an_error() -> None:
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 3 * 3, 2))
+    scheme = Scheme("s", (Rule("1", "weight", 0.5),))
+    with pytest.raises(CompileError, match=r"layer 1 \(batch_norm\).*cannot be sliced"):
+        compile(model.eval(), (torch.randn(2, 3, 5, 5),), scheme=scheme)
+
+
+def test_yaml_scheme_and_resolved_table(tmp_path) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text("name: mine\nrules:\n  - match: '2'\n    update: weight\n    ratio: 1/4\n    bias: true\n"
+                    "  - match: '4'\n    update: full\n")
+    art = compile(_mlp(), (torch.randn(2, 4),), scheme=str(path))
+    table = art.scheme.table()
+    assert "weight@0.25+bias" in table and "frozen" in table
+    entry = {s.name: s.to_json() for s in art.state}["2.weight"]
+    assert entry["slice"] == {"axis": 1, "start": 0, "stop": 2} and entry["shape"] == [8, 2]
+    assert art.manifest()["scheme"]["name"] == "mine"
+
+
+def test_trainable_and_scheme_together_is_an_error() -> None:
+    with pytest.raises(CompileError, match="either trainable patterns or a scheme"):
+        compile(_mlp(), (torch.randn(2, 4),), trainable=["4.*"], scheme="full")

@@ -1,0 +1,124 @@
+"""The drift tasks (experiments/drift.py) have their documented properties, and experiments.accuracy runs end to end."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from pockprop.models.data import _load_raw, _split_indices
+from experiments.drift import PERMUTATION, TASKS, make_task, relabel, to_model_input, upsample
+
+R = 16  # a small resolution keeps these tests fast; the tasks are defined the same at any size
+
+
+@pytest.fixture(scope="module")
+def tasks():
+    return {name: make_task(name, resolution=R, channels=3, seed=0) for name in TASKS}
+
+
+def _clean(index: np.ndarray) -> np.ndarray:
+    images, _ = _load_raw()
+    return to_model_input(upsample(images[index], R), R, 3)
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_shapes_dtypes_and_range(tasks, name):
+    t = tasks[name]
+    for split in (t.source, t.target, t.test):
+        assert split.x.dtype == np.float32 and split.x.shape == (len(split), 3, R, R)
+        assert split.y.dtype == np.int64 and split.y.shape == (len(split),)
+        assert split.x.min() >= -1.0 and split.x.max() <= 1.0
+        assert set(np.unique(split.y)) == set(range(10))  # every class in every split
+    assert len(t.source) > 300 and len(t.target) > 300 and len(t.test) > 100
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_no_image_in_two_splits(tasks, name):
+    t = tasks[name]
+    train, test = _split_indices(0, 0.2)
+    s, g, e = set(t.source.index), set(t.target.index), set(t.test.index)
+    assert not (s & g) and not (s & e) and not (g & e)
+    assert s | g <= set(train) and e <= set(test)  # pre-training and fine-tuning from train, test from test
+    images, _ = _load_raw()  # and no identical picture either (the digits set has no duplicates)
+    source_pixels = {images[i].tobytes() for i in t.source.index}
+    assert not any(images[i].tobytes() in source_pixels for i in t.test.index)
+
+
+def test_input_drift_inverts_and_adds_noise_labels_unchanged(tasks):
+    t = tasks["input"]
+    _, labels = _load_raw()
+    assert np.array_equal(t.target.y, labels[t.target.index]) and np.array_equal(t.test.y, labels[t.test.index])
+    assert np.array_equal(t.source.x, _clean(t.source.index))  # the source is clean
+    clean = _clean(t.test.index)
+    # inverted: strongly anti-correlated with the clean image; noisy: not exactly its negative
+    corr = np.corrcoef(clean.ravel(), t.test.x.ravel())[0, 1]
+    assert corr < -0.7
+    assert np.abs(t.test.x + clean).mean() > 0.05
+
+
+def test_input_drift_seed_changes_fine_tuning_noise_only():
+    a, b, a2 = (make_task("input", R, 3, seed=s) for s in (0, 1, 0))
+    assert np.array_equal(a.target.x, a2.target.x)  # deterministic given the seed
+    assert not np.array_equal(a.target.x, b.target.x)  # another seed: other noise draws ...
+    assert np.array_equal(a.target.index, b.target.index)  # ... on the same images
+    assert np.array_equal(a.test.x, b.test.x) and np.array_equal(a.source.x, b.source.x)  # test fixed
+
+
+def test_feature_drift_is_a_style_split_with_labels_unchanged(tasks):
+    t = tasks["feature"]
+    _, labels = _load_raw()
+    for split in (t.source, t.target, t.test):
+        assert np.array_equal(split.y, labels[split.index])
+        assert np.array_equal(split.x, _clean(split.index))  # no pixel transform: the images are real
+    train, _ = _split_indices(0, 0.2)
+    assert len(t.source) + len(t.target) == len(train)  # every train image is in one style
+    # the styles differ in the picture: per class, the source and target mean images are apart
+    gap = [np.abs(t.source.x[t.source.y == c].mean(0) - t.target.x[t.target.y == c].mean(0)).mean() for c in range(10)]
+    assert min(gap) > 0.05
+    assert make_task("feature", R, 3, seed=1).target.index.tolist() == t.target.index.tolist()  # seed-free
+
+
+def test_output_drift_permutes_labels_only(tasks):
+    t = tasks["output"]
+    _, labels = _load_raw()
+    assert sorted(PERMUTATION) == list(range(10)) and all(PERMUTATION[c] != c for c in range(10))
+    assert np.array_equal(t.target.y, relabel(labels[t.target.index]))
+    assert np.array_equal(t.test.y, PERMUTATION[labels[t.test.index]])
+    assert np.array_equal(t.source.y, labels[t.source.index])  # pre-training sees the true labels
+    assert np.array_equal(t.target.x, _clean(t.target.index))  # inputs unchanged
+    assert t.source_key == make_task("input", R, 3).source_key  # shares the input task's pre-training
+
+
+def test_unknown_task():
+    with pytest.raises(ValueError, match="unknown drift task"):
+        make_task("label")
+
+
+@pytest.mark.slow  # about 12 s: pre-training, 2 compiles, a 2-layer search and the drift probe of a tiny ResNet
+def test_accuracy_runs_end_to_end(tmp_path, monkeypatch):
+    """A tiny --quick run: 2-channel-wide ResNet-18 at 8x8, one seed, a few steps, search on 2 layers."""
+    from experiments import accuracy as acc
+
+    tiny = acc.Config(width=2, resolution=8, pretrain_epochs=1, epochs=1, seeds=(0,),
+                      schemes=("full", "classifier", "searched"), ratios=(1.0,), search_epochs=0.25,
+                      search_max_layers=2, lrs=(0.01,), threads=1)
+    monkeypatch.setattr(acc, "QUICK", tiny)
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"intro\n{acc.BEGIN}\nold\n{acc.END}\noutro\n")
+    out = tmp_path / "out"
+    assert acc.main(["--quick", "--task", "output", "--out", str(out), "--doc", str(doc)]) == 0
+    result = json.loads((out / "output.json").read_text())
+    rows = {r["scheme"]: r for r in result["rows"]}
+    assert set(rows) == {"full", "classifier", "searched"}
+    assert rows["full"]["trainable_percent"] == pytest.approx(100.0) and rows["full"]["memory_ratio"] == 1.0
+    assert rows["classifier"]["training_bytes"] < rows["full"]["training_bytes"]
+    assert rows["searched"]["training_bytes"] <= result["search"]["budget_bytes"]
+    assert result["probe"]["block"] in ("front", "middle", "rear") and result["probe"]["expected"] == "rear"
+    for r in rows.values():
+        assert 0.0 <= r["test_mean"] <= 100.0 and r["runs"][0]["steps"] > 0 and r["step_ms"] > 0
+    text = doc.read_text()
+    assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text
+    assert "| full |" in text and "### Drift probe" in text and "### Targets" in text
+    assert any(f.startswith("pretrained-") and f.endswith(".safetensors") for f in os.listdir(out))
