@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pockprop.errors import CompileError
 from pockprop.ops.builder import Builder
-from pockprop.ir import Graph
+from pockprop.ir import Graph, Phase
 from pockprop.ops.registry import FULL, Need, get_op
 
 
@@ -30,7 +30,7 @@ def backward(graph: Graph, loss: str, wants: dict[str, Need]) -> dict[str, str]:
         raise CompileError("the loss does not depend on any trainable tensor")
 
     forward = list(graph.nodes)
-    b = Builder(graph, phase="backward")
+    b = Builder(graph, phase=Phase.BACKWARD)
     cot: dict[str, str] = {loss: b.const(1.0, graph.types[loss].dtype, hint="d_loss")}
 
     def accumulate(value: str, grad: str) -> None:

@@ -15,6 +15,7 @@ import torch
 
 from pockprop.autodiff.backward import backward
 from pockprop.emit.onnx import to_onnx
+from pockprop.ir import Role
 from pockprop.ops.builder import Builder
 from pockprop.ops.registry import FULL, Need
 from pockprop.tracing.trace import trace
@@ -64,8 +65,7 @@ def check_vjp(fn: Callable[..., torch.Tensor], *tensors: torch.Tensor, rtol: flo
     # Lift the parameters to graph inputs, as compile() does for trainable tensors.
     names = [f"args.{i}" for i in range(len(tensors))]
     for n in names:
-        g.constants.pop(n)
-        g.inputs.append(n)
+        g.lift(n, Role.PARAMETER)
     c = b.const(cot.numpy(), hint="cotangent")
     loss = b.op("sum", [b.op("mul", [y, c])], axes=list(range(len(cot.shape))), keepdim=False)
     wants = {n: (needs or {}).get(i, FULL) for i, n in enumerate(names)}

@@ -12,21 +12,19 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from pockprop.passes import eliminate_dead_code, fold_constants, fold_frozen_batchnorm, reorder_updates
-from pockprop.passes.save_for_backward import save_small_for_backward
-
-from pockprop.compiler.artifact import Artifact, StateEntry
 from pockprop.autodiff.backward import backward
-from pockprop.emit.onnx import to_onnx
-from pockprop.errors import CompileError
-from pockprop.ops.builder import Builder
-from pockprop.ir import Graph, Node, TensorType
-from pockprop.ops.loss import LOSSES
-from pockprop.ops.registry import FULL, Need
+from pockprop.compiler.artifact import Artifact, StateEntry
 from pockprop.compiler.optim import build_update, initial_state, parse_optimizer
 from pockprop.compiler.scheme import Layer, Scheme, discover_layers, load_scheme, module_tree, resolve_scheme
-from pockprop.tracing.trace import Traced, trace
 from pockprop.compiler.trainable import select, split_patterns
+from pockprop.emit.onnx import to_onnx
+from pockprop.errors import CompileError
+from pockprop.ir import Graph, Node, Phase, Role, TensorType, module_of
+from pockprop.ops.builder import Builder
+from pockprop.ops.loss import LOSSES
+from pockprop.ops.registry import FULL, Need
+from pockprop.passes.pipeline import INFERENCE, TRAINING, TRAINING_FORWARD, UNOPTIMIZED
+from pockprop.tracing.trace import Traced, trace
 
 LR = "lr"
 STEP = "optimizer.step"
@@ -144,10 +142,10 @@ def compile_traced(tm: TracedModel, labels: Any = None, loss: str = "cross_entro
 
     full_values = {p: traced.graph.constants[p] for p in chosen}
     infer, _ = _lift(traced.graph.copy(), {p: FULL for p in chosen})
-    infer = _optimize_forward(infer) if optimize else eliminate_dead_code(infer).graph
+    infer = (INFERENCE if optimize else UNOPTIMIZED)(infer).graph
     train_fwd, wants = _lift(traced.graph.copy(), {p: needs[p] for p in chosen})
-    if optimize:  # before autodiff: a frozen conv+BN pair becomes one conv, so its backward is one op too
-        train_fwd = fold_frozen_batchnorm(train_fwd).graph
+    if optimize:
+        train_fwd = TRAINING_FORWARD(train_fwd).graph
     train, state = _training_graph(train_fwd, wants, full_values, loss_op, labels, opt, label_smoothing, optimize)
 
     model_name = name or tm.name
@@ -169,13 +167,6 @@ def compile_traced(tm: TracedModel, labels: Any = None, loss: str = "cross_entro
     )
 
 
-def _optimize_forward(g: Graph) -> Graph:
-    """Inference graph: frozen BatchNorms folded into their convs, constant subgraphs evaluated."""
-    g = fold_frozen_batchnorm(g).graph
-    g = fold_constants(g).graph
-    return eliminate_dead_code(g).graph
-
-
 def _lift(g: Graph, needs: dict[str, Need]) -> tuple[Graph, dict[str, tuple[str, Need]]]:
     """Make the trainable tensors graph inputs; the frozen rest of a sliced one stays a constant.
 
@@ -186,79 +177,94 @@ def _lift(g: Graph, needs: dict[str, Need]) -> tuple[Graph, dict[str, tuple[str,
     wants: dict[str, tuple[str, Need]] = {}
     merges = []
     for p, need in needs.items():
-        full = g.constants.pop(p)
         if need.is_full:
-            g.inputs.append(p)
+            g.lift(p, Role.PARAMETER)
             wants[p] = (p, need)
             continue
+        full = g.constants.pop(p)
         idx = [slice(None)] * full.ndim
         idx[need.axis] = slice(need.start, need.stop)
         rest = [slice(None)] * full.ndim
         rest[need.axis] = slice(need.stop, None)
         del g.types[p]
-        g.add_input(p, TensorType(tuple(full[tuple(idx)].shape), full.dtype.name))
+        g.add_input(p, TensorType(tuple(full[tuple(idx)].shape), full.dtype.name), Role.PARAMETER)
         frozen = g.add_constant(np.ascontiguousarray(full[tuple(rest)]), name=g.fresh(f"{p}.frozen"))
         merged = g.add_value(g.fresh(f"{p}.merged"), TensorType(full.shape, full.dtype.name))
-        for node in g.nodes:
-            node.inputs = [merged if i == p else i for i in node.inputs]
-        merges.append(Node("concat", [p, frozen], [merged], {"axis": need.axis}, p.rsplit(".", 1)[0]))
+        g.replace_all_uses(p, merged)
+        merges.append(Node("concat", (p, frozen), (merged,), {"axis": need.axis}, module_of(p)))
         wants[p] = (merged, need)
-    g.nodes[:0] = merges
+    g.insert(0, merges)
     return g, wants
 
 
 def _training_graph(fwd: Graph, wants: dict[str, tuple[str, Need]], full_values: dict[str, np.ndarray],
                     loss_op: str, labels: Any, opt: Any, label_smoothing: float,
                     optimize: bool) -> tuple[Graph, list[StateEntry]]:
+    """The training step from the forward graph, in named stages: loss, gradients, optimizer update,
+    output names, then the training pass pipeline."""
     g = fwd.copy()
-    b = Builder(g)
     out = g.outputs[0]
-    y = g.add_input("labels", _label_type(loss_op, g.types[out], labels))
-    lr = g.add_input(LR, TensorType((), "float32"))
+    loss = _add_loss(g, out, loss_op, labels, label_smoothing)
+    grads = _differentiate(g, loss, wants)
+    state = _add_optimizer(g, opt, wants, grads, full_values)
+    _name_outputs(g, loss, out, state)
+    g = (TRAINING if optimize else UNOPTIMIZED)(g).graph
+    g.verify()
+    return g, state
+
+
+def _add_loss(g: Graph, out: str, loss_op: str, labels: Any, label_smoothing: float) -> str:
+    """The labels input and the loss node on the model's output; returns the loss value."""
+    y = g.add_input("labels", _label_type(loss_op, g.types[out], labels), Role.LABEL)
     attrs = {"label_smoothing": label_smoothing} if loss_op == "cross_entropy" else {}
-    with b.scope("loss", phase="loss"):
-        loss = b.op(loss_op, [out, y], hint="loss", **attrs)
+    b = Builder(g, "loss", Phase.LOSS)
+    return b.op(loss_op, [out, y], hint="loss", **attrs)
 
+
+def _differentiate(g: Graph, loss: str, wants: dict[str, tuple[str, Need]]) -> dict[str, str]:
+    """The backward graph; returns each trained parameter's gradient (of its slice, if sliced)."""
     by_value = backward(g, loss, dict(wants.values()))
-    grads = {p: by_value[v] for p, (v, _) in wants.items()}
+    return {p: by_value[v] for p, (v, _) in wants.items()}
 
+
+def _add_optimizer(g: Graph, opt: Any, wants: dict[str, tuple[str, Need]], grads: dict[str, str],
+                   full_values: dict[str, np.ndarray]) -> list[StateEntry]:
+    """The lr input, each parameter's update and its optimizer state; returns the state entries."""
+    b = Builder(g, "optimizer", Phase.OPTIMIZER)
+    lr = g.add_input(LR, TensorType((), "float32"), Role.HYPERPARAMETER)
     state: list[StateEntry] = []
     step = step_next = None
-    with b.scope("optimizer", phase="optimizer"):
-        if opt.needs_step:
-            step = g.add_input(STEP, TensorType((), "float32"))
-            step_next = b.op("add", [step, b.scalar_like(1.0, step)], hint="step_next")
-        for p, (_, need) in wants.items():
-            slots = {s: g.add_input(f"optimizer.{s}.{p}", g.types[p]) for s in opt.slots()}
-            with b.scope(p.rsplit(".", 1)[0] if "." in p else ""):  # the layer it updates, phase optimizer
-                new_p, new_slots = build_update(b, opt, p, grads[p], slots, lr, step_next)
-            value = _part(full_values[p], need)
-            state.append(StateEntry(p, "param", p, new_p, value, slice=None if need.is_full else need,
-                                    full_shape=full_values[p].shape))
-            init = initial_state(opt, value)
-            state += [StateEntry(slots[s], "optimizer", slots[s], new_slots[s], init[s], param=p, slot=s)
-                      for s in opt.slots()]
-        if step is not None:
-            state.append(StateEntry(STEP, "optimizer", STEP, step_next, np.zeros((), np.float32), slot="step"))
+    if opt.needs_step:
+        step = g.add_input(STEP, TensorType((), "float32"), Role.OPTIMIZER_STATE)
+        step_next = b.op("add", [step, b.scalar_like(1.0, step)], hint="step_next")
+        g.roles[step_next] = Role.OPTIMIZER_STATE
+    for p, (_, need) in wants.items():
+        slots = {s: g.add_input(f"optimizer.{s}.{p}", g.types[p], Role.OPTIMIZER_STATE) for s in opt.slots()}
+        with b.scope(module_of(p)):  # the layer it updates, phase optimizer
+            new_p, new_slots = build_update(b, opt, p, grads[p], slots, lr, step_next)
+        g.roles[new_p] = Role.PARAMETER
+        g.roles.update((v, Role.OPTIMIZER_STATE) for v in new_slots.values())
+        value = _part(full_values[p], need)
+        state.append(StateEntry(p, "param", p, new_p, value, slice=None if need.is_full else need,
+                                full_shape=full_values[p].shape))
+        init = initial_state(opt, value)
+        state += [StateEntry(slots[s], "optimizer", slots[s], new_slots[s], init[s], param=p, slot=s)
+                  for s in opt.slots()]
+    if step is not None:
+        state.append(StateEntry(STEP, "optimizer", STEP, step_next, np.zeros((), np.float32), slot="step"))
+    return state
 
-    # Graph outputs get stable, documented names: loss, the model output, then "new/<state>".
+
+def _name_outputs(g: Graph, loss: str, out: str, state: list[StateEntry]) -> None:
+    """Graph outputs get stable, documented names: loss, the model output, then "new/<state>"."""
     rename = {loss: "loss"} | {s.output: f"new/{s.name}" for s in state}
     taken = [new for old, new in rename.items() if new != old and new in g.types]
     if taken:
         raise CompileError(f"the model already has values named {', '.join(taken)}, which name the training "
                            "step's outputs; rename them in the model")
-    for node in g.nodes:
-        node.outputs = [rename.get(o, o) for o in node.outputs]
-        node.inputs = [rename.get(i, i) if i is not None else None for i in node.inputs]
     for old, new in rename.items():
-        g.types[new] = g.types.pop(old)
+        if new != old:
+            g.rename_value(old, new)
     for s in state:
         s.output = rename[s.output]
     g.outputs = ["loss", out] + [s.output for s in state]
-    g = eliminate_dead_code(g).graph
-    if optimize:
-        g = save_small_for_backward(g).graph  # backward keeps slices and masks, not whole activations
-        g = fold_constants(g).graph
-        g = reorder_updates(g).graph  # last: it only reorders (PockEngine's update-right-after-gradient)
-    g.verify()
-    return g, state

@@ -10,11 +10,12 @@ from __future__ import annotations
 from typing import Any
 
 
+from pockprop.compiler.artifact import Artifact
+from pockprop.compiler.cost import node_macs
+from pockprop.emit.onnx import TOP as TOP_MODULE
+from pockprop.ir import Phase, module_of
 from pockprop.passes.base import nbytes
 from pockprop.passes.memory_plan import kept_for_backward, plan_memory
-
-from pockprop.compiler.artifact import Artifact
-from pockprop.compiler.cost import TOP as TOP_MODULE, node_macs
 
 
 def _layer_of(module: str, layers: list[str]) -> str | None:
@@ -32,25 +33,25 @@ def summarize(art: Artifact) -> dict[str, Any]:
     g = art.train_graph
     assert g is not None, "the artifact has no training graph (reports are made at compile time)"
     # parameter_count is in model order, so the layers come out in forward order
-    layer_paths = list(dict.fromkeys(p.rsplit(".", 1)[0] if "." in p else TOP_MODULE for p in art.parameter_count))
+    layer_paths = list(dict.fromkeys(module_of(p) or TOP_MODULE for p in art.parameter_count))
     trainable = {s.name: int(s.initial.size) for s in art.state if s.role == "param"}
     per: dict[str, dict[str, Any]] = {
         l: {"trainable_params": 0, "forward_macs": 0, "backward_macs": 0, "kept_bytes": 0} for l in layer_paths}
     for p, n in trainable.items():
-        per[p.rsplit(".", 1)[0] if "." in p else TOP_MODULE]["trainable_params"] += n
+        per[module_of(p) or TOP_MODULE]["trainable_params"] += n
     for node in g.nodes:
         layer = _layer_of(node.module, layer_paths)
         if layer is None:
             continue
         macs = node_macs(g, node)
-        if node.phase == "forward":
+        if node.phase is Phase.FORWARD:
             per[layer]["forward_macs"] += macs
-        elif node.phase == "backward":
+        elif node.phase is Phase.BACKWARD:
             per[layer]["backward_macs"] += macs
     kept = kept_for_backward(g)
     readers = {}
     for node in g.nodes:
-        if node.phase == "backward":
+        if node.phase is Phase.BACKWARD:
             for i in node.inputs:
                 if i in kept and i not in readers:
                     readers[i] = _layer_of(node.module, layer_paths)

@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from pockprop.errors import CompileError
-from pockprop.ir import Graph
-from pockprop.ops.registry import FULL, Need
+from pockprop.ir import Graph, module_of
+from pockprop.ops.registry import FULL, Need, Tag, get_op, ops_tagged
 
 KINDS = ("frozen", "full", "bias", "weight")
 PRESETS = ("full", "classifier", "last-k:N", "bias-only", "sparse", "tbft-front", "tbft-middle", "tbft-rear")
@@ -174,7 +174,9 @@ def load_scheme(spec: str | Scheme | dict[str, Any]) -> Scheme | str:
 
 # -- model structure ------------------------------------------------------------------------------
 
-LAYER_OPS = ("conv2d", "linear", "batch_norm")
+def _sliceable_weight(op: str) -> bool:
+    """A layer op that computes a channel slice of its weight gradient directly (conv2d, linear)."""
+    return op != "other" and 1 in get_op(op).sliceable
 
 
 def discover_layers(graph: Graph, parameters: list[str], module_tree: list[tuple[str, bool]]) -> list[Layer]:
@@ -184,13 +186,14 @@ def discover_layers(graph: Graph, parameters: list[str], module_tree: list[tuple
     is that kind of layer; one whose parameters are used any other way is 'other' (whole tensors only).
     """
     layers: dict[str, Layer] = {}
-    owner = {p: p.rsplit(".", 1)[0] if "." in p else "" for p in parameters}
+    layer_ops = ops_tagged(Tag.LAYER)
+    owner = {p: module_of(p) for p in parameters}
     for node in graph.nodes:
         for k, v in enumerate(node.inputs):
             if v not in owner:
                 continue
             layer = layers.setdefault(owner[v], Layer(owner[v], node.op))
-            if node.op not in LAYER_OPS or k not in (1, 2) or layer.op != node.op:
+            if node.op not in layer_ops or k not in (1, 2) or layer.op != node.op:
                 layer.op = "other"
             elif k == 1:
                 layer.weight, layer.groups = v, int(node.attrs.get("groups", 1))
@@ -247,7 +250,7 @@ def _matches(path: str, pattern: str) -> bool:
 
 def _slice_need(layer: Layer, ratio: float, shapes: dict[str, tuple[int, ...]]) -> Need:
     shape = shapes[layer.weight] if layer.weight else ()
-    if layer.op not in ("conv2d", "linear") or len(shape) < 2:
+    if not _sliceable_weight(layer.op) or len(shape) < 2:
         raise CompileError(f"layer {layer.path} ({layer.op}): its weight cannot be sliced by channels; "
                            "use update 'full' or 'bias' for it")
     depthwise = layer.op == "conv2d" and shape[1] == 1 and layer.groups > 1
@@ -285,7 +288,7 @@ def _preset_rules(name: str, layers: list[Layer]) -> tuple[Rule, ...]:
         late = blocks[len(blocks) // 2:]
         rules = [Rule(l.path, "bias") for l in layers if l.block in late and l.bias]
         for block, ratio in zip(blocks[-len(SPARSE_RATIOS):], SPARSE_RATIOS[-len(blocks):]):
-            first = next((l for l in layers if l.block == block and l.op in ("conv2d", "linear")), None)
+            first = next((l for l in layers if l.block == block and _sliceable_weight(l.op)), None)
             if first is not None:
                 rules.append(Rule(first.path, "weight", ratio, bias=first.bias is not None and block in late))
         return tuple(rules) + (head_rule,)

@@ -1,8 +1,9 @@
 """Emission: IR graph -> ONNX model (standard domain only, opset 17, IR version 8).
 
-Each IR op lowers itself through the small `Emitter` API below; this file only walks the graph,
-turns constants into initializers and writes the graph signature. Node names carry the module path
-so a graph opened in Netron reads in the user's own names.
+Each IR op lowers itself through the small `Emitter` API below (the `Lowering` protocol of
+ops/registry.py); this file only walks the graph, turns constants into initializers and writes the graph
+signature. Node names carry the module path and phase so a graph opened in Netron, or a profile of it,
+reads in the user's own names: `node_name` builds them and `split_node_name` reads them back.
 """
 from __future__ import annotations
 
@@ -12,15 +13,38 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from pockprop.ir import Graph, Node, TensorType
+from pockprop.ir import Graph, Node, Phase, TensorType
 from pockprop.ops.registry import get_op
 
 OPSET = 17
 IR_VERSION = 8  # onnxruntime >= 1.10 loads IR 8; newer onnx would write a higher one by default
+TOP = "model"  # how node names spell the top-level module
 
 
 def onnx_dtype(dtype: str) -> int:
     return helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+
+
+def node_place(module: str, phase: Phase) -> tuple[str, Phase]:
+    """Where node names put a node: its module (TOP for the top level) and its phase, loss work
+    counting as forward work."""
+    return module or TOP, Phase.FORWARD if phase.is_forward else phase
+
+
+def node_name(module: str, phase: Phase, op_type: str) -> str:
+    """'features.3.conv.0/Conv' for forward and loss work, 'features.3.conv.0/backward/ConvTranspose' for
+    gradient work, 'features.3.conv.0/optimizer/Sub' for its update (before any uniqueness suffix)."""
+    where, phase = node_place(module, phase)
+    return f"{where}/{op_type}" if phase is Phase.FORWARD else f"{where}/{phase}/{op_type}"
+
+
+def split_node_name(name: str) -> tuple[str, Phase]:
+    """(module, phase) of an emitted node name; forward and loss work both read back as FORWARD."""
+    where = name.rsplit("/", 1)[0]
+    for phase in (Phase.BACKWARD, Phase.OPTIMIZER):
+        if where.endswith(f"/{phase}"):
+            return where[: -len(phase) - 1], phase
+    return where, Phase.FORWARD
 
 
 class Emitter:
@@ -54,10 +78,8 @@ class Emitter:
             outputs = [self.fresh(f"{base}/{op_type}") for _ in range(n_out)]
         elif isinstance(outputs, str):
             outputs = [outputs]
-        module, phase = (self.current.module, self.current.phase) if self.current is not None else ("", "forward")
-        # "features.3.conv.0/Conv" forward, "features.3.conv.0/backward/ConvTranspose" for its gradient
-        where = module or "model" if phase in ("forward", "loss") else f"{module or 'model'}/{phase}"
-        name = self._unique_node_name(f"{where}/{op_type}")
+        module, phase = (self.current.module, self.current.phase) if self.current is not None else ("", Phase.FORWARD)
+        name = self._unique_node_name(node_name(module, phase, op_type))
         ins = ["" if i is None else i for i in inputs]
         while ins and ins[-1] == "":  # trailing absent optionals are simply left out
             ins.pop()
@@ -79,6 +101,9 @@ class Emitter:
     def ints(self, values: Any) -> str:
         """An int64 1-D constant (axes, shapes, starts...)."""
         return self.const(list(values), "int64", "ints")
+
+    def onnx_dtype(self, dtype: str) -> int:
+        return onnx_dtype(dtype)
 
     def _unique_node_name(self, base: str) -> str:
         name, i = base, 0
@@ -121,4 +146,5 @@ def to_onnx(graph: Graph, name: str = "pockprop", input_defaults: dict[str, np.n
     return model
 
 
-__all__ = ["Emitter", "to_onnx", "OPSET", "IR_VERSION", "onnx_dtype", "TensorProto"]
+__all__ = ["Emitter", "to_onnx", "OPSET", "IR_VERSION", "TOP", "onnx_dtype", "node_place", "node_name", "split_node_name",
+           "TensorProto"]

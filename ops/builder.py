@@ -10,7 +10,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from pockprop.ir import Graph, Node, TensorType
+from pockprop.ir import Graph, Node, Phase, TensorType
 from pockprop.ops.registry import get_op
 
 
@@ -21,13 +21,13 @@ class Builder:
     losses and optimizers all build through this, so they produce ordinary IR.
     """
 
-    def __init__(self, graph: Graph, module: str = "", phase: str = "forward") -> None:
+    def __init__(self, graph: Graph, module: str = "", phase: Phase = Phase.FORWARD) -> None:
         self.graph = graph
         self.module = module
         self.phase = phase
 
     @contextlib.contextmanager
-    def scope(self, module: str, phase: str | None = None) -> Iterator["Builder"]:
+    def scope(self, module: str, phase: Phase | None = None) -> Iterator["Builder"]:
         """Nodes built inside carry `module` as their module path (and `phase`, if given)."""
         saved = self.module, self.phase
         self.module, self.phase = module, phase or self.phase
@@ -44,7 +44,7 @@ class Builder:
         in_types = [None if i is None else self.graph.types[i] for i in inputs]
         out_types = opdef.shape(in_types, attrs)
         outs = [self.graph.add_value(self.graph.fresh(hint or op), t) for t in out_types]
-        self.graph.nodes.append(Node(op, list(inputs), outs, attrs, self.module, self.phase))
+        self.graph.append(Node(op, tuple(inputs), tuple(outs), attrs, self.module, self.phase))
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def const(self, value: Any, dtype: str = "float32", hint: str = "c") -> str:

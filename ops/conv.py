@@ -17,11 +17,12 @@ for grouped/depthwise convs x's channels of those groups, are sliced first).
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from pockprop.ops.builder import Builder
 from pockprop.ir import Node, TensorType
-from pockprop.ops.registry import InputGradOp, Need, Op, aten, register
+from pockprop.ops.registry import InputGradOp, Lowering, Need, Op, Tag, aten, register
 
 _CONV_ATTRS = ("stride", "padding", "dilation", "groups")
 
@@ -50,6 +51,12 @@ class Conv2d(Op):
     """y = conv(x, W) + b;  dx = conv_transpose(g, W),  dW = conv(x^T, g^T) (stride <-> dilation),  db = sum(g, [0,2,3])."""
     name = "conv2d"
     sliceable = frozenset({1})
+    tags = frozenset({Tag.LAYER})
+    bn_fold_rank = 4
+
+    def macs(self, types, node):  # type: ignore[no-untyped-def]
+        """N*Cout*Ho*Wo * Cin/groups*kh*kw."""
+        return math.prod(types[node.outputs[0]].shape) * math.prod(types[node.inputs[1]].shape[1:])
 
     def shape(self, ins, attrs):  # type: ignore[no-untyped-def]
         x, w = ins[0], ins[1]
@@ -79,7 +86,7 @@ class Conv2d(Op):
             db = b.op("sum", [g], axes=[0, 2, 3], keepdim=False, hint="d_bias")
         return [dx, dw] + ([db] if len(node.inputs) > 2 else [])
 
-    def lower(self, e: Any, node: Node) -> None:
+    def lower(self, e: Lowering, node: Node) -> None:
         a = node.attrs
         p = list(a["padding"])
         e.node("Conv", list(node.inputs), node.outputs, strides=list(a["stride"]), pads=p + p,
@@ -128,7 +135,11 @@ class Conv2dInputGrad(InputGradOp):
     """Backward helper of conv2d: dx = conv_transpose(g, W) with output_padding so dx has exactly input_shape."""
     name = "conv2d_input_grad"
 
-    def lower(self, e: Any, node: Node) -> None:
+    def macs(self, types, node):  # type: ignore[no-untyped-def]
+        """What the forward conv costs: every (output position, tap) pair once."""
+        return math.prod(types[node.inputs[0]].shape) * math.prod(types[node.inputs[1]].shape[1:])
+
+    def lower(self, e: Lowering, node: Node) -> None:
         g, w = node.inputs
         a = node.attrs
         s, p, d = a["stride"], list(a["padding"]), a["dilation"]
@@ -182,6 +193,11 @@ class Conv2dWeightGrad(Op):
     name = "conv2d_weight_grad"
     differentiable = False
 
+    def macs(self, types, node):  # type: ignore[no-untyped-def]
+        """(Possibly sliced) weight-gradient shape times the forward conv's output positions."""
+        g = types[node.inputs[1]].shape  # (N, Cout_slice, Ho, Wo)
+        return g[0] * g[2] * g[3] * math.prod(node.attrs["weight_shape"])
+
     def shape(self, ins, attrs):  # type: ignore[no-untyped-def]
         x, g = ins
         c_out, cig, kh, kw = attrs["weight_shape"]
@@ -193,7 +209,7 @@ class Conv2dWeightGrad(Op):
                              f"{tuple(attrs['weight_shape'])} with groups={groups}")
         return [TensorType(tuple(attrs["weight_shape"]), x.dtype)]
 
-    def lower(self, e: Any, node: Node) -> None:
+    def lower(self, e: Lowering, node: Node) -> None:
         x, g = node.inputs
         a = node.attrs
         c_out, cig, kh, kw = a["weight_shape"]

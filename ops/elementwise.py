@@ -13,7 +13,7 @@ import numpy as np
 
 from pockprop.ops.builder import Builder
 from pockprop.ir import Node, TensorType
-from pockprop.ops.registry import Need, Op, aten, register, same_as_input
+from pockprop.ops.registry import Lowering, Need, Op, Tag, aten, register, same_as_input
 
 
 def broadcast_shape(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
@@ -42,7 +42,7 @@ class Binary(Op):
         assert a is not None and c is not None
         return [TensorType(broadcast_shape(a.shape, c.shape), a.dtype)]
 
-    def lower(self, e: Any, node: Node) -> None:
+    def lower(self, e: Lowering, node: Node) -> None:
         a, c = node.inputs
         out = e.type(node.outputs[0]).shape
         if len(out) >= 2 and out[-1] == 1 and 1 in (e.type(a).numel, e.type(c).numel) and \
@@ -112,7 +112,7 @@ class Unary(Op):
     onnx_op = ""
     shape = staticmethod(same_as_input)  # type: ignore[assignment]
 
-    def lower(self, e: Any, node: Node) -> None:
+    def lower(self, e: Lowering, node: Node) -> None:
         e.node(self.onnx_op, node.inputs, node.outputs)
 
 
@@ -174,7 +174,7 @@ class PowScalar(Unary):
     """y = x ** p (p a constant);  dx = g * p * x ** (p - 1)."""
     name = "pow"
 
-    def lower(self, e: Any, node: Node) -> None:
+    def lower(self, e: Lowering, node: Node) -> None:
         p = e.const(node.attrs["exponent"], e.type(node.inputs[0]).dtype)
         e.node("Pow", [node.inputs[0], p], node.outputs)
 
@@ -189,7 +189,7 @@ class PowOf(Unary):
     """y = base ** x (base a constant, e.g. Adam's beta^t);  dx = g * y * ln(base)."""
     name = "pow_of"
 
-    def lower(self, e: Any, node: Node) -> None:
+    def lower(self, e: Lowering, node: Node) -> None:
         base = e.const(node.attrs["base"], e.type(node.inputs[0]).dtype)
         e.node("Pow", [base, node.inputs[0]], node.outputs)
 
@@ -212,7 +212,7 @@ class Clamp(Unary):
     """y = min(max(x, lo), hi) (hardtanh, relu6, clamp);  dx = g * [lo < x < hi] ([lo <= x <= hi] for clamp, as torch)."""
     name = "clamp"
 
-    def lower(self, e: Any, node: Node) -> None:
+    def lower(self, e: Lowering, node: Node) -> None:
         dt = e.type(node.inputs[0]).dtype
         lo, hi = node.attrs.get("lo"), node.attrs.get("hi")
         e.node("Clip", [node.inputs[0], None if lo is None else e.const(lo, dt), None if hi is None else e.const(hi, dt)],
@@ -241,12 +241,13 @@ def mask_grad(b: Builder, g: str, x: str, lo: float | None, hi: float | None, in
 class RangeMask(Op):
     """m = lo < x < hi (<= with `inclusive`; a bound of None is open), a bool tensor; no gradient."""
     name = "range_mask"
+    tags = frozenset({Tag.HOISTABLE})
     differentiable = False
 
     def shape(self, ins, attrs):  # type: ignore[no-untyped-def]
         return [TensorType(ins[0].shape, "bool")]
 
-    def lower(self, e: Any, node: Node) -> None:
+    def lower(self, e: Lowering, node: Node) -> None:
         x = node.inputs[0]
         dt = e.type(x).dtype
         incl = node.attrs.get("inclusive", False)
@@ -270,14 +271,12 @@ class Masked(Op):
     def shape(self, ins, attrs):  # type: ignore[no-untyped-def]
         return [ins[0]]
 
-    def lower(self, e: Any, node: Node) -> None:
+    def lower(self, e: Lowering, node: Node) -> None:
         g, m = node.inputs
         # g * float(m): onnxruntime's Where with a scalar branch measured ~8x slower than Cast + Mul.
         # (A NaN/Inf in g where m is false now propagates instead of being zeroed: such a step is broken
         # already, and the runtime's guard rejects non-finite updates.)
-        from pockprop.emit.onnx import onnx_dtype  # the emitter imports the registry; import at lowering time
-
-        e.node("Mul", [g, e.node("Cast", [m], to=onnx_dtype(e.type(g).dtype))], node.outputs)
+        e.node("Mul", [g, e.node("Cast", [m], to=e.onnx_dtype(e.type(g).dtype))], node.outputs)
 
 
 @register
@@ -305,7 +304,7 @@ class Silu(Unary):
     """y = x * s, s = sigmoid(x);  dx = g * s * (1 + x * (1 - s))."""
     name = "silu"
 
-    def lower(self, e: Any, node: Node) -> None:
+    def lower(self, e: Lowering, node: Node) -> None:
         x = node.inputs[0]
         e.node("Mul", [x, e.node("Sigmoid", [x])], node.outputs)
 
@@ -335,7 +334,7 @@ class HardswishGrad(Op):
     def shape(self, ins, attrs):  # type: ignore[no-untyped-def]
         return [ins[0]]
 
-    def lower(self, e: Any, node: Node) -> None:
+    def lower(self, e: Lowering, node: Node) -> None:
         g, x = node.inputs
         dt = e.type(x).dtype
         mid = e.node("Add", [e.node("Div", [x, e.const(3.0, dt)]), e.const(0.5, dt)])
@@ -349,7 +348,7 @@ class Hardsigmoid(Unary):
     """y = relu6(x + 3) / 6;  dx = g / 6 where -3 < x < 3, else 0."""
     name, onnx_op = "hardsigmoid", "HardSigmoid"
 
-    def lower(self, e: Any, node: Node) -> None:
+    def lower(self, e: Lowering, node: Node) -> None:
         e.node("HardSigmoid", node.inputs, node.outputs, alpha=1.0 / 6.0, beta=0.5)
 
     def vjp(self, b, node, gouts, needs):  # type: ignore[no-untyped-def]
@@ -363,7 +362,7 @@ class Gelu(Unary):
     """y = x * Phi(x) (or its tanh approximation);  dx = g * (Phi(x) + x * phi(x))."""
     name = "gelu"
 
-    def lower(self, e: Any, node: Node) -> None:
+    def lower(self, e: Lowering, node: Node) -> None:
         x = node.inputs[0]
         dt = e.type(x).dtype
         if node.attrs.get("approximate", "none") == "tanh":
@@ -389,7 +388,7 @@ class GeluGrad(Op):
     def shape(self, ins, attrs):  # type: ignore[no-untyped-def]
         return [ins[0]]
 
-    def lower(self, e: Any, node: Node) -> None:
+    def lower(self, e: Lowering, node: Node) -> None:
         g, x = node.inputs
         dt = e.type(x).dtype
         c = lambda v: e.const(v, dt)  # noqa: E731

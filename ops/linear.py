@@ -6,6 +6,7 @@ by the ratio and only the slice of x must be kept for backward.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -14,7 +15,7 @@ from pockprop.errors import CompileError
 from pockprop.ops.builder import Builder
 from pockprop.ir import Node, TensorType
 from pockprop.ops.elementwise import unbroadcast
-from pockprop.ops.registry import Need, Op, aten, register
+from pockprop.ops.registry import Lowering, Need, Op, Tag, aten, register
 
 
 @register
@@ -22,6 +23,13 @@ class Linear(Op):
     """y = x W^T + b;  dx = g W,  dW = g2^T x2 (rows of g and x flattened),  db = sum(g2, 0)."""
     name = "linear"
     sliceable = frozenset({1})
+    tags = frozenset({Tag.LAYER})
+    bn_fold_rank = 2
+
+    def macs(self, types, node):  # type: ignore[no-untyped-def]
+        """rows * out * in."""
+        x, w = types[node.inputs[0]].shape, types[node.inputs[1]].shape
+        return math.prod(x[:-1]) * w[0] * w[1]
 
     def shape(self, ins, attrs):  # type: ignore[no-untyped-def]
         x, w = ins[0], ins[1]
@@ -30,7 +38,7 @@ class Linear(Op):
         return [TensorType(x.shape[:-1] + (w.shape[0],), x.dtype)]
 
     def vjp(self, b: Builder, node: Node, gouts: list[str | None], needs: list[Need | None]) -> list[str | None]:
-        x, w, bias = (node.inputs + [None])[:3]
+        x, w, bias = (*node.inputs, None)[:3]
         g = gouts[0]
         assert g is not None
         n_out, n_in = b.type(w).shape
@@ -50,7 +58,7 @@ class Linear(Op):
                 db = b.op("sum", [g2], axes=[0], keepdim=False, hint="d_bias")
         return [dx, dw] + ([db] if len(node.inputs) > 2 else [])
 
-    def lower(self, e: Any, node: Node) -> None:
+    def lower(self, e: Lowering, node: Node) -> None:
         x, w = node.inputs[0], node.inputs[1]
         bias = node.inputs[2] if len(node.inputs) > 2 else None
         if e.type(x).rank == 2:
@@ -65,6 +73,10 @@ class Linear(Op):
 class MatMul(Op):
     """y = a @ b (batch dims broadcast);  da = g @ b^T,  db = a^T @ g (summed over broadcast batches)."""
     name = "matmul"
+
+    def macs(self, types, node):  # type: ignore[no-untyped-def]
+        """batch * M * N * K."""
+        return math.prod(types[node.outputs[0]].shape) * types[node.inputs[0]].shape[-1]
 
     def shape(self, ins, attrs):  # type: ignore[no-untyped-def]
         a, c = ins
@@ -85,7 +97,7 @@ class MatMul(Op):
         dc = unbroadcast(b, b.op("matmul", [t(a), g]), b.type(c).shape) if needs[1] else None
         return [da, dc]
 
-    def lower(self, e: Any, node: Node) -> None:
+    def lower(self, e: Lowering, node: Node) -> None:
         e.node("MatMul", node.inputs, node.outputs)
 
 

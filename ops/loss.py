@@ -11,7 +11,7 @@ from typing import Any
 from pockprop.errors import CompileError
 from pockprop.ops.builder import Builder
 from pockprop.ir import Node, TensorType
-from pockprop.ops.registry import Need, Op, register
+from pockprop.ops.registry import Lowering, Need, Op, register
 
 SCALAR = ()
 
@@ -35,7 +35,7 @@ class CrossEntropy(Op):
     def vjp(self, b: Builder, node: Node, gouts: list[str | None], needs: list[Need | None]) -> list[str | None]:
         return [b.op("cross_entropy_grad", [node.inputs[0], node.inputs[1], gouts[0]], **node.attrs), None]
 
-    def lower(self, e: Any, node: Node) -> None:
+    def lower(self, e: Lowering, node: Node) -> None:
         z, y = node.inputs
         eps = float(node.attrs.get("label_smoothing", 0.0))
         dt = e.type(z).dtype
@@ -59,7 +59,7 @@ class CrossEntropyGrad(Op):
     def shape(self, ins, attrs):  # type: ignore[no-untyped-def]
         return [ins[0]]
 
-    def lower(self, e: Any, node: Node) -> None:
+    def lower(self, e: Lowering, node: Node) -> None:
         z, y, g = node.inputs
         n, c = e.type(z).shape
         eps = float(node.attrs.get("label_smoothing", 0.0))
@@ -83,7 +83,7 @@ class BCEWithLogits(Op):
         scale = b.op("mul", [gouts[0], b.scalar_like(1.0 / b.type(z).numel, z)])
         return [b.op("mul", [b.op("sub", [b.op("sigmoid", [z]), t]), scale]), None]
 
-    def lower(self, e: Any, node: Node) -> None:
+    def lower(self, e: Lowering, node: Node) -> None:
         z, t = node.inputs
         softplus = e.node("Softplus", [e.node("Neg", [e.node("Abs", [z])])])
         per = e.node("Add", [e.node("Sub", [e.node("Relu", [z]), e.node("Mul", [z, t])]), softplus])
@@ -104,7 +104,7 @@ class MSE(Op):
         scale = b.op("mul", [gouts[0], b.scalar_like(2.0 / b.type(p).numel, p)])
         return [b.op("mul", [b.op("sub", [p, t]), scale]), None]
 
-    def lower(self, e: Any, node: Node) -> None:
+    def lower(self, e: Lowering, node: Node) -> None:
         p, t = node.inputs
         d = e.node("Sub", [p, t])
         e.node("ReduceMean", [e.node("Mul", [d, d])], node.outputs, axes=list(range(e.type(p).rank)), keepdims=0)

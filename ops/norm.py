@@ -11,7 +11,7 @@ import numpy as np
 
 from pockprop.ops.builder import Builder
 from pockprop.ir import Node
-from pockprop.ops.registry import Need, Op, aten, register
+from pockprop.ops.registry import Lowering, Need, Op, Tag, aten, register
 
 
 def _channel_view(b: Builder, v: str, rank: int) -> str:
@@ -23,6 +23,7 @@ def _channel_view(b: Builder, v: str, rank: int) -> str:
 class BatchNorm(Op):
     """y = (x - mean) * s + b with s = w / sqrt(var + eps);  dx = g * s,  dw = sum(g * xhat),  db = sum(g)."""
     name = "batch_norm"
+    tags = frozenset({Tag.LAYER})
 
     def shape(self, ins, attrs):  # type: ignore[no-untyped-def]
         return [ins[0]]
@@ -46,7 +47,7 @@ class BatchNorm(Op):
             db = b.op("sum", [g], axes=axes, keepdim=False, hint="d_bias")
         return [dx, dw, db, None, None]
 
-    def lower(self, e: Any, node: Node) -> None:
+    def lower(self, e: Lowering, node: Node) -> None:
         x, w, bias, mean, var = node.inputs
         c = e.type(x).shape[1]
         dt = e.type(x).dtype

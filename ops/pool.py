@@ -17,7 +17,7 @@ import numpy as np
 from pockprop.ops.builder import Builder
 from pockprop.ir import Node, TensorType
 from pockprop.ops.conv import pair
-from pockprop.ops.registry import InputGradOp, Op, aten, register
+from pockprop.ops.registry import InputGradOp, Lowering, Op, aten, register
 
 
 def pool_out_size(size: int, k: int, s: int, p: int, d: int, ceil: bool) -> int:
@@ -83,7 +83,7 @@ class MaxPool2d(Op):
         return [b.op("max_pool2d_grad", [gouts[0], node.outputs[1]], input_shape=list(b.type(node.inputs[0]).shape),
                      hint="d_input")]
 
-    def lower(self, e: Any, node: Node) -> None:
+    def lower(self, e: Lowering, node: Node) -> None:
         a = node.attrs
         x = node.inputs[0]
         _, extra = _geometry(e.type(x).shape, a)
@@ -99,7 +99,7 @@ class MaxPool2dGrad(InputGradOp):
     """Backward helper of max_pool2d: dx = zeros(N*C*H*W) with g scatter-added at the flat argmax indices."""
     name = "max_pool2d_grad"
 
-    def lower(self, e: Any, node: Node) -> None:
+    def lower(self, e: Lowering, node: Node) -> None:
         from onnx import numpy_helper
 
         g, idx = node.inputs
@@ -124,7 +124,7 @@ class AvgPool2d(Op):
         return [b.op("avg_pool2d_grad", [gouts[0]], input_shape=list(b.type(node.inputs[0]).shape),
                      hint="d_input", **node.attrs)]
 
-    def lower(self, e: Any, node: Node) -> None:
+    def lower(self, e: Lowering, node: Node) -> None:
         a = node.attrs
         x = node.inputs[0]
         xs = e.type(x).shape
@@ -148,7 +148,7 @@ class AvgPool2dGrad(InputGradOp):
     """Backward helper of avg_pool2d: dx = conv_transpose(g / divisor, ones(kh, kw)) per channel, cropped to input_shape."""
     name = "avg_pool2d_grad"
 
-    def lower(self, e: Any, node: Node) -> None:
+    def lower(self, e: Lowering, node: Node) -> None:
         a = node.attrs
         g = node.inputs[0]
         dt = e.type(g).dtype

@@ -5,7 +5,7 @@ from typing import Any
 
 from pockprop.ops.builder import Builder
 from pockprop.ir import Node, TensorType
-from pockprop.ops.registry import Op, aten, register
+from pockprop.ops.registry import Lowering, Op, aten, register
 
 
 def _reduced(t: TensorType, axes: list[int], keepdim: bool) -> TensorType:
@@ -34,7 +34,7 @@ class Sum(Op):
     def vjp(self, b, node, gouts, needs):  # type: ignore[no-untyped-def]
         return [_spread(b, gouts[0], node.inputs[0], node.attrs["axes"])]
 
-    def lower(self, e: Any, node: Node) -> None:
+    def lower(self, e: Lowering, node: Node) -> None:
         e.node("ReduceSum", [node.inputs[0], e.ints(node.attrs["axes"])], node.outputs,
                keepdims=int(node.attrs["keepdim"]))
 
@@ -55,7 +55,7 @@ class Mean(Op):
         g = b.op("mul", [gouts[0], b.scalar_like(1.0 / count, x)])
         return [_spread(b, g, x, node.attrs["axes"])]
 
-    def lower(self, e: Any, node: Node) -> None:
+    def lower(self, e: Lowering, node: Node) -> None:
         # opset 17: ReduceMean still takes axes as an attribute (an input only from opset 18)
         e.node("ReduceMean", [node.inputs[0]], node.outputs, axes=list(node.attrs["axes"]),
                keepdims=int(node.attrs["keepdim"]))

@@ -14,14 +14,14 @@ autodiff core computes the whole gradient and slices it.
 """
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Mapping, Protocol, Sequence
 
 from pockprop.errors import CompileError
 from pockprop.ir import Node, TensorType
 
 if TYPE_CHECKING:  # pragma: no cover
-    from pockprop.emit.onnx import Emitter
     from pockprop.ops.builder import Builder
 
 
@@ -48,12 +48,43 @@ class Need:
 FULL = Need()
 
 
+class Tag(enum.Enum):
+    """What passes and the compiler may assume of an op, declared where the op is registered."""
+
+    LAYER = "layer"  # inputs 1 and 2 are a layer's weight and bias (conv2d, linear, batch_norm): schemes
+    HOISTABLE = "hoistable"  # a backward node of it reading only forward values may run in the forward
+    # sweep when its output is no larger than its input (save_for_backward keeps it instead of the input)
+
+
+class Lowering(Protocol):
+    """What an op's ONNX lowering may use (emit/onnx.py's Emitter implements it)."""
+
+    def type(self, value: str) -> TensorType: ...
+
+    def node(self, op_type: str, inputs: Sequence[str | None], outputs: Sequence[str] | str | None = None,
+             n_out: int = 1, **attrs: Any) -> Any: ...
+
+    def const(self, value: Any, dtype: str = "float32", hint: str = "const") -> str: ...
+
+    def ints(self, values: Iterable[int]) -> str: ...
+
+    def onnx_dtype(self, dtype: str) -> int: ...
+
+
 class Op:
-    """Base of every IR op. Subclasses set `name` and override the rules they have."""
+    """Base of every IR op. Subclasses set `name` and override the rules they have.
+
+    Everything about an op is declared here, in its one file: shape rule, VJP rule, ONNX lowering,
+    `tags`, `macs` (multiply-accumulates, for the compile report and the search's costs) and
+    `bn_fold_rank` (the rank of the activation it feeds to a BatchNorm that `fold_frozen_batchnorm` may
+    fold into its weight and bias; None: not foldable).
+    """
 
     name: ClassVar[str] = ""
     sliceable: ClassVar[frozenset[int]] = frozenset()
     differentiable: ClassVar[bool] = True  # False: outputs carry no gradient (indices, masks, labels)
+    tags: ClassVar[frozenset[Tag]] = frozenset()
+    bn_fold_rank: ClassVar[int | None] = None
 
     def shape(self, ins: list[TensorType | None], attrs: dict[str, Any]) -> list[TensorType]:
         raise NotImplementedError(f"op {self.name!r} has no shape rule")
@@ -62,8 +93,12 @@ class Op:
         raise CompileError(f"op {self.name!r} (module {node.module or '<top level>'}) has no gradient rule, "
                            "but a trainable tensor's gradient flows through it")
 
-    def lower(self, e: "Emitter", node: Node) -> None:
+    def lower(self, e: Lowering, node: Node) -> None:
         raise CompileError(f"op {self.name!r} has no ONNX lowering")
+
+    def macs(self, types: Mapping[str, TensorType], node: Node) -> int:
+        """Multiply-accumulates of one application (0 for ops that are not products)."""
+        return 0
 
 
 class InputGradOp(Op):
@@ -96,6 +131,11 @@ def get_op(name: str) -> Op:
 
 def all_ops() -> dict[str, Op]:
     return dict(_OPS)
+
+
+def ops_tagged(tag: Tag) -> frozenset[str]:
+    """Names of the ops that declare `tag`."""
+    return frozenset(name for name, op in _OPS.items() if tag in op.tags)
 
 
 def aten(*targets: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

@@ -12,7 +12,7 @@ import numpy as np
 from pockprop.ops.builder import Builder
 from pockprop.ir import Node, TensorType
 from pockprop.ops.elementwise import broadcast_shape, unbroadcast
-from pockprop.ops.registry import InputGradOp, Need, Op, aten, register
+from pockprop.ops.registry import InputGradOp, Lowering, Need, Op, Tag, aten, register
 
 
 def _norm_axis(axis: int, rank: int) -> int:
@@ -33,7 +33,7 @@ class Reshape(Op):
     def vjp(self, b, node, gouts, needs):  # type: ignore[no-untyped-def]
         return [b.op("reshape", [gouts[0]], shape=list(b.type(node.inputs[0]).shape))]
 
-    def lower(self, e: Any, node: Node) -> None:
+    def lower(self, e: Lowering, node: Node) -> None:
         e.node("Reshape", [node.inputs[0], e.ints(node.attrs["shape"])], node.outputs)
 
 
@@ -54,7 +54,7 @@ class Permute(Op):
             g = b.op("slice", [g], axis=perm.index(need.axis), start=need.start, stop=need.stop, step=1)
         return [b.op("permute", [g], perm=[int(i) for i in np.argsort(perm)])]
 
-    def lower(self, e: Any, node: Node) -> None:
+    def lower(self, e: Lowering, node: Node) -> None:
         e.node("Transpose", node.inputs, node.outputs, perm=list(node.attrs["perm"]))
 
 
@@ -69,7 +69,7 @@ class Expand(Op):
     def vjp(self, b, node, gouts, needs):  # type: ignore[no-untyped-def]
         return [unbroadcast(b, gouts[0], b.type(node.inputs[0]).shape)]
 
-    def lower(self, e: Any, node: Node) -> None:
+    def lower(self, e: Lowering, node: Node) -> None:
         e.node("Expand", [node.inputs[0], e.ints(node.attrs["shape"])], node.outputs)
 
 
@@ -92,7 +92,7 @@ class Concat(Op):
             start += n
         return grads
 
-    def lower(self, e: Any, node: Node) -> None:
+    def lower(self, e: Lowering, node: Node) -> None:
         e.node("Concat", node.inputs, node.outputs, axis=node.attrs["axis"])
 
 
@@ -100,6 +100,7 @@ class Concat(Op):
 class Slice(Op):
     """y = x[start:stop:step] along axis;  dx = zeros with g scattered back at those positions."""
     name = "slice"
+    tags = frozenset({Tag.HOISTABLE})
 
     def shape(self, ins, attrs):  # type: ignore[no-untyped-def]
         shape = list(ins[0].shape)
@@ -110,7 +111,7 @@ class Slice(Op):
         return [b.op("slice_grad", [gouts[0]], input_shape=list(b.type(node.inputs[0]).shape),
                      **{k: node.attrs[k] for k in ("axis", "start", "stop", "step")})]
 
-    def lower(self, e: Any, node: Node) -> None:
+    def lower(self, e: Lowering, node: Node) -> None:
         a = node.attrs
         e.node("Slice", [node.inputs[0], e.ints([a["start"]]), e.ints([a["stop"]]), e.ints([a["axis"]]),
                          e.ints([a["step"]])], node.outputs)
@@ -121,7 +122,7 @@ class SliceGrad(InputGradOp):
     """Backward helper of slice: zeros of input_shape with g placed at [start:stop:step] along axis."""
     name = "slice_grad"
 
-    def lower(self, e: Any, node: Node) -> None:
+    def lower(self, e: Lowering, node: Node) -> None:
         a, g = node.attrs, node.inputs[0]
         shape, axis = list(a["input_shape"]), a["axis"]
         if a["step"] == 1:

@@ -32,11 +32,11 @@ def _run(graph: Graph, nodes: list[Node], values: dict[str, np.ndarray], wanted:
 
     sub = Graph()
     for n in nodes:
-        sub.nodes.append(n)
+        sub.append(n)
         for i in n.inputs:
             if i is not None and i not in sub.types and i in values:
                 sub.constants[i] = values[i]
-        for v in list(n.inputs) + n.outputs:
+        for v in (*n.inputs, *n.outputs):
             if v is not None:
                 sub.types[v] = graph.types[v]
     sub.outputs = list(wanted)
@@ -70,14 +70,13 @@ def _evaluate(graph: Graph, nodes: list[Node], wanted: list[str]) -> tuple[list[
 
 def fold_constants(graph: Graph, max_bytes: int = DEFAULT_MAX_BYTES) -> PassResult:
     out = graph.copy()
-    users = out.users()
     returned = set(out.outputs)
     known = {c for c in out.constants if c not in out.inputs}  # a fed value is never compile-time
     fold: list[Node] = []
     for n in out.nodes:
         if not n.outputs or not all(i is None or i in known for i in n.inputs):
             continue
-        if not any(users.get(o) for o in n.outputs) or any(o in returned for o in n.outputs):
+        if not any(out.uses(o) for o in n.outputs) or any(o in returned for o in n.outputs):
             continue
         in_bytes = sum(nbytes(out.types[i]) for i in set(n.inputs) if i is not None)
         if sum(nbytes(out.types[o]) for o in n.outputs) > max(max_bytes, in_bytes):
@@ -87,13 +86,13 @@ def fold_constants(graph: Graph, max_bytes: int = DEFAULT_MAX_BYTES) -> PassResu
     if not fold:
         return PassResult(out, False)
 
-    fold_ids = {id(n) for n in fold}
-    read_later = {i for n in out.nodes if id(n) not in fold_ids for i in n.inputs if i is not None}
+    folding = set(fold)
+    read_later = {i for n in out.nodes if n not in folding for i in n.inputs if i is not None}
     done, values = _evaluate(out, fold, [o for n in fold for o in n.outputs if o in read_later])
     if not done:
         return PassResult(out, False)
-    done_ids = {id(n) for n in done}
-    out.nodes = [n for n in out.nodes if id(n) not in done_ids]
+    gone = set(done)
+    out.nodes = [n for n in out.nodes if n not in gone]
     read_later = {i for n in out.nodes for i in n.inputs if i is not None}
     for n in done:
         for o in n.outputs:

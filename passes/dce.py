@@ -6,7 +6,6 @@ node reads is removed. Graph inputs are kept (they are the artifact's interface)
 from __future__ import annotations
 
 from pockprop.ir import Graph
-
 from pockprop.passes.base import PassResult
 
 
@@ -19,7 +18,8 @@ def eliminate_dead_code(graph: Graph) -> PassResult:
             kept.append(node)
             live.update(i for i in node.inputs if i is not None)
     kept.reverse()
-    dead_values = {o for n in out.nodes if n not in kept for o in n.outputs}
+    alive = set(kept)
+    dead_values = {o for n in out.nodes if n not in alive for o in n.outputs}
     dead_consts = [c for c in out.constants if c not in live]
     out.nodes = kept
     for c in dead_consts:
@@ -27,4 +27,5 @@ def eliminate_dead_code(graph: Graph) -> PassResult:
         del out.types[c]
     for v in dead_values:
         out.types.pop(v, None)
+        out.roles.pop(v, None)
     return PassResult(out, bool(dead_values or dead_consts))

@@ -18,10 +18,8 @@ from __future__ import annotations
 import numpy as np
 
 from pockprop.ir import Graph, Node
-
+from pockprop.ops import get_op
 from pockprop.passes.base import PassResult, drop_unused_constants, is_constant
-
-_FOLDABLE = {"conv2d": 4, "linear": 2}  # producer op -> rank of the activation it feeds to the BN
 
 
 def _const_or_absent(graph: Graph, value: str | None) -> bool:
@@ -30,7 +28,7 @@ def _const_or_absent(graph: Graph, value: str | None) -> bool:
 
 def _fold(graph: Graph, prod: Node, bn: Node) -> Node:
     """The producer with the BN folded in: new constants are added to `graph`, nothing is removed."""
-    w_name, b_name = prod.inputs[1], (prod.inputs + [None])[2]
+    w_name, b_name = prod.inputs[1], (*prod.inputs, None)[2]
     assert w_name is not None
     _, gamma, beta, mean, var = bn.inputs
     w = graph.constants[w_name]
@@ -45,39 +43,38 @@ def _fold(graph: Graph, prod: Node, bn: Node) -> Node:
     # fresh names: the original weight may be read elsewhere (tied weights) and must stay intact
     w2 = graph.add_constant(new_w, hint=f"{w_name}.bn_folded")
     b2 = graph.add_constant(new_b, hint=f"{b_name or bn.module or w_name}.bn_folded_bias")
-    return Node(prod.op, [prod.inputs[0], w2, b2], list(bn.outputs), dict(prod.attrs), prod.module, prod.phase)
+    return prod.replace(inputs=(prod.inputs[0], w2, b2), outputs=bn.outputs)
 
 
 def fold_frozen_batchnorm(graph: Graph) -> PassResult:
     out = graph.copy()
-    users = out.users()
-    producers = out.producers()
-    replace: dict[int, Node] = {}  # id(producer node) -> folded node
-    drop: set[int] = set()  # id() of folded BatchNorm nodes
+    replace: dict[Node, Node] = {}  # producer node -> folded node
+    drop: set[Node] = set()  # folded BatchNorm nodes
     touched: set[str] = set()
     for bn in out.nodes:
         if bn.op != "batch_norm":
             continue
         x, gamma, beta, mean, var = bn.inputs
-        prod = producers.get(x) if x is not None else None
-        if prod is None or prod.op not in _FOLDABLE or id(prod) in replace:
+        prod = out.producer(x) if x is not None else None
+        rank = get_op(prod.op).bn_fold_rank if prod is not None else None
+        if prod is None or rank is None or prod in replace:
             continue
-        if out.types[x].rank != _FOLDABLE[prod.op] or len(prod.outputs) != 1:
+        if out.types[x].rank != rank or len(prod.outputs) != 1:
             continue
         # the pre-BN value must vanish: no other reader, not returned
-        if len(users.get(x, [])) != 1 or x in out.outputs:
+        if len(out.uses(x)) != 1 or x in out.outputs:
             continue
-        params = [prod.inputs[1], (prod.inputs + [None])[2], gamma, beta, mean, var]
+        params = [prod.inputs[1], (*prod.inputs, None)[2], gamma, beta, mean, var]
         if prod.inputs[1] is None or not all(_const_or_absent(out, v) for v in params):
             continue
-        replace[id(prod)] = _fold(out, prod, bn)
-        drop.add(id(bn))
+        replace[prod] = _fold(out, prod, bn)
+        drop.add(bn)
         touched.update(v for v in params if v is not None)
         del out.types[x]
     if not replace:
         return PassResult(out, False)
     # the folded node sits where the producer was: x is defined there, and the BN output's readers
     # all come after the BN, hence after the producer
-    out.nodes = [replace.get(id(n), n) for n in out.nodes if id(n) not in drop]
+    out.nodes = [replace.get(n, n) for n in out.nodes if n not in drop]
     drop_unused_constants(out, touched)
     return PassResult(out, True)

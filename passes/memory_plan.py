@@ -8,9 +8,9 @@ simultaneously live tensors: what an ideal allocator needs when nothing is compu
 update's `new/...` output is a buffer of its own, as onnxruntime allocates it). It moves exactly with
 what the passes change: what is kept for backward, and how long gradients and state live.
 
-Categories of a live value (first match wins):
-  optimizer_state   graph inputs `optimizer.*` and outputs `new/optimizer.*` (compiler/compile.py)
-  parameters        trainable graph inputs (named in `param_names`), their `new/<param>` outputs, and
+Categories of a live value (first match wins), from the values' roles (ir.graph.Role):
+  optimizer_state   role OPTIMIZER_STATE: the optimizer's state inputs and their updated values
+  parameters        role PARAMETER: trained tensors fed at run time and their updated values; and
                     forward values computed from weights alone, never from data (a channel-sliced
                     weight concatenated with its frozen rest)
   data              other graph inputs (model inputs, labels, lr)
@@ -22,12 +22,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pockprop.ir import Graph
-
+from pockprop.ir import Graph, Phase, Role
 from pockprop.passes.base import nbytes
 
 CATEGORIES = ("activations_kept", "gradients", "optimizer_state", "parameters", "data", "workspace")
-_STATE_PREFIXES = ("optimizer.", "new/optimizer.")
 
 
 @dataclass
@@ -46,48 +44,46 @@ class MemoryPlan:
         return f"peak {self.peak_bytes / 2**20:.2f} MiB at node {self.peak_node} ({where}): {parts}"
 
 
-def _params(graph: Graph) -> set[str]:
-    return {v for v in graph.inputs if v in graph.param_names}
-
-
 def _data_dependent(graph: Graph) -> set[str]:
     """Values computed (transitively) from a data input: the activations, as opposed to weights."""
-    params = _params(graph)
-    dep = {v for v in graph.inputs if v not in params and not v.startswith(_STATE_PREFIXES)}
+    dep = {v for v in graph.inputs if not graph.role(v).is_state}
     for n in graph.nodes:
         if any(i in dep for i in n.inputs):
             dep.update(n.outputs)
     return dep
 
 
+def _phase(graph: Graph, value: str) -> Phase | None:
+    producer = graph.producer(value)
+    return None if producer is None else producer.phase
+
+
 def kept_for_backward(graph: Graph) -> set[str]:
     """Activations the backward pass reads: forward/loss values computed from data."""
-    phase = {o: n.phase for n in graph.nodes for o in n.outputs}
-    read = {i for n in graph.nodes if n.phase == "backward" for i in n.inputs if i is not None}
-    return {v for v in read & _data_dependent(graph) if phase.get(v) in ("forward", "loss")}
+    read = {i for n in graph.nodes if n.phase is Phase.BACKWARD for i in n.inputs if i is not None}
+    return {v for v in read & _data_dependent(graph) if (p := _phase(graph, v)) is not None and p.is_forward}
 
 
 def categorize(graph: Graph) -> dict[str, str]:
     """Category of every non-constant value (see module docstring)."""
-    phase = {o: n.phase for n in graph.nodes for o in n.outputs}
     kept = kept_for_backward(graph)
     data = _data_dependent(graph)
-    params = _params(graph)
     cat: dict[str, str] = {}
     for v in graph.types:
         if v in graph.constants and v not in graph.inputs:
             continue
-        if v.startswith(_STATE_PREFIXES) and (v in graph.inputs or v in graph.outputs):
+        role, phase = graph.role(v), _phase(graph, v)
+        if role is Role.OPTIMIZER_STATE:
             cat[v] = "optimizer_state"
-        elif v in params or (v.startswith("new/") and v[4:] in params):
+        elif role is Role.PARAMETER:
             cat[v] = "parameters"
         elif v in graph.inputs:
             cat[v] = "data"
         elif v in kept:
             cat[v] = "activations_kept"
-        elif phase.get(v) in ("forward", "loss") and v not in data:
+        elif phase is not None and phase.is_forward and v not in data:
             cat[v] = "parameters"
-        elif phase.get(v) == "backward":
+        elif phase is Phase.BACKWARD:
             cat[v] = "gradients"
         else:
             cat[v] = "workspace"

@@ -24,12 +24,9 @@ The result is a valid topological order (checked with `Graph.verify`).
 """
 from __future__ import annotations
 
-from pockprop.ir import Graph, Node
-
+from pockprop.ir import Graph, Node, Phase
 from pockprop.passes.base import PassResult
 from pockprop.passes.memory_plan import plan_memory
-
-OPTIMIZER = "optimizer"
 
 
 def _schedule(rest: list[Node], opt: list[Node], deferred: set[str]) -> list[Node]:
@@ -42,39 +39,39 @@ def _schedule(rest: list[Node], opt: list[Node], deferred: set[str]) -> list[Nod
     opt_of = {o: n for n in opt for o in n.outputs}
 
     # ready[n]: index in `rest` after which all of n's inputs exist (-1: from the start)
-    ready: dict[int, int] = {}
+    ready: dict[Node, int] = {}
     for n in opt:  # `opt` is in a topological order already
-        ready[id(n)] = max([end if n.module in deferred else -1] + [pos[i] for i in n.inputs if i in pos]
-                           + [ready[id(opt_of[i])] for i in n.inputs if i in opt_of])
+        ready[n] = max([end if n.module in deferred else -1] + [pos[i] for i in n.inputs if i in pos]
+                           + [ready[opt_of[i]] for i in n.inputs if i in opt_of])
 
     # readers of each optimizer node: later optimizer nodes, and non-optimizer nodes (by index)
-    opt_readers: dict[int, list[Node]] = {id(n): [] for n in opt}
-    rest_reader: dict[int, int] = {}
+    opt_readers: dict[Node, list[Node]] = {n: [] for n in opt}
+    rest_reader: dict[Node, int] = {}
     for n in opt:
         for i in n.inputs:
             if i in opt_of:
-                opt_readers[id(opt_of[i])].append(n)
+                opt_readers[opt_of[i]].append(n)
     for k, n in enumerate(rest):
         for i in n.inputs:
             if i in opt_of:
-                p = id(opt_of[i])
+                p = opt_of[i]
                 rest_reader[p] = min(rest_reader.get(p, k), k)
 
     # place[n]: insert n right after rest[place[n]]
-    place: dict[int, int] = {}
+    place: dict[Node, int] = {}
     for n in reversed(opt):  # readers first
-        if ready[id(n)] >= 0:
-            place[id(n)] = ready[id(n)]
+        if ready[n] >= 0:
+            place[n] = ready[n]
             continue
         # input-only node: sink it to its earliest reader (a rest reader at k needs it before k)
-        bounds = [place[id(r)] for r in opt_readers[id(n)]]
-        if id(n) in rest_reader:
-            bounds.append(rest_reader[id(n)] - 1)
-        place[id(n)] = min(bounds) if bounds else -1
+        bounds = [place[r] for r in opt_readers[n]]
+        if n in rest_reader:
+            bounds.append(rest_reader[n] - 1)
+        place[n] = min(bounds) if bounds else -1
 
     slots: dict[int, list[Node]] = {}
     for n in opt:  # stable: original relative order within a slot
-        slots.setdefault(place[id(n)], []).append(n)
+        slots.setdefault(place[n], []).append(n)
     order = list(slots.get(-1, []))
     for k, n in enumerate(rest):
         order.append(n)
@@ -84,8 +81,8 @@ def _schedule(rest: list[Node], opt: list[Node], deferred: set[str]) -> list[Nod
 
 def reorder_updates(graph: Graph) -> PassResult:
     out = graph.copy()
-    rest = [n for n in out.nodes if n.phase != OPTIMIZER]
-    opt = [n for n in out.nodes if n.phase == OPTIMIZER]
+    rest = [n for n in out.nodes if n.phase is not Phase.OPTIMIZER]
+    opt = [n for n in out.nodes if n.phase is Phase.OPTIMIZER]
     if not opt or not rest:
         return PassResult(out, False)
 
@@ -98,9 +95,10 @@ def reorder_updates(graph: Graph) -> PassResult:
             break
         # the update scheduled last at or before the peak (one must exist: before the first moved
         # update the order is the original one, with lifetimes only shortened)
-        moved = [n.module for n in out.nodes[: plan.peak_node + 1] if n.phase == OPTIMIZER and n.module not in deferred]
+        moved = [n.module for n in out.nodes[: plan.peak_node + 1]
+                 if n.phase is Phase.OPTIMIZER and n.module not in deferred]
         if not moved:  # cannot happen (see above); the original order is always a safe answer
-            out.nodes = list(graph.copy().nodes)
+            out.nodes = graph.nodes
             break
         deferred.add(moved[-1])
     out.verify()

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from pockprop.compiler.compile import compile
-from pockprop.compiler.cost import ir_macs, macs_by_module, node_macs, onnx_macs, split_node_name
+from pockprop.compiler.cost import ir_macs, macs_by_module, node_macs, onnx_macs
+from pockprop.emit.onnx import split_node_name
 from pockprop.emit.onnx import to_onnx
 from pockprop.ops.builder import Builder
 from pockprop.ir import Graph, TensorType

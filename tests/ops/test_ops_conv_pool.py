@@ -137,7 +137,7 @@ def test_sliced_weight_grad_touches_only_the_slice(k, stride):  # type: ignore[n
     (wg,) = [n for n in g.nodes if n.op == "conv2d_weight_grad"]
     assert g.types[wg.inputs[0]].shape == (2, 3, 9, 9)
     (sl,) = [n for n in g.nodes if n.outputs[0] == wg.inputs[0]]
-    assert sl.op == "slice" and sl.inputs == ["args.0"] and (sl.attrs["start"], sl.attrs["stop"]) == (2, 5)
+    assert sl.op == "slice" and sl.inputs == ("args.0",) and (sl.attrs["start"], sl.attrs["stop"]) == (2, 5)
     assert not any(n.op == "conv2d_input_grad" for n in g.nodes)  # x is not trainable: no dx is built
     assert g.types[grads["args.1"]].shape == (4, 3, k, k)
 

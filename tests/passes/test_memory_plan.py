@@ -6,7 +6,7 @@ import torch
 
 from pockprop.compiler.compile import compile
 from pockprop.ops.builder import Builder
-from pockprop.ir import Graph, TensorType
+from pockprop.ir import Graph, Role, TensorType
 from pockprop.passes import plan_memory
 
 F4 = TensorType((4,), "float32")
@@ -16,10 +16,10 @@ def _step() -> Graph:
     g = Graph()
     b = Builder(g)
     x = g.add_input("x", F4)
-    w = g.add_input("w", F4)
+    w = g.add_input("w", F4, Role.PARAMETER)
     g.param_names["w"] = "w"
-    m = g.add_input("optimizer.momentum.w", F4)
-    lr = g.add_input("lr", TensorType((), "float32"))
+    m = g.add_input("optimizer.momentum.w", F4, Role.OPTIMIZER_STATE)
+    lr = g.add_input("lr", TensorType((), "float32"), Role.HYPERPARAMETER)
     a = b.op("mul", [x, w], hint="a")                                      # 0
     t = b.op("relu", [a], hint="t")                                        # 1
     with b.scope("loss", phase="loss"):
@@ -30,6 +30,7 @@ def _step() -> Graph:
         nm = b.op("add", [m, grad], hint="new/optimizer.momentum.w")       # 4
         u = b.op("mul", [nm, lr], hint="u")                                # 5
         nw = b.op("sub", [w, u], hint="new/w")                             # 6
+    g.roles |= {nm: Role.OPTIMIZER_STATE, nw: Role.PARAMETER}  # what the step returns as updated state
     g.outputs = [loss, nw, nm]
     g.verify()
     return g
@@ -51,7 +52,7 @@ def test_lifetimes_peak_and_breakdown() -> None:
 
 def test_breakdown_at_a_later_node() -> None:
     g = _step()
-    g.nodes[1].inputs = ["x"]  # t = relu(x): x now lives to node 1, the peak moves nowhere new
+    g.replace_node(g.nodes[1], g.nodes[1].replace(inputs=["x"]))  # t = relu(x): x now lives to node 1
     plan = plan_memory(g)
     assert sum(plan.breakdown.values()) == plan.peak_bytes
 
