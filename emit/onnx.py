@@ -105,6 +105,14 @@ class Emitter:
     def onnx_dtype(self, dtype: str) -> int:
         return onnx_dtype(dtype)
 
+    def is_constant(self, value: str) -> bool:
+        """Known at compile time (stored in the file), not fed at run time."""
+        return value in self.graph.constants and value not in self.graph.inputs
+
+    def is_used(self, value: str) -> bool:
+        """Read by a node of the graph, or returned by it."""
+        return bool(self.graph.uses(value)) or value in self.graph.outputs
+
     def _unique_node_name(self, base: str) -> str:
         name, i = base, 0
         while name in self._node_names:

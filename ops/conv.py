@@ -146,20 +146,17 @@ class Conv2dInputGrad(InputGradOp):
         ho_wo, k = e.type(g).shape[2:], e.type(w).shape[2:]
         size = a["input_shape"][2:]
         # The Conv form needs the kernel flipped and transposed. A trained kernel pays that every step: worth
-        # it while the kernel is no bigger than the cotangent (ResNet-18's layer4, 2.4M weights against 65K
-        # cotangent values, took longer than ConvTranspose). A frozen kernel is transformed once, at load,
-        # but the copy stays in memory beside the original: allowed up to 4x the cotangent (all of
-        # MobileNetV2 at 128x128; ResNet-18 up to layer2), so deep layers with big kernels keep
-        # ConvTranspose. Measured against always-Conv for frozen kernels: ResNet-18 peak RSS -36 MB
-        # (sparse) and -32 MB (bias-only) at the same speed; against never-Conv, MobileNetV2 sparse is 15 %
-        # faster.
-        limit = 4 if w in e.graph.constants else 1
+        # it while the kernel is no bigger than the cotangent (a deep layer's kernel dwarfs its cotangent
+        # and took longer than ConvTranspose). A frozen kernel is transformed once, at load, but the copy
+        # stays in memory beside the original: allowed up to 4x the cotangent, so deep layers with big
+        # kernels keep ConvTranspose. The measurements behind both limits: docs/benchmarks.md.
+        limit = 4 if e.is_constant(w) else 1
         cheap_kernel = e.type(w).numel <= limit * e.type(g).numel
         if list(s) == [1, 1] and all(p[i] <= d[i] * (k[i] - 1) for i in range(2)) and cheap_kernel:
             # At stride 1 the transposed conv is a plain conv of g with the flipped, in/out-swapped kernel
             # and padding d*(k-1) - p. onnxruntime's Conv runs in its blocked (NCHWc) kernels and, for a
             # frozen layer, folds the kernel transform into a constant at load; its ConvTranspose does
-            # neither and measured 3-8x slower on MobileNetV2's depthwise and pointwise layers.
+            # neither and is several times slower on depthwise and pointwise layers (docs/benchmarks.md).
             e.node("Conv", [g, _transposed_kernel(e, w, a["groups"])], node.outputs, strides=[1, 1],
                    pads=[d[i] * (k[i] - 1) - p[i] for i in range(2)] * 2, dilations=list(d), group=a["groups"])
             return
@@ -169,7 +166,7 @@ class Conv2dInputGrad(InputGradOp):
                group=a["groups"], output_padding=out_pad if any(out_pad) else None)
 
 
-def _transposed_kernel(e: Any, w: str, groups: int) -> str:
+def _transposed_kernel(e: Lowering, w: str, groups: int) -> str:
     """W (C_out, C_in/G, kh, kw) -> W' (C_in, C_out/G, kh, kw), per group in/out swapped, taps flipped."""
     c_out, cig, kh, kw = e.type(w).shape
     cog = c_out // groups

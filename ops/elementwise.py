@@ -48,8 +48,8 @@ class Binary(Op):
         if len(out) >= 2 and out[-1] == 1 and 1 in (e.type(a).numel, e.type(c).numel) and \
                 e.type(a).shape != e.type(c).shape:
             # A scalar against a tensor with a trailing 1-extent (a 1x1 conv weight (C, Ci, 1, 1), pooled
-            # features (N, C, 1, 1)) takes onnxruntime's per-element broadcast path: ~30x slower than on
-            # the flat tensor (measured: the SGD update of MobileNetV2's 1x1 weights). Flatten, op, restore.
+            # features (N, C, 1, 1)) takes onnxruntime's per-element broadcast path, far slower than on the
+            # flat tensor (docs/benchmarks.md: the SGD update of 1x1 weights). Flatten, op, restore.
             flat = [e.node("Reshape", [v, e.ints([-1] if e.type(v).numel > 1 else [])]) for v in (a, c)]
             e.node("Reshape", [e.node(self.onnx_op, flat), e.ints(out)], node.outputs)
             return
@@ -273,7 +273,7 @@ class Masked(Op):
 
     def lower(self, e: Lowering, node: Node) -> None:
         g, m = node.inputs
-        # g * float(m): onnxruntime's Where with a scalar branch measured ~8x slower than Cast + Mul.
+        # g * float(m): onnxruntime's Where with a scalar branch is slower than Cast + Mul (docs/benchmarks.md).
         # (A NaN/Inf in g where m is false now propagates instead of being zeroed: such a step is broken
         # already, and the runtime's guard rejects non-finite updates.)
         e.node("Mul", [g, e.node("Cast", [m], to=e.onnx_dtype(e.type(g).dtype))], node.outputs)

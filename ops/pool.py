@@ -89,8 +89,7 @@ class MaxPool2d(Op):
         _, extra = _geometry(e.type(x).shape, a)
         p = list(a["padding"])
         idx = node.outputs[1]
-        used = idx in e.graph.outputs or any(idx in n.inputs for n in e.graph.nodes)
-        e.node("MaxPool", [x], node.outputs if used else node.outputs[:1], kernel_shape=list(a["kernel"]),
+        e.node("MaxPool", [x], node.outputs if e.is_used(idx) else node.outputs[:1], kernel_shape=list(a["kernel"]),
                strides=list(a["stride"]), pads=p + [p[i] + extra[i] for i in range(2)], dilations=list(a["dilation"]))
 
 

@@ -70,6 +70,10 @@ class Lowering(Protocol):
 
     def onnx_dtype(self, dtype: str) -> int: ...
 
+    def is_constant(self, value: str) -> bool: ...
+
+    def is_used(self, value: str) -> bool: ...
+
 
 class Op:
     """Base of every IR op. Subclasses set `name` and override the rules they have.
