@@ -27,7 +27,7 @@ FORMAT = "pockprop-artifact"
 FORMAT_VERSION = 1
 REQUIRED = ("format", "format_version", "graphs", "state_file", "data", "labels", "lr", "outputs", "state", "files")
 DTYPES = {"float32", "float64", "float16", "int64", "int32", "int8", "uint8", "bool"}
-PREPROCESS_KEYS = {"resize", "scale", "mean", "std"}
+PREPROCESS_KEYS = {"resize", "antialias", "channel_order", "scale", "mean", "std"}
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -141,20 +141,27 @@ def _slice(s: dict[str, Any], where: str) -> None:
 
 
 def _preprocess(p: Any, where: str) -> None:
+    """data[0].preprocess: the steps docs/artifact.md defines, each with a value of its type."""
     if not isinstance(p, dict):
         raise _fail(where, "data preprocess: expected an object")
     unknown = set(p) - PREPROCESS_KEYS
     if unknown:
         raise _fail(where, f"data preprocess: unknown steps {sorted(unknown)}; this runtime knows "
                            f"{sorted(PREPROCESS_KEYS)}")
-    numbers = lambda v: isinstance(v, list) and v and all(isinstance(x, (int, float)) for x in v)  # noqa: E731
-    if "resize" in p and not (numbers(p["resize"]) and len(p["resize"]) == 2 and all(int(v) > 0 for v in p["resize"])):
+    finite = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) < float("inf")  # noqa: E731
+    numbers = lambda v: isinstance(v, list) and v and all(finite(x) for x in v)  # noqa: E731
+    if "resize" in p and not (isinstance(p["resize"], list) and len(p["resize"]) == 2
+                              and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in p["resize"])):
         raise _fail(where, f"data preprocess: resize must be [height, width], got {p['resize']!r}")
-    if "scale" in p and not isinstance(p["scale"], (int, float)):
-        raise _fail(where, f"data preprocess: scale must be a number, got {p['scale']!r}")
+    if "antialias" in p and not isinstance(p["antialias"], bool):
+        raise _fail(where, f"data preprocess: antialias must be true or false, got {p['antialias']!r}")
+    if "channel_order" in p and p["channel_order"] not in ("rgb", "bgr"):
+        raise _fail(where, f"data preprocess: channel_order must be \"rgb\" or \"bgr\", got {p['channel_order']!r}")
+    if "scale" in p and not (finite(p["scale"]) and p["scale"] != 0):
+        raise _fail(where, f"data preprocess: scale must be a finite non-zero number, got {p['scale']!r}")
     for k in ("mean", "std"):
-        if k in p and not (numbers(p[k]) or isinstance(p[k], (int, float))):
-            raise _fail(where, f"data preprocess: {k} must be a number or a list of numbers, got {p[k]!r}")
+        if k in p and not (numbers(p[k]) or finite(p[k])):
+            raise _fail(where, f"data preprocess: {k} must be a finite number or a list of them, got {p[k]!r}")
     std = p.get("std", 1)
     if any(v == 0 for v in (std if isinstance(std, list) else [std])):
         raise _fail(where, "data preprocess: std must not be 0")

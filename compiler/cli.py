@@ -107,6 +107,7 @@ def compile_command(args: argparse.Namespace) -> int:
     import torch
 
     from pockprop.compiler.compile import compile
+    from pockprop.compiler.preprocess import describe as describe_preprocess, resolve as resolve_preprocess
 
     try:
         kwargs = model_kwargs(args)
@@ -114,11 +115,13 @@ def compile_command(args: argparse.Namespace) -> int:
         shape = _shape(args.input_shape) if args.input_shape else default_shape
         if shape is None:
             raise CompileError(f"{args.model} has no default input shape; pass --input-shape")
+        preprocess = resolve_preprocess(getattr(args, "preprocess", None), shape, args.model)
         t0 = time.perf_counter()
         print(f"compiling {args.model} for input {','.join(map(str, shape))} ...", file=sys.stderr)
+        print(f"preprocess: {describe_preprocess(preprocess, shape)}", file=sys.stderr)
         art = compile(model, (torch.randn(*shape),), loss=args.loss, optimizer=_optimizer(args),
                       trainable=args.trainable, scheme=args.scheme, label_smoothing=args.label_smoothing,
-                      name=args.model.split(":")[-1])
+                      name=args.model.split(":")[-1], preprocess=preprocess)
         art.source = source_of(args, kwargs)
         if args.report:
             from pockprop.compiler.report import compile_report, format_report

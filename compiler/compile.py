@@ -7,12 +7,13 @@ constants; the backward graph only reaches what the trainable tensors need.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
 
 from pockprop.autodiff.backward import backward
+from pockprop.compiler import preprocess as preprocess_steps
 from pockprop.compiler.artifact import Artifact, StateEntry
 from pockprop.compiler.optim import build_update, initial_state, parse_optimizer
 from pockprop.compiler.scheme import Layer, Scheme, discover_layers, load_scheme, module_tree, resolve_scheme
@@ -96,7 +97,7 @@ def compile(model: torch.nn.Module, example_inputs: tuple[Any, ...] | torch.Tens
             loss: str = "cross_entropy", optimizer: str | dict[str, Any] = "sgd",
             trainable: str | Iterable[str] | None = None, *, scheme: str | Scheme | dict[str, Any] | None = None,
             label_smoothing: float = 0.0, name: str | None = None,
-            preprocess: dict[str, Any] | None = None, optimize: bool = True) -> Artifact:
+            preprocess: str | dict[str, Any] | None = None, optimize: bool = True) -> Artifact:
     """Compile `model` into one ONNX training step (forward, loss, backward, update) + inference graph.
 
     example_inputs: a tensor or tuple of tensors fixing the input shapes (batch size included).
@@ -105,7 +106,8 @@ def compile(model: torch.nn.Module, example_inputs: tuple[Any, ...] | torch.Tens
     parameter names, 'features.17.*', whole tensors) or `scheme` (a preset name like 'sparse', a
     YAML path, a dict or a Scheme: per-layer updates incl. channel slices; see compiler/scheme.py);
     with neither, every parameter is trained. preprocess: how raw device data becomes the model
-    input, recorded in the manifest for the runtime (e.g. {"resize": [32, 32], "mean": [...], "std": [...]}).
+    input, recorded in the manifest for the runtime (e.g. {"resize": [32, 32], "mean": [...], "std": [...]}),
+    or a preset name ("imagenet", "unit", "none"; compiler/preprocess.py); none is recorded by default.
     optimize=False skips the optimization passes (BatchNorm folding, constant folding, saving slices
     and masks for backward, update reordering): the same step, as autodiff built it; for debugging.
 
@@ -123,7 +125,7 @@ def compile(model: torch.nn.Module, example_inputs: tuple[Any, ...] | torch.Tens
 def compile_traced(tm: TracedModel, labels: Any = None, loss: str = "cross_entropy",
                    optimizer: str | dict[str, Any] = "sgd", trainable: str | Iterable[str] | None = None, *,
                    scheme: str | Scheme | dict[str, Any] | None = None, label_smoothing: float = 0.0,
-                   name: str | None = None, preprocess: dict[str, Any] | None = None,
+                   name: str | None = None, preprocess: str | dict[str, Any] | None = None,
                    optimize: bool = True) -> Artifact:
     """`compile` of an already traced model (see `trace_model`); the arguments mean the same."""
     loss_op = _check_options(loss, label_smoothing, trainable, scheme)
@@ -162,9 +164,16 @@ def compile_traced(tm: TracedModel, labels: Any = None, loss: str = "cross_entro
         trainable=chosen,
         parameter_count={p: int(traced.graph.types[p].numel) for p in traced.parameters},
         train_graph=train,
-        preprocess=dict(preprocess or {}),
+        preprocess=_preprocess(preprocess, traced.graph.types[traced.user_inputs[0]].shape),
         scheme=resolved,
     )
+
+
+def _preprocess(spec: str | dict[str, Any] | None, shape: Sequence[int]) -> dict[str, Any]:
+    """The manifest's data preprocess: a checked dict, or a preset name resolved for `shape`."""
+    if isinstance(spec, str):
+        return preprocess_steps.resolve(spec, shape, flag="preprocess")
+    return preprocess_steps.check(dict(spec), shape) if spec else {}
 
 
 def _lift(g: Graph, needs: dict[str, Need]) -> tuple[Graph, dict[str, tuple[str, Need]]]:

@@ -11,6 +11,8 @@ import sys
 import traceback
 from typing import Callable
 
+from pockprop.compiler.preprocess import HELP as PREPROCESS_HELP  # torch-free
+
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
 
 
@@ -42,6 +44,7 @@ def _compile_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--report", action="store_true",
                    help="print per-layer update kinds, MACs and memory beside full backprop; write report.json")
     p.add_argument("--seed", type=int, default=0, help="torch seed for the model's initial weights")
+    p.add_argument("--preprocess", metavar="PRESET_OR_JSON", help=PREPROCESS_HELP)
     p.add_argument("-o", "--output", required=True, help="artifact directory to write")
     p.set_defaults(func=from_engine("compile_command"))
 
@@ -86,8 +89,8 @@ def _search_parser(sub: argparse._SubParsersAction, func: Callable[[argparse.Nam
     s.add_argument("--weights", help="pretrained weights (safetensors state_dict) to start from")
     s.add_argument("--seed", type=int, default=0, help="torch seed for the model's initial weights (no --weights)")
     s.add_argument("--checkpoint-dir", help="artifact only: start from this checkpoint's trained weights")
-    s.add_argument("--preprocess", help='model only: JSON preprocessing of raw data, e.g. \'{"mean": 0.5, "std": 0.5}\' '
-                                        "(an artifact's recorded preprocessing is used as is)")
+    s.add_argument("--preprocess", metavar="PRESET_OR_JSON",
+                   help=f"model only (an artifact's recorded preprocessing is used as is): {PREPROCESS_HELP}")
     s.add_argument("--label-column", help="CSV: the label column")
     s.add_argument("--val-fraction", type=float, default=0.2, help="stratified share of --data held out for validation")
     s.add_argument("--batch", type=int, help="probe batch size (default: an artifact's, else 32)")

@@ -7,14 +7,16 @@ document on stdout instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
-from typing import Any
+import warnings
+from typing import Any, Iterator
 
 import numpy as np
 
-from pockprop.runtime import checkpoint, data
+from pockprop.runtime import checkpoint
 from pockprop.errors import CheckpointError, DataError
 from pockprop.runtime.loop import fit
 from pockprop.artifact.manifest import open_artifact, pack
@@ -38,11 +40,14 @@ def _trainer(args: argparse.Namespace) -> Trainer:
     return trainer
 
 
-def _dataset(trainer: Trainer, path: str, label_column: str | None) -> data.Dataset:
-    spec = trainer.manifest["data"][0]
-    resize = (spec.get("preprocess") or {}).get("resize")
-    channels = spec["shape"][1] if len(spec["shape"]) == 4 else 3
-    return data.load(path, label_column, channels=channels, size=tuple(resize) if resize else None)
+@contextlib.contextmanager
+def _warnings_as_lines(command: str) -> Iterator[None]:
+    """Warnings (runtime.data.PreprocessWarning) as one stderr line each, like the commands' notes."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")  # the pipeline warns once itself
+        warnings.showwarning = lambda message, *_, **__: print(f"pockprop {command}: warning: {message}",
+                                                               file=sys.stderr)
+        yield
 
 
 def _pct(m: dict[str, Any]) -> str:
@@ -84,11 +89,12 @@ def train_command(args: argparse.Namespace) -> int:
         notes.append(f"no checkpoint in {args.checkpoint_dir} yet: starting from the artifact's weights")
     if not args.checkpoint_dir and not args.export:
         notes.append("no --checkpoint-dir or --export: the trained weights will not be saved")
+    notes.append(f"preprocessing: {trainer.pipeline.describe()}")
     for note in notes:
         print(f"pockprop train: {note}", file=sys.stderr)
 
-    train = _dataset(trainer, args.data, args.label_column)
-    held = _dataset(trainer, args.eval_data, args.label_column) if args.eval_data else None
+    train = trainer.pipeline.load(args.data, args.label_column)
+    held = trainer.pipeline.load(args.eval_data, args.label_column) if args.eval_data else None
     bar: Progress | None = None
     recent: list[float] = []
 
@@ -101,9 +107,10 @@ def train_command(args: argparse.Namespace) -> int:
             recent[:] = (recent + [loss])[-20:]
         bar.update(done, f"loss {np.mean(recent):.4f}" if recent else "loss -")
 
-    record = fit(trainer, train, args.epochs, seed=args.seed, last_batch=args.last_batch, schedule=schedule,
-                 holdout=args.holdout, eval_data=held, checkpoint_dir=args.checkpoint_dir,
-                 checkpoint_every=args.checkpoint_every, on_batch=on_batch)
+    with _warnings_as_lines("train"):
+        record = fit(trainer, train, args.epochs, seed=args.seed, last_batch=args.last_batch, schedule=schedule,
+                     holdout=args.holdout, eval_data=held, checkpoint_dir=args.checkpoint_dir,
+                     checkpoint_every=args.checkpoint_every, on_batch=on_batch)
     if bar is not None:
         bar.close(f"loss {np.mean(recent):.4f}" if recent else "")
     exported = trainer.export_inference(args.export) if args.export else None
@@ -125,7 +132,8 @@ def train_command(args: argparse.Namespace) -> int:
 
 def eval_command(args: argparse.Namespace) -> int:
     trainer = _trainer(args)
-    m = trainer.evaluate(_dataset(trainer, args.data, args.label_column))
+    with _warnings_as_lines("eval"):
+        m = trainer.evaluate(trainer.pipeline.load(args.data, args.label_column))
     loss = f"loss {m['loss']:.4f}" if "loss" in m else "loss n/a"
     return _emit(args, {"data": args.data, "steps": trainer.steps, **m},
                  [f"{loss}, accuracy {_pct(m)} on {m['samples']} samples of {args.data} (after {trainer.steps} steps)"])
@@ -159,7 +167,7 @@ def inspect_command(args: argparse.Namespace) -> int:
            "files": {n: {"bytes": len(b), "sha256": m["files"][n]} for n, b in bundle.files.items()},
            "data": m["data"], "labels": m["labels"], "loss": m.get("loss"), "optimizer": m.get("optimizer"),
            "lr": m["lr"], "trainable": m.get("trainable"), "scheme": m.get("scheme"), "state": state,
-           "batch_size": trainer.batch_size}
+           "batch_size": trainer.batch_size, "preprocessing": trainer.pipeline.describe()}
     if args.checkpoint_dir:
         doc["checkpoint"] = {"path": checkpoint.path_of(args.checkpoint_dir), "steps": trainer.steps,
                              "rejected": trainer.rejected, "schedule": trainer.schedule.to_json(),
@@ -167,7 +175,8 @@ def inspect_command(args: argparse.Namespace) -> int:
     d, t = m["data"][0], m.get("trainable") or {}
     lines = [f"{args.artifact}: {m.get('model')} (format {m['format_version']}, pockprop {m.get('pockprop_version')}, "
              f"ONNX opset {(m.get('onnx') or {}).get('opset')}) - all {len(bundle.files)} file hashes verified",
-             f"  input  {d['name']}: {d['dtype']}{d['shape']}" + (f"  preprocess {d['preprocess']}" if d.get("preprocess") else ""),
+             f"  input  {d['name']}: {d['dtype']}{d['shape']}",
+             f"  preprocessing of raw data: {doc['preprocessing']}",
              f"  labels {m['labels']['name']}: {m['labels']['dtype']}{m['labels']['shape']}",
              f"  loss {m.get('loss')}; optimizer {m.get('optimizer')}; lr {m['lr']['initial']}",
              f"  trainable: {t.get('count', '?'):,} of {t.get('total', '?'):,} parameters"

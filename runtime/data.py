@@ -2,9 +2,10 @@
 
 Two kinds of arrays meet the runtime, and the rule is simple:
 - a `Dataset` holds *raw* samples as they come from a file; `Pipeline` turns a batch of them into
-  the model's input with the manifest's preprocessing (layout, resize, scale, mean/std), so the device
-  feeds what the model saw at compile time;
+  the model's input with the manifest's preprocessing (layout, channels, resize, channel order,
+  scale, mean/std), so the device feeds what the model saw at compile time;
 - arrays given directly to `Trainer.step/predict/evaluate` are model input already.
+An image folder's samples stay on disk until a batch takes them (runtime/images.py).
 
 Batching: the graph has a fixed batch size. Training batches follow a seeded permutation per
 (seed, round, epoch); the last partial batch is dropped (default; shuffling puts those samples into
@@ -16,30 +17,36 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
+import warnings
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Iterator
 
 import numpy as np
 
 from pockprop.errors import DataError
+from pockprop.runtime.images import ImageFiles, index_folder, to_channels
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
 LABEL_COLUMNS = ("label", "labels", "y", "target", "class")
 LAST_BATCH = ("drop", "wrap")
 
 
 @dataclass
 class Dataset:
-    """Raw samples x (N, ...) and optional labels y (N, ...), with where they came from."""
+    """Raw samples x (N, ...) and optional labels y (N, ...), with where they came from.
 
-    x: np.ndarray
+    x is an array, or for an image folder `ImageFiles`: `x[idx]` decodes just those samples.
+    """
+
+    x: np.ndarray | ImageFiles
     y: np.ndarray | None = None
     source: str = "<arrays>"
     classes: list[str] | None = None  # image folders: the class name of each label index
     _fingerprint: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        self.x = np.asarray(self.x)
+        if not isinstance(self.x, ImageFiles):
+            self.x = np.asarray(self.x)
         if self.x.ndim == 0:
             raise DataError(f"{self.source}: x must have a sample axis, got a scalar")
         if self.y is not None:
@@ -52,10 +59,15 @@ class Dataset:
 
     @property
     def fingerprint(self) -> str:
-        """sha256 of the samples and labels: tells a resumed run whether its data is the same."""
+        """sha256 of the samples (an image folder: its files' bytes) and labels: tells a resumed run
+        whether its data is the same."""
         if self._fingerprint is None:
             h = hashlib.sha256()
-            for a in (self.x, self.y):
+            arrays = (self.x, self.y)
+            if isinstance(self.x, ImageFiles):
+                h.update(self.x.digest().encode())
+                arrays = (self.y,)
+            for a in arrays:
                 if a is not None:
                     h.update(f"{a.dtype.str}{a.shape}".encode())
                     h.update(np.ascontiguousarray(a).data)
@@ -63,7 +75,8 @@ class Dataset:
         return self._fingerprint
 
     def subset(self, idx: np.ndarray, source: str | None = None) -> "Dataset":
-        return Dataset(self.x[idx], None if self.y is None else self.y[idx], source or self.source, self.classes)
+        x = self.x.select(idx) if isinstance(self.x, ImageFiles) else self.x[idx]
+        return Dataset(x, None if self.y is None else self.y[idx], source or self.source, self.classes)
 
     def split(self, fraction: float, seed: int) -> tuple["Dataset", "Dataset"]:
         """(train, held out): a seeded random `fraction` of the samples is held out."""
@@ -76,14 +89,15 @@ class Dataset:
 
 
 # -- loading --------------------------------------------------------------------------------------
-def load(path: str, label_column: str | None = None, channels: int = 3, size: tuple[int, int] | None = None) -> Dataset:
+def load(path: str, label_column: str | None = None, channels: int = 3, size: tuple[int, int] | None = None,
+         antialias: bool = False) -> Dataset:
     """A Dataset from an .npz (arrays x, y), a .csv (features + a label column) or an image folder.
 
-    channels/size apply to image folders: images are decoded as grey (1) or RGB (3) and resized to
-    `size` (height, width) when given.
+    channels/size/antialias apply to image folders: images are decoded as grey (1) or RGB (3) and
+    resized to `size` (height, width) when given (`Pipeline.load` passes the manifest's).
     """
     if os.path.isdir(path):
-        return load_image_folder(path, channels, size)
+        return load_image_folder(path, channels, size, antialias)
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file or folder")
     ext = os.path.splitext(path)[1].lower()
@@ -147,60 +161,97 @@ def load_csv(path: str, label_column: str | None = None) -> Dataset:
     return Dataset(x, y, path)
 
 
-def load_image_folder(path: str, channels: int = 3, size: tuple[int, int] | None = None) -> Dataset:
-    """root/<class>/<image>: labels are class indices in sorted folder-name order; x is (N, C, H, W) 0..255."""
-    try:
-        from PIL import Image
-    except ImportError:
-        raise DataError(f"{path}: reading images needs Pillow: pip install 'pockprop[images]'") from None
-    classes = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)) and not d.startswith("."))
-    if not classes:
-        raise DataError(f"{path}: expected one sub-folder of images per class, found none")
-    images, labels = [], []
-    for label, cls in enumerate(classes):
-        folder = os.path.join(path, cls)
-        for name in sorted(os.listdir(folder)):
-            if not name.lower().endswith(IMAGE_EXTENSIONS):
-                continue
-            fpath = os.path.join(folder, name)
-            try:
-                with Image.open(fpath) as im:
-                    arr = np.asarray(im.convert("L" if channels == 1 else "RGB"), np.float32)
-            except Exception as ex:  # Pillow raises many types for a bad file; the file is what is wrong
-                raise DataError(f"{fpath}: cannot decode image ({ex})") from None
-            arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-            if size is not None and arr.shape[1:] != tuple(size):
-                arr = resize(arr[None], size)[0]
-            elif images and arr.shape != images[0].shape:
-                raise DataError(f"{fpath}: {arr.shape[2]}x{arr.shape[1]} pixels (WxH), the first image was "
-                                f"{images[0].shape[2]}x{images[0].shape[1]}; give the manifest a resize step")
-            images.append(arr)
-            labels.append(label)
-    if not images:
-        raise DataError(f"{path}: no images ({', '.join(IMAGE_EXTENSIONS)}) in the class folders {classes}")
-    return Dataset(np.stack(images), np.array(labels, np.int64), path, classes)
+def load_image_folder(path: str, channels: int = 3, size: tuple[int, int] | None = None,
+                      antialias: bool = False) -> Dataset:
+    """root/<class>/<image>: labels are class indices in sorted folder-name order; x is `ImageFiles`
+    (N, C, H, W) on the 0-255 scale, decoded when indexed (runtime/images.py)."""
+    paths, labels, classes = index_folder(path)
+    files = ImageFiles.index(paths, channels, size, antialias)
+    return Dataset(files, np.array(labels, np.int64), path, classes)
 
 
 # -- preprocessing --------------------------------------------------------------------------------
-def bilinear_matrix(src: int, dst: int) -> np.ndarray:
-    """(dst, src) bilinear weights, half-pixel centres (torch's interpolate, align_corners=False)."""
-    pos = np.clip((np.arange(dst) + 0.5) * (src / dst) - 0.5, 0.0, src - 1)
-    lo = np.floor(pos).astype(np.int64)
-    hi = np.minimum(lo + 1, src - 1)
-    m = np.zeros((dst, src), np.float64)
-    np.add.at(m, (np.arange(dst), lo), 1.0 - (pos - lo))
-    np.add.at(m, (np.arange(dst), hi), pos - lo)
+RAW_PIXELS = 8.0  # a batch above this, with no scale/mean/std recorded, looks like unscaled 0-255 pixels
+
+
+class PreprocessWarning(UserWarning):
+    """Image samples that do not look like what the manifest's preprocessing expects: raw 0-255 pixels
+    where nothing is scaled, or model-ready values (negative, or at most 1) where pixels are scaled down."""
+
+
+@lru_cache(maxsize=64)
+def bilinear_matrix(src: int, dst: int, antialias: bool = False) -> np.ndarray:
+    """(dst, src) bilinear weights, half-pixel centres (torch's interpolate, align_corners=False).
+
+    antialias=True widens the triangle filter by the scale factor when shrinking (torch's
+    antialias=True, Pillow's BILINEAR resize); enlarging is the same either way. Read-only (cached).
+    """
+    scale = src / dst
+    if antialias and scale > 1:
+        centre = (np.arange(dst) + 0.5) * scale
+        lo = np.maximum((centre - scale + 0.5).astype(np.int64), 0)  # Pillow's window, truncated like C
+        hi = np.minimum((centre + scale + 0.5).astype(np.int64), src)
+        j = np.arange(src)
+        m = np.clip(1.0 - np.abs((j[None] - centre[:, None] + 0.5) / scale), 0.0, None)
+        m *= (j[None] >= lo[:, None]) & (j[None] < hi[:, None])
+        m /= m.sum(axis=1, keepdims=True)
+    else:
+        pos = np.clip((np.arange(dst) + 0.5) * scale - 0.5, 0.0, src - 1)
+        lo = np.floor(pos).astype(np.int64)
+        hi = np.minimum(lo + 1, src - 1)
+        m = np.zeros((dst, src), np.float64)
+        np.add.at(m, (np.arange(dst), lo), 1.0 - (pos - lo))
+        np.add.at(m, (np.arange(dst), hi), pos - lo)
+    m.setflags(write=False)
     return m
 
 
-def resize(x: np.ndarray, size: tuple[int, int] | list[int]) -> np.ndarray:
-    """Bilinear resize of (N, C, H, W) to (N, C, *size), float32, without antialiasing."""
-    rows, cols = bilinear_matrix(x.shape[2], int(size[0])), bilinear_matrix(x.shape[3], int(size[1]))
-    return np.einsum("ih,nchw,jw->ncij", rows, x.astype(np.float64), cols).astype(np.float32)
+@lru_cache(maxsize=64)
+def _taps(src: int, dst: int, antialias: bool) -> tuple[np.ndarray, np.ndarray]:
+    """bilinear_matrix's non-zeros: (dst, K) source indices and float32 weights (padding has weight 0)."""
+    m = bilinear_matrix(src, dst, antialias)
+    k = max(int((m != 0).sum(axis=1).max()), 1)
+    idx = np.argsort(m == 0, axis=1, kind="stable")[:, :k]  # each row's non-zero columns first, in order
+    return idx, np.take_along_axis(m, idx, axis=1).astype(np.float32)
+
+
+def resize(x: np.ndarray, size: tuple[int, int] | list[int], antialias: bool = False) -> np.ndarray:
+    """Bilinear resize of (N, C, H, W) to (N, C, *size), float32, by bilinear_matrix's rule.
+
+    The two matrix products applied as taps: each output pixel sums the 2 (antialiased: about 2x the
+    shrink factor) input pixels with non-zero weight, so the work is proportional to the output and
+    needs no BLAS threads (they stall when the cores are busy: docs/benchmarks.md). Float32 sums:
+    within ~1e-6 of the float64 product, relative to the range.
+    """
+    n, c, h_in, w_in = x.shape
+    h, w = int(size[0]), int(size[1])
+    (ri, rw), (ci, cw) = _taps(h_in, h, antialias), _taps(w_in, w, antialias)
+    rows_first = h * w_in * ri.shape[1] + h * w * ci.shape[1] <= h_in * w * ci.shape[1] + h * w * ri.shape[1]
+    out = np.empty((n, c, h, w), np.float32)
+    for i in range(0, n, 16):  # a few samples at a time: a batch of large images is never all float at once
+        s = x[i:i + 16]
+        if rows_first:
+            s = _sum_taps(s, ri, rw, axis=2)
+        s = _sum_taps(s, ci, cw, axis=3)
+        out[i:i + 16] = s if rows_first else _sum_taps(s, ri, rw, axis=2)
+    return out
+
+
+def _sum_taps(x: np.ndarray, idx: np.ndarray, wts: np.ndarray, axis: int) -> np.ndarray:
+    shape = (-1, 1) if axis == 2 else (-1,)
+    acc = np.take(x, idx[:, 0], axis=axis) * wts[:, 0].reshape(shape)
+    for k in range(1, idx.shape[1]):
+        acc += np.take(x, idx[:, k], axis=axis) * wts[:, k].reshape(shape)
+    return acc
 
 
 class Pipeline:
-    """Turns raw Dataset batches into model input (per the manifest) and checks labels."""
+    """Turns raw Dataset batches into model input (per the manifest) and checks labels.
+
+    Image models (C, H, W): samples in (C, H, W), (H, W, C) or grey (H, W) layout, RGB (or grey) channel
+    order, become the model's channel count (images.to_channels), are resized if a `resize` step is
+    recorded, reordered to BGR if `channel_order` says so, then scaled and normalized.
+    """
 
     def __init__(self, data_spec: dict[str, Any], label_spec: dict[str, Any], num_classes: int | None = None):
         self.sample_shape = tuple(data_spec["shape"][1:])
@@ -209,20 +260,51 @@ class Pipeline:
         self.label_shape = tuple(label_spec["shape"][1:])
         self.label_dtype = np.dtype(label_spec["dtype"])
         self.num_classes = num_classes
-        p = data_spec.get("preprocess") or {}
+        p = self.preprocess = dict(data_spec.get("preprocess") or {})
         self.resize = tuple(int(v) for v in p["resize"]) if "resize" in p else None
         if self.resize and (len(self.sample_shape) != 3 or self.resize != self.sample_shape[1:]):
             raise DataError(f"preprocess resize {list(self.resize)} does not give the model's input {list(self.sample_shape)}")
+        self.antialias = bool(p.get("antialias", False))
+        self.bgr = p.get("channel_order", "rgb") == "bgr"
+        if self.bgr and (len(self.sample_shape) != 3 or self.sample_shape[0] != 3):
+            raise DataError(f"preprocess channel_order bgr needs a 3-channel image input, not {list(self.sample_shape)}")
         self.scale = float(p.get("scale", 1.0))
         channels = self.sample_shape[0] if self.sample_shape else 1
         self.mean = self._per_channel(p.get("mean", 0.0), channels, "mean")
         self.std = self._per_channel(p.get("std", 1.0), channels, "std")
+        image = len(self.sample_shape) == 3
+        self._unscaled = image and not {"scale", "mean", "std"} & set(p)
+        self._scales_pixels = image and 0 < self.scale <= 0.01  # e.g. 1/255: expects 0-255 pixels
+        self.warned = False
 
     def _per_channel(self, value: Any, channels: int, what: str) -> np.ndarray:
         v = np.asarray(value, np.float32).reshape(-1)
         if v.size not in (1, channels):
             raise DataError(f"preprocess {what}: {v.size} values for {channels} channels")
         return v.reshape((-1,) + (1,) * max(len(self.sample_shape) - 1, 0))
+
+    def load(self, path: str, label_column: str | None = None) -> Dataset:
+        """`load(path)` with this model's image channels, size and resize rule."""
+        channels = self.sample_shape[0] if len(self.sample_shape) == 3 else 3
+        return load(path, label_column, channels, self.resize, self.antialias)
+
+    def describe(self) -> str:
+        """What `inputs` does to a raw sample, in words (shown by inspect, compile and train)."""
+        steps = []
+        if len(self.sample_shape) == 3:
+            c, h, w = self.sample_shape
+            steps.append("BGR" if self.bgr else "RGB" if c == 3 else f"{c}-channel" if c != 1 else "grey")
+            steps.append(f"resized to {h}x{w} (bilinear{', antialiased' if self.antialias else ''})" if self.resize
+                         else f"not resized (images must be {h}x{w})")
+        if self.scale != 1.0:
+            inv = 1.0 / self.scale
+            steps.append(f"x/{inv:g}" if abs(inv - round(inv)) < 1e-6 else f"x*{self.scale:g}")
+        if self.mean.any() or (self.std != 1).any():
+            fmt = lambda a: f"{a.ravel()[0]:g}" if a.size == 1 else str([round(float(v), 6) for v in a.ravel()])  # noqa: E731
+            steps.append(f"(x - {fmt(self.mean)}) / {fmt(self.std)}")
+        if self._unscaled:
+            steps.append("no scaling (0-255 pixels go in as they are)")
+        return ", ".join(steps) if steps else "none: samples go into the model as they are"
 
     def _layout(self, x: np.ndarray, source: str) -> np.ndarray:
         """(N, C', H', W') from (N, C, H, W), (N, H, W, C) or (N, H, W) samples, for image models."""
@@ -233,20 +315,39 @@ class Pipeline:
         if len(s) == 2:
             x = x[:, None]
         elif len(s) == 3 and s[-1] in (1, 3, 4) and s[0] not in (1, 3):
-            x = np.moveaxis(x, -1, 1)[:, :3 if c == 3 else None]
+            x = np.moveaxis(x, -1, 1)
         elif len(s) != 3:
             raise DataError(f"{source}: samples of shape {s}; the model expects {self.sample_shape} (C, H, W)")
-        if x.shape[1] == 1 and c == 3:
-            x = np.repeat(x, 3, axis=1)
         if x.shape[1] != c:
-            raise DataError(f"{source}: samples have {x.shape[1]} channels, the model expects {c} "
-                            f"(input shape {self.sample_shape})")
+            try:
+                x = to_channels(x, c, source)
+            except DataError:
+                raise DataError(f"{source}: samples have {x.shape[1]} channels, the model expects {c} "
+                                f"(input shape {self.sample_shape})") from None
         if x.shape[2:] != (h, w):
             if self.resize is None:
                 raise DataError(f"{source}: samples are {x.shape[2]}x{x.shape[3]} (HxW), the model expects "
                                 f"{h}x{w} and its manifest has no resize step")
-            x = resize(x, self.resize)
+            x = resize(x, self.resize, self.antialias)
         return x
+
+    def _check_range(self, x: np.ndarray, source: str) -> None:
+        """Warn (once) when raw image samples do not look like what the preprocessing expects."""
+        if not x.size or not (self._unscaled or self._scales_pixels):
+            return
+        lo, hi = float(np.min(x)), float(np.max(x))
+        if self._unscaled and hi > RAW_PIXELS:
+            say = (f"samples reach {hi:g}, like raw 0-255 pixels, but the artifact records no scaling (manifest "
+                   "data preprocess: no scale, mean or std), so they go into the model unscaled; recompile with "
+                   "`pockprop compile --preprocess` (e.g. unit or imagenet)")
+        elif self._scales_pixels and (lo < 0 or 0 < hi <= 1):
+            say = (f"samples range {lo:g}..{hi:g}, like model input already, but the artifact expects raw pixels "
+                   f"and multiplies them by {self.scale:g}; give raw 0-255 pixels, or recompile with "
+                   "`pockprop compile --preprocess none`")
+        else:
+            return
+        self.warned = True
+        warnings.warn(f"{source}: {say}", PreprocessWarning, stacklevel=3)
 
     def inputs(self, raw: np.ndarray, source: str = "data") -> np.ndarray:
         """Model input for a batch of raw samples."""
@@ -255,6 +356,10 @@ class Pipeline:
             raise DataError(f"{source}: samples of dtype {x.dtype}; expected numbers")
         if len(self.sample_shape) == 3:
             x = self._layout(x, source)
+            if self.bgr:
+                x = x[:, ::-1]
+            if not self.warned:
+                self._check_range(x, source)
         elif x.shape[1:] != self.sample_shape:
             raise DataError(f"{source}: samples of shape {x.shape[1:]}; the model expects {self.sample_shape} "
                             f"(input {[self.batch_size, *self.sample_shape]})")

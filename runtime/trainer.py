@@ -319,7 +319,7 @@ class Trainer:
         """Loss and (for classification) accuracy over a Dataset or data path (raw, preprocessed here),
         arrays x, y, or an iterable of (x, y) batches (model-ready)."""
         if isinstance(source, str):
-            source = data.load(source)
+            source = self.pipeline.load(source)
         if isinstance(source, data.Dataset):
             self.pipeline.check(source)
             labels = self.pipeline.labels(source.y, source.source)

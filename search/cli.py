@@ -22,7 +22,6 @@ import numpy as np
 from pockprop.runtime import data as rdata
 from pockprop.artifact.durable import write_atomic
 from pockprop.errors import ArtifactError, DataError
-from pockprop.artifact.manifest import PREPROCESS_KEYS
 
 from pockprop.errors import CompileError
 from pockprop.search.options import SearchError
@@ -41,15 +40,6 @@ def parse_bytes(text: str, what: str = "--budget-memory") -> int:
     if not value >= 1:
         raise SearchError(f"{what} {text!r}: must be at least one byte")
     return int(value)
-
-
-def _json_arg(text: str | None, what: str) -> Any:
-    if not text:
-        return None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as ex:
-        raise SearchError(f"{what} {text!r}: not JSON ({ex})") from None
 
 
 def _from_artifact(args: argparse.Namespace) -> tuple[Any, tuple[int, ...], dict[str, Any], dict[str, Any], Any]:
@@ -86,25 +76,22 @@ def _from_artifact(args: argparse.Namespace) -> tuple[Any, tuple[int, ...], dict
 
 def _from_spec(args: argparse.Namespace, batch: int) -> tuple[Any, tuple[int, ...], dict[str, Any], dict[str, Any], Any]:
     from pockprop.compiler.cli import _shape, build_model, model_kwargs
+    from pockprop.compiler.preprocess import resolve as resolve_preprocess
 
     model, default_shape = build_model(args.model, model_kwargs(args), args.seed, args.weights)
     shape = _shape(args.input_shape) if args.input_shape else default_shape
     if shape is None:
         raise SearchError(f"{args.model} has no default input shape; pass --input-shape")
-    pre = _json_arg(args.preprocess, "--preprocess") or {}
-    if not isinstance(pre, dict) or set(pre) - PREPROCESS_KEYS:
-        raise SearchError(f"--preprocess {args.preprocess!r}: expected an object with keys from {sorted(PREPROCESS_KEYS)}")
+    pre = resolve_preprocess(args.preprocess, shape, args.model)  # as `pockprop compile` records it
     spec = {"shape": [batch, *shape[1:]], "dtype": "float32", "preprocess": pre}
     pipeline = rdata.Pipeline(spec, {"shape": [batch], "dtype": "int64"}, getattr(model, "num_classes", None))
     return model, tuple(shape), pre, {}, pipeline
 
 
-def _load_data(args: argparse.Namespace, shape: tuple[int, ...], preprocess: dict[str, Any], pipeline: Any) -> Any:
+def _load_data(args: argparse.Namespace, pipeline: Any) -> Any:
     from pockprop.search import SearchData
 
-    channels = shape[1] if len(shape) == 4 else 3
-    resize = preprocess.get("resize")
-    ds = rdata.load(args.data, args.label_column, channels=channels, size=tuple(resize) if resize else None)
+    ds = pipeline.load(args.data, args.label_column)
     if ds.y is None:
         raise DataError(f"{args.data}: no labels (an .npz needs an array 'y')")
     x = np.concatenate([pipeline.inputs(ds.x[i:i + 512], ds.source) for i in range(0, len(ds), 512)])
@@ -157,7 +144,7 @@ def search_command(args: argparse.Namespace) -> int:
             optimizer["momentum"] = args.momentum if args.momentum is not None else float(opt.get("momentum", 0.9))
         config = FinetuneConfig(batch=batch, epochs=args.epochs, steps=args.steps, optimizer=optimizer,
                                 seed=args.seed, threads=args.threads, repeats=args.repeats)
-        data = _load_data(args, shape, pre, pipeline)
+        data = _load_data(args, pipeline)
         progress = not args.no_progress
         print(f"pockprop search: {args.model}: {len(data.y_train)} training / {len(data.y_val)} validation samples, "
               f"input {list(shape[1:])}, batch {batch}", file=sys.stderr)

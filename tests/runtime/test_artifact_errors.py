@@ -109,6 +109,11 @@ def unknown_preprocess(art: Path) -> str:
     return "manifest.json: data preprocess: unknown steps ['sharpen']"
 
 
+def non_finite_preprocess_scale(art: Path) -> str:
+    _edit(art, lambda m: m["data"][0].update(preprocess={"scale": float("nan"), "antialias": True}))
+    return "manifest.json: data preprocess: scale must be a finite non-zero number, got nan"
+
+
 def resize_to_another_size(art: Path) -> str:
     _edit(art, lambda m: m["data"][0].update(preprocess={"resize": [32, 32], "mean": [0.1, 0.2]}))
     return "manifest.json: preprocess resize [32, 32] does not give the model's input [6]"
@@ -128,7 +133,7 @@ def bad_slice(art: Path) -> str:
 DAMAGE: list[Callable[[Path], str]] = [
     truncated_onnx, truncated_onnx_rehashed, flipped_weight_byte, truncated_weights_rehashed, missing_file,
     missing_manifest, future_version, manifest_not_json, edited_state_shape, edited_input_name, edited_data_shape,
-    dropped_state_entry, unknown_preprocess, resize_to_another_size, path_in_files, bad_slice]
+    dropped_state_entry, unknown_preprocess, non_finite_preprocess_scale, resize_to_another_size, path_in_files, bad_slice]
 
 
 @pytest.mark.parametrize("damage", DAMAGE, ids=[d.__name__ for d in DAMAGE])

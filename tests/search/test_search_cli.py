@@ -36,6 +36,7 @@ def test_help_lists_the_options(capsys: pytest.CaptureFixture[str]) -> None:
     (["--budget-memory", "2 lightyears"], "expected a size like 2MB"),
     ([], "--budget-memory is required"),
     (["--budget-memory", "2MB", "--preprocess", "{nope"], "--preprocess"),
+    (["--budget-memory", "2MB", "--preprocess", '{"sharpen": 1}'], "data preprocess: unknown steps ['sharpen']"),
     (["--budget-memory", "10", "--max-layers", "1"], "baseline alone needs"),
 ])
 def test_bad_input_exits_2(raw_npz: Path, capsys: pytest.CaptureFixture[str], args: list[str], needle: str) -> None:
