@@ -1,34 +1,26 @@
-"""Artifact manifest: constants, structural validation and verified loading (json + hashlib + tarfile).
+"""Artifact loading: verified reading of an artifact directory or packed file, and `pack`.
 
 An artifact is a directory, or the same files packed into one uncompressed tar (`pockprop pack`) for
-copying to a device. Loading checks the sha256 of every file the manifest lists. A packed artifact's
-files are kept as the bytes that were checked. A directory's are not held at all: each is read when
-used and its sha256 checked again on that read, so what is validated is still exactly what gets used,
-while a trainer does not keep every file's bytes alive (ResNet-18 `sparse`: 246 MB resident after
-`Trainer.load` instead of 309; the weights are in both ONNX files).
+copying to a device. Loading checks the sha256 of every file the manifest lists (artifact/contract.py
+defines the manifest). A packed artifact's files are kept as the bytes that were checked. A directory's
+are not held at all: each is read when used and its sha256 checked again on that read, so what is
+validated is still exactly what gets used, while a trainer does not keep every file's bytes alive (the
+weights are in both ONNX files).
 """
 from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
-import re
 import tarfile
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
+from pockprop.artifact.contract import MANIFEST_FILE, Manifest
 from pockprop.artifact.durable import write_atomic
 from pockprop.errors import ArtifactError
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "ArtifactError", "Bundle", "open_artifact", "read_manifest", "pack"]
-
-FORMAT = "pockprop-artifact"
-FORMAT_VERSION = 1
-REQUIRED = ("format", "format_version", "graphs", "state_file", "data", "labels", "lr", "outputs", "state", "files")
-DTYPES = {"float32", "float64", "float16", "int64", "int32", "int8", "uint8", "bool"}
-PREPROCESS_KEYS = {"resize", "scale", "mean", "std"}
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+__all__ = ["ArtifactError", "Bundle", "open_artifact", "read_manifest", "pack"]
 
 
 @dataclass
@@ -36,7 +28,7 @@ class Bundle:
     """A loaded artifact: its manifest and the verified bytes of every file it lists."""
 
     path: str
-    manifest: dict[str, Any]
+    manifest: Manifest
     files: Mapping[str, bytes] = field(repr=False)  # a directory's: DirectoryFiles, read on use
     manifest_bytes: bytes = field(repr=False, default=b"")
 
@@ -52,112 +44,6 @@ class Bundle:
 
 def _fail(path: str, msg: str) -> ArtifactError:
     return ArtifactError(f"{path}: {msg}")
-
-
-def _parse(raw: bytes, where: str) -> dict[str, Any]:
-    try:
-        manifest = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as ex:
-        raise _fail(where, f"not valid JSON ({ex})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise _fail(where, "not a pockprop artifact manifest")
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise _fail(where, f"format version {version!r}; this runtime reads version {FORMAT_VERSION} "
-                           "(recompile the model, or update pockprop on the device)")
-    missing = [k for k in REQUIRED if k not in manifest]
-    if missing:
-        raise _fail(where, f"missing fields {', '.join(missing)}")
-    validate(manifest, where)
-    return manifest
-
-
-def _shape(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(d, int) and d >= 0 for d in value)
-
-
-def _tensor_spec(spec: Any, what: str, where: str) -> None:
-    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
-        raise _fail(where, f"{what}: expected an object with a name")
-    if not _shape(spec.get("shape")) or spec.get("dtype") not in DTYPES:
-        raise _fail(where, f"{what} {spec['name']!r}: bad shape {spec.get('shape')!r} or dtype {spec.get('dtype')!r}")
-
-
-def validate(m: dict[str, Any], where: str) -> None:
-    """Check the manifest's structure (types, names, slices); ArtifactError naming the field if wrong."""
-    files = m["files"]
-    if not isinstance(files, dict) or not all(isinstance(v, str) and _SHA256.match(v) for v in files.values()):
-        raise _fail(where, "files: expected {file name: sha256 hex digest}")
-    for name in files:
-        if not name or name != os.path.basename(name) or name.startswith("."):
-            raise _fail(where, f"files: {name!r} is not a plain file name")
-    graphs = m["graphs"]
-    if not isinstance(graphs, dict) or not all(isinstance(graphs.get(k), str) for k in ("train_step", "infer")):
-        raise _fail(where, "graphs: expected {train_step: file, infer: file}")
-    for name in (graphs["train_step"], graphs["infer"], m["state_file"]):
-        if name not in files:
-            raise _fail(where, f"{name!r} is not listed in files (no hash to check it against)")
-    if not isinstance(m["data"], list) or len(m["data"]) != 1:
-        raise _fail(where, "data: this runtime feeds exactly one data input")
-    _tensor_spec(m["data"][0], "data", where)
-    if not m["data"][0]["shape"] or m["data"][0]["shape"][0] < 1:
-        raise _fail(where, "data: the first dimension (batch size) must be positive")
-    _preprocess(m["data"][0].get("preprocess") or {}, where)
-    _tensor_spec(m["labels"], "labels", where)
-    if not isinstance(m["lr"], dict) or not isinstance(m["lr"].get("name"), str) \
-            or not isinstance(m["lr"].get("initial"), (int, float)):
-        raise _fail(where, "lr: expected {name, initial}")
-    if not isinstance(m["outputs"], dict) or not all(isinstance(m["outputs"].get(k), str) for k in ("loss", "prediction")):
-        raise _fail(where, "outputs: expected {loss, prediction}")
-    if not isinstance(m["state"], list) or not m["state"]:
-        raise _fail(where, "state: expected a non-empty list")
-    seen: set[str] = set()
-    for s in m["state"]:
-        _tensor_spec(s, "state", where)
-        if s["name"] in seen:
-            raise _fail(where, f"state {s['name']!r} listed twice")
-        seen.add(s["name"])
-        if s.get("role") not in ("param", "optimizer") or not isinstance(s.get("input"), str) \
-                or not isinstance(s.get("output"), str):
-            raise _fail(where, f"state {s['name']!r}: needs role param|optimizer, input and output")
-        if "slice" in s:
-            _slice(s, where)
-
-
-def _slice(s: dict[str, Any], where: str) -> None:
-    """A param entry that is part of a parameter: full_shape, and `shape` = full_shape cut on one axis."""
-    sl, full = s["slice"], s.get("full_shape")
-    what = f"state {s['name']!r}"
-    if s["role"] != "param" or not isinstance(s.get("param"), str):
-        raise _fail(where, f"{what}: a slice belongs to a param entry naming its full parameter ('param')")
-    if not isinstance(sl, dict) or not all(isinstance(sl.get(k), int) for k in ("axis", "start", "stop")):
-        raise _fail(where, f"{what}: slice must be {{axis, start, stop}}")
-    if not _shape(full) or not 0 <= sl["axis"] < len(full) or not 0 <= sl["start"] < sl["stop"] <= full[sl["axis"]]:
-        raise _fail(where, f"{what}: slice {sl} does not fit full_shape {full}")
-    expect = list(full)
-    expect[sl["axis"]] = sl["stop"] - sl["start"]
-    if expect != s["shape"]:
-        raise _fail(where, f"{what}: shape {s['shape']} is not full_shape {full} cut by slice {sl}")
-
-
-def _preprocess(p: Any, where: str) -> None:
-    if not isinstance(p, dict):
-        raise _fail(where, "data preprocess: expected an object")
-    unknown = set(p) - PREPROCESS_KEYS
-    if unknown:
-        raise _fail(where, f"data preprocess: unknown steps {sorted(unknown)}; this runtime knows "
-                           f"{sorted(PREPROCESS_KEYS)}")
-    numbers = lambda v: isinstance(v, list) and v and all(isinstance(x, (int, float)) for x in v)  # noqa: E731
-    if "resize" in p and not (numbers(p["resize"]) and len(p["resize"]) == 2 and all(int(v) > 0 for v in p["resize"])):
-        raise _fail(where, f"data preprocess: resize must be [height, width], got {p['resize']!r}")
-    if "scale" in p and not isinstance(p["scale"], (int, float)):
-        raise _fail(where, f"data preprocess: scale must be a number, got {p['scale']!r}")
-    for k in ("mean", "std"):
-        if k in p and not (numbers(p[k]) or isinstance(p[k], (int, float))):
-            raise _fail(where, f"data preprocess: {k} must be a number or a list of numbers, got {p[k]!r}")
-    std = p.get("std", 1)
-    if any(v == 0 for v in (std if isinstance(std, list) else [std])):
-        raise _fail(where, "data preprocess: std must not be 0")
 
 
 # -- loading --------------------------------------------------------------------------------------
@@ -211,14 +97,14 @@ class DirectoryFiles(Mapping[str, bytes]):
 
 
 def _read_directory(path: str) -> Bundle:
-    mpath = os.path.join(path, "manifest.json")
+    mpath = os.path.join(path, MANIFEST_FILE)
     try:
         with open(mpath, "rb") as f:
             raw = f.read()
     except FileNotFoundError:
         raise _fail(mpath, "missing (not a pockprop artifact?)") from None
-    manifest = _parse(raw, mpath)
-    files = DirectoryFiles(path, manifest["files"])
+    manifest = Manifest.loads(raw, mpath)
+    files = DirectoryFiles(path, manifest.files)
     files.verify()
     return Bundle(path, manifest, files, raw)  # type: ignore[arg-type]
 
@@ -233,13 +119,13 @@ def _read_packed(path: str) -> Bundle:
                 members[info.name] = tar.extractfile(info).read()  # type: ignore[union-attr]
     except (tarfile.TarError, EOFError) as ex:
         raise _fail(path, f"not a packed pockprop artifact, or truncated ({ex})") from None
-    if "manifest.json" not in members:
-        raise _fail(f"{path}:manifest.json", "missing (not a pockprop artifact?)")
-    manifest = _parse(members["manifest.json"], f"{path}:manifest.json")
-    missing = [n for n in manifest["files"] if n not in members]
+    if MANIFEST_FILE not in members:
+        raise _fail(f"{path}:{MANIFEST_FILE}", "missing (not a pockprop artifact?)")
+    manifest = Manifest.loads(members[MANIFEST_FILE], f"{path}:{MANIFEST_FILE}")
+    missing = [n for n in manifest.files if n not in members]
     if missing:
         raise _fail(f"{path}:{missing[0]}", "missing (truncated pack?)")
-    return Bundle(path, manifest, {n: members[n] for n in manifest["files"]}, members["manifest.json"])
+    return Bundle(path, manifest, {n: members[n] for n in manifest.files}, members[MANIFEST_FILE])
 
 
 def open_artifact(path: str) -> Bundle:
@@ -249,13 +135,13 @@ def open_artifact(path: str) -> Bundle:
     if not os.path.isfile(path):
         raise _fail(path, "no such artifact (expected a directory or a packed .pockprop file)")
     bundle = _read_packed(path)
-    for fname, digest in bundle.manifest["files"].items():
+    for fname, digest in bundle.manifest.files.items():
         if hashlib.sha256(bundle.files[fname]).hexdigest() != digest:
             raise _fail(bundle.where(fname), "sha256 mismatch (truncated or modified)")
     return bundle
 
 
-def read_manifest(path: str) -> dict[str, Any]:
+def read_manifest(path: str) -> Manifest:
     """Load manifest.json and check every file it lists against its sha256."""
     return open_artifact(path).manifest
 
@@ -263,7 +149,7 @@ def read_manifest(path: str) -> dict[str, Any]:
 def pack(directory: str, output: str) -> str:
     """Pack a verified artifact (directory or pack) into one uncompressed tar file (written atomically)."""
     bundle = open_artifact(directory)
-    blobs = {"manifest.json": bundle.manifest_bytes} | dict(bundle.files)
+    blobs = {MANIFEST_FILE: bundle.manifest_bytes} | dict(bundle.files)
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:", format=tarfile.USTAR_FORMAT) as tar:
         for name in blobs:  # manifest first: a reader streaming the tar meets it before the rest

@@ -17,6 +17,8 @@ from typing import Iterator
 
 import numpy as np
 
+from pockprop.artifact.contract import BY_ONNX
+
 MODEL_GRAPH, MODEL_METADATA = 7, 14
 GRAPH_INITIALIZER, GRAPH_INPUT = 5, 11
 T_DIMS, T_DATA_TYPE, T_FLOAT, T_INT32, T_INT64, T_NAME, T_RAW, T_DOUBLE, T_UINT64 = 1, 2, 4, 5, 7, 8, 9, 10, 11
@@ -24,10 +26,9 @@ T_EXTERNAL, T_LOCATION = 13, 14
 _DATA_FIELDS = {T_FLOAT, T_INT32, T_INT64, T_RAW, T_DOUBLE, T_UINT64, T_EXTERNAL}
 VARINT, I64, LEN, I32 = 0, 1, 2, 5
 
-# TensorProto.DataType codes of the dtypes the runtime handles
-DTYPES = {1: np.float32, 2: np.uint8, 3: np.int8, 6: np.int32, 7: np.int64, 9: np.bool_, 10: np.float16,
-          11: np.float64}
-CODES = {np.dtype(v).name: k for k, v in DTYPES.items()}
+# TensorProto.DataType codes of the dtypes the runtime handles (the contract's table)
+DTYPES = {code: np.dtype(d.name) for code, d in BY_ONNX.items()}
+CODES = {d.name: code for code, d in BY_ONNX.items()}
 
 
 class WireError(ValueError):
@@ -270,7 +271,7 @@ def _value_info(buf: bytes) -> ValueInfo:
                             for n5, w5, v5, _, _ in fields(dim):  # type: ignore[arg-type]
                                 d = int(v5) if n5 == DIM_VALUE and w5 == VARINT else v5.decode() if n5 == DIM_PARAM else d  # type: ignore[union-attr]
                             shape.append(d)
-    dtype = np.dtype(DTYPES[elem]).name if elem in DTYPES else f"tensor({elem})"
+    dtype = DTYPES[elem].name if elem in DTYPES else f"tensor({elem})"
     return ValueInfo(name, dtype, shape)
 
 

@@ -15,6 +15,7 @@ import torch
 from pockprop.passes import eliminate_dead_code, fold_constants, fold_frozen_batchnorm, reorder_updates
 from pockprop.passes.save_for_backward import save_small_for_backward
 
+from pockprop.artifact.contract import LABELS, LOSS, LR, STEP, optimizer_slot, updated
 from pockprop.compiler.artifact import Artifact, StateEntry
 from pockprop.autodiff.backward import backward
 from pockprop.emit.onnx import to_onnx
@@ -27,10 +28,6 @@ from pockprop.compiler.optim import build_update, initial_state, parse_optimizer
 from pockprop.compiler.scheme import Layer, Scheme, discover_layers, load_scheme, module_tree, resolve_scheme
 from pockprop.tracing.trace import Traced, trace
 from pockprop.compiler.trainable import select, split_patterns
-
-LR = "lr"
-STEP = "optimizer.step"
-
 
 def _part(array: np.ndarray, need: Need) -> np.ndarray:
     if need.is_full:
@@ -157,7 +154,7 @@ def compile_traced(tm: TracedModel, labels: Any = None, loss: str = "cross_entro
         infer_model=to_onnx(infer, f"{model_name}.infer", input_defaults=full_values, doc="pockprop inference"),
         state=state,
         data_inputs=[(n, traced.graph.types[n]) for n in traced.user_inputs],
-        labels=("labels", train.types["labels"]),
+        labels=(LABELS, train.types[LABELS]),
         output=traced.graph.outputs[0],
         loss={"name": loss_op, **({"label_smoothing": label_smoothing} if label_smoothing else {})},
         optimizer=opt,
@@ -213,7 +210,7 @@ def _training_graph(fwd: Graph, wants: dict[str, tuple[str, Need]], full_values:
     g = fwd.copy()
     b = Builder(g)
     out = g.outputs[0]
-    y = g.add_input("labels", _label_type(loss_op, g.types[out], labels))
+    y = g.add_input(LABELS, _label_type(loss_op, g.types[out], labels))
     lr = g.add_input(LR, TensorType((), "float32"))
     attrs = {"label_smoothing": label_smoothing} if loss_op == "cross_entropy" else {}
     with b.scope("loss", phase="loss"):
@@ -229,20 +226,18 @@ def _training_graph(fwd: Graph, wants: dict[str, tuple[str, Need]], full_values:
             step = g.add_input(STEP, TensorType((), "float32"))
             step_next = b.op("add", [step, b.scalar_like(1.0, step)], hint="step_next")
         for p, (_, need) in wants.items():
-            slots = {s: g.add_input(f"optimizer.{s}.{p}", g.types[p]) for s in opt.slots()}
+            slots = {s: g.add_input(optimizer_slot(s, p), g.types[p]) for s in opt.slots()}
             with b.scope(p.rsplit(".", 1)[0] if "." in p else ""):  # the layer it updates, phase optimizer
                 new_p, new_slots = build_update(b, opt, p, grads[p], slots, lr, step_next)
             value = _part(full_values[p], need)
-            state.append(StateEntry(p, "param", p, new_p, value, slice=None if need.is_full else need,
-                                    full_shape=full_values[p].shape))
+            state.append(StateEntry.param(p, new_p, value, need, full_values[p].shape))
             init = initial_state(opt, value)
-            state += [StateEntry(slots[s], "optimizer", slots[s], new_slots[s], init[s], param=p, slot=s)
-                      for s in opt.slots()]
+            state += [StateEntry.slot(p, s, new_slots[s], init[s]) for s in opt.slots()]
         if step is not None:
-            state.append(StateEntry(STEP, "optimizer", STEP, step_next, np.zeros((), np.float32), slot="step"))
+            state.append(StateEntry.step(step_next))
 
     # Graph outputs get stable, documented names: loss, the model output, then "new/<state>".
-    rename = {loss: "loss"} | {s.output: f"new/{s.name}" for s in state}
+    rename = {loss: LOSS} | {s.output: updated(s.name) for s in state}
     taken = [new for old, new in rename.items() if new != old and new in g.types]
     if taken:
         raise CompileError(f"the model already has values named {', '.join(taken)}, which name the training "
@@ -254,7 +249,7 @@ def _training_graph(fwd: Graph, wants: dict[str, tuple[str, Need]], full_values:
         g.types[new] = g.types.pop(old)
     for s in state:
         s.output = rename[s.output]
-    g.outputs = ["loss", out] + [s.output for s in state]
+    g.outputs = [LOSS, out] + [s.output for s in state]
     g = eliminate_dead_code(g).graph
     if optimize:
         g = save_small_for_backward(g).graph  # backward keeps slices and masks, not whole activations

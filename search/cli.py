@@ -22,7 +22,7 @@ import numpy as np
 from pockprop.runtime import data as rdata
 from pockprop.artifact.durable import write_atomic
 from pockprop.errors import ArtifactError, DataError
-from pockprop.artifact.manifest import PREPROCESS_KEYS
+from pockprop.artifact.contract import LABELS, PREPROCESS_KEYS, TensorSpec
 
 from pockprop.errors import CompileError
 from pockprop.search.options import SearchError
@@ -64,7 +64,7 @@ def _from_artifact(args: argparse.Namespace) -> tuple[Any, tuple[int, ...], dict
     if args.checkpoint_dir:
         trainer.resume(args.checkpoint_dir)
     m = trainer.manifest
-    src = m.get("source")
+    src = m.source
     if not isinstance(src, dict) or not isinstance(src.get("model"), str):
         raise SearchError(f"{args.model}: the artifact does not record how to rebuild its model (manifest 'source'; "
                           "artifacts compiled from Python or before pockprop recorded it); pass the model instead, "
@@ -79,9 +79,8 @@ def _from_artifact(args: argparse.Namespace) -> tuple[Any, tuple[int, ...], dict
             raise SearchError(f"{args.model}: trained parameter {name!r} does not fit the rebuilt model {src['model']}")
         state[name] = torch.from_numpy(np.array(value))
     model.load_state_dict(state)
-    spec = m["data"][0]
-    opt = dict(m.get("optimizer") or {})
-    return model, tuple(spec["shape"]), dict(spec.get("preprocess") or {}), opt, trainer.pipeline
+    opt = dict(m.optimizer or {})
+    return model, m.input.shape, dict(m.input.preprocess or {}), opt, trainer.pipeline
 
 
 def _from_spec(args: argparse.Namespace, batch: int) -> tuple[Any, tuple[int, ...], dict[str, Any], dict[str, Any], Any]:
@@ -94,8 +93,8 @@ def _from_spec(args: argparse.Namespace, batch: int) -> tuple[Any, tuple[int, ..
     pre = _json_arg(args.preprocess, "--preprocess") or {}
     if not isinstance(pre, dict) or set(pre) - PREPROCESS_KEYS:
         raise SearchError(f"--preprocess {args.preprocess!r}: expected an object with keys from {sorted(PREPROCESS_KEYS)}")
-    spec = {"shape": [batch, *shape[1:]], "dtype": "float32", "preprocess": pre}
-    pipeline = rdata.Pipeline(spec, {"shape": [batch], "dtype": "int64"}, getattr(model, "num_classes", None))
+    spec = TensorSpec("input", (batch, *shape[1:]), "float32", pre)
+    pipeline = rdata.Pipeline(spec, TensorSpec(LABELS, (batch,), "int64"), getattr(model, "num_classes", None))
     return model, tuple(shape), pre, {}, pipeline
 
 

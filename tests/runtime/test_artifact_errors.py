@@ -176,7 +176,7 @@ def test_directory_files_are_checked_again_when_read_later(artifact) -> None:
 
     art = artifact()
     bundle = open_artifact(str(art))
-    assert isinstance(bundle.files, DirectoryFiles) and set(bundle.files) == set(bundle.manifest["files"])
+    assert isinstance(bundle.files, DirectoryFiles) and set(bundle.files) == set(bundle.manifest.files)
     assert bundle.files["state.safetensors"] == (art / "state.safetensors").read_bytes()
     raw = bytearray((art / "state.safetensors").read_bytes())
     raw[-3] ^= 0x40
