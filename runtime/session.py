@@ -5,6 +5,9 @@ interpreter too, where pockprop's other dependencies are absent.
 """
 from __future__ import annotations
 
+from typing import Mapping
+
+import numpy as np
 import onnxruntime as ort
 
 PROVIDERS = ["CPUExecutionProvider"]
@@ -26,6 +29,19 @@ def options(threads: int | None = None, *, optimize: bool = True) -> ort.Session
     return opts
 
 
-def session(model: bytes | str, threads: int | None = None, *, optimize: bool = True) -> ort.InferenceSession:
-    """A CPU session of `model` (serialized bytes or a file path)."""
-    return ort.InferenceSession(model, options(threads, optimize=optimize), providers=PROVIDERS)
+def session(model: bytes | str, threads: int | None = None, *, optimize: bool = True,
+            external: Mapping[str, np.ndarray] | None = None) -> ort.InferenceSession:
+    """A CPU session of `model` (serialized bytes or a file path).
+
+    external: the values of initializers whose data the model keeps in external files; onnxruntime then
+    reads no file for them. The session refers to these arrays (no copy): they must outlive it, which the
+    session guarantees by keeping them as `session.pockprop_external`.
+    """
+    opts = options(threads, optimize=optimize)
+    values = []
+    if external:
+        values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in external.values()]
+        opts.add_external_initializers(list(external), values)
+    sess = ort.InferenceSession(model, opts, providers=PROVIDERS)
+    sess.pockprop_external = values  # type: ignore[attr-defined]  # keep the buffers alive with the session
+    return sess

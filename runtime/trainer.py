@@ -12,7 +12,7 @@ current. Rejected steps are counted and reported.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import onnxruntime as ort
@@ -27,10 +27,11 @@ from pockprop.artifact.manifest import Bundle, DirectoryFiles, open_artifact
 from pockprop.runtime.schedule import Schedule
 
 
-def _session(model: bytes | str, where: str, threads: int | None) -> ort.InferenceSession:
+def _session(model: bytes | str, where: str, threads: int | None,
+             external: Mapping[str, np.ndarray] | None = None) -> ort.InferenceSession:
     """An onnxruntime CPU session of the model (bytes, or a file path), or ArtifactError naming `where`."""
     try:
-        return session(model, threads)
+        return session(model, threads, external=external)
     except Exception as ex:  # onnxruntime raises its own exception types; the file is what is wrong
         raise ArtifactError(f"{where}: onnxruntime cannot load it ({str(ex).splitlines()[0]})") from None
 
@@ -81,14 +82,17 @@ class Trainer:
             raise ArtifactError(f"{bundle.where(infer_name)}: not a readable ONNX model ({ex})") from None
         self._bases = self._slice_bases(bundle, infer_raw)
         # a bundle read from disk is read again on first use (and its hash checked); one built in memory is kept
-        self._infer_bytes = None if os.path.exists(bundle.path) else infer_raw
+        self._memory_bundle = None if os.path.exists(bundle.path) else bundle
         del infer_raw
         train_name = m.graphs.train_step
+        # initializers kept in external files: from the files' verified bytes, never read by onnxruntime itself
+        external = bundle.external_data(train_name, bundle.files[train_name])
         if isinstance(bundle.files, DirectoryFiles):  # onnxruntime reads the file itself: no copy in Python
-            self._train = _session(bundle.files.local_path(train_name), bundle.where(train_name), threads)
+            self._train = _session(bundle.files.local_path(train_name), bundle.where(train_name), threads, external)
             bundle.files.verify(train_name)  # what it read is what was verified at load
         else:
-            self._train = _session(bundle.files[train_name], bundle.where(train_name), threads)
+            self._train = _session(bundle.files[train_name], bundle.where(train_name), threads, external)
+        del external
         self._check_train(bundle)
         self._check_infer(bundle, *infer)
         infer_params = {a.name for a in infer[2]}
@@ -153,29 +157,34 @@ class Trainer:
     def _infer(self) -> ort.InferenceSession:
         """The inference session, made on first use (see __init__)."""
         if self._infer_session is None:
-            self._infer_session = _session(*self._infer_file(), self._threads)
+            raw, where, external = self._infer_file()
+            self._infer_session = _session(raw, where, self._threads, external)
         return self._infer_session
 
-    def _infer_file(self) -> tuple[bytes, str]:
-        """infer.onnx's bytes (kept for an in-memory bundle, else read and verified again) and its name."""
+    def _infer_file(self) -> tuple[bytes, str, dict[str, np.ndarray]]:
+        """infer.onnx's bytes (from the bundle kept in memory, else read and verified again), its name, and
+        the values of its initializers kept in external files."""
+        bundle = self._memory_bundle
+        if bundle is None:
+            bundle = open_artifact(self.path)
+            if bundle.digest != self.digest:
+                raise ArtifactError(f"{self.path}: the artifact changed since it was loaded")
         name = self.manifest.graphs.infer
-        if self._infer_bytes is not None:
-            return self._infer_bytes, f"{self.path}: {name}"
-        bundle = open_artifact(self.path)
-        if bundle.digest != self.digest:
-            raise ArtifactError(f"{self.path}: the artifact changed since it was loaded")
-        return bundle.files[name], bundle.where(name)
+        raw = bundle.files[name]
+        return raw, bundle.where(name), bundle.external_data(name, raw)
 
     def _slice_bases(self, bundle: Bundle, infer_raw: bytes) -> dict[str, np.ndarray]:
         """The frozen full value of each parameter trained on a slice (its initializer in infer.onnx)."""
         names = {e.parameter for e in self._entries if e.slice is not None}
+        external = bundle.external_data(self.manifest.graphs.infer, infer_raw, names)  # checks every reference
         if not names:
             return {}
         where = bundle.where(self.manifest.graphs.infer)
         try:
-            bases = onnx_wire.initializers(infer_raw, names)
+            bases = onnx_wire.initializers(infer_raw, names - set(external))
         except onnx_wire.WireError as ex:
             raise ArtifactError(f"{where}: {ex}") from None
+        bases |= {n: np.array(external[n]) for n in names & set(external)}
         for e in self._entries:
             if e.slice is not None and (e.parameter not in bases or bases[e.parameter].shape != e.full_shape):
                 raise ArtifactError(f"{where}: needs an initializer {e.parameter!r} of shape {list(e.full_shape or ())} "
@@ -345,9 +354,10 @@ class Trainer:
     # -- export ----------------------------------------------------------------------------------
     def export_inference(self, path: str) -> str:
         """Write one self-contained ONNX model with the trained weights baked in; returns `path`."""
-        raw, where = self._infer_file()
+        raw, where, external = self._infer_file()
         full = self.full_parameters()
-        values = {e.parameter: np.ascontiguousarray(full[e.parameter]) for e in self._infer_params}
+        # the trained parameters and the data of external files are embedded: one self-contained model
+        values = external | {e.parameter: np.ascontiguousarray(full[e.parameter]) for e in self._infer_params}
         meta = {"pockprop.model": str(self.manifest.model or ""), "pockprop.steps": str(self.steps),
                 "pockprop.artifact_sha256": self.digest}
         try:

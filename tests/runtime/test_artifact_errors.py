@@ -46,6 +46,13 @@ def truncated_onnx(art: Path) -> str:
 def truncated_onnx_rehashed(art: Path) -> str:
     truncated_onnx(art)
     _rehash(art, "train_step.onnx")
+    return "train_step.onnx: not a readable ONNX model"
+
+
+def unknown_op_rehashed(art: Path) -> str:
+    p = art / "train_step.onnx"
+    p.write_bytes(p.read_bytes().replace(b'"\x04Relu', b'"\x04Reku'))  # NodeProto.op_type, same length
+    _rehash(art, "train_step.onnx")
     return "train_step.onnx: onnxruntime cannot load it"
 
 
@@ -126,7 +133,7 @@ def bad_slice(art: Path) -> str:
 
 
 DAMAGE: list[Callable[[Path], str]] = [
-    truncated_onnx, truncated_onnx_rehashed, flipped_weight_byte, truncated_weights_rehashed, missing_file,
+    truncated_onnx, truncated_onnx_rehashed, unknown_op_rehashed, flipped_weight_byte, truncated_weights_rehashed, missing_file,
     missing_manifest, future_version, manifest_not_json, edited_state_shape, edited_input_name, edited_data_shape,
     dropped_state_entry, unknown_preprocess, resize_to_another_size, path_in_files, bad_slice]
 
