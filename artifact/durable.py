@@ -3,12 +3,15 @@
 A reader sees either the old file or the complete new one, never a torn write, whatever moment the
 process is killed or the machine loses power (on file systems with atomic rename, i.e. all POSIX
 ones). A failed write (disk full, quota, file-size limit) removes the temp file and leaves the old
-file untouched.
+file untouched. The temp file is created exclusively under a random name, never through an existing
+file or symbolic link, so nobody who can write to the folder can make a write land elsewhere.
 """
 from __future__ import annotations
 
 import errno
 import os
+import secrets
+from typing import BinaryIO
 
 TMP_MARK = ".tmp-"
 _REASONS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded",
@@ -29,21 +32,46 @@ def fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
+def _exclusive(path: str, flags: int) -> int:
+    """open(2) `path` as a new file only: O_EXCL fails on anything already there, a symbolic link included."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+                   | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0), 0o666)
+
+
+def _temp_name(path: str) -> str:
+    """A fresh temp name beside `path`: the prefix remove_stale_temps looks for, then pid and random suffix."""
+    directory, base = os.path.split(os.path.abspath(path))
+    return os.path.join(directory, f".{base}{TMP_MARK}{os.getpid()}-{secrets.token_hex(8)}")
+
+
+def _create_temp(path: str) -> tuple[BinaryIO, str]:
+    """A new temp file beside `path`, open for writing, and its name."""
+    for _ in range(100):  # a name already taken (by chance, or planted) is never opened: draw another
+        tmp = _temp_name(path)
+        try:
+            return open(tmp, "xb", opener=_exclusive), tmp
+        except FileExistsError:
+            continue
+    raise OSError(errno.EEXIST, "no free temp file name")
+
+
 def write_atomic(path: str, data: bytes) -> None:
     """Replace `path` with `data` durably; OSError (with the path and reason) if it cannot be written."""
     directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}{TMP_MARK}{os.getpid()}")
+    tmp = None
     try:
-        with open(tmp, "wb") as f:
+        f, tmp = _create_temp(path)
+        with f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as ex:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        if tmp is not None:  # ours: remove it (a name we could not create is not ours to touch)
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
         reason = _REASONS.get(ex.errno or 0, ex.strerror or str(ex))
         raise OSError(ex.errno, f"{path}: cannot write ({reason}); the previous file, if any, is unchanged") from None
     fsync_dir(directory)

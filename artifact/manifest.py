@@ -1,34 +1,38 @@
-"""Artifact manifest: constants, structural validation and verified loading (json + hashlib + tarfile).
+"""Artifact loading: verified reading of an artifact directory or packed file, and `pack`.
 
 An artifact is a directory, or the same files packed into one uncompressed tar (`pockprop pack`) for
-copying to a device. Loading checks the sha256 of every file the manifest lists. A packed artifact's
-files are kept as the bytes that were checked. A directory's are not held at all: each is read when
-used and its sha256 checked again on that read, so what is validated is still exactly what gets used,
-while a trainer does not keep every file's bytes alive (ResNet-18 `sparse`: 246 MB resident after
-`Trainer.load` instead of 309; the weights are in both ONNX files).
+copying to a device. Loading checks the sha256 of every file the manifest lists (artifact/contract.py
+defines the manifest) and reads nothing it does not list. A packed artifact's files are kept as the
+bytes that were checked. A directory's are not held at all: each is read when used and its sha256
+checked again on that read, so what is validated is still exactly what gets used, while a trainer does
+not keep every file's bytes alive (the weights are in both ONNX files).
+
+Hostile input ends in an ArtifactError, never in a hang or an unbounded allocation: only regular files
+are opened (no symbolic link, FIFO or device; opening never blocks), the manifest's size is bounded,
+and a pack's members are located from their headers before any data is read, so duplicate, unlisted,
+truncated and special members (links, devices, FIFOs, sparse files, pax or GNU extension headers) are
+refused without reading them.
 """
 from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
-import re
+import stat
 import tarfile
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping
+from typing import IO, Iterator, Mapping
 
+import numpy as np
+
+from pockprop.artifact import onnx_wire
+from pockprop.artifact.contract import MANIFEST_FILE, Manifest, is_plain_name
 from pockprop.artifact.durable import write_atomic
 from pockprop.errors import ArtifactError
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "ArtifactError", "Bundle", "open_artifact", "read_manifest", "pack"]
+__all__ = ["ArtifactError", "Bundle", "open_artifact", "read_manifest", "pack"]
 
-FORMAT = "pockprop-artifact"
-FORMAT_VERSION = 1
-REQUIRED = ("format", "format_version", "graphs", "state_file", "data", "labels", "lr", "outputs", "state", "files")
-DTYPES = {"float32", "float64", "float16", "int64", "int32", "int8", "uint8", "bool"}
-PREPROCESS_KEYS = {"resize", "antialias", "channel_order", "scale", "mean", "std"}
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+MAX_MANIFEST_BYTES = 64 << 20  # far above any real manifest; a bigger one is not an artifact's
 
 
 @dataclass
@@ -36,7 +40,7 @@ class Bundle:
     """A loaded artifact: its manifest and the verified bytes of every file it lists."""
 
     path: str
-    manifest: dict[str, Any]
+    manifest: Manifest
     files: Mapping[str, bytes] = field(repr=False)  # a directory's: DirectoryFiles, read on use
     manifest_bytes: bytes = field(repr=False, default=b"")
 
@@ -49,125 +53,74 @@ class Bundle:
         """How to name one of its files in a message."""
         return os.path.join(self.path, name) if os.path.isdir(self.path) else f"{self.path}:{name}"
 
+    def external_data(self, graph: str, model: bytes, names: set[str] | None = None) -> dict[str, np.ndarray]:
+        """The values of the initializers (those in `names`, or all) that the graph file `graph` (bytes
+        `model`) keeps in external files, read from those files' verified bytes. Every reference is
+        checked, read or not: ArtifactError unless it names a file the manifest lists (so nothing
+        unhashed is used, and nothing is resolved against the working directory)."""
+        where = self.where(graph)
+        try:
+            refs = onnx_wire.external_tensors(model)
+        except onnx_wire.WireError as ex:
+            raise _fail(where, f"not a readable ONNX model ({ex})") from None
+        for ref in refs:
+            if not is_plain_name(ref.location) or ref.location not in self.manifest.files:
+                raise _fail(where, f"initializer {ref.name!r} keeps its data in {ref.location!r}, which is not a file "
+                                   "the manifest lists (external data must be a listed, hashed file of the artifact)")
+        blobs: dict[str, bytes] = {}
+        out = {}
+        for ref in refs:
+            if names is not None and ref.name not in names:
+                continue
+            if ref.location not in blobs:
+                blobs[ref.location] = self.files[ref.location]
+            try:
+                out[ref.name] = ref.array(blobs[ref.location])
+            except onnx_wire.WireError as ex:
+                raise _fail(where, str(ex)) from None
+        return out
+
 
 def _fail(path: str, msg: str) -> ArtifactError:
     return ArtifactError(f"{path}: {msg}")
 
 
-def _parse(raw: bytes, where: str) -> dict[str, Any]:
+# -- regular files only -----------------------------------------------------------------------------
+_KINDS = ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a directory"), (stat.S_ISSOCK, "a socket"))
+
+
+def _kind(mode: int) -> str:
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def open_regular(fpath: str, follow: bool = False) -> IO[bytes]:
+    """Open a regular file for reading without blocking on a FIFO or device; ArtifactError for anything
+    else. follow=False (an artifact's own files) also refuses a symbolic link."""
     try:
-        manifest = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as ex:
-        raise _fail(where, f"not valid JSON ({ex})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise _fail(where, "not a pockprop artifact manifest")
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise _fail(where, f"format version {version!r}; this runtime reads version {FORMAT_VERSION} "
-                           "(recompile the model, or update pockprop on the device)")
-    missing = [k for k in REQUIRED if k not in manifest]
-    if missing:
-        raise _fail(where, f"missing fields {', '.join(missing)}")
-    validate(manifest, where)
-    return manifest
+        if not follow and stat.S_ISLNK(os.lstat(fpath).st_mode):
+            raise _fail(fpath, "is a symbolic link; an artifact holds regular files only")
+        flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+        fd = os.open(fpath, flags | (0 if follow else getattr(os, "O_NOFOLLOW", 0)))
+    except FileNotFoundError:
+        raise _fail(fpath, "missing") from None
+    except OSError as ex:
+        raise _fail(fpath, f"cannot read ({ex.strerror})") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise _fail(fpath, f"is {_kind(mode)}; an artifact holds regular files only")
+    return os.fdopen(fd, "rb")
 
 
-def _shape(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(d, int) and d >= 0 for d in value)
+def _manifest(raw: bytes, where: str) -> Manifest:
+    """The manifest from the first MAX_MANIFEST_BYTES + 1 bytes of manifest.json (more is refused unread)."""
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise _fail(where, f"larger than {MAX_MANIFEST_BYTES >> 20} MB: not a pockprop manifest")
+    return Manifest.loads(raw, where)
 
 
-def _tensor_spec(spec: Any, what: str, where: str) -> None:
-    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
-        raise _fail(where, f"{what}: expected an object with a name")
-    if not _shape(spec.get("shape")) or spec.get("dtype") not in DTYPES:
-        raise _fail(where, f"{what} {spec['name']!r}: bad shape {spec.get('shape')!r} or dtype {spec.get('dtype')!r}")
-
-
-def validate(m: dict[str, Any], where: str) -> None:
-    """Check the manifest's structure (types, names, slices); ArtifactError naming the field if wrong."""
-    files = m["files"]
-    if not isinstance(files, dict) or not all(isinstance(v, str) and _SHA256.match(v) for v in files.values()):
-        raise _fail(where, "files: expected {file name: sha256 hex digest}")
-    for name in files:
-        if not name or name != os.path.basename(name) or name.startswith("."):
-            raise _fail(where, f"files: {name!r} is not a plain file name")
-    graphs = m["graphs"]
-    if not isinstance(graphs, dict) or not all(isinstance(graphs.get(k), str) for k in ("train_step", "infer")):
-        raise _fail(where, "graphs: expected {train_step: file, infer: file}")
-    for name in (graphs["train_step"], graphs["infer"], m["state_file"]):
-        if name not in files:
-            raise _fail(where, f"{name!r} is not listed in files (no hash to check it against)")
-    if not isinstance(m["data"], list) or len(m["data"]) != 1:
-        raise _fail(where, "data: this runtime feeds exactly one data input")
-    _tensor_spec(m["data"][0], "data", where)
-    if not m["data"][0]["shape"] or m["data"][0]["shape"][0] < 1:
-        raise _fail(where, "data: the first dimension (batch size) must be positive")
-    _preprocess(m["data"][0].get("preprocess") or {}, where)
-    _tensor_spec(m["labels"], "labels", where)
-    if not isinstance(m["lr"], dict) or not isinstance(m["lr"].get("name"), str) \
-            or not isinstance(m["lr"].get("initial"), (int, float)):
-        raise _fail(where, "lr: expected {name, initial}")
-    if not isinstance(m["outputs"], dict) or not all(isinstance(m["outputs"].get(k), str) for k in ("loss", "prediction")):
-        raise _fail(where, "outputs: expected {loss, prediction}")
-    if not isinstance(m["state"], list) or not m["state"]:
-        raise _fail(where, "state: expected a non-empty list")
-    seen: set[str] = set()
-    for s in m["state"]:
-        _tensor_spec(s, "state", where)
-        if s["name"] in seen:
-            raise _fail(where, f"state {s['name']!r} listed twice")
-        seen.add(s["name"])
-        if s.get("role") not in ("param", "optimizer") or not isinstance(s.get("input"), str) \
-                or not isinstance(s.get("output"), str):
-            raise _fail(where, f"state {s['name']!r}: needs role param|optimizer, input and output")
-        if "slice" in s:
-            _slice(s, where)
-
-
-def _slice(s: dict[str, Any], where: str) -> None:
-    """A param entry that is part of a parameter: full_shape, and `shape` = full_shape cut on one axis."""
-    sl, full = s["slice"], s.get("full_shape")
-    what = f"state {s['name']!r}"
-    if s["role"] != "param" or not isinstance(s.get("param"), str):
-        raise _fail(where, f"{what}: a slice belongs to a param entry naming its full parameter ('param')")
-    if not isinstance(sl, dict) or not all(isinstance(sl.get(k), int) for k in ("axis", "start", "stop")):
-        raise _fail(where, f"{what}: slice must be {{axis, start, stop}}")
-    if not _shape(full) or not 0 <= sl["axis"] < len(full) or not 0 <= sl["start"] < sl["stop"] <= full[sl["axis"]]:
-        raise _fail(where, f"{what}: slice {sl} does not fit full_shape {full}")
-    expect = list(full)
-    expect[sl["axis"]] = sl["stop"] - sl["start"]
-    if expect != s["shape"]:
-        raise _fail(where, f"{what}: shape {s['shape']} is not full_shape {full} cut by slice {sl}")
-
-
-def _preprocess(p: Any, where: str) -> None:
-    """data[0].preprocess: the steps docs/artifact.md defines, each with a value of its type."""
-    if not isinstance(p, dict):
-        raise _fail(where, "data preprocess: expected an object")
-    unknown = set(p) - PREPROCESS_KEYS
-    if unknown:
-        raise _fail(where, f"data preprocess: unknown steps {sorted(unknown)}; this runtime knows "
-                           f"{sorted(PREPROCESS_KEYS)}")
-    finite = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) < float("inf")  # noqa: E731
-    numbers = lambda v: isinstance(v, list) and v and all(finite(x) for x in v)  # noqa: E731
-    if "resize" in p and not (isinstance(p["resize"], list) and len(p["resize"]) == 2
-                              and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in p["resize"])):
-        raise _fail(where, f"data preprocess: resize must be [height, width], got {p['resize']!r}")
-    if "antialias" in p and not isinstance(p["antialias"], bool):
-        raise _fail(where, f"data preprocess: antialias must be true or false, got {p['antialias']!r}")
-    if "channel_order" in p and p["channel_order"] not in ("rgb", "bgr"):
-        raise _fail(where, f"data preprocess: channel_order must be \"rgb\" or \"bgr\", got {p['channel_order']!r}")
-    if "scale" in p and not (finite(p["scale"]) and p["scale"] != 0):
-        raise _fail(where, f"data preprocess: scale must be a finite non-zero number, got {p['scale']!r}")
-    for k in ("mean", "std"):
-        if k in p and not (numbers(p[k]) or finite(p[k])):
-            raise _fail(where, f"data preprocess: {k} must be a finite number or a list of them, got {p[k]!r}")
-    std = p.get("std", 1)
-    if any(v == 0 for v in (std if isinstance(std, list) else [std])):
-        raise _fail(where, "data preprocess: std must not be 0")
-
-
-# -- loading --------------------------------------------------------------------------------------
+# -- directories ------------------------------------------------------------------------------------
 class DirectoryFiles(Mapping[str, bytes]):
     """The files of an artifact directory, each read (and its sha256 checked) when it is looked up."""
 
@@ -175,15 +128,6 @@ class DirectoryFiles(Mapping[str, bytes]):
 
     def __init__(self, path: str, digests: dict[str, str]) -> None:
         self.path, self.digests = path, digests
-
-    def _open(self, fname: str) -> Any:
-        fpath = os.path.join(self.path, fname)
-        try:
-            return open(fpath, "rb")
-        except FileNotFoundError:
-            raise _fail(fpath, "missing") from None
-        except OSError as ex:
-            raise _fail(fpath, f"cannot read ({ex.strerror})") from None
 
     def _check(self, fname: str, digest: str) -> None:
         if digest != self.digests[fname]:
@@ -193,7 +137,7 @@ class DirectoryFiles(Mapping[str, bytes]):
         """Check every file's sha256 (or just `only`'s), streaming: nothing is kept."""
         for fname in [only] if only is not None else self.digests:
             h = hashlib.sha256()
-            with self._open(fname) as f:
+            with open_regular(os.path.join(self.path, fname)) as f:
                 while chunk := f.read(self.CHUNK):
                     h.update(chunk)
             self._check(fname, h.hexdigest())
@@ -205,7 +149,7 @@ class DirectoryFiles(Mapping[str, bytes]):
     def __getitem__(self, fname: str) -> bytes:
         if fname not in self.digests:
             raise KeyError(fname)
-        with self._open(fname) as f:
+        with open_regular(os.path.join(self.path, fname)) as f:
             data = f.read()
         self._check(fname, hashlib.sha256(data).hexdigest())
         return data
@@ -218,35 +162,86 @@ class DirectoryFiles(Mapping[str, bytes]):
 
 
 def _read_directory(path: str) -> Bundle:
-    mpath = os.path.join(path, "manifest.json")
-    try:
-        with open(mpath, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        raise _fail(mpath, "missing (not a pockprop artifact?)") from None
-    manifest = _parse(raw, mpath)
-    files = DirectoryFiles(path, manifest["files"])
+    mpath = os.path.join(path, MANIFEST_FILE)
+    if not os.path.lexists(mpath):
+        raise _fail(mpath, "missing (not a pockprop artifact?)")
+    with open_regular(mpath) as f:
+        raw = f.read(MAX_MANIFEST_BYTES + 1)
+    manifest = _manifest(raw, mpath)
+    files = DirectoryFiles(path, manifest.files)
     files.verify()
-    return Bundle(path, manifest, files, raw)  # type: ignore[arg-type]
+    return Bundle(path, manifest, files, raw)
+
+
+# -- packed (ustar) ---------------------------------------------------------------------------------
+BLOCK = 512
+_REGULAR = (b"0", b"\0")
+_TYPES = {b"1": "a hard link", b"2": "a symbolic link", b"3": "a character device", b"4": "a block device",
+          b"5": "a directory", b"6": "a FIFO", b"7": "a contiguous file", b"S": "a GNU sparse file",
+          b"x": "a pax header", b"g": "a pax global header", b"L": "a GNU long name", b"K": "a GNU long link name"}
+
+
+def _octal(field_: bytes) -> int:
+    text = field_.split(b"\0", 1)[0].strip()
+    if not text or any(c not in b"01234567" for c in text):
+        raise ValueError(f"not an octal number: {field_!r}")
+    return int(text, 8)
+
+
+def _members(f: IO[bytes], size: int, path: str) -> dict[str, tuple[int, int]]:
+    """{name: (data offset, data size)} of every member, from the headers alone (no data is read)."""
+    members: dict[str, tuple[int, int]] = {}
+    pos = 0
+    while pos + BLOCK <= size:
+        f.seek(pos)
+        head = f.read(BLOCK)
+        if head == bytes(BLOCK):  # end of archive
+            break
+        try:
+            if sum(head[:148]) + 8 * 32 + sum(head[156:]) != _octal(head[148:156]) or head[257:262] != b"ustar":
+                raise ValueError("bad checksum or magic")
+            length = _octal(head[124:136])
+        except ValueError:
+            raise _fail(path, f"not a packed pockprop artifact (no tar header at byte {pos})") from None
+        name = head[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+        if head[257:263] == b"ustar\0" and head[345] != 0:  # a ustar prefix: the name has a folder part
+            name = head[345:500].split(b"\0", 1)[0].decode("utf-8", "replace") + "/" + name
+        kind = head[156:157]
+        if kind not in _REGULAR or not is_plain_name(name) or "\ufffd" in name:
+            what = f" ({_TYPES[kind]})" if kind in _TYPES else ""
+            raise _fail(path, f"packed artifact holds {name!r}, which is not a plain file{what}")
+        if name in members:
+            raise _fail(path, f"packed artifact holds {name!r} twice")
+        start = pos + BLOCK
+        if start + length > size:
+            raise _fail(f"{path}:{name}", "truncated (the pack is cut short)")
+        members[name] = (start, length)
+        pos = start + -(-length // BLOCK) * BLOCK
+    return members
 
 
 def _read_packed(path: str) -> Bundle:
-    try:
-        with tarfile.open(path, "r:") as tar:
-            members = {}
-            for info in tar:
-                if not info.isfile() or info.name != os.path.basename(info.name):
-                    raise _fail(path, f"packed artifact holds {info.name!r}, which is not a plain file")
-                members[info.name] = tar.extractfile(info).read()  # type: ignore[union-attr]
-    except (tarfile.TarError, EOFError) as ex:
-        raise _fail(path, f"not a packed pockprop artifact, or truncated ({ex})") from None
-    if "manifest.json" not in members:
-        raise _fail(f"{path}:manifest.json", "missing (not a pockprop artifact?)")
-    manifest = _parse(members["manifest.json"], f"{path}:manifest.json")
-    missing = [n for n in manifest["files"] if n not in members]
-    if missing:
-        raise _fail(f"{path}:{missing[0]}", "missing (truncated pack?)")
-    return Bundle(path, manifest, {n: members[n] for n in manifest["files"]}, members["manifest.json"])
+    with open_regular(path, follow=True) as f:
+        size = os.fstat(f.fileno()).st_size
+        members = _members(f, size, path)
+        mwhere = f"{path}:{MANIFEST_FILE}"
+        if MANIFEST_FILE not in members:
+            raise _fail(mwhere, "missing (not a pockprop artifact?)")
+
+        def read(name: str, limit: int | None = None) -> bytes:
+            start, length = members[name]
+            f.seek(start)
+            return f.read(length if limit is None else min(length, limit))
+
+        raw = read(MANIFEST_FILE, MAX_MANIFEST_BYTES + 1)
+        manifest = _manifest(raw, mwhere)
+        unlisted = [n for n in members if n != MANIFEST_FILE and n not in manifest.files]
+        if unlisted:
+            raise _fail(path, f"packed artifact holds {unlisted[0]!r}, which the manifest does not list")
+        missing = [n for n in manifest.files if n not in members]
+        if missing:
+            raise _fail(f"{path}:{missing[0]}", "missing (truncated pack?)")
+        return Bundle(path, manifest, {n: read(n) for n in manifest.files}, raw)
 
 
 def open_artifact(path: str) -> Bundle:
@@ -256,13 +251,13 @@ def open_artifact(path: str) -> Bundle:
     if not os.path.isfile(path):
         raise _fail(path, "no such artifact (expected a directory or a packed .pockprop file)")
     bundle = _read_packed(path)
-    for fname, digest in bundle.manifest["files"].items():
+    for fname, digest in bundle.manifest.files.items():
         if hashlib.sha256(bundle.files[fname]).hexdigest() != digest:
             raise _fail(bundle.where(fname), "sha256 mismatch (truncated or modified)")
     return bundle
 
 
-def read_manifest(path: str) -> dict[str, Any]:
+def read_manifest(path: str) -> Manifest:
     """Load manifest.json and check every file it lists against its sha256."""
     return open_artifact(path).manifest
 
@@ -270,7 +265,7 @@ def read_manifest(path: str) -> dict[str, Any]:
 def pack(directory: str, output: str) -> str:
     """Pack a verified artifact (directory or pack) into one uncompressed tar file (written atomically)."""
     bundle = open_artifact(directory)
-    blobs = {"manifest.json": bundle.manifest_bytes} | dict(bundle.files)
+    blobs = {MANIFEST_FILE: bundle.manifest_bytes} | dict(bundle.files)
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:", format=tarfile.USTAR_FORMAT) as tar:
         for name in blobs:  # manifest first: a reader streaming the tar meets it before the rest

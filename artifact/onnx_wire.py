@@ -5,17 +5,25 @@ a parameter (to write a trained slice into it) and a copy of the model whose tra
 baked in as constants (`export_inference`). Both touch only a few fields, so instead of a protobuf
 dependency this module walks the wire format and copies every field it does not change byte for byte.
 
-Field numbers (onnx.proto3): ModelProto 7 = graph, 14 = metadata_props; GraphProto 5 = initializer,
-11 = input; TensorProto 1 = dims, 2 = data_type, 4 = float_data, 5 = int32_data, 7 = int64_data,
-8 = name, 9 = raw_data, 10 = double_data, 11 = uint64_data, 13 = external_data, 14 = data_location;
-ValueInfoProto 1 = name; StringStringEntryProto 1 = key, 2 = value.
+It also lists the tensors whose data lives in external files (`external_tensors`), so the loader can
+check those files against the manifest and hand their verified bytes to onnxruntime.
+
+Field numbers (onnx.proto3): ModelProto 7 = graph, 14 = metadata_props, 25 = functions; GraphProto
+1 = node, 5 = initializer, 11 = input, 15 = sparse_initializer; NodeProto 5 = attribute; AttributeProto
+5 = t, 6 = g, 10 = tensors, 11 = graphs, 22 = sparse_tensor, 23 = sparse_tensors; SparseTensorProto
+1 = values, 2 = indices; FunctionProto 7 = node; TensorProto 1 = dims, 2 = data_type, 4 = float_data,
+5 = int32_data, 7 = int64_data, 8 = name, 9 = raw_data, 10 = double_data, 11 = uint64_data,
+13 = external_data, 14 = data_location; ValueInfoProto 1 = name; StringStringEntryProto 1 = key, 2 = value.
 """
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
+
+from pockprop.artifact.contract import BY_ONNX
 
 MODEL_GRAPH, MODEL_METADATA = 7, 14
 GRAPH_INITIALIZER, GRAPH_INPUT = 5, 11
@@ -24,10 +32,11 @@ T_EXTERNAL, T_LOCATION = 13, 14
 _DATA_FIELDS = {T_FLOAT, T_INT32, T_INT64, T_RAW, T_DOUBLE, T_UINT64, T_EXTERNAL}
 VARINT, I64, LEN, I32 = 0, 1, 2, 5
 
-# TensorProto.DataType codes of the dtypes the runtime handles
-DTYPES = {1: np.float32, 2: np.uint8, 3: np.int8, 6: np.int32, 7: np.int64, 9: np.bool_, 10: np.float16,
-          11: np.float64}
-CODES = {np.dtype(v).name: k for k, v in DTYPES.items()}
+EXTERNAL = 1  # TensorProto.DataLocation of data kept in another file
+
+# TensorProto.DataType codes of the dtypes the runtime handles (the contract's table)
+DTYPES = {code: np.dtype(d.name) for code, d in BY_ONNX.items()}
+CODES = {d.name: code for code, d in BY_ONNX.items()}
 
 
 class WireError(ValueError):
@@ -145,7 +154,7 @@ def _tensor(buf: bytes) -> dict[str, object]:
 def _values(info: dict[str, object]) -> np.ndarray:
     name, code, dims = info["name"], int(info["code"]), tuple(info["dims"])  # type: ignore[arg-type]
     data: dict[int, list[tuple[int, int | bytes]]] = info["data"]  # type: ignore[assignment]
-    if info["location"] == 1 or T_EXTERNAL in data:
+    if info["location"] == EXTERNAL or T_EXTERNAL in data:
         raise WireError(f"initializer {name!r} keeps its data in an external file; this runtime reads embedded data only")
     if code not in DTYPES:
         raise WireError(f"initializer {name!r}: ONNX data type {code} is not supported")
@@ -176,13 +185,12 @@ def _encode_tensor(original: bytes, new: np.ndarray) -> bytes:
     """The TensorProto with its data fields replaced by raw_data holding `new` (little-endian)."""
     info = _tensor(original)
     name, code, dims = info["name"], int(info["code"]), list(info["dims"])  # type: ignore[arg-type]
-    if info["location"] == 1:
-        raise WireError(f"initializer {name!r} keeps its data in an external file; cannot rewrite it")
     if list(new.shape) != dims:
         raise WireError(f"initializer {name!r}: shape {dims}, new value has shape {list(new.shape)}")
     if CODES.get(new.dtype.name) != code:
         raise WireError(f"initializer {name!r}: ONNX data type {code}, new value is {new.dtype}")
-    kept = b"".join(original[s:e] for n, _, _, s, e in fields(original) if n not in _DATA_FIELDS)
+    # the data fields go, and with them an external file reference: the new data is embedded
+    kept = b"".join(original[s:e] for n, _, _, s, e in fields(original) if n not in _DATA_FIELDS | {T_LOCATION})
     raw = np.ascontiguousarray(new, new.dtype.newbyteorder("<")).tobytes()
     return kept + _len_field(T_RAW, raw)
 
@@ -270,7 +278,7 @@ def _value_info(buf: bytes) -> ValueInfo:
                             for n5, w5, v5, _, _ in fields(dim):  # type: ignore[arg-type]
                                 d = int(v5) if n5 == DIM_VALUE and w5 == VARINT else v5.decode() if n5 == DIM_PARAM else d  # type: ignore[union-attr]
                             shape.append(d)
-    dtype = np.dtype(DTYPES[elem]).name if elem in DTYPES else f"tensor({elem})"
+    dtype = DTYPES[elem].name if elem in DTYPES else f"tensor({elem})"
     return ValueInfo(name, dtype, shape)
 
 
@@ -289,3 +297,121 @@ def signature(model: bytes) -> tuple[list[ValueInfo], list[ValueInfo], list[Valu
         elif n == GRAPH_OUTPUT:
             outs.append(_value_info(v))  # type: ignore[arg-type]
     return [i for i in ins if i.name not in inits], outs, [i for i in ins if i.name in inits]
+
+
+# -- external data ----------------------------------------------------------------------------------
+GRAPH_NODE, GRAPH_SPARSE_INITIALIZER, MODEL_FUNCTIONS, FUNCTION_NODE, NODE_ATTRIBUTE = 1, 15, 25, 7, 5
+ATTR_TENSORS, ATTR_GRAPHS, ATTR_SPARSE = {5, 10}, {6, 11}, {22, 23}  # AttributeProto t/tensors, g/graphs, sparse
+SPARSE_PARTS = {1, 2}  # SparseTensorProto values, indices
+
+
+@dataclass(frozen=True)
+class ExternalTensor:
+    """An initializer of the main graph whose data is `length` bytes at `offset` in file `location`."""
+
+    name: str
+    location: str
+    offset: int
+    length: int | None  # None: to the end of the file
+    code: int
+    dims: tuple[int, ...]
+
+    def array(self, blob: bytes) -> np.ndarray:
+        """Its value, read from the bytes of its file (a view of them, where their alignment allows)."""
+        if self.code not in DTYPES:
+            raise WireError(f"initializer {self.name!r}: ONNX data type {self.code} is not supported")
+        dtype = DTYPES[self.code].newbyteorder("<")
+        count = int(np.prod(self.dims, dtype=np.int64))
+        nbytes = count * dtype.itemsize
+        length = len(blob) - self.offset if self.length is None else self.length
+        if length != nbytes or not 0 <= self.offset <= len(blob) - nbytes:
+            raise WireError(f"initializer {self.name!r}: {length} bytes at offset {self.offset} of {self.location!r} "
+                            f"({len(blob)} bytes) do not hold its {nbytes} bytes of {dtype.name}{list(self.dims)}")
+        arr = np.frombuffer(blob, dtype, count, self.offset).reshape(self.dims)
+        arr = arr.astype(dtype.newbyteorder("="), copy=False)
+        return arr if arr.flags.aligned else arr.copy()
+
+
+def _text(value: bytes | memoryview) -> str:
+    try:
+        return bytes(value).decode()
+    except UnicodeDecodeError:
+        raise WireError("a name is not valid UTF-8") from None
+
+
+def _external_entries(tensor: memoryview) -> dict[str, str] | None:
+    """A TensorProto's external_data as {key: value} if it keeps its data outside the model, else None."""
+    entries: dict[str, str] = {}
+    external = False
+    for n, w, v, _, _ in fields(tensor):
+        if n == T_LOCATION and w == VARINT:
+            external = v == EXTERNAL
+        elif n == T_EXTERNAL and w == LEN:
+            pairs = {k: val for k, _, val, _, _ in fields(v)}  # type: ignore[arg-type]
+            entries[_text(pairs.get(1, b""))] = _text(pairs.get(2, b""))  # type: ignore[arg-type]
+            external = True
+    return entries if external else None
+
+
+def _refuse_external(tensor: memoryview, where: str) -> None:
+    if _external_entries(tensor) is not None:
+        raise WireError(f"{where} keeps its data in an external file; only the main graph's initializers may")
+
+
+def _scan_node(node: memoryview, out: list[ExternalTensor]) -> None:
+    for n, w, attr, _, _ in fields(node):
+        if n != NODE_ATTRIBUTE or w != LEN:
+            continue
+        for an, aw, av, _, _ in fields(attr):  # type: ignore[arg-type]
+            if aw != LEN:
+                continue
+            if an in ATTR_TENSORS:
+                _refuse_external(av, "a tensor in a node attribute")  # type: ignore[arg-type]
+            elif an in ATTR_GRAPHS:
+                _scan_graph(av, out, main=False)  # type: ignore[arg-type]
+            elif an in ATTR_SPARSE:
+                for sn, sw, sv, _, _ in fields(av):  # type: ignore[arg-type]
+                    if sn in SPARSE_PARTS and sw == LEN:
+                        _refuse_external(sv, "a sparse tensor in a node attribute")  # type: ignore[arg-type]
+
+
+def _scan_graph(graph: memoryview, out: list[ExternalTensor], main: bool) -> None:
+    for n, w, v, _, _ in fields(graph):
+        if w != LEN:
+            continue
+        if n == GRAPH_INITIALIZER:
+            entries = _external_entries(v)  # type: ignore[arg-type]
+            if entries is None:
+                continue
+            info = _tensor(bytes(v))  # small: its data is elsewhere
+            if not main:
+                raise WireError(f"initializer {info['name']!r} of a subgraph keeps its data in an external file; "
+                                "only the main graph's initializers may")
+            try:
+                offset, length = int(entries.get("offset", 0)), entries.get("length")
+                ref = ExternalTensor(str(info["name"]), entries.get("location", ""), offset,
+                                     None if length is None else int(length), int(info["code"]),  # type: ignore[call-overload]
+                                     tuple(info["dims"]))  # type: ignore[arg-type]
+            except ValueError:
+                raise WireError(f"initializer {info['name']!r}: malformed external data {entries}") from None
+            out.append(ref)
+        elif n == GRAPH_NODE:
+            _scan_node(v, out)  # type: ignore[arg-type]
+        elif n == GRAPH_SPARSE_INITIALIZER:
+            for sn, sw, sv, _, _ in fields(v):  # type: ignore[arg-type]
+                if sn in SPARSE_PARTS and sw == LEN:
+                    _refuse_external(sv, "a sparse initializer")  # type: ignore[arg-type]
+
+
+def external_tensors(model: bytes) -> list[ExternalTensor]:
+    """Every initializer whose data the model keeps in an external file; WireError if a tensor anywhere
+    else (node attributes, subgraphs, sparse tensors, functions) does. Reads no tensor data."""
+    out: list[ExternalTensor] = []
+    for n, w, v, _, _ in fields(memoryview(model)):
+        if n == MODEL_GRAPH and w == LEN:
+            _scan_graph(v, out, main=True)  # type: ignore[arg-type]
+        elif n == MODEL_FUNCTIONS and w == LEN:
+            for fn, fw, fv, _, _ in fields(v):  # type: ignore[arg-type]
+                if fn == FUNCTION_NODE and fw == LEN:
+                    _scan_node(fv, out)  # type: ignore[arg-type]
+    return out

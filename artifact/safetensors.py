@@ -12,9 +12,10 @@ from typing import IO
 
 import numpy as np
 
-_TO_ST = {"float32": "F32", "float64": "F64", "float16": "F16", "int64": "I64", "int32": "I32",
-          "int8": "I8", "uint8": "U8", "bool": "BOOL"}
-_FROM_ST = {v: k for k, v in _TO_ST.items()}
+from pockprop.artifact.contract import BY_NAME, BY_SAFETENSORS
+
+_TO_ST = {name: d.safetensors for name, d in BY_NAME.items()}
+_FROM_ST = {code: d.name for code, d in BY_SAFETENSORS.items()}
 
 
 class SafetensorsError(ValueError):

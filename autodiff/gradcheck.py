@@ -18,6 +18,7 @@ from pockprop.emit.onnx import to_onnx
 from pockprop.ir import Role
 from pockprop.ops.builder import Builder
 from pockprop.ops.registry import FULL, Need
+from pockprop.runtime.session import session
 from pockprop.tracing.trace import trace
 
 
@@ -39,12 +40,7 @@ class GradCheckResult:
 
 
 def run_onnx(model: Any, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    return sess.run(None, feeds)
+    return session(model.SerializeToString(), threads=1).run(None, feeds)
 
 
 def check_vjp(fn: Callable[..., torch.Tensor], *tensors: torch.Tensor, rtol: float = 1e-4, atol: float = 1e-5,

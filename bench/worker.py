@@ -42,20 +42,10 @@ def _data(spec: dict):
     return x, y
 
 
-def _ort_options(ort, threads: int):
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.log_severity_level = 3  # warnings and info would flood stderr
-    return so
-
-
 def build_ort_infer(spec: dict):
-    import numpy as np  # noqa: F401
-    import onnxruntime as ort
+    from pockprop.runtime.session import session  # onnxruntime + numpy only: fine under the peers' interpreter
     x, _ = _data(spec)
-    sess = ort.InferenceSession(spec["onnx"], _ort_options(ort, spec["threads"]), providers=["CPUExecutionProvider"])
+    sess = session(spec["onnx"], spec["threads"])
     name = sess.get_inputs()[0].name
     feeds = {name: x}
     return lambda: sess.run(None, feeds)
@@ -125,10 +115,11 @@ def build_torch_train(spec: dict):
 
 def build_ortt_train(spec: dict):
     """onnxruntime-training (deprecated on-device API): generate_artifacts, then Module + Optimizer."""
-    import numpy as np  # noqa: F401
     import onnx
     import onnxruntime as ort
-    ort.set_default_logger_severity(3)
+
+    from pockprop.runtime.session import QUIET, options
+    ort.set_default_logger_severity(QUIET)
     from onnxruntime.training import artifacts
     from onnxruntime.training.api import CheckpointState, Module, Optimizer
     x, y = _data(spec)
@@ -146,7 +137,7 @@ def build_ortt_train(spec: dict):
     artifacts.generate_artifacts(model, requires_grad=grad, frozen_params=frozen,
                                  loss=artifacts.LossType.CrossEntropyLoss, optimizer=otype, artifact_directory=out)
     state = CheckpointState.load_checkpoint(os.path.join(out, "checkpoint"))
-    so = _ort_options(ort, spec["threads"])
+    so = options(spec["threads"])
     try:
         module = Module(os.path.join(out, "training_model.onnx"), state, os.path.join(out, "eval_model.onnx"),
                         device="cpu", session_options=so)

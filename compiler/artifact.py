@@ -9,15 +9,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import onnx
 
-from pockprop.artifact import safetensors
+from pockprop.artifact import contract, safetensors
+from pockprop.artifact.contract import Graphs, LearningRate, Manifest, Outputs, Role, SliceSpec, StateSpec, TensorSpec
 from pockprop.artifact.durable import write_atomic
-from pockprop.artifact.manifest import FORMAT, FORMAT_VERSION
 
 from pockprop.emit.onnx import IR_VERSION, OPSET
 from pockprop.ir import Graph, TensorType
@@ -29,34 +29,55 @@ VERSION = "0.1.0"
 
 @dataclass
 class StateEntry:
-    """One tensor of training state: fed as graph input `input`, returned updated as `output`."""
+    """One tensor of training state as the compiler builds it: its manifest entry and its initial value."""
 
-    name: str
-    role: str  # "param" or "optimizer"
-    input: str
-    output: str
+    spec: StateSpec
     initial: np.ndarray
-    param: str | None = None  # for optimizer slots: the parameter they belong to
-    slot: str | None = None
-    slice: Need | None = None  # a parameter updated on a slice: which part of the full tensor this is
-    full_shape: tuple[int, ...] | None = None
 
-    def to_json(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"name": self.name, "role": self.role, "input": self.input, "output": self.output,
-                             "shape": list(self.initial.shape), "dtype": self.initial.dtype.name}
-        if self.param is not None:
-            d["param"] = self.param
-        if self.slot is not None:
-            d["slot"] = self.slot
-        if self.slice is not None:
-            d["param"] = self.name
-            d["slice"] = {"axis": self.slice.axis, "start": self.slice.start, "stop": self.slice.stop}
-            d["full_shape"] = list(self.full_shape or ())
-        return d
+    @classmethod
+    def param(cls, name: str, output: str, initial: np.ndarray, need: Need, full_shape: tuple[int, ...]) -> "StateEntry":
+        """A trainable tensor, fed as input `name`; `need` says which part of the full parameter it is."""
+        sliced = None if need.is_full else SliceSpec(int(need.axis), need.start, need.stop)  # type: ignore[arg-type]
+        return cls(StateSpec(name, Role.PARAM, name, output, tuple(initial.shape), initial.dtype.name,
+                             param=None if sliced is None else name, slice=sliced,
+                             full_shape=None if sliced is None else tuple(full_shape)), initial)
+
+    @classmethod
+    def slot(cls, param: str, slot: str, output: str, initial: np.ndarray) -> "StateEntry":
+        """Optimizer slot `slot` (e.g. momentum) of parameter `param`."""
+        name = contract.optimizer_slot(slot, param)
+        return cls(StateSpec(name, Role.OPTIMIZER, name, output, tuple(initial.shape), initial.dtype.name,
+                             param=param, slot=slot), initial)
+
+    @classmethod
+    def step(cls, output: str) -> "StateEntry":
+        """The optimizer's step counter (a float32 scalar, 0 at first)."""
+        return cls(StateSpec(contract.STEP, Role.OPTIMIZER, contract.STEP, output, (), "float32", slot="step"),
+                   np.zeros((), np.float32))
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def role(self) -> Role:
+        return self.spec.role
+
+    @property
+    def input(self) -> str:
+        return self.spec.input
+
+    @property
+    def output(self) -> str:
+        return self.spec.output
+
+    @output.setter
+    def output(self, value: str) -> None:
+        self.spec = replace(self.spec, output=value)
 
 
-def _io(name: str, t: TensorType) -> dict[str, Any]:
-    return {"name": name, "shape": list(t.shape), "dtype": t.dtype}
+def _io(name: str, t: TensorType, preprocess: dict[str, Any] | None = None) -> TensorSpec:
+    return TensorSpec(name, tuple(t.shape), t.dtype, preprocess or None)
 
 
 @dataclass
@@ -81,48 +102,46 @@ class Artifact:
     @property
     def trainable_count(self) -> int:
         """Trainable elements: a parameter updated on a slice counts the slice only."""
-        return sum(int(s.initial.size) for s in self.state if s.role == "param")
+        return sum(int(s.initial.size) for s in self.state if s.role == Role.PARAM)
 
     def initial_state(self) -> dict[str, np.ndarray]:
         return {s.name: s.initial for s in self.state}
 
-    def manifest(self) -> dict[str, Any]:
+    def manifest(self) -> Manifest:
+        """The manifest, without the files' hashes (`files()` adds them)."""
         total = sum(self.parameter_count.values())
-        return {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "pockprop_version": VERSION,
-            "onnx": {"opset": OPSET, "ir_version": IR_VERSION},
-            "model": self.name,
-            "graphs": {"train_step": "train_step.onnx", "infer": "infer.onnx"},
-            "state_file": "state.safetensors",
-            "data": [_io(n, t) | ({"preprocess": self.preprocess} if self.preprocess else {})
-                     for n, t in self.data_inputs],
-            "labels": _io(*self.labels),
-            "lr": {"name": "lr", "initial": self.optimizer.lr},
-            "outputs": {"loss": "loss", "prediction": self.output},
-            "state": [s.to_json() for s in self.state],
-            "trainable": {"parameters": self.trainable, "count": self.trainable_count, "total": total},
-            "scheme": None if self.scheme is None else {
+        return Manifest(
+            pockprop_version=VERSION,
+            onnx={"opset": OPSET, "ir_version": IR_VERSION},
+            model=self.name,
+            graphs=Graphs(contract.TRAIN_STEP_FILE, contract.INFER_FILE),
+            state_file=contract.STATE_FILE,
+            data=[_io(n, t, self.preprocess) for n, t in self.data_inputs],
+            labels=_io(*self.labels),
+            lr=LearningRate(contract.LR, self.optimizer.lr),
+            outputs=Outputs(contract.LOSS, self.output),
+            state=[s.spec for s in self.state],
+            trainable={"parameters": self.trainable, "count": self.trainable_count, "total": total},
+            scheme=None if self.scheme is None else {
                 "name": self.scheme.name,
                 "layers": [{"layer": u.layer.path, "op": u.layer.op, "block": u.layer.block, "update": u.kind}
                            for u in self.scheme.updates]},
-            "loss": self.loss,
-            "optimizer": self.optimizer.to_json(),
-        } | ({"source": self.source} if self.source else {})
+            loss=self.loss,
+            optimizer=self.optimizer.to_json(),
+            source=self.source or None,
+        )
 
     def files(self) -> dict[str, bytes]:
         """Every file of the artifact directory by name, manifest.json (with the others' sha256) last."""
         blobs = {
-            "train_step.onnx": self.train_model.SerializeToString(),
-            "infer.onnx": self.infer_model.SerializeToString(),
-            "state.safetensors": safetensors.dumps(self.initial_state()),
+            contract.TRAIN_STEP_FILE: self.train_model.SerializeToString(),
+            contract.INFER_FILE: self.infer_model.SerializeToString(),
+            contract.STATE_FILE: safetensors.dumps(self.initial_state()),
         }
         if self.report is not None:
-            blobs["report.json"] = (json.dumps(self.report, indent=1) + "\n").encode()
-        manifest = self.manifest()
-        manifest["files"] = {n: hashlib.sha256(data).hexdigest() for n, data in blobs.items()}
-        blobs["manifest.json"] = (json.dumps(manifest, indent=2) + "\n").encode()
+            blobs[contract.REPORT_FILE] = (json.dumps(self.report, indent=1) + "\n").encode()
+        manifest = replace(self.manifest(), files={n: hashlib.sha256(data).hexdigest() for n, data in blobs.items()})
+        blobs[contract.MANIFEST_FILE] = manifest.dumps()
         return blobs
 
     def save(self, directory: str) -> str:

@@ -12,6 +12,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
+from pockprop.artifact.contract import LABELS, LOSS, LR, STEP, optimizer_slot, updated
 from pockprop.autodiff.backward import backward
 from pockprop.compiler import preprocess as preprocess_steps
 from pockprop.compiler.artifact import Artifact, StateEntry
@@ -26,10 +27,6 @@ from pockprop.ops.loss import LOSSES
 from pockprop.ops.registry import FULL, Need
 from pockprop.passes.pipeline import INFERENCE, TRAINING, TRAINING_FORWARD, UNOPTIMIZED
 from pockprop.tracing.trace import Traced, trace
-
-LR = "lr"
-STEP = "optimizer.step"
-
 
 def _part(array: np.ndarray, need: Need) -> np.ndarray:
     if need.is_full:
@@ -157,7 +154,7 @@ def compile_traced(tm: TracedModel, labels: Any = None, loss: str = "cross_entro
         infer_model=to_onnx(infer, f"{model_name}.infer", input_defaults=full_values, doc="pockprop inference"),
         state=state,
         data_inputs=[(n, traced.graph.types[n]) for n in traced.user_inputs],
-        labels=("labels", train.types["labels"]),
+        labels=(LABELS, train.types[LABELS]),
         output=traced.graph.outputs[0],
         loss={"name": loss_op, **({"label_smoothing": label_smoothing} if label_smoothing else {})},
         optimizer=opt,
@@ -224,7 +221,7 @@ def _training_graph(fwd: Graph, wants: dict[str, tuple[str, Need]], full_values:
 
 def _add_loss(g: Graph, out: str, loss_op: str, labels: Any, label_smoothing: float) -> str:
     """The labels input and the loss node on the model's output; returns the loss value."""
-    y = g.add_input("labels", _label_type(loss_op, g.types[out], labels), Role.LABEL)
+    y = g.add_input(LABELS, _label_type(loss_op, g.types[out], labels), Role.LABEL)
     attrs = {"label_smoothing": label_smoothing} if loss_op == "cross_entropy" else {}
     b = Builder(g, "loss", Phase.LOSS)
     return b.op(loss_op, [out, y], hint="loss", **attrs)
@@ -248,25 +245,23 @@ def _add_optimizer(g: Graph, opt: Any, wants: dict[str, tuple[str, Need]], grads
         step_next = b.op("add", [step, b.scalar_like(1.0, step)], hint="step_next")
         g.roles[step_next] = Role.OPTIMIZER_STATE
     for p, (_, need) in wants.items():
-        slots = {s: g.add_input(f"optimizer.{s}.{p}", g.types[p], Role.OPTIMIZER_STATE) for s in opt.slots()}
+        slots = {s: g.add_input(optimizer_slot(s, p), g.types[p], Role.OPTIMIZER_STATE) for s in opt.slots()}
         with b.scope(module_of(p)):  # the layer it updates, phase optimizer
             new_p, new_slots = build_update(b, opt, p, grads[p], slots, lr, step_next)
         g.roles[new_p] = Role.PARAMETER
         g.roles.update((v, Role.OPTIMIZER_STATE) for v in new_slots.values())
         value = _part(full_values[p], need)
-        state.append(StateEntry(p, "param", p, new_p, value, slice=None if need.is_full else need,
-                                full_shape=full_values[p].shape))
+        state.append(StateEntry.param(p, new_p, value, need, full_values[p].shape))
         init = initial_state(opt, value)
-        state += [StateEntry(slots[s], "optimizer", slots[s], new_slots[s], init[s], param=p, slot=s)
-                  for s in opt.slots()]
+        state += [StateEntry.slot(p, s, new_slots[s], init[s]) for s in opt.slots()]
     if step is not None:
-        state.append(StateEntry(STEP, "optimizer", STEP, step_next, np.zeros((), np.float32), slot="step"))
+        state.append(StateEntry.step(step_next))
     return state
 
 
 def _name_outputs(g: Graph, loss: str, out: str, state: list[StateEntry]) -> None:
-    """Graph outputs get stable, documented names: loss, the model output, then "new/<state>"."""
-    rename = {loss: "loss"} | {s.output: f"new/{s.name}" for s in state}
+    """Graph outputs get stable, documented names: loss, the model output, then the updated state."""
+    rename = {loss: LOSS} | {s.output: updated(s.name) for s in state}
     taken = [new for old, new in rename.items() if new != old and new in g.types]
     if taken:
         raise CompileError(f"the model already has values named {', '.join(taken)}, which name the training "
@@ -276,4 +271,4 @@ def _name_outputs(g: Graph, loss: str, out: str, state: list[StateEntry]) -> Non
             g.rename_value(old, new)
     for s in state:
         s.output = rename[s.output]
-    g.outputs = ["loss", out] + [s.output for s in state]
+    g.outputs = [LOSS, out] + [s.output for s in state]

@@ -13,6 +13,7 @@ import copy
 import json
 from typing import Any, Sequence
 
+from pockprop.artifact.contract import LABELS, TensorSpec, check_preprocess
 from pockprop.errors import ArtifactError, CompileError, DataError
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -59,10 +60,8 @@ def resolve(text: str | None, shape: Sequence[int], model: str = "", flag: str =
 
 def check(steps: dict[str, Any], shape: Sequence[int], what: str = "preprocess") -> dict[str, Any]:
     """`steps` if the runtime accepts them for an input of `shape`, else CompileError naming `what`."""
-    from pockprop.artifact.manifest import _preprocess
-
     try:
-        _preprocess(steps, what)
+        check_preprocess(steps, what)
         _pipeline(steps, shape)
     except (ArtifactError, DataError) as ex:
         raise CompileError(str(ex) if str(ex).startswith(what) else f"{what}: {ex}") from None
@@ -77,4 +76,4 @@ def describe(steps: dict[str, Any], shape: Sequence[int]) -> str:
 def _pipeline(steps: dict[str, Any], shape: Sequence[int]) -> Any:
     from pockprop.runtime.data import Pipeline
 
-    return Pipeline({"shape": list(shape), "dtype": "float32", "preprocess": steps}, {"shape": [shape[0]], "dtype": "int64"})
+    return Pipeline(TensorSpec("input", tuple(shape), "float32", steps), TensorSpec(LABELS, (shape[0],), "int64"))

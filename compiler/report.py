@@ -17,6 +17,7 @@ from pockprop.ir import Phase, module_of
 from pockprop.passes.base import nbytes
 from pockprop.passes.memory_plan import kept_for_backward, plan_memory
 
+from pockprop.artifact.contract import Role as StateRole
 
 def _layer_of(module: str, layers: list[str]) -> str | None:
     """The layer a node's module path belongs to (the longest layer path that prefixes it)."""
@@ -34,7 +35,7 @@ def summarize(art: Artifact) -> dict[str, Any]:
     assert g is not None, "the artifact has no training graph (reports are made at compile time)"
     # parameter_count is in model order, so the layers come out in forward order
     layer_paths = list(dict.fromkeys(module_of(p) or TOP_MODULE for p in art.parameter_count))
-    trainable = {s.name: int(s.initial.size) for s in art.state if s.role == "param"}
+    trainable = {s.name: int(s.initial.size) for s in art.state if s.role == StateRole.PARAM}
     per: dict[str, dict[str, Any]] = {
         l: {"trainable_params": 0, "forward_macs": 0, "backward_macs": 0, "kept_bytes": 0} for l in layer_paths}
     for p, n in trainable.items():

@@ -13,6 +13,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from pockprop.artifact.contract import BY_NAME
+from pockprop.errors import CompileError
 from pockprop.ir import Graph, Node, Phase, TensorType
 from pockprop.ops.registry import get_op
 
@@ -22,7 +24,10 @@ TOP = "model"  # how node names spell the top-level module
 
 
 def onnx_dtype(dtype: str) -> int:
-    return helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    """The ONNX TensorProto.DataType of an IR dtype name (the artifact contract's dtype table)."""
+    if dtype not in BY_NAME:
+        raise CompileError(f"dtype {dtype} has no ONNX type here; supported: {', '.join(BY_NAME)}")
+    return BY_NAME[dtype].onnx
 
 
 def node_place(module: str, phase: Phase) -> tuple[str, Phase]:

@@ -26,9 +26,8 @@ DEFAULT_MAX_BYTES = 64 * 1024
 
 def _run(graph: Graph, nodes: list[Node], values: dict[str, np.ndarray], wanted: list[str]) -> dict[str, np.ndarray]:
     """Evaluate `nodes` (inputs taken from `values`) on onnxruntime; returns `wanted` outputs."""
-    import onnxruntime as ort
-
     from pockprop.emit.onnx import to_onnx
+    from pockprop.runtime.session import session
 
     sub = Graph()
     for n in nodes:
@@ -40,12 +39,8 @@ def _run(graph: Graph, nodes: list[Node], values: dict[str, np.ndarray], wanted:
             if v is not None:
                 sub.types[v] = graph.types[v]
     sub.outputs = list(wanted)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    # run the kernels exactly as lowered, as the step itself would compute them
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(to_onnx(sub, "fold").SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    got = sess.run(wanted, {})
+    # one thread, the kernels exactly as lowered: as the step itself would compute them
+    got = session(to_onnx(sub, "fold").SerializeToString(), threads=1, optimize=False).run(wanted, {})
     return {w: np.asarray(a, dtype=graph.types[w].dtype).reshape(graph.types[w].shape) for w, a in zip(wanted, got)}
 
 

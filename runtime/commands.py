@@ -16,12 +16,14 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from pockprop.artifact.contract import FORMAT_VERSION, REPORT_FILE
 from pockprop.runtime import checkpoint
 from pockprop.errors import CheckpointError, DataError
 from pockprop.runtime.loop import fit
 from pockprop.artifact.manifest import open_artifact, pack
 from pockprop.runtime.progress import Progress
 from pockprop.runtime.schedule import Schedule
+from pockprop.runtime.session import session
 from pockprop.runtime.trainer import Trainer
 
 
@@ -140,14 +142,12 @@ def eval_command(args: argparse.Namespace) -> int:
 
 
 def export_command(args: argparse.Namespace) -> int:
-    import onnxruntime as ort
-
     trainer = _trainer(args)
     path = trainer.export_inference(args.output)
     # Self-check: any ONNX runtime must give what `predict` gives; run the file on a seeded batch.
-    spec = trainer.manifest["data"][0]
-    x = np.random.default_rng(0).standard_normal(spec["shape"]).astype(spec["dtype"])
-    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    spec = trainer.manifest.input
+    x = np.random.default_rng(0).standard_normal(spec.shape).astype(spec.dtype)
+    sess = session(path, args.threads)
     got = sess.run(None, {sess.get_inputs()[0].name: x})[0]
     diff = float(np.max(np.abs(got - trainer.predict(x)))) if got.size else 0.0
     size = os.path.getsize(path)
@@ -160,35 +160,37 @@ def inspect_command(args: argparse.Namespace) -> int:
     bundle = open_artifact(args.artifact)  # verifies every hash
     m = bundle.manifest
     trainer = _trainer(args)  # validates the graphs against the manifest (and the checkpoint, if given)
+    entries = [e.to_json() for e in m.state]
     state = [{k: e[k] for k in ("name", "role", "shape", "dtype", "slice", "full_shape", "slot") if k in e}
-             for e in m["state"]]
-    doc = {"artifact": args.artifact, "model": m.get("model"), "format_version": m["format_version"],
-           "pockprop_version": m.get("pockprop_version"), "onnx": m.get("onnx"),
-           "files": {n: {"bytes": len(b), "sha256": m["files"][n]} for n, b in bundle.files.items()},
-           "data": m["data"], "labels": m["labels"], "loss": m.get("loss"), "optimizer": m.get("optimizer"),
-           "lr": m["lr"], "trainable": m.get("trainable"), "scheme": m.get("scheme"), "state": state,
-           "batch_size": trainer.batch_size, "preprocessing": trainer.pipeline.describe()}
+             for e in entries]
+    doc = {"artifact": args.artifact, "model": m.model, "format_version": FORMAT_VERSION,
+           "pockprop_version": m.pockprop_version, "onnx": m.onnx,
+           "files": {n: {"bytes": len(b), "sha256": m.files[n]} for n, b in bundle.files.items()},
+           "data": [d.to_json() for d in m.data], "labels": m.labels.to_json(), "loss": m.loss,
+           "optimizer": m.optimizer, "lr": {"name": m.lr.name, "initial": m.lr.initial}, "trainable": m.trainable,
+           "scheme": m.scheme, "state": state, "batch_size": trainer.batch_size,
+           "preprocessing": trainer.pipeline.describe()}
     if args.checkpoint_dir:
         doc["checkpoint"] = {"path": checkpoint.path_of(args.checkpoint_dir), "steps": trainer.steps,
                              "rejected": trainer.rejected, "schedule": trainer.schedule.to_json(),
                              "rounds": trainer.rounds}
-    d, t = m["data"][0], m.get("trainable") or {}
-    lines = [f"{args.artifact}: {m.get('model')} (format {m['format_version']}, pockprop {m.get('pockprop_version')}, "
-             f"ONNX opset {(m.get('onnx') or {}).get('opset')}) - all {len(bundle.files)} file hashes verified",
-             f"  input  {d['name']}: {d['dtype']}{d['shape']}",
+    d, t = m.input, m.trainable or {}
+    lines = [f"{args.artifact}: {m.model} (format {FORMAT_VERSION}, pockprop {m.pockprop_version}, "
+             f"ONNX opset {(m.onnx or {}).get('opset')}) - all {len(bundle.files)} file hashes verified",
+             f"  input  {d.name}: {d.dtype}{list(d.shape)}",
              f"  preprocessing of raw data: {doc['preprocessing']}",
-             f"  labels {m['labels']['name']}: {m['labels']['dtype']}{m['labels']['shape']}",
-             f"  loss {m.get('loss')}; optimizer {m.get('optimizer')}; lr {m['lr']['initial']}",
+             f"  labels {m.labels.name}: {m.labels.dtype}{list(m.labels.shape)}",
+             f"  loss {m.loss}; optimizer {m.optimizer}; lr {m.lr.initial}",
              f"  trainable: {t.get('count', '?'):,} of {t.get('total', '?'):,} parameters"
-             + (f", scheme {m['scheme']['name']}" if m.get("scheme") else "")]
+             + (f", scheme {m.scheme['name']}" if m.scheme else "")]
     for e in state:
         where = f" slice axis {e['slice']['axis']} [{e['slice']['start']}:{e['slice']['stop']}] of {e['full_shape']}" \
             if "slice" in e else ""
         lines.append(f"    {e['role']:9s} {e['name']}: {e['dtype']}{e['shape']}{where}")
     for name, info in doc["files"].items():
         lines.append(f"  file {name}: {info['bytes']:,} bytes")
-    if "report.json" in bundle.files:  # written by `pockprop compile --report`
-        doc["report"] = report = json.loads(bundle.files["report.json"])
+    if REPORT_FILE in bundle.files:  # written by `pockprop compile --report`
+        doc["report"] = report = json.loads(bundle.files[REPORT_FILE])
         lines += _report_lines(report)
     if "checkpoint" in doc:
         c = doc["checkpoint"]

@@ -24,6 +24,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from pockprop.artifact.contract import TensorSpec
 from pockprop.errors import DataError
 from pockprop.runtime.images import ImageFiles, index_folder, to_channels
 
@@ -246,21 +247,21 @@ def _sum_taps(x: np.ndarray, idx: np.ndarray, wts: np.ndarray, axis: int) -> np.
 
 
 class Pipeline:
-    """Turns raw Dataset batches into model input (per the manifest) and checks labels.
+    """Turns raw Dataset batches into model input (per the manifest's data spec) and checks labels.
 
     Image models (C, H, W): samples in (C, H, W), (H, W, C) or grey (H, W) layout, RGB (or grey) channel
     order, become the model's channel count (images.to_channels), are resized if a `resize` step is
     recorded, reordered to BGR if `channel_order` says so, then scaled and normalized.
     """
 
-    def __init__(self, data_spec: dict[str, Any], label_spec: dict[str, Any], num_classes: int | None = None):
-        self.sample_shape = tuple(data_spec["shape"][1:])
-        self.dtype = np.dtype(data_spec["dtype"])
-        self.batch_size = int(data_spec["shape"][0])
-        self.label_shape = tuple(label_spec["shape"][1:])
-        self.label_dtype = np.dtype(label_spec["dtype"])
+    def __init__(self, data_spec: TensorSpec, label_spec: TensorSpec, num_classes: int | None = None):
+        self.sample_shape = tuple(data_spec.shape[1:])
+        self.dtype = np.dtype(data_spec.dtype)
+        self.batch_size = int(data_spec.shape[0])
+        self.label_shape = tuple(label_spec.shape[1:])
+        self.label_dtype = np.dtype(label_spec.dtype)
         self.num_classes = num_classes
-        p = self.preprocess = dict(data_spec.get("preprocess") or {})
+        p = self.preprocess = dict(data_spec.preprocess or {})
         self.resize = tuple(int(v) for v in p["resize"]) if "resize" in p else None
         if self.resize and (len(self.sample_shape) != 3 or self.resize != self.sample_shape[1:]):
             raise DataError(f"preprocess resize {list(self.resize)} does not give the model's input {list(self.sample_shape)}")

@@ -96,9 +96,9 @@ def fit(trainer: Trainer, train: Dataset, epochs: int, *, seed: int = 0, last_ba
 def _schedule(spec: Schedule | dict[str, Any] | None, trainer: Trainer, round_steps: int) -> Schedule:
     if isinstance(spec, Schedule):
         return spec
-    d = {"name": "constant", "base_lr": float(trainer.manifest["lr"]["initial"])} | dict(spec or {})
+    d = {"name": "constant", "base_lr": float(trainer.manifest.lr.initial)} | dict(spec or {})
     if d.get("base_lr") is None:
-        d["base_lr"] = float(trainer.manifest["lr"]["initial"])
+        d["base_lr"] = float(trainer.manifest.lr.initial)
     if d["name"] == "cosine" and not d.get("total_steps"):
         d["total_steps"] = round_steps
     return Schedule(**d)

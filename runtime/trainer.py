@@ -12,32 +12,26 @@ current. Rejected steps are counted and reported.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import onnxruntime as ort
 
 from pockprop.runtime import checkpoint, data
+from pockprop.runtime.session import session
 from pockprop.artifact import onnx_wire, safetensors
+from pockprop.artifact.contract import BY_ORT, Manifest, Role, StateSpec, TensorSpec
 from pockprop.artifact.durable import write_atomic
 from pockprop.errors import ArtifactError, CheckpointError, DataError
 from pockprop.artifact.manifest import Bundle, DirectoryFiles, open_artifact
 from pockprop.runtime.schedule import Schedule
 
-ORT_TYPES = {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(float16)": "float16",
-             "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int8)": "int8", "tensor(uint8)": "uint8",
-             "tensor(bool)": "bool"}
 
-
-def _session(model: bytes | str, where: str, threads: int | None) -> ort.InferenceSession:
+def _session(model: bytes | str, where: str, threads: int | None,
+             external: Mapping[str, np.ndarray] | None = None) -> ort.InferenceSession:
     """An onnxruntime CPU session of the model (bytes, or a file path), or ArtifactError naming `where`."""
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
     try:
-        return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+        return session(model, threads, external=external)
     except Exception as ex:  # onnxruntime raises its own exception types; the file is what is wrong
         raise ArtifactError(f"{where}: onnxruntime cannot load it ({str(ex).splitlines()[0]})") from None
 
@@ -49,30 +43,22 @@ def _finite(a: np.ndarray) -> bool:
     return bool(np.isfinite(a.min()) and np.isfinite(a.max()))
 
 
-def param_name(entry: dict[str, Any]) -> str:
-    """The full parameter a param state entry trains (itself, unless it is a slice)."""
-    return entry["param"] if "slice" in entry else entry["name"]
-
-
-def _slice_index(entry: dict[str, Any]) -> tuple[slice, ...]:
-    sl = entry["slice"]
-    idx = [slice(None)] * len(entry["full_shape"])
-    idx[sl["axis"]] = slice(sl["start"], sl["stop"])
-    return tuple(idx)
-
-
-def _check_io(where: str, args: list[Any], want: dict[str, tuple[list[int], str]], what: str) -> None:
+def _check_io(where: str, args: list[Any], want: dict[str, tuple[tuple[int, ...], str]], what: str) -> None:
     """Graph inputs/outputs `args` must include every name in `want` with a compatible shape and dtype."""
     have = {a.name: a for a in args}
     for name, (shape, dtype) in want.items():
         arg = have.get(name)
         if arg is None:
             raise ArtifactError(f"{where}: the manifest names {what} {name!r}, which the graph does not have")
-        got_dtype = ORT_TYPES.get(arg.type, arg.type)
+        got_dtype = BY_ORT[arg.type].name if arg.type in BY_ORT else arg.type
         dims_ok = len(arg.shape) == len(shape) and all(not isinstance(g, int) or g == w for g, w in zip(arg.shape, shape))
         if got_dtype != dtype or not dims_ok:
             raise ArtifactError(f"{where}: {what} {name!r} is {got_dtype}{list(arg.shape)} in the graph, "
-                                f"{dtype}{shape} in the manifest")
+                                f"{dtype}{list(shape)} in the manifest")
+
+
+def _spec(t: TensorSpec | StateSpec) -> tuple[tuple[int, ...], str]:
+    return t.shape, t.dtype
 
 
 class Trainer:
@@ -81,14 +67,14 @@ class Trainer:
     def __init__(self, bundle: Bundle, state: dict[str, np.ndarray], threads: int | None = None) -> None:
         m = bundle.manifest
         self.path, self.manifest, self.digest = bundle.path, m, bundle.digest
-        self._entries: list[dict[str, Any]] = m["state"]
-        self._data, self._labels = m["data"][0], m["labels"]
+        self._entries: list[StateSpec] = m.state
+        self._data, self._labels = m.input, m.labels
         # The inference graph's signature is read now from its protobuf (onnx_wire), but its onnxruntime
         # session is made on first use (predict, evaluate): a device that only trains never holds a second
-        # copy of every weight (ResNet-18: 110 MB of RSS, for 45 MB of weights). It is read before the
-        # training session is built, so its bytes are gone by then; the peak is onnxruntime's build.
+        # copy of every weight. It is read before the training session is built, so its bytes are gone by
+        # then; the peak is onnxruntime's build.
         self._threads = threads
-        infer_name = m["graphs"]["infer"]
+        infer_name = m.graphs.infer
         infer_raw = bundle.files[infer_name]  # read once (a directory's file is read on each lookup)
         try:
             infer = onnx_wire.signature(infer_raw)
@@ -96,19 +82,22 @@ class Trainer:
             raise ArtifactError(f"{bundle.where(infer_name)}: not a readable ONNX model ({ex})") from None
         self._bases = self._slice_bases(bundle, infer_raw)
         # a bundle read from disk is read again on first use (and its hash checked); one built in memory is kept
-        self._infer_bytes = None if os.path.exists(bundle.path) else infer_raw
+        self._memory_bundle = None if os.path.exists(bundle.path) else bundle
         del infer_raw
-        train_name = m["graphs"]["train_step"]
+        train_name = m.graphs.train_step
+        # initializers kept in external files: from the files' verified bytes, never read by onnxruntime itself
+        external = bundle.external_data(train_name, bundle.files[train_name])
         if isinstance(bundle.files, DirectoryFiles):  # onnxruntime reads the file itself: no copy in Python
-            self._train = _session(bundle.files.local_path(train_name), bundle.where(train_name), threads)
+            self._train = _session(bundle.files.local_path(train_name), bundle.where(train_name), threads, external)
             bundle.files.verify(train_name)  # what it read is what was verified at load
         else:
-            self._train = _session(bundle.files[train_name], bundle.where(train_name), threads)
+            self._train = _session(bundle.files[train_name], bundle.where(train_name), threads, external)
+        del external
         self._check_train(bundle)
         self._check_infer(bundle, *infer)
         infer_params = {a.name for a in infer[2]}
-        self._infer_params = [e for e in self._entries if e["role"] == "param" and param_name(e) in infer_params]
-        pred = next(o for o in infer[1] if o.name == m["outputs"]["prediction"])
+        self._infer_params = [e for e in self._entries if e.role == Role.PARAM and e.parameter in infer_params]
+        pred = next(o for o in infer[1] if o.name == m.outputs.prediction)
         self._infer_session: ort.InferenceSession | None = None
         classes = pred.shape[-1] if len(pred.shape) == 2 and isinstance(pred.shape[-1], int) else None
         try:
@@ -120,7 +109,7 @@ class Trainer:
         self.rejected = 0
         self.last_rejection: str | None = None
         self.guard = "full"
-        self.schedule = Schedule("constant", float(m["lr"]["initial"]))
+        self.schedule = Schedule("constant", float(m.lr.initial))
         self.schedule_start = 0  # the step count at which `schedule` began (a new round restarts it)
         self.progress: dict[str, Any] | None = None  # data position of the current round (runtime.loop)
         self.rounds: list[dict[str, Any]] = []  # one record per finished round
@@ -130,79 +119,82 @@ class Trainer:
     def load(cls, path: str, threads: int | None = None) -> "Trainer":
         """Load and validate an artifact (directory or packed file); ArtifactError naming the file if unusable."""
         bundle = open_artifact(path)
-        where = bundle.where(bundle.manifest["state_file"])
+        where = bundle.where(bundle.manifest.state_file)
         try:
-            state, _ = safetensors.loads(bundle.files[bundle.manifest["state_file"]])
+            state, _ = safetensors.loads(bundle.files[bundle.manifest.state_file])
         except ValueError as ex:
             raise ArtifactError(f"{where}: {ex}") from None
-        _check_state(state, bundle.manifest["state"], where)
+        _check_state(state, bundle.manifest.state, where)
         return cls(bundle, state, threads)
 
     # -- validation ------------------------------------------------------------------------------
     def _check_train(self, bundle: Bundle) -> None:
         m = self.manifest
-        spec = lambda s: (s["shape"], s["dtype"])  # noqa: E731
-        where = bundle.where(m["graphs"]["train_step"])
-        inputs = {self._data["name"]: spec(self._data), self._labels["name"]: spec(self._labels),
-                  m["lr"]["name"]: ([], "float32")} | {e["input"]: spec(e) for e in self._entries}
+        where = bundle.where(m.graphs.train_step)
+        inputs = {self._data.name: _spec(self._data), self._labels.name: _spec(self._labels),
+                  m.lr.name: ((), "float32")} | {e.input: _spec(e) for e in self._entries}
         _check_io(where, self._train.get_inputs(), inputs, "input")
         extra = {a.name for a in self._train.get_inputs()} - set(inputs)
         if extra:
             raise ArtifactError(f"{where}: the graph needs inputs {sorted(extra)} that the manifest does not describe")
-        outputs = {m["outputs"]["loss"]: ([], "float32")} | {e["output"]: spec(e) for e in self._entries}
+        outputs = {m.outputs.loss: ((), "float32")} | {e.output: _spec(e) for e in self._entries}
         _check_io(where, self._train.get_outputs(), outputs, "output")
 
     def _check_infer(self, bundle: Bundle, inputs: list[Any], outputs: list[Any], overridable: list[Any]) -> None:
         m = self.manifest
-        spec = lambda s: (s["shape"], s["dtype"])  # noqa: E731
-        where = bundle.where(m["graphs"]["infer"])
-        _check_io(where, inputs, {self._data["name"]: spec(self._data)}, "input")
+        where = bundle.where(m.graphs.infer)
+        _check_io(where, inputs, {self._data.name: _spec(self._data)}, "input")
         if len(inputs) != 1:
             raise ArtifactError(f"{where}: the graph needs inputs {[a.name for a in inputs]}; "
-                                f"the manifest feeds only {self._data['name']!r}")
-        full = {param_name(e): (e.get("full_shape", e["shape"]), e["dtype"]) for e in self._entries if e["role"] == "param"}
+                                f"the manifest feeds only {self._data.name!r}")
+        full = {e.parameter: (e.parameter_shape, e.dtype) for e in self._entries if e.role == Role.PARAM}
         have = {a.name for a in overridable}
         _check_io(where, overridable, {k: v for k, v in full.items() if k in have}, "parameter")
-        if m["outputs"]["prediction"] not in {o.name for o in outputs}:
-            raise ArtifactError(f"{where}: no output named {m['outputs']['prediction']!r} (manifest outputs.prediction)")
+        if m.outputs.prediction not in {o.name for o in outputs}:
+            raise ArtifactError(f"{where}: no output named {m.outputs.prediction!r} (manifest outputs.prediction)")
 
     @property
     def _infer(self) -> ort.InferenceSession:
         """The inference session, made on first use (see __init__)."""
         if self._infer_session is None:
-            self._infer_session = _session(*self._infer_file(), self._threads)
+            raw, where, external = self._infer_file()
+            self._infer_session = _session(raw, where, self._threads, external)
         return self._infer_session
 
-    def _infer_file(self) -> tuple[bytes, str]:
-        """infer.onnx's bytes (kept for an in-memory bundle, else read and verified again) and its name."""
-        name = self.manifest["graphs"]["infer"]
-        if self._infer_bytes is not None:
-            return self._infer_bytes, f"{self.path}: {name}"
-        bundle = open_artifact(self.path)
-        if bundle.digest != self.digest:
-            raise ArtifactError(f"{self.path}: the artifact changed since it was loaded")
-        return bundle.files[name], bundle.where(name)
+    def _infer_file(self) -> tuple[bytes, str, dict[str, np.ndarray]]:
+        """infer.onnx's bytes (from the bundle kept in memory, else read and verified again), its name, and
+        the values of its initializers kept in external files."""
+        bundle = self._memory_bundle
+        if bundle is None:
+            bundle = open_artifact(self.path)
+            if bundle.digest != self.digest:
+                raise ArtifactError(f"{self.path}: the artifact changed since it was loaded")
+        name = self.manifest.graphs.infer
+        raw = bundle.files[name]
+        return raw, bundle.where(name), bundle.external_data(name, raw)
 
     def _slice_bases(self, bundle: Bundle, infer_raw: bytes) -> dict[str, np.ndarray]:
         """The frozen full value of each parameter trained on a slice (its initializer in infer.onnx)."""
-        names = {e["param"] for e in self._entries if "slice" in e}
+        names = {e.parameter for e in self._entries if e.slice is not None}
+        external = bundle.external_data(self.manifest.graphs.infer, infer_raw, names)  # checks every reference
         if not names:
             return {}
-        where = bundle.where(self.manifest["graphs"]["infer"])
+        where = bundle.where(self.manifest.graphs.infer)
         try:
-            bases = onnx_wire.initializers(infer_raw, names)
+            bases = onnx_wire.initializers(infer_raw, names - set(external))
         except onnx_wire.WireError as ex:
             raise ArtifactError(f"{where}: {ex}") from None
+        bases |= {n: np.array(external[n]) for n in names & set(external)}
         for e in self._entries:
-            if "slice" in e and (e["param"] not in bases or list(bases[e["param"]].shape) != e["full_shape"]):
-                raise ArtifactError(f"{where}: needs an initializer {e['param']!r} of shape {e['full_shape']} "
-                                    f"to write the trained slice of {e['name']!r} into")
+            if e.slice is not None and (e.parameter not in bases or bases[e.parameter].shape != e.full_shape):
+                raise ArtifactError(f"{where}: needs an initializer {e.parameter!r} of shape {list(e.full_shape or ())} "
+                                    f"to write the trained slice of {e.name!r} into")
         return bases
 
     # -- state buffers ---------------------------------------------------------------------------
     def _allocate(self, state: dict[str, np.ndarray]) -> None:
         def buffers() -> list[ort.OrtValue]:
-            return [ort.OrtValue.ortvalue_from_shape_and_type(e["shape"], np.dtype(e["dtype"]), "cpu", 0)
+            return [ort.OrtValue.ortvalue_from_shape_and_type(list(e.shape), np.dtype(e.dtype), "cpu", 0)
                     for e in self._entries]
 
         self._bufs = [buffers(), buffers()]
@@ -213,9 +205,9 @@ class Trainer:
         for src, dst in ((0, 1), (1, 0)):
             b = self._train.io_binding()
             for e, i, o in zip(self._entries, self._bufs[src], self._bufs[dst]):
-                b.bind_ortvalue_input(e["input"], i)
-                b.bind_ortvalue_output(e["output"], o)
-            b.bind_ortvalue_output(self.manifest["outputs"]["loss"], self._loss)
+                b.bind_ortvalue_input(e.input, i)
+                b.bind_ortvalue_output(e.output, o)
+            b.bind_ortvalue_output(self.manifest.outputs.loss, self._loss)
             self._bindings.append(b)
         self._cur = 0
         self.load_state(state)
@@ -224,11 +216,11 @@ class Trainer:
         """Copy tensors (by state name) into the current buffers."""
         _check_state(state, self._entries, "state")
         for e, view in zip(self._entries, self._views[self._cur]):
-            view[...] = state[e["name"]]
+            view[...] = state[e.name]
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """A copy of the current training state, by state name."""
-        return {e["name"]: v.copy() for e, v in zip(self._entries, self._views[self._cur])}
+        return {e.name: v.copy() for e, v in zip(self._entries, self._views[self._cur])}
 
     @property
     def state(self) -> dict[str, np.ndarray]:
@@ -236,19 +228,19 @@ class Trainer:
 
     @property
     def batch_size(self) -> int:
-        return int(self._data["shape"][0])
+        return int(self._data.shape[0])
 
     # -- training --------------------------------------------------------------------------------
     def _model_input(self, x: Any, batch: int | None) -> np.ndarray:
         x = np.asarray(x)
-        want = tuple(self._data["shape"][1:])
+        want = self._data.shape[1:]
         if x.ndim != len(want) + 1 or x.shape[1:] != want or (batch is not None and len(x) != batch):
             shape = [batch if batch is not None else "N", *want]
-            raise DataError(f"data: expected shape {shape} ({self._data['dtype']}), got {list(x.shape)}")
+            raise DataError(f"data: expected shape {shape} ({self._data.dtype}), got {list(x.shape)}")
         return self._same_kind(x, self._data, "data")
 
-    def _same_kind(self, a: np.ndarray, spec: dict[str, Any], what: str) -> np.ndarray:
-        want = np.dtype(spec["dtype"])
+    def _same_kind(self, a: np.ndarray, spec: TensorSpec, what: str) -> np.ndarray:
+        want = np.dtype(spec.dtype)
         if a.dtype != want:
             if a.dtype.kind != want.kind and not (a.dtype.kind in "iu" and want.kind in "iu"):
                 raise DataError(f"{what}: expected dtype {want}, got {a.dtype}")
@@ -263,17 +255,17 @@ class Trainer:
         """One training step on a model-ready batch; the loss, or None if the guard rejected the step."""
         x = self._model_input(x, self.batch_size)
         y = np.asarray(y)
-        if list(y.shape) != self._labels["shape"]:
-            raise DataError(f"labels: expected shape {self._labels['shape']} ({self._labels['dtype']}), got {list(y.shape)}")
+        if y.shape != self._labels.shape:
+            raise DataError(f"labels: expected shape {list(self._labels.shape)} ({self._labels.dtype}), got {list(y.shape)}")
         y = self._same_kind(y, self._labels, "labels")
         if self.guard != "off" and not (_finite(x) and _finite(y)):
             self._reject("the batch holds NaN or Inf")
             return None
         rate = self.schedule.lr(self.steps - self.schedule_start) if lr is None else lr
         binding = self._bindings[self._cur]
-        binding.bind_cpu_input(self._data["name"], x)
-        binding.bind_cpu_input(self._labels["name"], y)
-        binding.bind_cpu_input(self.manifest["lr"]["name"], np.array(rate, np.float32))
+        binding.bind_cpu_input(self._data.name, x)
+        binding.bind_cpu_input(self._labels.name, y)
+        binding.bind_cpu_input(self.manifest.lr.name, np.array(rate, np.float32))
         self._train.run_with_iobinding(binding)
         loss = float(self._loss_view)
         nxt = 1 - self._cur
@@ -283,7 +275,7 @@ class Trainer:
         if self.guard == "full":
             for e, view in zip(self._entries, self._views[nxt]):
                 if not _finite(view):
-                    self._reject(f"the update made {e['name']!r} non-finite")
+                    self._reject(f"the update made {e.name!r} non-finite")
                     return None
         self._cur = nxt  # accept: the new state becomes current; the old buffers take the next update
         self.steps += 1
@@ -294,23 +286,23 @@ class Trainer:
         """Each trainable parameter's full current value (slices written into their frozen tensor)."""
         out = {}
         for e, view in zip(self._entries, self._views[self._cur]):
-            if e["role"] != "param":
+            if e.role != Role.PARAM:
                 continue
-            if "slice" in e:
-                full = out.get(e["param"])
+            if e.slice is not None:
+                full = out.get(e.parameter)
                 if full is None:
-                    full = out[e["param"]] = self._bases[e["param"]].copy()
-                full[_slice_index(e)] = view
+                    full = out[e.parameter] = self._bases[e.parameter].copy()
+                full[e.slice.index(full.ndim)] = view
             else:
-                out[e["name"]] = view
+                out[e.name] = view
         return out
 
     def predict(self, x: Any) -> np.ndarray:
         """Model output for model-ready inputs of shape (N, ...) with any N (batched and padded inside)."""
         x = self._model_input(x, None)
         full = self.full_parameters()
-        feeds = {param_name(e): full[param_name(e)] for e in self._infer_params}
-        name, out = self._data["name"], self.manifest["outputs"]["prediction"]
+        feeds = {e.parameter: full[e.parameter] for e in self._infer_params}
+        name, out = self._data.name, self.manifest.outputs.prediction
         parts = [self._infer.run([out], feeds | {name: chunk})[0][:real]
                  for chunk, real in data.padded_batches(x, self.batch_size)]
         return np.concatenate(parts) if parts else np.zeros((0,), np.float32)
@@ -331,15 +323,15 @@ class Trainer:
             pairs = [(self.predict(bx), np.asarray(by)) for bx, by in source]
             preds, labels = [p for p, _ in pairs], np.concatenate([b for _, b in pairs]) if pairs else np.zeros(0)
         pred = np.concatenate(preds) if preds else np.zeros((0,))
-        return metrics(self.manifest.get("loss", {}), pred, labels)
+        return metrics(self.manifest.loss, pred, labels)
 
     # -- checkpoints -----------------------------------------------------------------------------
     def save_checkpoint(self, directory: str) -> str:
         """Write the full training state atomically to directory/checkpoint.safetensors; returns its path."""
-        meta = {"artifact": self.digest, "model": self.manifest.get("model"), "steps": self.steps,
+        meta = {"artifact": self.digest, "model": self.manifest.model, "steps": self.steps,
                 "rejected": self.rejected, "schedule": self.schedule.to_json(), "schedule_start": self.schedule_start,
                 "progress": self.progress, "rounds": self.rounds}
-        return checkpoint.save(directory, {e["name"]: v for e, v in zip(self._entries, self._views[self._cur])}, meta)
+        return checkpoint.save(directory, {e.name: v for e, v in zip(self._entries, self._views[self._cur])}, meta)
 
     def resume(self, directory: str) -> dict[str, Any]:
         """Restore state, counters, schedule and data position from a checkpoint of this artifact."""
@@ -362,10 +354,11 @@ class Trainer:
     # -- export ----------------------------------------------------------------------------------
     def export_inference(self, path: str) -> str:
         """Write one self-contained ONNX model with the trained weights baked in; returns `path`."""
-        raw, where = self._infer_file()
+        raw, where, external = self._infer_file()
         full = self.full_parameters()
-        values = {param_name(e): np.ascontiguousarray(full[param_name(e)]) for e in self._infer_params}
-        meta = {"pockprop.model": str(self.manifest.get("model", "")), "pockprop.steps": str(self.steps),
+        # the trained parameters and the data of external files are embedded: one self-contained model
+        values = external | {e.parameter: np.ascontiguousarray(full[e.parameter]) for e in self._infer_params}
+        meta = {"pockprop.model": str(self.manifest.model or ""), "pockprop.steps": str(self.steps),
                 "pockprop.artifact_sha256": self.digest}
         try:
             model = onnx_wire.replace_initializers(raw, values, drop_inputs=True, metadata=meta)
@@ -375,12 +368,12 @@ class Trainer:
         return path
 
 
-def _check_state(state: dict[str, np.ndarray], entries: list[dict[str, Any]], where: str) -> None:
+def _check_state(state: dict[str, np.ndarray], entries: list[StateSpec], where: str) -> None:
     for e in entries:
-        arr = state.get(e["name"])
-        if arr is None or list(arr.shape) != e["shape"] or arr.dtype.name != e["dtype"]:
+        arr = state.get(e.name)
+        if arr is None or arr.shape != e.shape or arr.dtype.name != e.dtype:
             got = "missing" if arr is None else f"{arr.dtype}{list(arr.shape)}"
-            raise ArtifactError(f"{where}: state tensor {e['name']!r} should be {e['dtype']}{e['shape']}, is {got}")
+            raise ArtifactError(f"{where}: state tensor {e.name!r} should be {e.dtype}{list(e.shape)}, is {got}")
 
 
 def metrics(loss: dict[str, Any], pred: np.ndarray, y: np.ndarray) -> dict[str, float]:

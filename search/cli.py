@@ -22,6 +22,7 @@ import numpy as np
 from pockprop.runtime import data as rdata
 from pockprop.artifact.durable import write_atomic
 from pockprop.errors import ArtifactError, DataError
+from pockprop.artifact.contract import LABELS, TensorSpec
 
 from pockprop.errors import CompileError
 from pockprop.search.options import SearchError
@@ -54,7 +55,7 @@ def _from_artifact(args: argparse.Namespace) -> tuple[Any, tuple[int, ...], dict
     if args.checkpoint_dir:
         trainer.resume(args.checkpoint_dir)
     m = trainer.manifest
-    src = m.get("source")
+    src = m.source
     if not isinstance(src, dict) or not isinstance(src.get("model"), str):
         raise SearchError(f"{args.model}: the artifact does not record how to rebuild its model (manifest 'source'; "
                           "artifacts compiled from Python or before pockprop recorded it); pass the model instead, "
@@ -69,9 +70,8 @@ def _from_artifact(args: argparse.Namespace) -> tuple[Any, tuple[int, ...], dict
             raise SearchError(f"{args.model}: trained parameter {name!r} does not fit the rebuilt model {src['model']}")
         state[name] = torch.from_numpy(np.array(value))
     model.load_state_dict(state)
-    spec = m["data"][0]
-    opt = dict(m.get("optimizer") or {})
-    return model, tuple(spec["shape"]), dict(spec.get("preprocess") or {}), opt, trainer.pipeline
+    opt = dict(m.optimizer or {})
+    return model, m.input.shape, dict(m.input.preprocess or {}), opt, trainer.pipeline
 
 
 def _from_spec(args: argparse.Namespace, batch: int) -> tuple[Any, tuple[int, ...], dict[str, Any], dict[str, Any], Any]:
@@ -83,8 +83,8 @@ def _from_spec(args: argparse.Namespace, batch: int) -> tuple[Any, tuple[int, ..
     if shape is None:
         raise SearchError(f"{args.model} has no default input shape; pass --input-shape")
     pre = resolve_preprocess(args.preprocess, shape, args.model)  # as `pockprop compile` records it
-    spec = {"shape": [batch, *shape[1:]], "dtype": "float32", "preprocess": pre}
-    pipeline = rdata.Pipeline(spec, {"shape": [batch], "dtype": "int64"}, getattr(model, "num_classes", None))
+    spec = TensorSpec("input", (batch, *shape[1:]), "float32", pre)
+    pipeline = rdata.Pipeline(spec, TensorSpec(LABELS, (batch,), "int64"), getattr(model, "num_classes", None))
     return model, tuple(shape), pre, {}, pipeline
 
 

@@ -32,7 +32,8 @@ import numpy as np
 
 from pockprop.runtime import data as rdata
 from pockprop.artifact.durable import write_atomic
-from pockprop.artifact.manifest import Bundle, validate
+from pockprop.artifact.contract import MANIFEST_FILE, Manifest
+from pockprop.artifact.manifest import Bundle
 from pockprop.runtime.trainer import Trainer
 
 from pockprop.compiler.compile import TracedModel, compile_traced
@@ -134,10 +135,9 @@ class FinetuneConfig:
 def trainer_of(art: Any, threads: int | None = None) -> Trainer:
     """A runtime Trainer on an artifact held in memory (the same bytes `Artifact.save` would write)."""
     files = art.files()
-    raw = files.pop("manifest.json")
-    manifest = json.loads(raw)
-    validate(manifest, "<search probe>")
-    return Trainer(Bundle("<search probe>", manifest, files, raw), art.initial_state(), threads)
+    raw = files.pop(MANIFEST_FILE)
+    return Trainer(Bundle("<search probe>", Manifest.loads(raw, "<search probe>"), files, raw), art.initial_state(),
+                   threads)
 
 
 def finetune(trainer: Trainer, data: SearchData, config: FinetuneConfig, seed: int) -> dict[str, Any]:

@@ -25,6 +25,7 @@ import numpy as np
 
 from pockprop.passes.base import nbytes
 
+from pockprop.artifact.contract import Role
 from pockprop.compiler.artifact import Artifact
 from pockprop.compiler.report import summarize
 from pockprop.search.energy import bytes_moved, energy
@@ -35,8 +36,8 @@ MEMORY_METRICS = ("training", "peak")
 def figures(art: Artifact) -> dict[str, Any]:
     """One compiled scheme's costs (JSON-able numbers)."""
     s = summarize(art)
-    params = sum(int(e.initial.nbytes) for e in art.state if e.role == "param")
-    optim = sum(int(e.initial.nbytes) for e in art.state if e.role == "optimizer" and e.initial.ndim)
+    params = sum(int(e.initial.nbytes) for e in art.state if e.role == Role.PARAM)
+    optim = sum(int(e.initial.nbytes) for e in art.state if e.role == Role.OPTIMIZER and e.initial.ndim)
     g = art.train_graph
     assert g is not None
     moved = bytes_moved(g)

@@ -29,11 +29,9 @@ def _torch_step_with_scheme(case: ZooCase, art, steps: int):  # type: ignore[no-
         if s.role != "param":
             continue
         mask = torch.zeros_like(params[s.name])
-        sl = s.to_json().get("slice")
+        sl = s.spec.slice
         if sl:
-            idx = [slice(None)] * mask.dim()
-            idx[sl["axis"]] = slice(sl["start"], sl["stop"])
-            mask[tuple(idx)] = 1
+            mask[sl.index(mask.dim())] = 1
         else:
             mask += 1
         masks[s.name] = mask
@@ -70,8 +68,8 @@ def test_preset_step_matches_masked_pytorch(case: ZooCase, preset: str, tmp_path
         if s.role != "param":
             continue
         full = params[s.name].detach()
-        sl = s.to_json().get("slice")
-        part = full.narrow(sl["axis"], sl["start"], sl["stop"] - sl["start"]) if sl else full
+        sl = s.spec.slice
+        part = full.narrow(sl.axis, sl.start, sl.stop - sl.start) if sl else full
         np.testing.assert_allclose(trainer.state[s.name], part.numpy(), rtol=1e-4, atol=1e-5, err_msg=s.name)
         frozen = masks[s.name] == 0
         assert torch.equal(full[frozen], before[s.name][frozen]), f"frozen part of {s.name} moved in torch"
@@ -118,9 +116,9 @@ def test_yaml_scheme_and_resolved_table(tmp_path) -> None:
     art = compile(_mlp(), (torch.randn(2, 4),), scheme=str(path))
     table = art.scheme.table()
     assert "weight@0.25+bias" in table and "frozen" in table
-    entry = {s.name: s.to_json() for s in art.state}["2.weight"]
+    entry = {s.name: s.spec.to_json() for s in art.state}["2.weight"]
     assert entry["slice"] == {"axis": 1, "start": 0, "stop": 2} and entry["shape"] == [8, 2]
-    assert art.manifest()["scheme"]["name"] == "mine"
+    assert art.manifest().scheme["name"] == "mine"
 
 
 def test_trainable_and_scheme_together_is_an_error() -> None:

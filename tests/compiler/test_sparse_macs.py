@@ -53,8 +53,8 @@ def test_quarter_slice_costs_a_quarter_and_bias_only_computes_no_weight_gradient
     got, ref = _weight_grad_macs(sparse.train_model, conv), _weight_grad_macs(full.train_model, conv)
     assert ref > 0 and got > 0
     entry = next(s for s in sparse.state if s.name == f"{conv}.weight")
-    sl = entry.to_json()["slice"]
-    channels = entry.full_shape[sl["axis"]]
+    sl = entry.spec.slice
+    channels = entry.spec.full_shape[sl.axis]
     assert got <= ref * math.ceil(0.25 * channels) / channels, (got, ref)
     # the bias-only layer: no weight gradient anywhere under it (and no trainable weight)
     assert _weight_grad_macs(sparse.train_model, bias_layer) == 0

@@ -51,7 +51,7 @@ def install(hook: str, target: int) -> None:
 
     def hooked_open(path, mode="r", *args, **kwargs):  # type: ignore[no-untyped-def]
         f = real_open(path, mode, *args, **kwargs)
-        if durable.TMP_MARK in str(path) and "w" in mode:
+        if durable.TMP_MARK in str(path) and ("w" in mode or "x" in mode):
             writes["n"] += 1
             if hook == "write" and writes["n"] == target:
                 return HalfWriter(f)

@@ -46,6 +46,13 @@ def truncated_onnx(art: Path) -> str:
 def truncated_onnx_rehashed(art: Path) -> str:
     truncated_onnx(art)
     _rehash(art, "train_step.onnx")
+    return "train_step.onnx: not a readable ONNX model"
+
+
+def unknown_op_rehashed(art: Path) -> str:
+    p = art / "train_step.onnx"
+    p.write_bytes(p.read_bytes().replace(b'"\x04Relu', b'"\x04Reku'))  # NodeProto.op_type, same length
+    _rehash(art, "train_step.onnx")
     return "train_step.onnx: onnxruntime cannot load it"
 
 
@@ -131,7 +138,7 @@ def bad_slice(art: Path) -> str:
 
 
 DAMAGE: list[Callable[[Path], str]] = [
-    truncated_onnx, truncated_onnx_rehashed, flipped_weight_byte, truncated_weights_rehashed, missing_file,
+    truncated_onnx, truncated_onnx_rehashed, unknown_op_rehashed, flipped_weight_byte, truncated_weights_rehashed, missing_file,
     missing_manifest, future_version, manifest_not_json, edited_state_shape, edited_input_name, edited_data_shape,
     dropped_state_entry, unknown_preprocess, non_finite_preprocess_scale, resize_to_another_size, path_in_files, bad_slice]
 
@@ -181,7 +188,7 @@ def test_directory_files_are_checked_again_when_read_later(artifact) -> None:
 
     art = artifact()
     bundle = open_artifact(str(art))
-    assert isinstance(bundle.files, DirectoryFiles) and set(bundle.files) == set(bundle.manifest["files"])
+    assert isinstance(bundle.files, DirectoryFiles) and set(bundle.files) == set(bundle.manifest.files)
     assert bundle.files["state.safetensors"] == (art / "state.safetensors").read_bytes()
     raw = bytearray((art / "state.safetensors").read_bytes())
     raw[-3] ^= 0x40

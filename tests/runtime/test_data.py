@@ -1,22 +1,24 @@
 """Device data: .npz / CSV / image folders, manifest preprocessing, batching policy, clear errors."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from pockprop.artifact.contract import TensorSpec
 from pockprop.runtime import data
 from pockprop.errors import DataError
 from pockprop.runtime.loop import fit
 from pockprop.runtime.trainer import Trainer
 
-CNN_SPEC = {"name": "input", "shape": [4, 3, 8, 8], "dtype": "float32",
-            "preprocess": {"resize": [8, 8], "scale": 1 / 255, "mean": [0.5, 0.4, 0.3], "std": [0.25, 0.2, 0.3]}}
-LABELS = {"name": "labels", "shape": [4], "dtype": "int64"}
+CNN_SPEC = TensorSpec("input", (4, 3, 8, 8), "float32",
+                      {"resize": [8, 8], "scale": 1 / 255, "mean": [0.5, 0.4, 0.3], "std": [0.25, 0.2, 0.3]})
+LABELS = TensorSpec("labels", (4,), "int64")
 
 
-def _pipe(spec: dict = CNN_SPEC) -> data.Pipeline:
+def _pipe(spec: TensorSpec = CNN_SPEC) -> data.Pipeline:
     return data.Pipeline(spec, LABELS, 3)
 
 
@@ -109,12 +111,12 @@ def test_pipeline_layouts_and_errors() -> None:
     np.testing.assert_allclose(p.inputs(gray), _reference(np.repeat(gray[:, None], 3, 1)), rtol=1e-6)
     big = rng.integers(0, 256, (2, 16, 16, 3)).astype(np.uint8)
     assert p.inputs(big).shape == (2, 3, 8, 8)
-    no_resize = _pipe(CNN_SPEC | {"preprocess": {}})
+    no_resize = _pipe(dataclasses.replace(CNN_SPEC, preprocess=None))
     with pytest.raises(DataError, match="samples are 16x16 \\(HxW\\), the model expects 8x8 and its manifest has no resize"):
         no_resize.inputs(big, "big.npz")
     with pytest.raises(DataError, match="samples have 2 channels, the model expects 3"):
         p.inputs(np.zeros((1, 2, 8, 8)))
-    flat = data.Pipeline({"name": "x", "shape": [4, 6], "dtype": "float32"}, LABELS, 3)
+    flat = data.Pipeline(TensorSpec("x", (4, 6), "float32"), LABELS, 3)
     with pytest.raises(DataError, match=r"d.csv: samples of shape \(5,\); the model expects \(6,\) \(input \[4, 6\]\)"):
         flat.inputs(np.zeros((3, 5)), "d.csv")
     with pytest.raises(DataError, match="label 3 at sample 1 is outside 0..2"):

@@ -11,12 +11,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from pockprop.artifact import onnx_wire
+from pockprop.artifact.contract import Role
 from pockprop.runtime.trainer import Trainer
 
 
 def _train(art: Path, steps: int = 5) -> Trainer:
     trainer = Trainer.load(str(art))
-    shape = trainer.manifest["data"][0]["shape"]
+    shape = trainer.manifest.input.shape
     rng = np.random.default_rng(1)
     for i in range(steps):
         x = rng.standard_normal(shape).astype(np.float32)
@@ -42,7 +43,7 @@ def test_exported_model_equals_predict(artifact, tmp_path: Path, name: str) -> N
                    for i in model.graph.initializer)
     meta = {p.key: p.value for p in model.metadata_props}
     assert meta["pockprop.steps"] == "5" and meta["pockprop.artifact_sha256"] == trainer.digest
-    shape = trainer.manifest["data"][0]["shape"]
+    shape = trainer.manifest.input.shape
     x = np.random.default_rng(2).standard_normal([9, *shape[1:]]).astype(np.float32)
     want = trainer.predict(x)
     got = np.concatenate([_run(path, x[i:i + shape[0]]) for i in (0, 4)] +
@@ -50,27 +51,26 @@ def test_exported_model_equals_predict(artifact, tmp_path: Path, name: str) -> N
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert (art / "infer.onnx").read_bytes() == before  # the artifact itself is untouched
     weights = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    for e in trainer.manifest["state"]:
-        if e["role"] == "param" and "slice" not in e:
-            np.testing.assert_array_equal(weights[e["name"]], trainer.state[e["name"]])
+    for e in trainer.manifest.state:
+        if e.role == Role.PARAM and e.slice is None:
+            np.testing.assert_array_equal(weights[e.name], trainer.state[e.name])
 
 
 def test_slices_are_written_back_into_the_full_tensor(artifact, tmp_path: Path) -> None:
     art = artifact("sliced")
     trainer = _train(art)
-    entry = next(e for e in trainer.manifest["state"] if "slice" in e)
-    sl = entry["slice"]
-    idx = [slice(None)] * len(entry["full_shape"])
-    idx[sl["axis"]] = slice(sl["start"], sl["stop"])
+    entry = next(e for e in trainer.manifest.state if e.slice is not None)
+    sl = entry.slice
+    idx = list(sl.index(len(entry.full_shape)))
     rest = list(idx)
-    rest[sl["axis"]] = slice(sl["stop"], None)
+    rest[sl.axis] = slice(sl.stop, None)
     frozen = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(art / "infer.onnx")).graph.initializer}
     model = onnx.load(trainer.export_inference(str(tmp_path / "m.onnx")))
-    full = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}[entry["param"]]
-    assert list(full.shape) == entry["full_shape"]
-    np.testing.assert_array_equal(full[tuple(idx)], trainer.state[entry["name"]])  # trained part
-    np.testing.assert_array_equal(full[tuple(rest)], frozen[entry["param"]][tuple(rest)])  # frozen part
-    assert not np.array_equal(full[tuple(idx)], frozen[entry["param"]][tuple(idx)])  # it did train
+    full = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}[entry.parameter]
+    assert full.shape == entry.full_shape
+    np.testing.assert_array_equal(full[tuple(idx)], trainer.state[entry.name])  # trained part
+    np.testing.assert_array_equal(full[tuple(rest)], frozen[entry.parameter][tuple(rest)])  # frozen part
+    assert not np.array_equal(full[tuple(idx)], frozen[entry.parameter][tuple(idx)])  # it did train
 
 
 # -- the wire-format editor ----------------------------------------------------------------------

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pockprop.artifact.contract import TensorSpec
 from pockprop.cli import main
 from pockprop.runtime import data, images
 from pockprop.runtime.loop import fit
@@ -16,11 +17,11 @@ from pockprop.runtime.trainer import Trainer
 from tests.runtime.test_checkpoint import Crash, _fit
 
 Image = pytest.importorskip("PIL.Image")
-LABELS = {"name": "labels", "shape": [4], "dtype": "int64"}
+LABELS = TensorSpec("labels", (4,), "int64")
 
 
-def _spec(shape: list[int], **steps: object) -> dict:
-    return {"name": "x", "shape": [4, *shape], "dtype": "float32", "preprocess": steps}
+def _spec(shape: list[int], **steps: object) -> TensorSpec:
+    return TensorSpec("x", (4, *shape), "float32", dict(steps))
 
 
 def _folder(root: Path, n: int = 12, sizes: tuple[tuple[int, int], ...] = ((10, 14), (9, 9), (16, 12))) -> Path:

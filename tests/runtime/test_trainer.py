@@ -37,7 +37,7 @@ def _plain_loop(art, steps: int, lr: float) -> tuple[list[float], dict[str, np.n
 def test_io_binding_steps_equal_the_plain_loop_bit_for_bit(artifact, name: str) -> None:
     art = artifact(name)
     trainer = Trainer.load(str(art))
-    lr = float(trainer.manifest["lr"]["initial"])
+    lr = float(trainer.manifest.lr.initial)
     losses = [trainer.step(*batch(i)) for i in range(6)]
     ref_losses, ref_state = _plain_loop(art, 6, lr)
     assert losses == ref_losses

@@ -1,0 +1,395 @@
+"""The artifact contract: the one definition of the format that the compiler writes and the runtime reads.
+
+numpy + stdlib only (the device imports it). It holds the file names, the names of the training step's
+inputs and outputs, the dtype table, and the manifest as dataclasses: `Manifest.to_json` is exactly what
+the compiler writes to manifest.json, `Manifest.from_json` is the runtime's structural validation of it
+(ArtifactError naming the field). docs/artifact.md describes the same format for people.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from pockprop.errors import ArtifactError
+
+FORMAT = "pockprop-artifact"
+FORMAT_VERSION = 1
+
+# -- file names -----------------------------------------------------------------------------------
+TRAIN_STEP_FILE = "train_step.onnx"
+INFER_FILE = "infer.onnx"
+STATE_FILE = "state.safetensors"
+MANIFEST_FILE = "manifest.json"
+REPORT_FILE = "report.json"  # the compile report (optional), hashed like every other file
+
+# -- names of the training step's inputs and outputs ----------------------------------------------
+LOSS = "loss"  # the training step's scalar loss output
+LABELS = "labels"  # its labels input
+LR = "lr"  # its float32 scalar learning-rate input
+STEP = "optimizer.step"  # AdamW's float32 scalar step counter, a state tensor of its own
+_UPDATED = "new/"
+_OPTIMIZER = "optimizer."
+
+
+def updated(state: str) -> str:
+    """The training step's output holding the updated value of state tensor `state`."""
+    return f"{_UPDATED}{state}"
+
+
+def optimizer_slot(slot: str, param: str) -> str:
+    """The state tensor (and step input) holding optimizer slot `slot` (e.g. momentum) of parameter `param`."""
+    return f"{_OPTIMIZER}{slot}.{param}"
+
+
+# -- dtypes ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DType:
+    """One tensor dtype as each format spells it."""
+
+    name: str  # numpy's dtype name, as the manifest writes it
+    onnx: int  # onnx.TensorProto.DataType (written literally: the runtime does not import onnx)
+    safetensors: str  # the safetensors header's dtype code
+    ort: str  # onnxruntime's NodeArg.type
+
+
+DTYPES = (
+    DType("float32", 1, "F32", "tensor(float)"),
+    DType("uint8", 2, "U8", "tensor(uint8)"),
+    DType("int8", 3, "I8", "tensor(int8)"),
+    DType("int32", 6, "I32", "tensor(int32)"),
+    DType("int64", 7, "I64", "tensor(int64)"),
+    DType("bool", 9, "BOOL", "tensor(bool)"),
+    DType("float16", 10, "F16", "tensor(float16)"),
+    DType("float64", 11, "F64", "tensor(double)"),
+)
+BY_NAME = {d.name: d for d in DTYPES}
+BY_ONNX = {d.onnx: d for d in DTYPES}
+BY_SAFETENSORS = {d.safetensors: d for d in DTYPES}
+BY_ORT = {d.ort: d for d in DTYPES}
+
+PREPROCESS_KEYS = {"resize", "antialias", "channel_order", "scale", "mean", "std"}
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+REQUIRED = ("format", "format_version", "graphs", "state_file", "data", "labels", "lr", "outputs", "state", "files")
+
+
+def _fail(where: str, msg: str) -> ArtifactError:
+    return ArtifactError(f"{where}: {msg}")
+
+
+def is_plain_name(name: Any) -> bool:
+    """A file name inside the artifact: no folder part, not hidden, not empty."""
+    return isinstance(name, str) and bool(name) and name == os.path.basename(name) and not name.startswith(".")
+
+
+def _is_shape(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value)
+
+
+# -- the manifest's parts -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TensorSpec:
+    """A graph input the runtime feeds: name, shape (batch first), dtype; data inputs may say how raw
+    samples become that input (`preprocess`, see check_preprocess)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    preprocess: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype} | (
+            {"preprocess": self.preprocess} if self.preprocess else {})
+
+    @classmethod
+    def from_json(cls, spec: Any, what: str, where: str) -> "TensorSpec":
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+            raise _fail(where, f"{what}: expected an object with a name")
+        if not _is_shape(spec.get("shape")) or spec.get("dtype") not in BY_NAME:
+            raise _fail(where, f"{what} {spec['name']!r}: bad shape {spec.get('shape')!r} or dtype {spec.get('dtype')!r}")
+        return cls(spec["name"], tuple(spec["shape"]), spec["dtype"])
+
+
+def check_preprocess(p: Any, where: str) -> dict[str, Any]:
+    """A data input's `preprocess` object (the steps docs/artifact.md defines, each with a value of its
+    type), or ArtifactError."""
+    if not isinstance(p, dict):
+        raise _fail(where, "data preprocess: expected an object")
+    unknown = set(p) - PREPROCESS_KEYS
+    if unknown:
+        raise _fail(where, f"data preprocess: unknown steps {sorted(unknown)}; this runtime knows "
+                           f"{sorted(PREPROCESS_KEYS)}")
+    finite = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) < float("inf")  # noqa: E731
+    numbers = lambda v: isinstance(v, list) and v and all(finite(x) for x in v)  # noqa: E731
+    if "resize" in p and not (isinstance(p["resize"], list) and len(p["resize"]) == 2
+                              and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in p["resize"])):
+        raise _fail(where, f"data preprocess: resize must be [height, width], got {p['resize']!r}")
+    if "antialias" in p and not isinstance(p["antialias"], bool):
+        raise _fail(where, f"data preprocess: antialias must be true or false, got {p['antialias']!r}")
+    if "channel_order" in p and p["channel_order"] not in ("rgb", "bgr"):
+        raise _fail(where, f"data preprocess: channel_order must be \"rgb\" or \"bgr\", got {p['channel_order']!r}")
+    if "scale" in p and not (finite(p["scale"]) and p["scale"] != 0):
+        raise _fail(where, f"data preprocess: scale must be a finite non-zero number, got {p['scale']!r}")
+    for k in ("mean", "std"):
+        if k in p and not (numbers(p[k]) or finite(p[k])):
+            raise _fail(where, f"data preprocess: {k} must be a finite number or a list of them, got {p[k]!r}")
+    std = p.get("std", 1)
+    if any(v == 0 for v in (std if isinstance(std, list) else [std])):
+        raise _fail(where, "data preprocess: std must not be 0")
+    return p
+
+
+@dataclass(frozen=True)
+class SliceSpec:
+    """The part [start, stop) along `axis` of a parameter that a sliced state entry holds."""
+
+    axis: int
+    start: int
+    stop: int
+
+    def to_json(self) -> dict[str, int]:
+        return {"axis": self.axis, "start": self.start, "stop": self.stop}
+
+    def index(self, ndim: int) -> tuple[slice, ...]:
+        """The numpy index of this part in the full parameter."""
+        idx = [slice(None)] * ndim
+        idx[self.axis] = slice(self.start, self.stop)
+        return tuple(idx)
+
+
+class Role(str, Enum):
+    """What a state tensor is: a trainable tensor, or optimizer state (slots, the step counter)."""
+
+    PARAM = "param"
+    OPTIMIZER = "optimizer"
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """One tensor of training state: fed as graph input `input`, returned updated as output `output`.
+
+    `param`: for optimizer slots, the parameter they belong to; for a sliced param entry, the full
+    parameter it is part of (`slice` says which part, `full_shape` the full parameter's shape).
+    """
+
+    name: str
+    role: Role
+    input: str
+    output: str
+    shape: tuple[int, ...]
+    dtype: str
+    param: str | None = None
+    slot: str | None = None
+    slice: SliceSpec | None = None
+    full_shape: tuple[int, ...] | None = None
+
+    @property
+    def parameter(self) -> str:
+        """The full parameter a param entry trains (itself, unless it is a slice)."""
+        return self.param if self.slice is not None and self.param else self.name
+
+    @property
+    def parameter_shape(self) -> tuple[int, ...]:
+        """The shape of `parameter`."""
+        return self.full_shape if self.slice is not None and self.full_shape is not None else self.shape
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"name": self.name, "role": self.role.value, "input": self.input, "output": self.output,
+                             "shape": list(self.shape), "dtype": self.dtype}
+        if self.param is not None:
+            d["param"] = self.param
+        if self.slot is not None:
+            d["slot"] = self.slot
+        if self.slice is not None:
+            d["slice"] = self.slice.to_json()
+            d["full_shape"] = list(self.full_shape or ())
+        return d
+
+    @classmethod
+    def from_json(cls, s: Any, where: str) -> "StateSpec":
+        t = TensorSpec.from_json(s, "state", where)
+        what = f"state {t.name!r}"
+        if s.get("role") not in [r.value for r in Role] or not isinstance(s.get("input"), str) \
+                or not isinstance(s.get("output"), str):
+            raise _fail(where, f"{what}: needs role param|optimizer, input and output")
+        for k in ("param", "slot"):
+            if s.get(k) is not None and not isinstance(s[k], str):
+                raise _fail(where, f"{what}: {k} must be a name, got {s[k]!r}")
+        spec = cls(t.name, Role(s["role"]), s["input"], s["output"], t.shape, t.dtype, s.get("param"), s.get("slot"))
+        return spec if "slice" not in s else spec._sliced(s["slice"], s.get("full_shape"), where)
+
+    def _sliced(self, sl: Any, full: Any, where: str) -> "StateSpec":
+        """A param entry that is part of a parameter: full_shape, and `shape` = full_shape cut on one axis."""
+        what = f"state {self.name!r}"
+        if self.role != Role.PARAM or self.param is None:
+            raise _fail(where, f"{what}: a slice belongs to a param entry naming its full parameter ('param')")
+        if not isinstance(sl, dict) or not all(isinstance(sl.get(k), int) for k in ("axis", "start", "stop")):
+            raise _fail(where, f"{what}: slice must be {{axis, start, stop}}")
+        if not _is_shape(full) or not 0 <= sl["axis"] < len(full) or not 0 <= sl["start"] < sl["stop"] <= full[sl["axis"]]:
+            raise _fail(where, f"{what}: slice {sl} does not fit full_shape {full}")
+        expect = list(full)
+        expect[sl["axis"]] = sl["stop"] - sl["start"]
+        if expect != list(self.shape):
+            raise _fail(where, f"{what}: shape {list(self.shape)} is not full_shape {full} cut by slice {sl}")
+        return StateSpec(self.name, self.role, self.input, self.output, self.shape, self.dtype, self.param, self.slot,
+                         SliceSpec(sl["axis"], sl["start"], sl["stop"]), tuple(full))
+
+
+@dataclass(frozen=True)
+class Graphs:
+    """The file names of the two graphs."""
+
+    train_step: str = TRAIN_STEP_FILE
+    infer: str = INFER_FILE
+
+
+@dataclass(frozen=True)
+class LearningRate:
+    """The training step's learning-rate input and the rate it was compiled with."""
+
+    name: str
+    initial: float
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """The names of the loss output (training step) and of the model's output (both graphs)."""
+
+    loss: str
+    prediction: str
+
+
+def _object(doc: dict[str, Any], key: str, where: str, null: bool = True) -> Any:
+    """An optional field that must be a JSON object when present (or null, where allowed)."""
+    value = doc.get(key)
+    if not (isinstance(value, dict) or (null and value is None)):
+        raise _fail(where, f"{key}: expected an object, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """manifest.json (`to_json` writes the fields in the file's order). `files` maps every other file of
+    the artifact, external-data files included, to its sha256: nothing unlisted is ever read."""
+
+    model: str | None
+    data: list[TensorSpec]  # exactly one (what this runtime feeds)
+    labels: TensorSpec
+    lr: LearningRate
+    outputs: Outputs
+    state: list[StateSpec]
+    files: dict[str, str] = field(default_factory=dict)
+    graphs: Graphs = Graphs()
+    state_file: str = STATE_FILE
+    pockprop_version: str | None = None
+    onnx: dict[str, Any] | None = None  # {"opset", "ir_version"}
+    trainable: dict[str, Any] | None = None  # {"parameters": [names], "count", "total"}: displayed only
+    scheme: dict[str, Any] | None = None  # the update scheme compiled with: displayed only
+    loss: dict[str, Any] = field(default_factory=dict)  # {"name", "label_smoothing"?}
+    optimizer: dict[str, Any] | None = None  # the optimizer's settings: displayed only
+    source: dict[str, Any] | None = None  # how to rebuild the model (pockprop search); never executed
+
+    @property
+    def input(self) -> TensorSpec:
+        """The one data input."""
+        return self.data[0]
+
+    def to_json(self) -> dict[str, Any]:
+        """The manifest document; optional fields that are None are left out (scheme is written as null)."""
+        head = {"format": FORMAT, "format_version": FORMAT_VERSION, "pockprop_version": self.pockprop_version,
+                "onnx": self.onnx, "model": self.model}
+        doc = {k: v for k, v in head.items() if v is not None} | {
+            "graphs": {"train_step": self.graphs.train_step, "infer": self.graphs.infer},
+            "state_file": self.state_file,
+            "data": [d.to_json() for d in self.data],
+            "labels": self.labels.to_json(),
+            "lr": {"name": self.lr.name, "initial": self.lr.initial},
+            "outputs": {"loss": self.outputs.loss, "prediction": self.outputs.prediction},
+            "state": [s.to_json() for s in self.state],
+        }
+        if self.trainable is not None:
+            doc["trainable"] = self.trainable
+        doc["scheme"] = self.scheme
+        doc["loss"] = self.loss
+        if self.optimizer is not None:
+            doc["optimizer"] = self.optimizer
+        if self.source:
+            doc["source"] = self.source
+        doc["files"] = dict(self.files)
+        return doc
+
+    def dumps(self) -> bytes:
+        """The bytes of manifest.json."""
+        return (json.dumps(self.to_json(), indent=2) + "\n").encode()
+
+    @classmethod
+    def loads(cls, raw: bytes, where: str) -> "Manifest":
+        """Parse and validate manifest.json's bytes; ArtifactError naming `where` and the field if wrong."""
+        try:
+            doc = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as ex:
+            raise _fail(where, f"not valid JSON ({ex})") from None
+        return cls.from_json(doc, where)
+
+    @classmethod
+    def from_json(cls, m: Any, where: str) -> "Manifest":
+        """Check the document's structure (types, names, slices) and build the Manifest."""
+        if not isinstance(m, dict) or m.get("format") != FORMAT:
+            raise _fail(where, "not a pockprop artifact manifest")
+        version = m.get("format_version")
+        if version != FORMAT_VERSION:
+            raise _fail(where, f"format version {version!r}; this runtime reads version {FORMAT_VERSION} "
+                               "(recompile the model, or update pockprop on the device)")
+        missing = [k for k in REQUIRED if k not in m]
+        if missing:
+            raise _fail(where, f"missing fields {', '.join(missing)}")
+        files = m["files"]
+        if not isinstance(files, dict) or not all(isinstance(v, str) and _SHA256.match(v) for v in files.values()):
+            raise _fail(where, "files: expected {file name: sha256 hex digest}")
+        for name in files:
+            if not is_plain_name(name):
+                raise _fail(where, f"files: {name!r} is not a plain file name")
+        graphs = m["graphs"]
+        if not isinstance(graphs, dict) or not all(isinstance(graphs.get(k), str) for k in ("train_step", "infer")):
+            raise _fail(where, "graphs: expected {train_step: file, infer: file}")
+        if not isinstance(m["state_file"], str):
+            raise _fail(where, f"state_file: expected a file name, got {m['state_file']!r}")
+        for name in (graphs["train_step"], graphs["infer"], m["state_file"]):
+            if name not in files:
+                raise _fail(where, f"{name!r} is not listed in files (no hash to check it against)")
+        if not isinstance(m["data"], list) or len(m["data"]) != 1:
+            raise _fail(where, "data: this runtime feeds exactly one data input")
+        data = TensorSpec.from_json(m["data"][0], "data", where)
+        if not data.shape or data.shape[0] < 1:
+            raise _fail(where, "data: the first dimension (batch size) must be positive")
+        preprocess = check_preprocess(m["data"][0].get("preprocess") or {}, where)
+        labels = TensorSpec.from_json(m["labels"], "labels", where)
+        lr = m["lr"]
+        if not isinstance(lr, dict) or not isinstance(lr.get("name"), str) or not isinstance(lr.get("initial"), (int, float)):
+            raise _fail(where, "lr: expected {name, initial}")
+        outputs = m["outputs"]
+        if not isinstance(outputs, dict) or not all(isinstance(outputs.get(k), str) for k in ("loss", "prediction")):
+            raise _fail(where, "outputs: expected {loss, prediction}")
+        if not isinstance(m["state"], list) or not m["state"]:
+            raise _fail(where, "state: expected a non-empty list")
+        state: list[StateSpec] = []
+        for s in m["state"]:
+            spec = StateSpec.from_json(s, where)
+            if any(spec.name == t.name for t in state):
+                raise _fail(where, f"state {spec.name!r} listed twice")
+            state.append(spec)
+        for key in ("model", "pockprop_version"):
+            if m.get(key) is not None and not isinstance(m[key], str):
+                raise _fail(where, f"{key}: expected a string, got {m[key]!r}")
+        return cls(
+            model=m.get("model"), data=[TensorSpec(data.name, data.shape, data.dtype, preprocess or None)],
+            labels=labels, lr=LearningRate(lr["name"], lr["initial"]),
+            outputs=Outputs(outputs["loss"], outputs["prediction"]), state=state, files=dict(files),
+            graphs=Graphs(graphs["train_step"], graphs["infer"]), state_file=m["state_file"],
+            pockprop_version=m.get("pockprop_version"), onnx=_object(m, "onnx", where),
+            trainable=_object(m, "trainable", where), scheme=_object(m, "scheme", where),
+            loss=_object(m, "loss", where) or {}, optimizer=_object(m, "optimizer", where),
+            source=_object(m, "source", where))
