@@ -37,6 +37,7 @@ from typing import Any, Iterable
 from pockprop.errors import CompileError
 from pockprop.ir import Graph
 from pockprop.ops.registry import FULL, Need
+from pockprop.tracing.names import module_of
 
 KINDS = ("frozen", "full", "bias", "weight")
 PRESETS = ("full", "classifier", "last-k:N", "bias-only", "sparse", "tbft-front", "tbft-middle", "tbft-rear")
@@ -184,7 +185,7 @@ def discover_layers(graph: Graph, parameters: list[str], module_tree: list[tuple
     is that kind of layer; one whose parameters are used any other way is 'other' (whole tensors only).
     """
     layers: dict[str, Layer] = {}
-    owner = {p: p.rsplit(".", 1)[0] if "." in p else "" for p in parameters}
+    owner = {p: module_of(p) for p in parameters}
     for node in graph.nodes:
         for k, v in enumerate(node.inputs):
             if v not in owner:
