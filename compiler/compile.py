@@ -25,6 +25,7 @@ from pockprop.ops.loss import LOSSES
 from pockprop.ops.registry import FULL, Need
 from pockprop.compiler.optim import build_update, initial_state, parse_optimizer
 from pockprop.compiler.scheme import Layer, Scheme, discover_layers, load_scheme, module_tree, resolve_scheme
+from pockprop.tracing.names import module_of
 from pockprop.tracing.trace import Traced, trace
 from pockprop.compiler.trainable import select, split_patterns
 
@@ -201,7 +202,7 @@ def _lift(g: Graph, needs: dict[str, Need]) -> tuple[Graph, dict[str, tuple[str,
         merged = g.add_value(g.fresh(f"{p}.merged"), TensorType(full.shape, full.dtype.name))
         for node in g.nodes:
             node.inputs = [merged if i == p else i for i in node.inputs]
-        merges.append(Node("concat", [p, frozen], [merged], {"axis": need.axis}, p.rsplit(".", 1)[0]))
+        merges.append(Node("concat", [p, frozen], [merged], {"axis": need.axis}, module_of(p)))
         wants[p] = (merged, need)
     g.nodes[:0] = merges
     return g, wants
@@ -230,7 +231,7 @@ def _training_graph(fwd: Graph, wants: dict[str, tuple[str, Need]], full_values:
             step_next = b.op("add", [step, b.scalar_like(1.0, step)], hint="step_next")
         for p, (_, need) in wants.items():
             slots = {s: g.add_input(f"optimizer.{s}.{p}", g.types[p]) for s in opt.slots()}
-            with b.scope(p.rsplit(".", 1)[0] if "." in p else ""):  # the layer it updates, phase optimizer
+            with b.scope(module_of(p)):  # the layer it updates, phase optimizer
                 new_p, new_slots = build_update(b, opt, p, grads[p], slots, lr, step_next)
             value = _part(full_values[p], need)
             state.append(StateEntry(p, "param", p, new_p, value, slice=None if need.is_full else need,
