@@ -7,10 +7,16 @@ reports per configuration the median over rounds, and the median over rounds of 
 baseline (the same round's time of the baseline worker), so slow drift of a shared machine cancels out.
 Extra training memory = the worker's peak RSS (VmHWM) minus the peak RSS of the forward-only worker of the
 same runtime.
+
+The onnxruntime-training rows run under another interpreter (--peers-python: a venv with
+onnxruntime-training, which conflicts with onnxruntime; `make peers` builds one). Every worker gets the
+folder holding the `pockprop` package first on its path, so the peers' interpreter imports this
+pockprop's runtime (numpy + onnxruntime only) beside its own onnxruntime.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import select
@@ -22,10 +28,21 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import pockprop
+from pockprop.errors import UsageError
+from pockprop.args import MAX_INPUT_ELEMENTS
+
+# The folder that holds the pockprop package: the repository in a checkout (pockprop/__init__ then maps
+# the stage folders in), site-packages in an install.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(pockprop.__file__)))
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "worker.py")
-PEERS_PYTHON = os.path.join(REPO, ".venv-peers", "bin", "python")
+PEERS_ENV = "POCKPROP_PEERS_PYTHON"
 REPLY_TIMEOUT_S = 900.0
+
+
+def peers_python(given: str | None = None) -> str:
+    """--peers-python, else $POCKPROP_PEERS_PYTHON, else .venv-peers/bin/python of the current folder."""
+    return os.path.abspath(given or os.environ.get(PEERS_ENV) or os.path.join(".venv-peers", "bin", "python"))
 
 
 @dataclass
@@ -45,41 +62,47 @@ class Config:
 
 def input_shape(default: tuple[int, ...] | None, batch: int, resolution: int) -> list[int]:
     if default is None:
-        raise ValueError("the model has no default input shape")
+        raise UsageError("the model has no default input shape")
     shape = [batch, *default[1:]]
     if len(shape) == 4:
         shape[2] = shape[3] = resolution
+    if math.prod(shape) > MAX_INPUT_ELEMENTS:
+        flags = f"--batch {batch}" + (f" --resolution {resolution}" if len(shape) == 4 else "")
+        raise UsageError(f"{flags}: an input of {shape} has more than {MAX_INPUT_ELEMENTS:,} elements")
     return shape
 
 
-def peers_status(python: str = PEERS_PYTHON) -> str | None:
-    """None when the onnxruntime-training peer venv works, else why not."""
+def peers_status(python: str | None = None) -> str | None:
+    """None when the onnxruntime-training peer interpreter (default: peers_python()) works, else why not and
+    how to get one."""
+    python = python or peers_python()
     if not os.path.exists(python):
-        return f"no {os.path.relpath(python, REPO)} (run `make peers` to build the onnxruntime-training venv)"
+        return (f"no {python}: run `make peers` in a pockprop checkout to build the onnxruntime-training venv, "
+                f"or name one with --peers-python (or ${PEERS_ENV})")
     try:
         code = "import onnxruntime.training.api, onnxruntime.training.artifacts"
         r = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     except (OSError, subprocess.TimeoutExpired) as ex:
         return f"{python} does not run: {ex}"
     if r.returncode != 0:
-        return "onnxruntime-training does not import in .venv-peers: " + (r.stderr.strip().splitlines() or ["?"])[-1]
+        return f"onnxruntime-training does not import in {python}: " + (r.stderr.strip().splitlines() or ["?"])[-1]
     return None
 
 
 def _prepare(args: Any, workdir: str) -> tuple[list[Config], dict[str, Any]]:
     """Compile the artifacts and the peers' forward model; return the configurations."""
+    import dataclasses
+
     import onnx
     import torch
 
-    from pockprop import models
     from pockprop.compiler.compile import compile
+    from pockprop.tracing.loader import spec_of
 
-    kwargs = dict(args.model_kwargs or {})
-    if args.num_classes:
-        kwargs["num_classes"] = args.num_classes
-    spec_name = args.model if ":" in args.model else f"models:{args.model}"
-    torch.manual_seed(0)
-    model, default = models.resolve(spec_name, **kwargs)
+    spec = spec_of(args)
+    if ":" not in spec.spec:  # a zoo NAME
+        spec = dataclasses.replace(spec, spec=f"models:{spec.spec}")
+    model, default = spec.build()
     model.eval()
     shape = input_shape(default, args.batch, args.resolution)
     x = torch.randn(*shape)
@@ -114,12 +137,12 @@ def _prepare(args: Any, workdir: str) -> tuple[list[Config], dict[str, Any]]:
     keep = [i for i in fwd.graph.input if i.name not in inits]
     del fwd.graph.input[:]
     fwd.graph.input.extend(keep)
-    fwd.ir_version = min(fwd.ir_version, 9)  # onnx 1.16 in .venv-peers
+    fwd.ir_version = min(fwd.ir_version, 9)  # onnx 1.16 in the peers' venv
     peers_onnx = os.path.join(workdir, "forward-constant.onnx")
     onnx.save(fwd, peers_onnx)
 
-    base = {"repo": REPO, "threads": args.threads, "input_shape": shape, "num_classes": num_classes, "seed": 0,
-            "model": spec_name, "model_kwargs": kwargs, "optimizer": optimizer}
+    base = {"root": ROOT, "threads": args.threads, "input_shape": shape, "num_classes": num_classes, "seed": 0,
+            "model": dataclasses.asdict(spec), "optimizer": optimizer}
     S = args.scheme
     cfgs = [Config("ort-infer", "ort-infer", "onnxruntime forward only, all weights constant: the floor",
                    {**base, "onnx": peers_onnx})]
@@ -136,27 +159,28 @@ def _prepare(args: Any, workdir: str) -> tuple[list[Config], dict[str, Any]]:
                            f"({len(scheme_tensors)} tensors)", {**base, "trainable": scheme_tensors},
                            memory_baseline="torch-infer"))
     peer_skip = None if args.peers else "disabled (--no-peers)"
-    peer_skip = peer_skip or peers_status()
+    python = peers_python(args.peers_python)
+    peer_skip = peer_skip or peers_status(python)
     if optimizer["name"] == "sgd" and (optimizer.get("momentum") or optimizer.get("weight_decay")):
         peer_train_skip = "onnxruntime-training's SGD has no momentum / weight decay"
     else:
         peer_train_skip = None
     pbase = {**base, "onnx": peers_onnx, "parameters": params}
     cfgs.append(Config("ortt-infer", "ortt-infer", "onnxruntime-training 1.19.2 InferenceSession, forward only",
-                       dict(pbase), python=PEERS_PYTHON, skip=peer_skip))
+                       dict(pbase), python=python, skip=peer_skip))
     cfgs.append(Config("ortt-full", "ortt-train", "onnxruntime-training 1.19.2, every tensor trainable",
                        {**pbase, "trainable": None, "workdir": os.path.join(workdir, "ortt-full")},
-                       python=PEERS_PYTHON, memory_baseline="ortt-infer", skip=peer_skip or peer_train_skip))
+                       python=python, memory_baseline="ortt-infer", skip=peer_skip or peer_train_skip))
     if S != "full":
         cfgs.append(Config(f"ortt-{S}", "ortt-train", f"onnxruntime-training 1.19.2, whole tensors scheme {S} touches",
                            {**pbase, "trainable": scheme_tensors, "workdir": os.path.join(workdir, f"ortt-{S}")},
-                           python=PEERS_PYTHON, memory_baseline="ortt-infer", skip=peer_skip or peer_train_skip))
+                           python=python, memory_baseline="ortt-infer", skip=peer_skip or peer_train_skip))
     # The same pockprop artifact stepped by the peer venv's onnxruntime (1.19.2): the device runtime needs only
     # numpy and onnxruntime, so this row compares pockprop with onnxruntime-training on one onnxruntime build
     # (the main venv's newer onnxruntime runs the same convolutions at a different speed).
     cfgs.append(Config(f"pockprop-{S}@peer-ort", "pockprop-peer-ort",
-                       f"the pockprop-{S} artifact on .venv-peers' onnxruntime 1.19.2 (runtime.Trainer)",
-                       {**base, "artifact": dirs[S]}, python=PEERS_PYTHON, memory_baseline="ortt-infer",
+                       f"the pockprop-{S} artifact on the peers' onnxruntime 1.19.2 (runtime.Trainer)",
+                       {**base, "artifact": dirs[S]}, python=python, memory_baseline="ortt-infer",
                        skip=peer_skip))
     for c in cfgs:
         c.spec["kind"] = c.kind
@@ -206,11 +230,11 @@ def run(args: Any, log=print) -> dict[str, Any]:
                 c.skip = c.skip or "not selected (--configs)"
         live = [c for c in cfgs if c.skip is None]
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
-               "PYTHONPATH": REPO}
+               "PYTHONPATH": ROOT}
         for c in live:  # build in parallel; peak RSS is per process
             c.proc = subprocess.Popen([c.python, WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                       stderr=None if args.verbose else subprocess.DEVNULL, text=True, env=env,
-                                      cwd=REPO)
+                                      cwd=ROOT)
             c.proc.stdin.write(json.dumps(c.spec) + "\n")
             c.proc.stdin.flush()
         for c in live:

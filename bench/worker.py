@@ -1,8 +1,9 @@
 """One benchmark configuration in its own process, driven over a line protocol by bench/harness.py.
 
 Run as a script (`python bench/worker.py`), not as a package module: the onnxruntime-training peer
-runs it with the .venv-peers interpreter, which has no pockprop dependencies beyond numpy/onnxruntime, so
-nothing here is imported at top level except the standard library and numpy.
+runs it with the peers' interpreter (--peers-python), which has no pockprop dependencies beyond
+numpy/onnxruntime, so nothing here is imported at top level except the standard library. pockprop is
+imported from the spec's "root" (the folder holding the package), put first on the path.
 
 Protocol: one JSON object per line. The parent writes the spec line first; the worker builds its thing and
 answers {"ready": true, "build_s": ...} or {"error": "..."}. Then {"cmd": "run", "steps": k} answers
@@ -51,8 +52,13 @@ def build_ort_infer(spec: dict):
     return lambda: sess.run(None, feeds)
 
 
+def _use_root(spec: dict) -> None:
+    if spec["root"] not in sys.path:
+        sys.path.insert(0, spec["root"])
+
+
 def build_pockprop(spec: dict):
-    sys.path.insert(0, spec["repo"])
+    _use_root(spec)
     from pockprop.runtime.trainer import Trainer
     x, y = _data(spec)
     tr = Trainer.load(spec["artifact"], threads=spec["threads"])
@@ -60,12 +66,11 @@ def build_pockprop(spec: dict):
 
 
 def _torch_model(spec: dict):
-    sys.path.insert(0, spec["repo"])
+    _use_root(spec)
     import torch
-    from pockprop import models
+    from pockprop.tracing.loader import ModelSpec
     torch.set_num_threads(spec["threads"])
-    torch.manual_seed(0)
-    model, _ = models.resolve(spec["model"], **spec["model_kwargs"])
+    model, _ = ModelSpec(**spec["model"]).build()
     model.eval()  # BatchNorm uses running statistics, as in pockprop's training step
     return torch, model
 

@@ -37,22 +37,25 @@ def default_preset(model: str, shape: Sequence[int]) -> str:
     return "imagenet" if model.startswith("models:") and shape[1] == 3 else "unit"
 
 
+def parse(text: str, flag: str = "--preprocess") -> tuple[str | None, dict[str, Any]]:
+    """(preset name or None, its steps) of a --preprocess value, before any shape is known."""
+    if text.strip() in PRESETS:
+        return text.strip(), copy.deepcopy(PRESETS[text.strip()])  # the caller may change its lists
+    try:
+        steps = json.loads(text)
+    except json.JSONDecodeError as ex:
+        raise CompileError(f"{flag} {text!r}: not a preset ({', '.join(PRESETS)}) nor JSON ({ex})") from None
+    if not isinstance(steps, dict):
+        raise CompileError(f"{flag} {text!r}: expected a preset name ({', '.join(PRESETS)}) or a JSON object")
+    return None, steps
+
+
 def resolve(text: str | None, shape: Sequence[int], model: str = "", flag: str = "--preprocess") -> dict[str, Any]:
     """The manifest's data preprocess for `--preprocess text` (None: the default) and input `shape`."""
     what = f"{flag} {text!r}"
-    text = default_preset(model, shape) if text is None else text
-    if text.strip() in PRESETS:
-        name = text.strip()
-        steps = copy.deepcopy(PRESETS[name])  # the caller may change its lists
-        if name == "none":
-            return steps
-    else:
-        try:
-            steps = json.loads(text)
-        except json.JSONDecodeError as ex:
-            raise CompileError(f"{what}: not a preset ({', '.join(PRESETS)}) nor JSON ({ex})") from None
-        if not isinstance(steps, dict):
-            raise CompileError(f"{what}: expected a preset name ({', '.join(PRESETS)}) or a JSON object")
+    name, steps = parse(default_preset(model, shape) if text is None else text, flag)
+    if name == "none":
+        return steps
     if len(shape) == 4:
         steps = {"resize": [int(shape[2]), int(shape[3])], "antialias": True} | steps
     return check({k: v for k, v in steps.items() if v is not None}, shape, what)

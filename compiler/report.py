@@ -121,13 +121,11 @@ def preset_table(model_spec: str, shape: tuple[int, ...], presets: list[str]) ->
     """Each preset's trainable share, backward MACs, kept activations and peak memory as ratios to 'full'."""
     import torch
 
-    from pockprop import models
-
     from pockprop.compiler.compile import compile
+    from pockprop.tracing.loader import ModelSpec
 
     def build() -> Any:
-        torch.manual_seed(0)
-        return models.resolve(model_spec)[0].eval()
+        return ModelSpec(model_spec).build()[0].eval()
 
     x = torch.zeros(shape)
     full = summarize(compile(build(), (x,), scheme="full"))
@@ -146,14 +144,15 @@ def main(argv: list[str] | None = None) -> int:
     """python -m pockprop.compiler.report MODEL --input-shape 8,3,128,128: the preset table as markdown."""
     import argparse
 
+    from pockprop.args import shape
+
     p = argparse.ArgumentParser(prog="python -m pockprop.compiler.report", description=main.__doc__)
     p.add_argument("model", help="models:NAME or package.module:function")
-    p.add_argument("--input-shape", default="8,3,128,128")
+    p.add_argument("--input-shape", type=shape, default="8,3,128,128")
     p.add_argument("--schemes", default="sparse,bias-only,tbft-front,tbft-middle,tbft-rear,last-k:2,classifier")
     args = p.parse_args(argv)
-    shape = tuple(int(v) for v in args.input_shape.split(","))
-    rows = preset_table(args.model, shape, args.schemes.split(","))
-    print(f"{args.model} at {args.input_shape}: full backprop = {rows[0]['full_backward_gmacs']:.2f} GMACs backward, "
+    rows = preset_table(args.model, args.input_shape, args.schemes.split(","))
+    print(f"{args.model} at {','.join(map(str, args.input_shape))}: full backprop = {rows[0]['full_backward_gmacs']:.2f} GMACs backward, "
           f"estimated peak {rows[0]['full_peak_mb']:.1f} MB\n")
     print("| scheme | trainable % | backward MACs / full | kept activations / full | est. peak / full (MB) |")
     print("| --- | ---: | ---: | ---: | ---: |")

@@ -88,11 +88,10 @@ def build(cfg: Config, state: dict[str, np.ndarray] | None = None) -> Any:
     """The zoo model (10 classes), with `state` loaded if given, in eval mode (frozen BatchNorm statistics)."""
     import torch
 
-    from pockprop import models
+    from pockprop.tracing.loader import ModelSpec
 
     width = {"width": cfg.width} if cfg.model.startswith("resnet") else {"width_mult": cfg.width}
-    torch.manual_seed(0)
-    model = models.resolve(f"models:{cfg.model}", num_classes=10, **width)[0]
+    model = ModelSpec(f"models:{cfg.model}", {"num_classes": 10, **width}, seed=0).build()[0]
     if state is not None:
         model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
     return model.eval()

@@ -32,16 +32,15 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from pockprop import models
     from pockprop.compiler.compile import compile
     from pockprop.models.data import MEAN, STD, digits
+    from pockprop.tracing.loader import ModelSpec
 
     x_train, y_train = digits(resolution=args.resolution, channels=3, split="train")
     x_test, y_test = digits(resolution=args.resolution, channels=3, split="test")
-    torch.manual_seed(0)
     width = {"width": int(args.width)} if args.model.startswith("resnet") else \
         {} if args.model == "mlp" else {"width_mult": args.width}
-    model = models.resolve(f"models:{args.model}", num_classes=10, **width)[0]
+    model = ModelSpec(f"models:{args.model}", {"num_classes": 10, **width}, seed=0).build()[0]
     shape = (args.batch, 3, args.resolution, args.resolution)
     # pockprop trains with frozen BatchNorm statistics (the device fine-tunes; it does not re-estimate
     # them). A fresh model's statistics are mean 0 / var 1, which normalizes nothing, so calibrate them

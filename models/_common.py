@@ -1,7 +1,7 @@
 """Small helpers shared by the convolutional model families.
 
-Kept private: the public surface of :mod:`models` is the builder functions,
-``ZOO`` and ``resolve``.
+Kept private: the public surface of :mod:`models` is the builder functions
+and ``ZOO``.
 """
 
 from __future__ import annotations

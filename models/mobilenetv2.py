@@ -121,5 +121,5 @@ def mobilenet_v2(num_classes: int = 1000, width_mult: float = 1.0, dropout: floa
     return MobileNetV2(num_classes=num_classes, width_mult=width_mult, dropout=dropout)
 
 
-# Default full input shape (batch first), read by models.resolve and models.ZOO.
+# Default full input shape (batch first), read by models.ZOO.
 mobilenet_v2.default_input_shape = (8, 3, 128, 128)  # type: ignore[attr-defined]

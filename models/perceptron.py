@@ -54,5 +54,5 @@ def mlp(in_features: int = 64, hidden: Sequence[int] = (128, 64), num_classes: i
     return MLP(in_features=in_features, hidden=hidden, num_classes=num_classes, dropout=dropout)
 
 
-# Default full input shape (batch first), read by models.resolve and models.ZOO.
+# Default full input shape (batch first), read by models.ZOO.
 mlp.default_input_shape = (8, 64)  # type: ignore[attr-defined]

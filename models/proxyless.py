@@ -147,5 +147,5 @@ def mcunet(num_classes: int = 1000, width_mult: float = 1.0, dropout: float = 0.
     return MCUNet(num_classes=num_classes, width_mult=width_mult, dropout=dropout)
 
 
-# Default full input shape (batch first), read by models.resolve and models.ZOO.
+# Default full input shape (batch first), read by models.ZOO.
 mcunet.default_input_shape = (8, 3, 128, 128)  # type: ignore[attr-defined]

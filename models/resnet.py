@@ -153,7 +153,7 @@ def resnet50(num_classes: int = 1000, width: int = 64) -> ResNet:
     return ResNet(Bottleneck, [3, 4, 6, 3], num_classes=num_classes, width=width)
 
 
-# Default full input shape (batch first), read by models.resolve and models.ZOO.
+# Default full input shape (batch first), read by models.ZOO.
 resnet18.default_input_shape = (8, 3, 128, 128)  # type: ignore[attr-defined]
 resnet26.default_input_shape = (8, 3, 128, 128)  # type: ignore[attr-defined]
 resnet50.default_input_shape = (8, 3, 128, 128)  # type: ignore[attr-defined]

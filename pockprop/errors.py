@@ -1,9 +1,19 @@
 """Every error pockprop reports to a user: a leaf module (stdlib only), imported by the compiler and the device runtime.
 
 They carry a message written for the user (op names, module paths, parameter names, file names), never a
-stack trace. The CLI maps each of them to exit code 2 (bad input); anything else is an internal error (1).
+stack trace. `pockprop.cli.main` maps each of them to EXIT_BAD_INPUT; anything else is an internal error.
 """
 from __future__ import annotations
+
+# The exit codes of the `pockprop` command (pockprop.cli.main is the one place that chooses them).
+EXIT_OK = 0
+EXIT_INTERNAL = 1  # a bug: the traceback is printed
+EXIT_BAD_INPUT = 2  # arguments, model, artifact, checkpoint, data or an output path: one line says which
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as a shell reports it)
+
+
+class UsageError(Exception):
+    """The command line asks for something impossible: an option's value, a combination, an output path."""
 
 
 class CompileError(Exception):

@@ -1,8 +1,9 @@
-"""The device-side `pockprop` subcommands: train, eval, export, inspect, pack (numpy + onnxruntime only).
+"""The device-side `pockprop` subcommands: train, eval, export, inspect, pack (numpy + onnxruntime only):
+their parsers (`add_parser`) and run functions.
 
-Each returns an exit code; errors are raised as ArtifactError/DataError and turned into exit code 2
-by pockprop.cli.main. Human output goes to stdout (progress to stderr); --json prints one JSON
-document on stdout instead.
+Each returns an exit code; errors are raised (ArtifactError, DataError, UsageError, ...) and turned into
+exit codes by pockprop.cli.main. Human output goes to stdout (progress to stderr); --json prints one
+JSON document on stdout instead.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from pockprop import args as cli_args
 from pockprop.artifact.contract import FORMAT_VERSION, REPORT_FILE
 from pockprop.runtime import checkpoint
 from pockprop.errors import CheckpointError, DataError
@@ -25,6 +27,75 @@ from pockprop.runtime.progress import Progress
 from pockprop.runtime.schedule import Schedule
 from pockprop.runtime.session import session
 from pockprop.runtime.trainer import Trainer
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    def common(p: argparse.ArgumentParser, checkpoint: bool = True) -> None:
+        p.add_argument("artifact", help="artifact directory or packed .pockprop file")
+        if checkpoint:
+            p.add_argument("--checkpoint-dir", help="use the trained state of this checkpoint directory")
+        cli_args.add_threads(p)
+        cli_args.add_json_flag(p)
+
+    t = sub.add_parser("train", help="train an artifact on device data (numpy + onnxruntime only)",
+                       description="Train for N epochs; with --checkpoint-dir, checkpoints atomically and can --resume. "
+                                   "Resuming with the same data continues an interrupted run bit for bit; with new "
+                                   "data it starts the next round from the checkpoint (continual training).")
+    common(t, checkpoint=False)
+    t.add_argument("--data", required=True, help=".npz (x, y), .csv (features + label column) or a folder of class folders")
+    t.add_argument("--epochs", type=cli_args.positive_int, default=1, help="passes over --data")
+    t.add_argument("--batch", type=cli_args.positive_int,
+                   help="must equal the compiled batch size (the graph's shapes are fixed)")
+    t.add_argument("--lr", type=cli_args.learning_rate, help="base learning rate (default: the artifact's)")
+    t.add_argument("--schedule", default="constant", choices=["constant", "warmup", "cosine", "step"],
+                   help="learning-rate schedule")
+    t.add_argument("--warmup-steps", type=cli_args.non_negative_int, default=0, help="linear warmup steps (any schedule)")
+    t.add_argument("--step-size", type=cli_args.non_negative_int, default=0,
+                   help="step schedule: decay every this many steps")
+    t.add_argument("--gamma", type=cli_args.number(0, lo_open=True), default=0.1, help="step schedule: decay factor")
+    t.add_argument("--min-lr", type=cli_args.number(0), default=0.0, help="cosine: final learning rate")
+    t.add_argument("--seed", type=cli_args.seed, default=0, help="shuffling seed")
+    t.add_argument("--last-batch", default="drop", choices=["drop", "wrap"],
+                   help="last partial batch of an epoch: drop it, or fill it with the epoch's first samples")
+    t.add_argument("--holdout", type=cli_args.number(0, 1, hi_open=True), default=0.0,
+                   help="fraction of --data held out for accuracy before/after")
+    t.add_argument("--eval-data", help="held-out data for accuracy before/after (instead of --holdout)")
+    t.add_argument("--label-column", help="CSV: the label column (default: label/y/target/class, else the last)")
+    t.add_argument("--checkpoint-dir", help="write checkpoints here (atomically)")
+    t.add_argument("--checkpoint-every", type=cli_args.non_negative_int, default=0,
+                   help="also checkpoint every K batches (0: only at each epoch's end)")
+    t.add_argument("--resume", action="store_true", help="start from the checkpoint in --checkpoint-dir if there is one")
+    t.add_argument("--guard", default="full", choices=["full", "loss", "off"],
+                   help="reject steps with non-finite loss or updated tensors (full), loss only, or never")
+    t.add_argument("--export", metavar="ONNX", help="also export the trained inference model here")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.set_defaults(func=train_command)
+
+    e = sub.add_parser("eval", help="loss and accuracy of an artifact (optionally its checkpoint) on data")
+    common(e)
+    e.add_argument("--data", required=True, help=".npz, .csv or image folder")
+    e.add_argument("--label-column", help="CSV: the label column")
+    e.set_defaults(func=eval_command)
+
+    x = sub.add_parser("export", help="write one self-contained inference ONNX model with the trained weights")
+    common(x)
+    x.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    x.set_defaults(func=export_command)
+
+    i = sub.add_parser("inspect", help="validate an artifact and describe it (and a checkpoint)")
+    common(i)
+    i.set_defaults(func=inspect_command)
+
+    k = sub.add_parser("pack", help="pack an artifact directory into one file for copying to a device")
+    k.add_argument("artifact", help="artifact directory")
+    k.add_argument("-o", "--output", required=True, help="the file to write, e.g. model.pockprop")
+    cli_args.add_json_flag(k)
+    k.set_defaults(func=pack_command)
+
+
+def _check_output(path: str, artifact: str, flag: str) -> None:
+    cli_args.check_not_inside(path, artifact, flag)
+    cli_args.check_output_file(path, flag)
 
 
 def _emit(args: argparse.Namespace, doc: dict[str, Any], lines: list[str]) -> int:
@@ -68,11 +139,13 @@ def _schedule(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def train_command(args: argparse.Namespace) -> int:
-    if args.epochs < 1:
-        raise DataError(f"--epochs must be >= 1, got {args.epochs}")
     if args.resume and not args.checkpoint_dir:
         raise DataError("--resume needs --checkpoint-dir")
     schedule = _schedule(args)
+    if args.export:  # every output path before the first step: a bad one must not cost the training
+        _check_output(args.export, args.artifact, "--export")
+    if args.checkpoint_dir:
+        cli_args.check_output_dir(args.checkpoint_dir, "--checkpoint-dir")
     trainer = Trainer.load(args.artifact, threads=args.threads)
     if args.batch is not None and args.batch != trainer.batch_size:
         raise DataError(f"--batch {args.batch}: the artifact was compiled for batch {trainer.batch_size} and its graph "
@@ -142,6 +215,7 @@ def eval_command(args: argparse.Namespace) -> int:
 
 
 def export_command(args: argparse.Namespace) -> int:
+    _check_output(args.output, args.artifact, "-o")
     trainer = _trainer(args)
     path = trainer.export_inference(args.output)
     # Self-check: any ONNX runtime must give what `predict` gives; run the file on a seeded batch.
@@ -215,6 +289,7 @@ def _report_lines(report: dict[str, Any]) -> list[str]:
 
 
 def pack_command(args: argparse.Namespace) -> int:
+    _check_output(args.output, args.artifact, "-o")
     path = pack(args.artifact, args.output)
     size = os.path.getsize(path)
     return _emit(args, {"output": path, "bytes": size}, [f"wrote {path} ({size:,} bytes)"])

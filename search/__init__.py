@@ -10,12 +10,26 @@ Modules: options (candidates, options, schemes), contribution (probes through th
 cache), costs (memory and MAC figures from the compile report), energy (the energy model), solver
 (exact multiple-choice knapsack), select (search), drift (drift_probe), result, plot. docs/search.md.
 """
-from pockprop.search.contribution import FinetuneConfig, SearchData
-from pockprop.search.drift import DriftResult, drift_probe
-from pockprop.search.options import Option, SearchError
-from pockprop.search.result import SearchResult
-from pockprop.search.select import search
-from pockprop.search.solver import brute_force, frontier, solve
+from __future__ import annotations
 
-__all__ = ["DriftResult", "FinetuneConfig", "Option", "SearchData", "SearchError", "SearchResult", "brute_force",
-           "drift_probe", "frontier", "search", "solve"]
+import importlib
+from typing import Any
+
+# Loaded on first use (PEP 562): `pockprop.search.cli` builds its parser without importing torch.
+_LAZY = {"FinetuneConfig": "contribution", "SearchData": "contribution", "DriftResult": "drift", "drift_probe": "drift",
+         "Option": "options", "SearchError": "options", "SearchResult": "result", "search": "select",
+         "brute_force": "solver", "frontier": "solver", "solve": "solver"}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,35 +1,92 @@
-"""`pockprop search`: the command-line face of pockprop.search (parser in pockprop/cli.py).
+"""`pockprop search`: its parser (`add_parser`) and run function; torch loads inside `search_command` only.
 
 MODEL_OR_ARTIFACT is a model spec (as for `pockprop compile`: --num-classes, --model-kwargs, --weights,
---seed, --input-shape, --preprocess) or an artifact compiled by `pockprop compile`, whose manifest
-records how to rebuild the model (`source`: spec, kwargs, seed, weights file), its input shape and its
-preprocessing; its trained parameters (or a checkpoint's, with --checkpoint-dir) replace the rebuilt
-model's. --data is read with runtime.data and preprocessed by runtime.data.Pipeline, as on the device.
-
-Exit codes: 0 ok, 2 bad input (model, artifact, data, budget, outputs), 1 internal error.
+--seed, --input-shape, --preprocess) or an artifact compiled by `pockprop compile`. An artifact's manifest
+records how its model was built (`source`: spec, kwargs, seed, weights file), its input shape and its
+preprocessing; tracing.loader.from_source rebuilds it without letting the file choose code to import (a
+zoo model is rebuilt as recorded, any other needs --model naming the same spec), and its trained
+parameters (or a checkpoint's, with --checkpoint-dir) replace the rebuilt model's. --data is read with
+runtime.data and preprocessed by runtime.data.Pipeline, as on the device.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
 from typing import Any
 
-import numpy as np
+from pockprop import args as cli_args
+from pockprop.compiler.preprocess import HELP as PREPROCESS_HELP  # torch-free
+from pockprop.errors import EXIT_OK, DataError
+from pockprop.search.options import SearchError, parse_ratios
 
-from pockprop.runtime import data as rdata
-from pockprop.artifact.durable import write_atomic
-from pockprop.errors import ArtifactError, DataError
-from pockprop.artifact.contract import LABELS, TensorSpec
-
-from pockprop.errors import CompileError
-from pockprop.search.options import SearchError
-
-EXIT_OK, EXIT_BAD_INPUT = 0, 2
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
           "g": 2**30, "gb": 2**30, "gib": 2**30}
+_SPEC_ONLY = ("num_classes", "model_kwargs", "input_shape", "preprocess")  # an artifact records its own
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("search", help="choose a sparse update scheme under a memory budget by probing fine-tuning runs "
+                                      "(needs the [compile] extra)",
+                       description="Contribution analysis: fine-tune each candidate layer's bias and weight slices "
+                                   "briefly through the device runtime, measure the validation gain over the "
+                                   "classifier-only baseline, cost each option from the compile report, and pick the "
+                                   "best set under the budget (exact knapsack). --drift instead probes "
+                                   "tbft-front/middle/rear. See docs/search.md.")
+    cli_args.add_model_spec(
+        s, metavar="MODEL_OR_ARTIFACT", input_shape="the zoo model's; model only",
+        help="models:NAME or package.module:function (as for compile), or an artifact directory / packed file "
+             "compiled by `pockprop compile` (its model, weights and preprocessing are reused)",
+        weights_help="; with an artifact: where the file it was compiled from is now (same sha256)",
+        seed_help="seed of the model's initial weights (model only, without --weights), the validation split and "
+                  "the probes' data order")
+    s.add_argument("--model", dest="named_model", metavar="SPEC",
+                   help="artifact only: the package.module:function its model was compiled from, when it is not a "
+                        "zoo model (an artifact never makes pockprop import code by itself); must equal the "
+                        "manifest's source")
+    s.add_argument("--data", required=True, help=".npz (x, y), .csv or a folder of class folders: raw training data, "
+                                                 "preprocessed like the runtime does; a part is held out for validation")
+    s.add_argument("--budget-memory", help="training-memory budget, e.g. 2MB, 512KB, 1.5GB or bytes "
+                                           "(KB = 1024 bytes); required unless --drift")
+    s.add_argument("--memory", default="training", choices=["training", "peak"],
+                   help="what the budget bounds: training memory (trainable + gradient + optimizer state + kept "
+                        "activations) or the planner's estimated peak")
+    s.add_argument("--budget-ms", type=cli_args.number(0, lo_open=True),
+                   help="also bound the measured milliseconds per training step")
+    s.add_argument("--budget-params", help="also bound the trainable parameters: a count (50000) or a percentage of "
+                                           "the model's parameters (10%%); not with --budget-ms")
+    s.add_argument("--ratios", default="1/8,1/4,1/2,1", help="weight channel ratios to probe")
+    s.add_argument("--candidates", help="comma-separated layer patterns to consider (default: every conv/linear/BN "
+                                        "layer but the head)")
+    s.add_argument("--max-layers", type=cli_args.positive_int, help="consider only the last N candidate layers")
+    s.add_argument("--metric", default="accuracy", choices=["accuracy", "loss"],
+                   help="gain measure (accuracy: validation loss breaks ties)")
+    s.add_argument("--checkpoint-dir", help="artifact only: start from this checkpoint's trained weights")
+    s.add_argument("--preprocess", metavar="PRESET_OR_JSON",
+                   help=f"model only (an artifact's recorded preprocessing is used as is): {PREPROCESS_HELP}")
+    s.add_argument("--label-column", help="CSV: the label column")
+    s.add_argument("--val-fraction", type=cli_args.fraction, default=0.2,
+                   help="stratified share of --data held out for validation")
+    s.add_argument("--batch", type=cli_args.positive_int, help="probe batch size (default: an artifact's, else 32)")
+    s.add_argument("--epochs", type=cli_args.number(0, lo_open=True), default=2.0, help="fine-tuning epochs per probe")
+    s.add_argument("--steps", type=cli_args.positive_int, help="fine-tuning steps per probe (instead of --epochs)")
+    s.add_argument("--repeats", type=cli_args.positive_int, default=1,
+                   help="average each probe over this many data orders")
+    s.add_argument("--optimizer", choices=["sgd", "adamw"], help="probe optimizer (default: an artifact's, else sgd)")
+    s.add_argument("--lr", type=cli_args.learning_rate, help="probe learning rate (default: an artifact's, else 0.01)")
+    s.add_argument("--momentum", type=cli_args.momentum, help="sgd momentum (default: 0.9)")
+    s.add_argument("--cache", help="probe cache directory: a re-run skips finished probes, an interrupted one resumes")
+    s.add_argument("-o", "--output", help="write the chosen scheme as YAML here (for pockprop compile --scheme)")
+    s.add_argument("--plot", help="write a PNG of gain vs memory here (needs matplotlib)")
+    s.add_argument("--json", help="write every probe, cost and the choice as JSON here")
+    s.add_argument("--drift", action="store_true", help="TBFT: probe tbft-front/middle/rear and choose the block, "
+                                                        "with an energy estimate per scheme")
+    cli_args.add_threads(s)
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.set_defaults(func=search_command)
 
 
 def parse_bytes(text: str, what: str = "--budget-memory") -> int:
@@ -38,71 +95,9 @@ def parse_bytes(text: str, what: str = "--budget-memory") -> int:
     if not m or m.group(2).lower() not in _UNITS:
         raise SearchError(f"{what} {text!r}: expected a size like 2MB, 512KB, 1.5GB or a number of bytes")
     value = float(m.group(1)) * _UNITS[m.group(2).lower()]
-    if not value >= 1:
-        raise SearchError(f"{what} {text!r}: must be at least one byte")
+    if not (math.isfinite(value) and value >= 1):
+        raise SearchError(f"{what} {text!r}: must be a finite size of at least one byte")
     return int(value)
-
-
-def _from_artifact(args: argparse.Namespace) -> tuple[Any, tuple[int, ...], dict[str, Any], dict[str, Any], Any]:
-    """(model, input shape, preprocess, optimizer defaults, pipeline) rebuilt from an artifact's manifest."""
-    import torch
-
-    from pockprop.runtime.trainer import Trainer
-
-    from pockprop.compiler.cli import build_model
-
-    trainer = Trainer.load(args.model, threads=args.threads)
-    if args.checkpoint_dir:
-        trainer.resume(args.checkpoint_dir)
-    m = trainer.manifest
-    src = m.source
-    if not isinstance(src, dict) or not isinstance(src.get("model"), str):
-        raise SearchError(f"{args.model}: the artifact does not record how to rebuild its model (manifest 'source'; "
-                          "artifacts compiled from Python or before pockprop recorded it); pass the model instead, "
-                          "e.g. pockprop search models:NAME --weights W.safetensors --data ...")
-    weights = (src.get("weights") or {}).get("path")
-    if weights and not os.path.isfile(weights):
-        raise SearchError(f"{args.model}: its model was compiled from --weights {weights}, which no longer exists")
-    model, _ = build_model(src["model"], dict(src.get("kwargs") or {}), int(src.get("seed", 0)), weights)
-    state = model.state_dict()
-    for name, value in trainer.full_parameters().items():
-        if name not in state or tuple(state[name].shape) != value.shape:
-            raise SearchError(f"{args.model}: trained parameter {name!r} does not fit the rebuilt model {src['model']}")
-        state[name] = torch.from_numpy(np.array(value))
-    model.load_state_dict(state)
-    opt = dict(m.optimizer or {})
-    return model, m.input.shape, dict(m.input.preprocess or {}), opt, trainer.pipeline
-
-
-def _from_spec(args: argparse.Namespace, batch: int) -> tuple[Any, tuple[int, ...], dict[str, Any], dict[str, Any], Any]:
-    from pockprop.compiler.cli import _shape, build_model, model_kwargs
-    from pockprop.compiler.preprocess import resolve as resolve_preprocess
-
-    model, default_shape = build_model(args.model, model_kwargs(args), args.seed, args.weights)
-    shape = _shape(args.input_shape) if args.input_shape else default_shape
-    if shape is None:
-        raise SearchError(f"{args.model} has no default input shape; pass --input-shape")
-    pre = resolve_preprocess(args.preprocess, shape, args.model)  # as `pockprop compile` records it
-    spec = TensorSpec("input", (batch, *shape[1:]), "float32", pre)
-    pipeline = rdata.Pipeline(spec, TensorSpec(LABELS, (batch,), "int64"), getattr(model, "num_classes", None))
-    return model, tuple(shape), pre, {}, pipeline
-
-
-def _load_data(args: argparse.Namespace, pipeline: Any) -> Any:
-    from pockprop.search import SearchData
-
-    ds = pipeline.load(args.data, args.label_column)
-    if ds.y is None:
-        raise DataError(f"{args.data}: no labels (an .npz needs an array 'y')")
-    x = np.concatenate([pipeline.inputs(ds.x[i:i + 512], ds.source) for i in range(0, len(ds), 512)])
-    return SearchData.split(x, pipeline.labels(ds.y, ds.source), args.val_fraction, args.seed)
-
-
-def _write(path: str, text: str) -> None:
-    try:
-        write_atomic(path, text.encode())
-    except OSError as ex:
-        raise SearchError(str(ex)) from None
 
 
 def parse_params(text: str | None) -> float | None:
@@ -119,70 +114,144 @@ def parse_params(text: str | None) -> float | None:
     return value
 
 
+def _check(args: argparse.Namespace, is_artifact: bool) -> None:
+    """Every option checked before the model is built or the data read."""
+    if args.preprocess is not None:
+        from pockprop.compiler.preprocess import parse as parse_preprocess
+
+        parse_preprocess(args.preprocess)
+    if not args.drift and not args.budget_memory:
+        raise SearchError("--budget-memory is required (e.g. --budget-memory 2MB), unless --drift")
+    if args.budget_memory:
+        parse_bytes(args.budget_memory)
+    parse_params(args.budget_params)
+    parse_ratios(args.ratios)
+    if not os.path.exists(args.data):
+        raise DataError(f"--data {args.data}: no such file or folder")
+    if is_artifact:
+        given = [f"--{k.replace('_', '-')}" for k in _SPEC_ONLY if getattr(args, k) is not None]
+        if given:
+            raise SearchError(f"{' '.join(given)}: apply to a model spec; the artifact {args.model} records its own")
+    else:
+        for flag, value in (("--checkpoint-dir", args.checkpoint_dir), ("--model", args.named_model)):
+            if value is not None:
+                raise SearchError(f"{flag} applies to an artifact, not a model spec ({args.model})")
+    for flag, path in (("-o", args.output), ("--json", args.json), ("--plot", args.plot)):
+        if path:
+            cli_args.check_output_file(path, flag)
+    if args.cache:
+        cli_args.check_output_dir(args.cache, "--cache")
+
+
+def _from_artifact(args: argparse.Namespace) -> tuple[Any, tuple[int, ...], dict[str, Any], dict[str, Any], Any]:
+    """(model, input shape, preprocess, optimizer defaults, pipeline) rebuilt from an artifact's manifest."""
+    import numpy as np
+    import torch
+
+    from pockprop.runtime.trainer import Trainer
+    from pockprop.tracing.loader import from_source
+
+    trainer = Trainer.load(args.model, threads=args.threads)
+    if args.checkpoint_dir:
+        trainer.resume(args.checkpoint_dir)
+    m = trainer.manifest
+    spec = from_source(m.source, args.model, model=args.named_model, weights=args.weights)
+    model, _ = spec.build()
+    state = model.state_dict()
+    for name, value in trainer.full_parameters().items():
+        if name not in state or tuple(state[name].shape) != value.shape:
+            raise SearchError(f"{args.model}: trained parameter {name!r} does not fit the rebuilt model {spec.spec}")
+        state[name] = torch.from_numpy(np.array(value))
+    model.load_state_dict(state)
+    return model, m.input.shape, dict(m.input.preprocess or {}), dict(m.optimizer or {}), trainer.pipeline
+
+
+def _from_spec(args: argparse.Namespace, batch: int) -> tuple[Any, tuple[int, ...], dict[str, Any], dict[str, Any], Any]:
+    from pockprop.artifact.contract import LABELS, TensorSpec
+    from pockprop.compiler.preprocess import resolve as resolve_preprocess
+    from pockprop.runtime import data as rdata
+    from pockprop.tracing.loader import spec_of
+
+    model, default_shape = spec_of(args).build()
+    shape = args.input_shape or default_shape
+    if shape is None:
+        raise SearchError(f"{args.model} has no default input shape; pass --input-shape")
+    pre = resolve_preprocess(args.preprocess, shape, args.model)  # as `pockprop compile` records it
+    spec = TensorSpec("input", (batch, *shape[1:]), "float32", pre)
+    pipeline = rdata.Pipeline(spec, TensorSpec(LABELS, (batch,), "int64"), getattr(model, "num_classes", None))
+    return model, tuple(shape), pre, {}, pipeline
+
+
+def _load_data(args: argparse.Namespace, pipeline: Any) -> Any:
+    import numpy as np
+
+    from pockprop.search import SearchData
+
+    ds = pipeline.load(args.data, args.label_column)
+    if ds.y is None:
+        raise DataError(f"{args.data}: no labels (an .npz needs an array 'y')")
+    x = np.concatenate([pipeline.inputs(ds.x[i:i + 512], ds.source) for i in range(0, len(ds), 512)])
+    return SearchData.split(x, pipeline.labels(ds.y, ds.source), args.val_fraction, args.seed)
+
+
+def _write(path: str, text: str) -> None:
+    from pockprop.artifact.durable import write_atomic
+
+    write_atomic(path, text.encode())
+
+
 def search_command(args: argparse.Namespace) -> int:
     from pockprop.search import FinetuneConfig, drift_probe, search
 
-    try:
-        if not args.drift and not args.budget_memory:
-            raise SearchError("--budget-memory is required (e.g. --budget-memory 2MB), unless --drift")
-        budget = parse_bytes(args.budget_memory) if args.budget_memory else None
-        if args.val_fraction is not None and not 0.0 < args.val_fraction < 1.0:
-            raise SearchError(f"--val-fraction {args.val_fraction}: must be in (0, 1)")
-        if not os.path.exists(args.data):
-            raise DataError(f"--data {args.data}: no such file or folder")
-        is_artifact = os.path.exists(args.model) and ":" not in os.path.basename(args.model)
-        if is_artifact:
-            model, shape, pre, opt, pipeline = _from_artifact(args)
-        else:
-            if args.checkpoint_dir:
-                raise SearchError("--checkpoint-dir applies to an artifact, not a model spec")
-            model, shape, pre, opt, pipeline = _from_spec(args, args.batch or 32)
-        batch = args.batch or (int(shape[0]) if is_artifact else 32)
-        optimizer = {"name": args.optimizer or opt.get("name", "sgd")}
-        optimizer["lr"] = args.lr if args.lr is not None else float(opt.get("lr", 0.01))
-        if optimizer["name"] == "sgd":
-            optimizer["momentum"] = args.momentum if args.momentum is not None else float(opt.get("momentum", 0.9))
-        config = FinetuneConfig(batch=batch, epochs=args.epochs, steps=args.steps, optimizer=optimizer,
-                                seed=args.seed, threads=args.threads, repeats=args.repeats)
-        data = _load_data(args, pipeline)
-        progress = not args.no_progress
-        print(f"pockprop search: {args.model}: {len(data.y_train)} training / {len(data.y_val)} validation samples, "
-              f"input {list(shape[1:])}, batch {batch}", file=sys.stderr)
-        if args.drift:
-            import torch
+    is_artifact = os.path.exists(args.model) and ":" not in os.path.basename(args.model)
+    _check(args, is_artifact)
+    if is_artifact:
+        model, shape, pre, opt, pipeline = _from_artifact(args)
+    else:
+        model, shape, pre, opt, pipeline = _from_spec(args, args.batch or 32)
+    batch = args.batch or (int(shape[0]) if is_artifact else 32)
+    optimizer = {"name": args.optimizer or opt.get("name", "sgd")}
+    optimizer["lr"] = args.lr if args.lr is not None else float(opt.get("lr", 0.01))
+    if optimizer["name"] == "sgd":
+        optimizer["momentum"] = args.momentum if args.momentum is not None else float(opt.get("momentum", 0.9))
+    config = FinetuneConfig(batch=batch, epochs=args.epochs, steps=args.steps, optimizer=optimizer,
+                            seed=args.seed, threads=args.threads, repeats=args.repeats)
+    data = _load_data(args, pipeline)
+    progress = not args.no_progress
+    print(f"pockprop search: {args.model}: {len(data.y_train)} training / {len(data.y_val)} validation samples, "
+          f"input {list(shape[1:])}, batch {batch}", file=sys.stderr)
+    if args.drift:
+        import torch
 
-            from pockprop.compiler.compile import trace_model
+        from pockprop.compiler.compile import trace_model
 
-            tm = trace_model(model, (torch.zeros((batch, *shape[1:])),))
-            drift = drift_probe(model, shape, data, config=config, progress=progress, cache_dir=args.cache,
-                                preprocess=pre, traced=tm, metric=args.metric)
-            print(drift.table())
-            if args.json:
-                _write(args.json, json.dumps(drift.to_json(), indent=1) + "\n")
-            if args.output:
-                _write(args.output, _preset_yaml(tm.layers, drift.scheme))
-                print(f"wrote {args.output}")
-            return EXIT_OK
-        result = search(model, shape, data, budget_memory=budget, budget_ms=args.budget_ms, ratios=args.ratios,  # type: ignore[arg-type]
-                        config=config, cache_dir=args.cache, progress=progress, preprocess=pre,
-                        candidates=args.candidates, max_layers=args.max_layers, metric=args.metric,
-                        memory=args.memory, name=None, budget_params=parse_params(args.budget_params))
-        result.model = args.model
-        print(result.table())
-        if args.output:
-            _write(args.output, result.yaml())
-            print(f"wrote {args.output} (pockprop compile {args.model} --scheme {args.output} ...)")
+        tm = trace_model(model, (torch.zeros((batch, *shape[1:])),))
+        drift = drift_probe(model, shape, data, config=config, progress=progress, cache_dir=args.cache,
+                            preprocess=pre, traced=tm, metric=args.metric)
+        print(drift.table())
         if args.json:
-            _write(args.json, json.dumps(result.to_json(), indent=1) + "\n")
-        if args.plot:
-            try:
-                result.plot(args.plot)
-            except RuntimeError as ex:
-                raise SearchError(f"--plot: {ex}") from None
-            print(f"wrote {args.plot}")
-    except (CompileError, DataError, ArtifactError) as ex:
-        print(f"pockprop search: error: {ex}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+            _write(args.json, json.dumps(drift.to_json(), indent=1) + "\n")
+        if args.output:
+            _write(args.output, _preset_yaml(tm.layers, drift.scheme))
+            print(f"wrote {args.output}")
+        return EXIT_OK
+    result = search(model, shape, data, budget_memory=parse_bytes(args.budget_memory), budget_ms=args.budget_ms,
+                    ratios=args.ratios, config=config, cache_dir=args.cache, progress=progress, preprocess=pre,
+                    candidates=args.candidates, max_layers=args.max_layers, metric=args.metric,
+                    memory=args.memory, name=None, budget_params=parse_params(args.budget_params))
+    result.model = args.model
+    print(result.table())
+    if args.output:
+        _write(args.output, result.yaml())
+        print(f"wrote {args.output} (pockprop compile {args.model} --scheme {args.output} ...)")
+    if args.json:
+        _write(args.json, json.dumps(result.to_json(), indent=1) + "\n")
+    if args.plot:
+        try:
+            result.plot(args.plot)
+        except RuntimeError as ex:
+            raise SearchError(f"--plot: {ex}") from None
+        print(f"wrote {args.plot}")
     return EXIT_OK
 
 

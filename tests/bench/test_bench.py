@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from pockprop.bench.harness import input_shape, markdown_table, peers_status
+from pockprop.bench.harness import PEERS_ENV, input_shape, markdown_table, peers_python, peers_status
 from pockprop.cli import build_parser, main
 
 EXPECTED = {"ort-infer", "pockprop-sparse", "pockprop-full", "torch-infer", "torch-full", "torch-sparse",
@@ -67,20 +67,21 @@ def test_bench_end_to_end(tmp_path, capsys):
 
 def test_peers_status_explains_a_missing_venv(tmp_path):
     why = peers_status(str(tmp_path / "nope" / "python"))
-    assert why and "make peers" in why
+    assert why and "make peers" in why and "--peers-python" in why and str(tmp_path / "nope" / "python") in why
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(peers_status() is not None, reason="no working .venv-peers (make peers)")
-def test_bench_peers_rows(tmp_path):
-    """Where `make peers` built .venv-peers, the onnxruntime-training rows run (only those, to stay fast)."""
-    out = tmp_path / "bench.json"
-    rc = main(["bench", "--model", "mlp", "--batch", "2", "--rounds", "1", "--warmup", "1", "--steps", "1",
-               "--threads", "1", "--configs", "ortt-infer", "ortt-full", "ortt-sparse", "pockprop-sparse@peer-ort",
-               "--quiet", "--json", str(out)])
-    assert rc == 0
-    rows = {r["name"]: r for r in json.loads(out.read_text())["configs"]}
-    for name in ("ortt-infer", "ortt-full", "ortt-sparse", "pockprop-sparse@peer-ort"):
-        assert rows[name]["status"] == "ok", rows[name]
-    assert rows["ortt-full"]["memory_baseline"] == "ortt-infer"
-    assert rows["torch-full"]["status"] == "skipped" and "--configs" in rows["torch-full"]["reason"]
+def test_peers_python_is_an_option_then_the_environment_then_the_current_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(PEERS_ENV, raising=False)
+    assert peers_python() == str(tmp_path / ".venv-peers" / "bin" / "python")
+    monkeypatch.setenv(PEERS_ENV, "/opt/peers/bin/python")
+    assert peers_python() == "/opt/peers/bin/python"
+    assert peers_python("/x/python") == "/x/python"
+    assert build_parser().parse_args(["bench", "--peers-python", "/x/python"]).peers_python == "/x/python"
+
+
+def test_bench_input_is_bounded_before_compiling(capsys):
+    assert main(["bench", "--model", "mlp", "--quiet", "--batch", "10000000"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("pockprop bench: error: --batch 10000000: an input of [10000000, 64] has more than 268,435,456 "
+                   "elements\n")

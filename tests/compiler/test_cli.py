@@ -62,3 +62,13 @@ def test_compile_report_is_part_of_the_artifact_and_inspect_shows_it(tmp_path: P
     assert report["scheme"]["layers"]["layers.4"]["update"] == "full"
     assert main(["inspect", str(out)]) == 0
     assert "compile report" in capsys.readouterr().out
+
+
+def test_compile_output_is_checked_before_compiling(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "taken").write_text("a file")
+    code = main(["compile", "models:mlp", "-o", str(tmp_path / "taken")])
+    err = capsys.readouterr().err
+    assert code == 2 and err == f"pockprop compile: error: -o {tmp_path / 'taken'}: exists and is not a folder\n"
+    assert (tmp_path / "taken").read_text() == "a file"
+    assert main(["compile", "models:mlp", "-o", str(tmp_path / "taken" / "art")]) == 2
+    assert "is not a folder" in capsys.readouterr().err

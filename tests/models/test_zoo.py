@@ -17,9 +17,8 @@ import torch
 from torch import nn
 
 from pockprop import models
-from pockprop.models import ZOO, ModelInfo, resolve
+from pockprop.models import ZOO, ModelInfo
 from pockprop.models.data import digits, digits_flat
-from pockprop.models.perceptron import MLP
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 NUM_CLASSES = 10
@@ -44,26 +43,6 @@ def tiny(name: str) -> tuple[nn.Module, torch.Tensor]:
     torch.manual_seed(0)
     model = ZOO[name].builder(num_classes=NUM_CLASSES, **kwargs).eval()
     return model, torch.randn(shape)
-
-
-# --- helpers referenced by resolve() through "tests.models.test_zoo:NAME" ---
-
-def tiny_linear(out_features: int = 3) -> nn.Module:
-    return nn.Linear(5, out_features)
-
-
-tiny_linear.default_input_shape = [4, 5]  # a list on purpose: resolve must return a tuple
-
-
-def tiny_conv() -> nn.Module:
-    return nn.Conv2d(3, 4, 3)
-
-
-def returns_not_a_module() -> int:
-    return 42
-
-
-NOT_CALLABLE = 7
 
 
 # --- architecture ---
@@ -150,7 +129,7 @@ def test_tiny_forward_and_export(name):
     assert not [t for t in targets if t.startswith("aten.") and t.split(".")[1].endswith("_")], targets
 
 
-# --- ZOO and resolve ---
+# --- ZOO ---
 
 def test_zoo_entries():
     assert set(ZOO) == {"mobilenet_v2", "resnet18", "resnet26", "resnet50", "mcunet", "mlp"}
@@ -175,53 +154,6 @@ def test_builders_importable_as_plain_spec():
         assert getattr(package, name) is info.builder and callable(info.builder)
     with pytest.raises(AttributeError):
         package.no_such_builder
-
-
-def test_resolve_zoo():
-    model, shape = resolve("models:mlp")
-    assert isinstance(model, MLP) and shape == (8, 64)
-    model, shape = resolve("models:mobilenet_v2", num_classes=NUM_CLASSES, width_mult=0.35)
-    assert shape == (8, 3, 128, 128) and model.classifier[1].out_features == NUM_CLASSES
-
-
-def test_resolve_mlp_shape_follows_in_features():
-    model, shape = resolve("models:mlp", in_features=32, num_classes=3)
-    assert shape == (8, 32) and model.layers[-1].out_features == 3
-
-
-def test_resolve_module_function():
-    model, shape = resolve("tests.models.test_zoo:tiny_linear", out_features=6)
-    assert isinstance(model, nn.Linear) and model.out_features == 6
-    assert shape == (4, 5) and isinstance(shape, tuple)
-    model, shape = resolve("tests.models.test_zoo:tiny_conv")
-    assert isinstance(model, nn.Conv2d) and shape is None
-    # A submodule path reaches the same builders, with their shape attribute.
-    _, shape = resolve("pockprop.models.resnet:resnet18", num_classes=NUM_CLASSES, width=8)
-    assert shape == (8, 3, 128, 128)
-
-
-@pytest.mark.parametrize("spec, message", [
-    ("models:vgg16", "known models: mcunet, mlp, mobilenet_v2, resnet18, resnet26, resnet50"),
-    ("models:ZOO", "unknown zoo model 'ZOO'"),
-    ("mobilenet_v2", "must be 'module:function'"),
-    ("a:b:c", "must be 'module:function'"),
-    (":mlp", "must be 'module:function'"),
-    ("models:", "must be 'module:function'"),
-    ("my-pkg:build", "must be 'module:function'"),
-    ("no_such_package_pockprop.nets:build", "cannot import module 'no_such_package_pockprop.nets'"),
-    ("tests.models.test_zoo:missing_builder", "has no attribute 'missing_builder'"),
-    ("tests.models.test_zoo:NOT_CALLABLE", "is not callable"),
-    ("tests.models.test_zoo:returns_not_a_module", "returned int, expected a torch.nn.Module"),
-])
-def test_resolve_errors(spec, message):
-    with pytest.raises(ValueError) as excinfo:
-        resolve(spec)
-    assert message in str(excinfo.value)
-
-
-def test_resolve_rejects_non_string():
-    with pytest.raises(ValueError, match="malformed model spec"):
-        resolve(None)  # type: ignore[arg-type]
 
 
 # --- data ---

@@ -17,7 +17,7 @@ import sys
 class _Block:
     # A meta-path finder that makes the compile-side packages unimportable, as on a device.
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in {"torch", "onnx", "networkx", "yaml"}:
+        if name.split(".")[0] in {"torch", "onnx", "yaml"}:
             raise ModuleNotFoundError(f"No module named {name!r} (blocked)", name=name)
 sys.meta_path.insert(0, _Block())
 """

@@ -66,7 +66,7 @@ def test_train_resume_and_rounds(artifact, tmp_path: Path, capsys) -> None:
     (["--data", "{tmp}/wide.npz"], r"wide.npz: samples of shape (7,); the model expects (6,)"),
     (["--data", "{tmp}/d.npz", "--resume"], "--resume needs --checkpoint-dir"),
     (["--data", "{tmp}/d.npz", "--schedule", "step"], "--schedule step: the step schedule needs step_size > 0"),
-    (["--data", "{tmp}/d.npz", "--epochs", "0"], "--epochs must be >= 1"),
+    (["--data", "{tmp}/d.npz", "--epochs", "0"], "argument --epochs: must be an integer >= 1, got '0'"),
 ])
 def test_bad_input_exits_2_with_a_message(artifact, tmp_path: Path, capsys, argv: list[str], needle: str) -> None:
     dataset_npz(tmp_path / "d.npz")
@@ -100,3 +100,53 @@ def test_progress_bar_redraws_on_a_terminal_and_prints_lines_otherwise() -> None
     assert tty.getvalue().count("\r") == 101 and tty.getvalue().endswith("\n") and "100/100 loss 0.01" in tty.getvalue()
     lines = log.getvalue().splitlines()  # a line per quarter, not 100
     assert [ln.split()[2] for ln in lines] == ["25/100", "50/100", "75/100", "100/100"] and "\r" not in log.getvalue()
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--export", "{art}/infer.onnx"], "is inside the artifact"),
+    (["--export", "{tmp}/no/such/folder/m.onnx"], "does not exist"),
+    (["--export", "{tmp}"], "is a folder"),
+    (["--checkpoint-dir", "{tmp}/d.npz"], "--checkpoint-dir {tmp}/d.npz: exists and is not a folder"),
+])
+def test_train_outputs_are_checked_before_any_step(artifact, tmp_path: Path, capsys, argv: list[str],
+                                                                needle: str) -> None:
+    art, d = artifact(), dataset_npz(tmp_path / "d.npz")
+    argv = [a.format(tmp=tmp_path, art=art) for a in argv]
+    code = main(["train", str(art), "--data", str(d), "--no-progress", *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and needle.format(tmp=tmp_path) in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert main(["inspect", str(art)]) == 0  # the artifact is intact
+
+
+@pytest.mark.parametrize("command,target", [("export", "infer.onnx"), ("export", "."), ("pack", "manifest.json"),
+                                            ("pack", "state.safetensors"), ("pack", ".")])
+def test_export_and_pack_refuse_to_write_into_the_artifact(artifact, capsys, command: str, target: str) -> None:
+    art = artifact()
+    before = {p.name: p.read_bytes() for p in art.iterdir()}
+    assert main([command, str(art), "-o", str(art / target)]) == 2
+    err = capsys.readouterr().err
+    assert "is inside the artifact" in err and err.count("\n") == 1
+    assert {p.name: p.read_bytes() for p in art.iterdir()} == before
+    assert main(["inspect", str(art)]) == 0
+
+
+def test_export_and_pack_output_errors_are_one_line(artifact, tmp_path: Path, capsys) -> None:
+    art = artifact()
+    packed = tmp_path / "a.pockprop"
+    assert main(["pack", str(art), "-o", str(packed)]) == 0
+    assert main(["export", str(packed), "-o", str(packed)]) == 2  # the packed artifact is the artifact too
+    assert "is inside the artifact" in capsys.readouterr().err
+    for command in ("export", "pack"):
+        assert main([command, str(art), "-o", str(tmp_path / "missing" / "x")]) == 2
+        err = capsys.readouterr().err
+        assert f"{tmp_path / 'missing'} does not exist" in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_ctrl_c_exits_130_in_one_line(artifact, tmp_path: Path, capsys, monkeypatch) -> None:
+    def interrupted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(commands, "fit", interrupted)
+    assert main(["train", str(artifact()), "--data", str(dataset_npz(tmp_path / "d.npz")), "--no-progress"]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "pockprop train: interrupted"

@@ -109,3 +109,72 @@ def test_compile_weights_errors_name_the_keys(tmp_path: Path, capsys: pytest.Cap
     assert "layers.4.bias" in err and "extra.bias" in err and "layers.0.weight [3, 3]" in err
     assert main(["compile", "models:mlp", "--weights", str(tmp_path / "none.safetensors"), "-o", str(tmp_path / "x")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def tiny_mlp_builder(num_classes: int = 10) -> torch.nn.Module:
+    """A model that is not in the zoo, named by the user as tests.search.test_search_cli:tiny_mlp_builder."""
+    return models.mlp(hidden=(16, 8), num_classes=num_classes)
+
+
+tiny_mlp_builder.default_input_shape = (16, 64)  # type: ignore[attr-defined]
+
+
+def _edit_source(art: Path, **source: object) -> None:
+    manifest = json.loads((art / "manifest.json").read_text())
+    manifest["source"] = {**manifest["source"], **source}
+    (art / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_an_artifact_never_makes_search_import_code(raw_npz: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    art, marker = tmp_path / "art", tmp_path / "PWNED"
+    spec = "tests.search.test_search_cli:tiny_mlp_builder"
+    assert main(["compile", spec, "-o", str(art)]) == 0
+    drift = ["--data", str(raw_npz), "--drift", "--steps", "2", "--no-progress"]
+
+    _edit_source(art, model="os:system", kwargs={"command": f"touch {marker}"})
+    for named in ([], ["--model", spec]):
+        assert main(["search", str(art), *drift, *named]) == 2
+        err = capsys.readouterr().err
+        assert not marker.exists(), "the manifest's source ran a command"
+        assert ("cannot make pockprop import code" in err if not named else "was compiled from 'os:system'" in err)
+        assert "Traceback" not in err
+
+    _edit_source(art, model=spec, kwargs={})
+    assert main(["search", str(art), *drift]) == 2  # not a zoo model: the user must name it
+    assert f"--model {spec}" in capsys.readouterr().err
+    assert main(["search", str(art), *drift, "--model", spec]) == 0
+    assert "drift probe" in capsys.readouterr().out
+
+    _edit_source(art, kwargs={"num_classes": {"__class__": "os.system"}, "x": 1})
+    assert main(["search", str(art), *drift, "--model", spec]) == 2  # JSON values reach the builder, nothing else
+    assert "unexpected keyword argument 'x'" in capsys.readouterr().err
+    _edit_source(art, kwargs={}, weights={"path": str(raw_npz), "sha256": "0" * 64})
+    assert main(["search", str(art), *drift, "--model", spec]) == 2
+    assert "is not the file the artifact was compiled from" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--budget-memory", "1e400"], "must be a finite size"),
+    (["--ratios", "1/8,2"], "outside (0, 1]"),
+    (["--budget-params", "150%"], "--budget-params '150%'"),
+    (["--model", "models:mlp"], "--model applies to an artifact"),
+    (["-o", "{tmp}"], "-o {tmp}: is a folder"),
+    (["--json", "{tmp}/no/such.json"], "does not exist"),
+])
+def test_search_options_are_checked_before_any_work(raw_npz: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                    args: list[str], needle: str) -> None:
+    args = [a.format(tmp=tmp_path) for a in args]
+    code = main(["search", "models:mlp", "--data", str(raw_npz), "--budget-memory", "2MB", *FAST, *args])
+    err = capsys.readouterr().err
+    assert code == 2 and needle.format(tmp=tmp_path) in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_search_artifact_refuses_model_options_it_would_ignore(raw_npz: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    art = tmp_path / "a"
+    assert main(["compile", "models:mlp", "--input-shape", "16,64", "-o", str(art)]) == 0
+    capsys.readouterr()
+    assert main(["search", str(art), "--data", str(raw_npz), "--drift", "--input-shape", "4,64", "--num-classes", "3"]) == 2
+    assert "--num-classes --input-shape: apply to a model spec" in capsys.readouterr().err

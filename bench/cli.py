@@ -1,0 +1,63 @@
+"""`pockprop bench`: its parser (`add_parser`) and run function; torch and the compiler load inside `bench_command`."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from pockprop import args as cli_args
+from pockprop.errors import EXIT_OK
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    b = sub.add_parser("bench", help="benchmark one training step against onnxruntime inference, PyTorch eager and "
+                                     "onnxruntime-training (needs the [compile] extra)",
+                       description="Each configuration in its own worker process; interleaved rounds; medians and "
+                                   "medians of per-round ratios; peak RSS from VmHWM. See docs/benchmarks.md.")
+    cli_args.add_model_spec(b, option=True, default="mobilenet_v2", input_shape=None, num_classes=10,
+                            help="zoo NAME (models:NAME) or package.module:function")
+    b.add_argument("--scheme", default="sparse", help="scheme preset or YAML file (see docs/schemes.md)")
+    b.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"], help="optimizer of every training row")
+    b.add_argument("--lr", type=cli_args.learning_rate, help="learning rate (default: the optimizer's)")
+    b.add_argument("--batch", type=cli_args.positive_int, default=8, help="batch size")
+    b.add_argument("--resolution", type=cli_args.positive_int, default=128, help="input height and width (image models)")
+    cli_args.add_threads(b, default=2, help="intra-op threads for every configuration")
+    b.add_argument("--rounds", type=cli_args.positive_int, default=10, help="interleaved measured rounds")
+    b.add_argument("--warmup", type=cli_args.non_negative_int, default=2, help="unmeasured rounds first")
+    b.add_argument("--steps", type=cli_args.positive_int, default=3, help="steps per round per configuration "
+                                                                          "(median taken)")
+    b.add_argument("--configs", nargs="+", help="only these configurations (names or kinds; default: all)")
+    b.add_argument("--no-peers", dest="peers", action="store_false", help="skip the onnxruntime-training rows")
+    b.add_argument("--peers-python", metavar="PYTHON",
+                   help="the interpreter of the onnxruntime-training venv (default: $POCKPROP_PEERS_PYTHON, else "
+                        ".venv-peers/bin/python of the current folder, which `make peers` builds)")
+    b.add_argument("--workdir", help="keep compiled artifacts here (default: a temporary directory)")
+    b.add_argument("--json", help="write the results here")
+    b.add_argument("--png", help="write a bar chart here (needs matplotlib)")
+    b.add_argument("--verbose", action="store_true", help="show the workers' stderr")
+    b.add_argument("--quiet", action="store_true", help="no progress lines")
+    b.set_defaults(func=bench_command)
+
+
+def bench_command(args: argparse.Namespace) -> int:
+    from pockprop.bench.harness import print_table, run, write_png
+
+    for flag, path in (("--json", args.json), ("--png", args.png)):
+        if path:
+            cli_args.check_output_file(path, flag)
+    if args.workdir:
+        cli_args.check_output_dir(args.workdir, "--workdir")
+    log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))  # noqa: E731
+    result = run(args, log=log)
+    print_table(result)
+    if args.png:
+        why = write_png(result, args.png)
+        result["png"] = None if why else args.png
+        if why:
+            result["png_skipped"] = why
+            print(f"note: {why}", file=sys.stderr)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {args.json}", file=sys.stderr)
+    return EXIT_OK
