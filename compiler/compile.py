@@ -15,7 +15,8 @@ import torch
 from pockprop.autodiff.backward import backward
 from pockprop.compiler.artifact import Artifact, StateEntry
 from pockprop.compiler.optim import build_update, initial_state, parse_optimizer
-from pockprop.compiler.scheme import Layer, Scheme, discover_layers, load_scheme, module_tree, resolve_scheme
+from pockprop.compiler.blocks import module_tree
+from pockprop.compiler.scheme import Layer, Scheme, discover_layers, load_scheme, resolve_scheme
 from pockprop.compiler.trainable import select, split_patterns
 from pockprop.emit.onnx import to_onnx
 from pockprop.errors import CompileError
@@ -56,13 +57,13 @@ class TracedModel:
     """
 
     traced: Traced
-    tree: list[tuple[str, bool]]  # pockprop.compiler.scheme.module_tree(model): the blocks presets are defined over
+    tree: list[tuple[str, bool]]  # pockprop.compiler.blocks.module_tree(model): the blocks presets count
     name: str  # type(model).__name__, the artifact's default name
 
     @property
     def layers(self) -> list[Layer]:
         """The model's layers in forward order (pockprop.compiler.scheme.discover_layers)."""
-        return discover_layers(self.traced.graph, self.traced.parameters, self.tree)
+        return discover_layers(self.traced.graph, self.traced.parameters, self.tree, self.traced.aliases)
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -135,7 +136,7 @@ def compile_traced(tm: TracedModel, labels: Any = None, loss: str = "cross_entro
         resolved = resolve_scheme(spec, tm.layers, tm.shapes)
         needs = resolved.needs()
     else:
-        needs = {p: FULL for p in select(split_patterns(trainable), traced.parameters, traced.buffers)}
+        needs = {p: FULL for p in _select(trainable, traced)}
     if not needs:
         raise CompileError("the model has no parameters to train")
     chosen = [p for p in traced.parameters if p in needs]  # model order
@@ -165,6 +166,12 @@ def compile_traced(tm: TracedModel, labels: Any = None, loss: str = "cross_entro
         preprocess=dict(preprocess or {}),
         scheme=resolved,
     )
+
+
+def _select(trainable: str | Iterable[str] | None, traced: Traced) -> list[str]:
+    """The parameters `trainable` names; a pattern may name a shared parameter by any of its names."""
+    names = select(split_patterns(trainable), traced.parameters + list(traced.aliases), traced.buffers)
+    return list(dict.fromkeys(traced.aliases.get(p, p) for p in names))
 
 
 def _lift(g: Graph, needs: dict[str, Need]) -> tuple[Graph, dict[str, tuple[str, Need]]]:
