@@ -22,7 +22,7 @@ from pockprop.emit.onnx import to_onnx
 from pockprop.errors import CompileError
 from pockprop.ir import Graph, Node, Phase, Role, TensorType, module_of
 from pockprop.ops.builder import Builder
-from pockprop.ops.loss import LOSSES
+from pockprop.ops.loss import IGNORE_INDEX, LOSSES
 from pockprop.ops.registry import FULL, Need
 from pockprop.passes.pipeline import INFERENCE, TRAINING, TRAINING_FORWARD, UNOPTIMIZED
 from pockprop.tracing.trace import Traced, trace
@@ -43,8 +43,8 @@ def _label_type(loss: str, out: TensorType, labels: Any) -> TensorType:
     if labels is not None:
         t = torch.as_tensor(labels)
         return TensorType(tuple(t.shape), str(t.dtype).removeprefix("torch."))
-    if loss == "cross_entropy":
-        return TensorType(out.shape[:1], "int64")
+    if loss == "cross_entropy":  # one class index per row of logits: (N,) for (N, C), (N, T) for (N, T, V)
+        return TensorType(out.shape[:-1], "int64")
     return out
 
 
@@ -101,10 +101,13 @@ def compile(model: torch.nn.Module, example_inputs: tuple[Any, ...] | torch.Tens
     """Compile `model` into one ONNX training step (forward, loss, backward, update) + inference graph.
 
     example_inputs: a tensor or tuple of tensors fixing the input shapes (batch size included).
-    labels: example labels fixing their shape/dtype (default: int64 (N,) for cross_entropy, else
-    like the model output). What is trained is given by either `trainable` (fnmatch patterns over
-    parameter names, 'features.17.*', whole tensors) or `scheme` (a preset name like 'sparse', a
-    YAML path, a dict or a Scheme: per-layer updates incl. channel slices; see compiler/scheme.py);
+    labels: example labels fixing their shape/dtype (default: for cross_entropy int64 class indices
+    shaped like the output without its last axis, (N,) for (N, C) logits and (N, T) for (N, T, V); else
+    like the model output). cross_entropy takes classes on the last axis and ignores labels equal to
+    -100 (torch's default ignore_index), averaging over the others. What is trained is given by either
+    `trainable` (fnmatch patterns over parameter names, 'features.17.*', whole tensors; a shared
+    parameter answers to each of its names) or `scheme` (a preset name like 'sparse', a YAML path, a
+    dict or a Scheme: per-layer updates incl. channel slices; see compiler/scheme.py);
     with neither, every parameter is trained. preprocess: how raw device data becomes the model
     input, recorded in the manifest for the runtime (e.g. {"resize": [32, 32], "mean": [...], "std": [...]}).
     optimize=False skips the optimization passes (BatchNorm folding, constant folding, saving slices
@@ -158,7 +161,8 @@ def compile_traced(tm: TracedModel, labels: Any = None, loss: str = "cross_entro
         data_inputs=[(n, traced.graph.types[n]) for n in traced.user_inputs],
         labels=("labels", train.types["labels"]),
         output=traced.graph.outputs[0],
-        loss={"name": loss_op, **({"label_smoothing": label_smoothing} if label_smoothing else {})},
+        loss={"name": loss_op, **({"label_smoothing": label_smoothing} if label_smoothing else {}),
+              **({"ignore_index": IGNORE_INDEX} if loss_op == "cross_entropy" else {})},
         optimizer=opt,
         trainable=chosen,
         parameter_count={p: int(traced.graph.types[p].numel) for p in traced.parameters},
