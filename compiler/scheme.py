@@ -278,7 +278,8 @@ def _preset_rules(name: str, layers: list[Layer]) -> tuple[Rule, ...]:
     # it: a final norm, a pooler) is the rear end, apart
     blocks: list[str] = list(dict.fromkeys(l.block for l in layers if l.block != head_block))
     in_block = lambda b: [l for l in layers if l.block == b]  # noqa: E731
-    by_block = lambda bs: [Rule(l.path, "full") for l in layers if l.block in bs and l.path != head[-1].path]  # noqa: E731
+    by_block = lambda bs: [Rule(l.path, "full") for l in layers  # noqa: E731
+                           if l.block in bs and l.path != head[-1].path]
     if name == "full":
         return (Rule("*", "full"),)
     if name == "classifier":
