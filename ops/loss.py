@@ -89,9 +89,9 @@ class CrossEntropyGrad(Op):
         dt = e.type(z).dtype
         safe, w = _counted(e, node)
         target = e.node("OneHot", [safe, e.const(c, "int64"), e.const([eps / c, 1.0 - eps + eps / c], dt)], axis=-1)
-        diff = e.node("Mul", [e.node("Sub", [e.node("Softmax", [z], axis=-1), target]), w])
         count = e.node("Max", [e.node("ReduceSum", [w], keepdims=0), e.const(1.0, dt)])
-        e.node("Mul", [diff, e.node("Div", [g, count])], node.outputs)
+        scale = e.node("Mul", [w, e.node("Div", [g, count])])  # (..., 1): one full-size product below, not two
+        e.node("Mul", [e.node("Sub", [e.node("Softmax", [z], axis=-1), target]), scale], node.outputs)
 
 
 @register
