@@ -6,13 +6,16 @@ presets are also checked end to end against PyTorch with masked gradients.
 """
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from pockprop.compiler.blocks import blocks, module_tree
-from pockprop.compiler.compile import compile, trace_model
+from pockprop.compiler.compile import TracedModel, trace_model
+from pockprop.compiler.scheme import resolve_scheme
 from pockprop.errors import CompileError
 from tests.compiler.torch_ref import assert_trains_like_torch
 
@@ -133,10 +136,13 @@ def _batches(steps: int = 3) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(torch.randn(2, T, 4, generator=gen), torch.randint(0, CLASSES, (2,), generator=gen)) for _ in range(steps)]
 
 
-def _trained(preset: str, cls: type[nn.Module] = BertLike) -> dict[str, str]:
-    tm = trace_model(_build(cls), (_batches()[0][0],))
-    from pockprop.compiler.scheme import resolve_scheme
+@functools.cache
+def _traced(cls: type[nn.Module]) -> TracedModel:
+    return trace_model(_build(cls), (_batches()[0][0],))
 
+
+def _trained(preset: str, cls: type[nn.Module] = BertLike) -> dict[str, str]:
+    tm = _traced(cls)
     return {u.layer.path: u.kind for u in resolve_scheme(preset, tm.layers, tm.shapes).updates if u.kind != "frozen"}
 
 
