@@ -2,9 +2,11 @@
 
 torch.export (non-strict) gives an fx graph; core-ATen decompositions reduce it to a small op set,
 except for the ops we keep whole (`KEEP`) because ONNX has a fused form of them and a direct VJP is
-cheaper than the decomposed one. Parameters keep their fully qualified names as IR value names,
-and every node keeps the module path it was called from, so errors, schemes and reports speak the
-user's names.
+cheaper than the decomposed one. What depends on no input and no parameter (masks from shapes,
+position ids, rotary tables) is evaluated once and imported as constants (tracing/fold.py), so it
+needs no importer. Parameters keep their fully qualified names as IR value names (a parameter shared
+under several names is one value, named by its first), and every node keeps the module path it was
+called from, so errors, schemes and reports speak the user's names.
 """
 from __future__ import annotations
 
@@ -188,7 +190,7 @@ def trace(model: torch.nn.Module, example_inputs: tuple[Any, ...]) -> Traced:
         elif node.op == "output":
             outs = node.args[0]
             g.outputs = [arg(o) for o in (outs if isinstance(outs, (list, tuple)) else [outs])]
-    for fqn in traced.buffers:  # a buffer read only by folded nodes is not part of the graph
+    for fqn in traced.buffers:  # a buffer no imported node reads (folded nodes only, or none) is not stored
         if not g.uses(fqn) and fqn not in g.outputs:
             del g.constants[fqn], g.types[fqn], g.param_names[fqn]
     g.verify()
