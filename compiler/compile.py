@@ -17,13 +17,14 @@ from pockprop.autodiff.backward import backward
 from pockprop.compiler import preprocess as preprocess_steps
 from pockprop.compiler.artifact import Artifact, StateEntry
 from pockprop.compiler.optim import build_update, initial_state, parse_optimizer
-from pockprop.compiler.scheme import Layer, Scheme, discover_layers, load_scheme, module_tree, resolve_scheme
+from pockprop.compiler.blocks import module_tree
+from pockprop.compiler.scheme import Layer, Scheme, discover_layers, load_scheme, resolve_scheme
 from pockprop.compiler.trainable import select, split_patterns
 from pockprop.emit.onnx import to_onnx
 from pockprop.errors import CompileError
 from pockprop.ir import Graph, Node, Phase, Role, TensorType, module_of
 from pockprop.ops.builder import Builder
-from pockprop.ops.loss import LOSSES
+from pockprop.ops.loss import IGNORE_INDEX, LOSSES
 from pockprop.ops.registry import FULL, Need
 from pockprop.passes.pipeline import INFERENCE, TRAINING, TRAINING_FORWARD, UNOPTIMIZED
 from pockprop.tracing.trace import Traced, trace
@@ -40,8 +41,8 @@ def _label_type(loss: str, out: TensorType, labels: Any) -> TensorType:
     if labels is not None:
         t = torch.as_tensor(labels)
         return TensorType(tuple(t.shape), str(t.dtype).removeprefix("torch."))
-    if loss == "cross_entropy":
-        return TensorType(out.shape[:1], "int64")
+    if loss == "cross_entropy":  # one class index per row of logits: (N,) for (N, C), (N, T) for (N, T, V)
+        return TensorType(out.shape[:-1], "int64")
     return out
 
 
@@ -54,13 +55,13 @@ class TracedModel:
     """
 
     traced: Traced
-    tree: list[tuple[str, bool]]  # pockprop.compiler.scheme.module_tree(model): the blocks presets are defined over
+    tree: list[tuple[str, bool]]  # pockprop.compiler.blocks.module_tree(model): the blocks presets count
     name: str  # type(model).__name__, the artifact's default name
 
     @property
     def layers(self) -> list[Layer]:
         """The model's layers in forward order (pockprop.compiler.scheme.discover_layers)."""
-        return discover_layers(self.traced.graph, self.traced.parameters, self.tree)
+        return discover_layers(self.traced.graph, self.traced.parameters, self.tree, self.traced.aliases)
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -98,10 +99,13 @@ def compile(model: torch.nn.Module, example_inputs: tuple[Any, ...] | torch.Tens
     """Compile `model` into one ONNX training step (forward, loss, backward, update) + inference graph.
 
     example_inputs: a tensor or tuple of tensors fixing the input shapes (batch size included).
-    labels: example labels fixing their shape/dtype (default: int64 (N,) for cross_entropy, else
-    like the model output). What is trained is given by either `trainable` (fnmatch patterns over
-    parameter names, 'features.17.*', whole tensors) or `scheme` (a preset name like 'sparse', a
-    YAML path, a dict or a Scheme: per-layer updates incl. channel slices; see compiler/scheme.py);
+    labels: example labels fixing their shape/dtype (default: for cross_entropy int64 class indices
+    shaped like the output without its last axis, (N,) for (N, C) logits and (N, T) for (N, T, V); else
+    like the model output). cross_entropy takes classes on the last axis and ignores labels equal to
+    -100 (torch's default ignore_index), averaging over the others. What is trained is given by either
+    `trainable` (fnmatch patterns over parameter names, 'features.17.*', whole tensors; a shared
+    parameter answers to each of its names) or `scheme` (a preset name like 'sparse', a YAML path, a
+    dict or a Scheme: per-layer updates incl. channel slices; see compiler/scheme.py);
     with neither, every parameter is trained. preprocess: how raw device data becomes the model
     input, recorded in the manifest for the runtime (e.g. {"resize": [32, 32], "mean": [...], "std": [...]}),
     or a preset name ("imagenet", "unit", "none"; compiler/preprocess.py); none is recorded by default.
@@ -134,7 +138,7 @@ def compile_traced(tm: TracedModel, labels: Any = None, loss: str = "cross_entro
         resolved = resolve_scheme(spec, tm.layers, tm.shapes)
         needs = resolved.needs()
     else:
-        needs = {p: FULL for p in select(split_patterns(trainable), traced.parameters, traced.buffers)}
+        needs = {p: FULL for p in _select(trainable, traced)}
     if not needs:
         raise CompileError("the model has no parameters to train")
     chosen = [p for p in traced.parameters if p in needs]  # model order
@@ -156,7 +160,8 @@ def compile_traced(tm: TracedModel, labels: Any = None, loss: str = "cross_entro
         data_inputs=[(n, traced.graph.types[n]) for n in traced.user_inputs],
         labels=(LABELS, train.types[LABELS]),
         output=traced.graph.outputs[0],
-        loss={"name": loss_op, **({"label_smoothing": label_smoothing} if label_smoothing else {})},
+        loss={"name": loss_op, **({"label_smoothing": label_smoothing} if label_smoothing else {}),
+              **({"ignore_index": IGNORE_INDEX} if loss_op == "cross_entropy" else {})},
         optimizer=opt,
         trainable=chosen,
         parameter_count={p: int(traced.graph.types[p].numel) for p in traced.parameters},
@@ -171,6 +176,12 @@ def _preprocess(spec: str | dict[str, Any] | None, shape: Sequence[int]) -> dict
     if isinstance(spec, str):
         return preprocess_steps.resolve(spec, shape, flag="preprocess")
     return preprocess_steps.check(dict(spec), shape) if spec else {}
+
+
+def _select(trainable: str | Iterable[str] | None, traced: Traced) -> list[str]:
+    """The parameters `trainable` names; a pattern may name a shared parameter by any of its names."""
+    names = select(split_patterns(trainable), traced.parameters + list(traced.aliases), traced.buffers)
+    return list(dict.fromkeys(traced.aliases.get(p, p) for p in names))
 
 
 def _lift(g: Graph, needs: dict[str, Need]) -> tuple[Graph, dict[str, tuple[str, Need]]]:

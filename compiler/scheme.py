@@ -13,15 +13,19 @@ the **input**-channel axis of a conv or linear weight: the weight gradient then 
 of the input activation, which is the memory win. A depthwise conv has one input channel per group,
 so its slice is over channels (axis 0), and the activation slice shrinks the same way.
 
-Presets (`resolve_scheme("NAME", ...)`) are defined over the model's blocks: the children of its
-top-level containers (nn.Sequential/ModuleList/ModuleDict), with consecutive top-level layers outside
-containers grouped into one block (a ResNet stem). The head is the last linear layer in forward order.
+Presets (`resolve_scheme("NAME", ...)`) are defined over the model's blocks (compiler/blocks.py: the
+elements of its repeated stacks wherever they are nested, the children of its top-level containers, and
+runs of other modules grouped into one block, such as a ResNet's stem). The head is the last linear layer
+in forward order; the head's block (the head, and a final norm or pooler between the last block and it)
+is the rear end of the model, not one of "the blocks" below.
   full          every parameter
   classifier    the head only
-  last-k:N      every layer of the last N blocks, and the head
+  last-k:N      every layer of the last N blocks and of the head's block
   bias-only     every bias (conv/linear bias, BatchNorm beta), and the head
-  sparse        the head; biases of the layers in the last half of the blocks; the weight of the first
-                conv/linear layer of each of the last 4 blocks at ratios 1/8, 1/4, 1/4, 1/2
+  sparse        the head; biases of the layers in the last half of the blocks; in each of the last 4
+                blocks one weight at ratios 1/8, 1/4, 1/4, 1/2: a CNN's first conv/linear layer, or in a
+                transformer (its last block has a feed-forward network, see `_ffn_input`) the FFN's first
+                linear layer, so that attention weights stay frozen (PockEngine's choice; docs/schemes.md)
   tbft-front / tbft-middle / tbft-rear
                 the blocks and the head's block split into three consecutive groups of near-equal size
                 (earlier groups take the remainder); every layer of the chosen group, and the head
@@ -34,6 +38,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from pockprop.compiler.blocks import blocks
 from pockprop.errors import CompileError
 from pockprop.ir import Graph, module_of
 from pockprop.ops.registry import FULL, Need, Tag, get_op, ops_tagged
@@ -76,6 +81,7 @@ class Layer:
     groups: int = 1
     block: str = ""
     params: list[str] = field(default_factory=list)  # every parameter of the module
+    shape: tuple[int, ...] = ()  # the weight's shape (conv2d, linear, batch_norm)
 
 
 @dataclass
@@ -102,13 +108,20 @@ class ResolvedScheme:
     def needs(self) -> dict[str, Need]:
         """Trainable parameter -> the part of it that is updated."""
         out: dict[str, Need] = {}
+
+        def want(p: str, need: Need) -> None:  # a shared tensor may be wanted by several layers: the union
+            have = out.get(p, need)
+            same_axis = have.axis is not None and have.axis == need.axis  # slices all start at 0
+            out[p] = have if have == need else Need(need.axis, 0, max(have.stop, need.stop)) if same_axis else FULL
+
         for u in self.updates:
             if u.weight is not None and u.layer.weight:
-                out[u.layer.weight] = u.weight
+                want(u.layer.weight, u.weight)
             if u.bias and u.layer.bias:
-                out[u.layer.bias] = FULL
+                want(u.layer.bias, FULL)
             if u.weight is not None and u.layer.op == "other":
-                out.update({p: FULL for p in u.layer.params})
+                for p in u.layer.params:
+                    want(p, FULL)
         return out
 
     def table(self, counts: dict[str, int] | None = None) -> str:
@@ -179,67 +192,52 @@ def _sliceable_weight(op: str) -> bool:
     return op != "other" and 1 in get_op(op).sliceable
 
 
-def discover_layers(graph: Graph, parameters: list[str], module_tree: list[tuple[str, bool]]) -> list[Layer]:
-    """Layers in forward order from the traced graph; `module_tree` = top-level children (name, is_container).
+def _home(homes: list[str], module: str) -> str:
+    """Which of a parameter's modules a use inside `module` belongs to: the innermost one holding that
+    use, else the module of its first name (a functional use from outside)."""
+    inside = [h for h in homes if h == "" or module == h or module.startswith(h + ".")]
+    return max(inside, key=len) if inside else homes[0]
+
+
+def discover_layers(graph: Graph, parameters: list[str], tree: list[tuple[str, bool]],
+                    aliases: dict[str, str] | None = None) -> list[Layer]:
+    """Layers in forward order from the traced graph; `tree` is compiler/blocks.module_tree(model).
 
     A module whose parameters feed a conv/linear/batch norm as its weight (input 1) or bias (input 2)
     is that kind of layer; one whose parameters are used any other way is 'other' (whole tensors only).
+    A shared parameter (`aliases`: other name -> its name in `parameters`) belongs to the layer of each
+    module that uses it under one of its names: a tied LM head is a linear layer whose weight is the
+    embedding's.
     """
     layers: dict[str, Layer] = {}
     layer_ops = ops_tagged(Tag.LAYER)
-    owner = {p: module_of(p) for p in parameters}
+    homes = {p: [module_of(p)] for p in parameters}
+    for alias, p in (aliases or {}).items():
+        homes[p].append(module_of(alias))
+    used_by: dict[str, list[str]] = {p: [] for p in parameters}
     for node in graph.nodes:
         for k, v in enumerate(node.inputs):
-            if v not in owner:
+            if v not in homes:
                 continue
-            layer = layers.setdefault(owner[v], Layer(owner[v], node.op))
+            path = _home(homes[v], node.module)
+            layer = layers.setdefault(path, Layer(path, node.op))
+            used_by[v].append(path)
             if node.op not in layer_ops or k not in (1, 2) or layer.op != node.op:
                 layer.op = "other"
             elif k == 1:
                 layer.weight, layer.groups = v, int(node.attrs.get("groups", 1))
+                layer.shape = graph.types[v].shape
             else:
                 layer.bias = v
-    for p, path in owner.items():
-        if path in layers:
-            layers[path].params.append(p)
-    blocks = _blocks(module_tree)
+    for p in parameters:
+        for path in dict.fromkeys([module_of(p)] + used_by[p]):
+            if path in layers:
+                layers[path].params.append(p)
+    named = blocks(tree)
     for layer in layers.values():
-        layer.block = next((name for name, prefix in blocks
+        layer.block = next((name for name, prefix in named
                             if layer.path == prefix or layer.path.startswith(prefix + ".")), layer.path)
     return list(layers.values())
-
-
-def _blocks(module_tree: list[tuple[str, bool]]) -> list[tuple[str, str]]:
-    """(block name, module prefix) pairs; top-level layers in a row share one block named a+b."""
-    out: list[tuple[str, str]] = []
-    run: list[str] = []
-    for name, is_container in module_tree:
-        if is_container:
-            if run:
-                out += [("+".join(run), r) for r in run]
-                run = []
-            out.append((name, name))
-        else:
-            run.append(name)
-    if run:
-        out += [("+".join(run), r) for r in run]
-    return out
-
-
-def module_tree(model: Any) -> list[tuple[str, bool]]:
-    """Top-level structure of an nn.Module: containers expand to their children (the blocks)."""
-    import torch.nn as nn
-
-    containers = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
-    if isinstance(model, containers):  # the model is itself a container: its children are the blocks
-        return [(name, True) for name, c in model.named_children() if any(True for _ in c.parameters())]
-    tree: list[tuple[str, bool]] = []
-    for name, child in model.named_children():
-        if isinstance(child, containers):
-            tree += [(f"{name}.{sub}", True) for sub, c in child.named_children() if any(True for _ in c.parameters())]
-        elif any(True for _ in child.parameters()):
-            tree.append((name, False))
-    return tree
 
 
 # -- resolution -----------------------------------------------------------------------------------
@@ -259,16 +257,29 @@ def _slice_need(layer: Layer, ratio: float, shapes: dict[str, tuple[int, ...]]) 
     return FULL if k == shape[axis] else Need(axis, 0, k)
 
 
+def _ffn_input(block: list[Layer]) -> Layer | None:
+    """The first linear layer of a transformer block's feed-forward network, or None if `block` does not
+    look like one: it has at least 3 linear layers, and an earlier one's output width is the input width of
+    the last one (the FFN's down projection); the first such layer in forward order (Llama's gate_proj)."""
+    linear = [l for l in block if l.op == "linear" and len(l.shape) == 2]
+    if len(linear) < 3:
+        return None
+    width = linear[-1].shape[1]
+    return next((l for l in linear[:-1] if l.shape[0] == width), None)
+
+
 def _preset_rules(name: str, layers: list[Layer]) -> tuple[Rule, ...]:
     head = [l for l in layers if l.op == "linear"]
     if not head:
         raise CompileError(f"scheme {name}: the model has no linear layer to serve as the classifier head")
     head_rule = Rule(head[-1].path, "full")
-    blocks: list[str] = []
-    for l in layers:
-        if l.path != head[-1].path and l.block not in blocks:
-            blocks.append(l.block)
-    by_block = lambda bs: [Rule(l.path, "full") for l in layers if l.block in bs]  # noqa: E731
+    head_block = head[-1].block
+    # the blocks in forward order; the head's block (the head, and what lies between the last block and
+    # it: a final norm, a pooler) is the rear end, apart
+    blocks: list[str] = list(dict.fromkeys(l.block for l in layers if l.block != head_block))
+    in_block = lambda b: [l for l in layers if l.block == b]  # noqa: E731
+    by_block = lambda bs: [Rule(l.path, "full") for l in layers  # noqa: E731
+                           if l.block in bs and l.path != head[-1].path]
     if name == "full":
         return (Rule("*", "full"),)
     if name == "classifier":
@@ -281,19 +292,23 @@ def _preset_rules(name: str, layers: list[Layer]) -> tuple[Rule, ...]:
             raise CompileError(f"scheme {name!r}: write last-k:N with N >= 1 blocks, e.g. last-k:2") from None
         if k > len(blocks):
             raise CompileError(f"scheme {name}: the model has only {len(blocks)} blocks")
-        return tuple(by_block(blocks[-k:])) + (head_rule,)
+        return tuple(by_block(blocks[-k:] + [head_block])) + (head_rule,)
     if name == "bias-only":
         return tuple(Rule(l.path, "bias") for l in layers if l.bias) + (head_rule,)
     if name == "sparse":
         late = blocks[len(blocks) // 2:]
         rules = [Rule(l.path, "bias") for l in layers if l.block in late and l.bias]
+        transformer = bool(blocks) and _ffn_input(in_block(blocks[-1])) is not None
         for block, ratio in zip(blocks[-len(SPARSE_RATIOS):], SPARSE_RATIOS[-len(blocks):]):
-            first = next((l for l in layers if l.block == block and _sliceable_weight(l.op)), None)
+            if transformer:
+                first = _ffn_input(in_block(block))
+            else:
+                first = next((l for l in in_block(block) if _sliceable_weight(l.op)), None)
             if first is not None:
                 rules.append(Rule(first.path, "weight", ratio, bias=first.bias is not None and block in late))
         return tuple(rules) + (head_rule,)
     if name.startswith("tbft-"):
-        blocks = blocks + [head[-1].block]  # the head is the rear end of the model here
+        blocks = blocks + [head_block]  # the head is the rear end of the model here
         if len(blocks) < 3:
             raise CompileError(f"scheme {name}: needs at least 3 blocks, the model has {len(blocks)}")
         n, r = divmod(len(blocks), 3)

@@ -1,6 +1,7 @@
 """Losses computed inside the training graph, each with its own hand-derived VJP.
 
-All reduce to a scalar mean, as torch's default reduction does. Labels are graph inputs and carry
+All reduce to a scalar mean, as torch's default reduction does (cross-entropy: over the labels it
+counts). Labels are graph inputs and carry
 no gradient. Losses are ordinary ops, so a distillation or multi-label loss added later is one
 more class here.
 """
@@ -21,15 +22,25 @@ def _check_pair(pred: TensorType, target: TensorType, what: str) -> None:
         raise CompileError(f"{what}: targets of shape {target.shape} do not match predictions {pred.shape}")
 
 
+IGNORE_INDEX = -100  # torch's default ignore_index, and Hugging Face's label for padding
+
+
 @register
 class CrossEntropy(Op):
-    """L = mean_n -sum_c t[n,c] log softmax(z)[n,c], t = (1-eps) onehot(y) + eps/C;  dz = (softmax(z) - t) g / N."""
+    """L = sum_i w_i (-t_i . log softmax(z_i)) / sum_i w_i, w = [y != -100];  dz = (softmax(z) - t) w g / max(sum w, 1).
+
+    t = (1-eps) onehot(y) + eps/C. Rows i are all but the last axis of z ((N, C) or (N, T, V): classes
+    last), and y has z's shape without that axis. That is torch's mean over the labels not equal to
+    ignore_index, label smoothing included; a batch with every label ignored has L = 0/0 = NaN and
+    dz = 0, as in torch.
+    """
     name = "cross_entropy"
 
     def shape(self, ins, attrs):  # type: ignore[no-untyped-def]
         z, y = ins
-        if z.rank != 2 or y.shape != z.shape[:1] or not y.dtype.startswith("int"):
-            raise CompileError(f"cross_entropy expects logits (N, C) and int64 labels (N,); got {z} and {y}")
+        if z.rank < 2 or y.shape != z.shape[:-1] or not y.dtype.startswith("int"):
+            raise CompileError("cross_entropy expects logits (N, C) or (N, T, C), classes last, and int64 labels "
+                               f"shaped like the logits without their last axis; got {z} and {y}")
         return [TensorType(SCALAR, z.dtype)]
 
     def vjp(self, b: Builder, node: Node, gouts: list[str | None], needs: list[Need | None]) -> list[str | None]:
@@ -39,20 +50,32 @@ class CrossEntropy(Op):
         z, y = node.inputs
         eps = float(node.attrs.get("label_smoothing", 0.0))
         dt = e.type(z).dtype
-        lsm = e.node("LogSoftmax", [z], axis=1)
-        picked = e.node("GatherElements", [lsm, e.node("Unsqueeze", [y, e.ints([1])])], axis=1)
-        nll = e.node("Neg", [e.node("ReduceMean", [picked], axes=[0, 1], keepdims=0)])
-        if eps == 0.0:
-            e.node("Identity", [nll], node.outputs)
-            return
-        smooth = e.node("Neg", [e.node("ReduceMean", [lsm], axes=[0, 1], keepdims=0)])
-        e.node("Add", [e.node("Mul", [nll, e.const(1.0 - eps, dt)]), e.node("Mul", [smooth, e.const(eps, dt)])],
-               node.outputs)
+        lsm = e.node("LogSoftmax", [z], axis=-1)
+        safe, w = _counted(e, node)
+        picked = e.node("GatherElements", [lsm, e.node("Unsqueeze", [safe, e.ints([-1])])], axis=-1)
+        per = e.node("Neg", [picked])  # (..., 1)
+        if eps:
+            smooth = e.node("Neg", [e.node("ReduceMean", [lsm], axes=[-1], keepdims=1)])
+            per = e.node("Add", [e.node("Mul", [per, e.const(1.0 - eps, dt)]),
+                                 e.node("Mul", [smooth, e.const(eps, dt)])])
+        total = e.node("ReduceSum", [e.node("Mul", [per, w])], keepdims=0)
+        e.node("Div", [total, e.node("ReduceSum", [w], keepdims=0)], node.outputs)
+
+
+def _counted(e: Lowering, node: Node) -> tuple[str, str]:
+    """(labels with ignored ones replaced by class 0, so gathers stay in range; the weight w (..., 1) in
+    the logits' dtype: 1 where a label counts, 0 where it is ignore_index)."""
+    z, y = node.inputs[:2]
+    ignore = e.const(int(node.attrs.get("ignore_index", IGNORE_INDEX)), e.type(y).dtype)
+    keep = e.node("Not", [e.node("Equal", [y, ignore])])
+    safe = e.node("Where", [keep, y, e.const(0, e.type(y).dtype)])
+    w = e.node("Cast", [e.node("Unsqueeze", [keep, e.ints([-1])])], to=e.onnx_dtype(e.type(z).dtype))
+    return safe, w
 
 
 @register
 class CrossEntropyGrad(Op):
-    """Backward helper: dz = (softmax(z) - ((1-eps) onehot(y) + eps/C)) * g / N."""
+    """Backward helper: dz = (softmax(z) - ((1-eps) onehot(y) + eps/C)) * w * g / max(sum w, 1)."""
     name = "cross_entropy_grad"
     differentiable = False
 
@@ -61,12 +84,14 @@ class CrossEntropyGrad(Op):
 
     def lower(self, e: Lowering, node: Node) -> None:
         z, y, g = node.inputs
-        n, c = e.type(z).shape
+        c = e.type(z).shape[-1]
         eps = float(node.attrs.get("label_smoothing", 0.0))
         dt = e.type(z).dtype
-        target = e.node("OneHot", [y, e.const(c, "int64"), e.const([eps / c, 1.0 - eps + eps / c], dt)], axis=-1)
-        diff = e.node("Sub", [e.node("Softmax", [z], axis=1), target])
-        e.node("Mul", [diff, e.node("Div", [g, e.const(float(n), dt)])], node.outputs)
+        safe, w = _counted(e, node)
+        target = e.node("OneHot", [safe, e.const(c, "int64"), e.const([eps / c, 1.0 - eps + eps / c], dt)], axis=-1)
+        count = e.node("Max", [e.node("ReduceSum", [w], keepdims=0), e.const(1.0, dt)])
+        scale = e.node("Mul", [w, e.node("Div", [g, count])])  # (..., 1): one full-size product below, not two
+        e.node("Mul", [e.node("Sub", [e.node("Softmax", [z], axis=-1), target]), scale], node.outputs)
 
 
 @register

@@ -2,9 +2,11 @@
 
 torch.export (non-strict) gives an fx graph; core-ATen decompositions reduce it to a small op set,
 except for the ops we keep whole (`KEEP`) because ONNX has a fused form of them and a direct VJP is
-cheaper than the decomposed one. Parameters keep their fully qualified names as IR value names,
-and every node keeps the module path it was called from, so errors, schemes and reports speak the
-user's names.
+cheaper than the decomposed one. What depends on no input and no parameter (masks from shapes,
+position ids, rotary tables) is evaluated once and imported as constants (tracing/fold.py), so it
+needs no importer. Parameters keep their fully qualified names as IR value names (a parameter shared
+under several names is one value, named by its first), and every node keeps the module path it was
+called from, so errors, schemes and reports speak the user's names.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from pockprop.errors import CompileError, UnsupportedOpError, UnsupportedVariant
 from pockprop.ops.builder import Builder
 from pockprop.ir import Graph, TensorType
 from pockprop.ops import ATEN
+from pockprop.tracing.fold import foldable
 
 # ATen ops kept undecomposed: we have rules for them and their decompositions are slower to train.
 KEEP = (
@@ -33,9 +36,10 @@ KEEP = (
 class Traced:
     graph: Graph  # all parameters and buffers are constants here; compile() lifts the trainable ones
     user_inputs: list[str]
-    parameters: list[str]  # FQNs of nn.Parameters, in model order
+    parameters: list[str]  # FQNs of nn.Parameters, in model order; a shared one once, by its first name
     buffers: list[str]
     module_types: dict[str, str] = field(default_factory=dict)  # module path -> class name
+    aliases: dict[str, str] = field(default_factory=dict)  # other name of a shared parameter -> its FQN above
 
 
 def torch_dtype_name(dtype: torch.dtype) -> str:
@@ -59,25 +63,75 @@ def _decomposition_table() -> dict[Any, Any]:
     return table
 
 
+def _first_line(ex: Exception) -> str:
+    text = str(ex).strip()
+    return f"{type(ex).__name__}: {text.splitlines()[0]}" if text else type(ex).__name__
+
+
+def _views_as_reshapes(ep: torch.export.ExportedProgram) -> None:
+    """Every `view` of the exported graph becomes a `reshape` (in place), before decomposition.
+
+    A view recorded at export time is valid for the strides torch's own kernels give (SDPA returns a
+    contiguous layout), but decomposing an op can give its output other strides, and the view then fails
+    ("Cannot view a tensor with shape ... and strides ...": GPT-2 under SDPA, pytorch/pytorch#136543).
+    The exported graph is functional and our IR has no strides, so a view and a reshape are the same value.
+    """
+    view = torch.ops.aten.view.default
+    changed = False
+    for node in ep.graph_module.graph.nodes:
+        if node.op == "call_function" and node.target is view:
+            node.target = torch.ops.aten.reshape.default
+            changed = True
+    if changed:
+        ep.graph_module.recompile()
+
+
 def export(model: torch.nn.Module, example_inputs: tuple[Any, ...]) -> torch.export.ExportedProgram:
-    """torch.export in eval form (frozen BatchNorm statistics, dropout off), then core ATen."""
+    """torch.export in eval form (frozen BatchNorm statistics, dropout off), then core ATen.
+
+    Any failure of torch here is one CompileError naming torch's first line, never torch's traceback.
+    """
     model.eval()
     try:
         ep = torch.export.export(model, tuple(example_inputs), strict=False)
     except Exception as ex:  # torch raises many types here; the user needs the first line, not a trace
-        first = str(ex).strip().splitlines()[0] if str(ex).strip() else type(ex).__name__
-        raise CompileError(f"torch.export could not trace the model: {first}") from ex
-    return ep.run_decompositions(_decomposition_table())
+        raise CompileError(f"torch.export could not trace the model: {_first_line(ex)}") from None
+    try:
+        _views_as_reshapes(ep)
+        return ep.run_decompositions(_decomposition_table())
+    except Exception as ex:  # noqa: BLE001 -- as above
+        raise CompileError(f"torch.export could not reduce the model to core ATen ops: {_first_line(ex)}") from None
+
+
+def _shared(sig: Any, state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Parameters that are one tensor under several names (weight tying): other name -> first name.
+
+    torch.export lists every name as its own placeholder, all holding the same tensor (and reads one of
+    them at each use); the first name in the model's order is the one `named_parameters()` reports.
+    """
+    first: dict[int, str] = {}
+    aliases = {}
+    for fqn in sig.inputs_to_parameters.values():
+        name = first.setdefault(id(state[fqn]), fqn)
+        if name != fqn:
+            aliases[fqn] = name
+    return aliases
 
 
 def trace(model: torch.nn.Module, example_inputs: tuple[Any, ...]) -> Traced:
+    """The model's forward graph: parameters (each shared one once) and buffers as named constants, what
+    does not depend on the inputs or parameters folded (tracing/fold.py), everything else imported."""
     ep = export(model, example_inputs)
     sig = ep.graph_signature
     fx_graph = ep.graph_module.graph
+    state = dict(ep.state_dict)
+    state.update(ep.constants)
+    folded = foldable(ep, state)
 
     unsupported: dict[str, list[str]] = {}
     for node in fx_graph.nodes:
-        if node.op == "call_function" and node.target is not operator.getitem and str(node.target) not in ATEN:
+        if node.op == "call_function" and node not in folded and node.target is not operator.getitem \
+                and str(node.target) not in ATEN:
             unsupported.setdefault(str(node.target), []).append(_module_path(node)[0])
     if unsupported:
         raise UnsupportedOpError(unsupported)
@@ -86,12 +140,12 @@ def trace(model: torch.nn.Module, example_inputs: tuple[Any, ...]) -> Traced:
     b = Builder(g)
     env: dict[torch.fx.Node, Any] = {}
     lifted = {**sig.inputs_to_parameters, **sig.inputs_to_buffers, **sig.inputs_to_lifted_tensor_constants}
-    state = dict(ep.state_dict)
-    state.update(ep.constants)
-    traced = Traced(g, [], [], [])
+    traced = Traced(g, [], [], [], aliases=_shared(sig, state))
 
     def arg(a: Any) -> Any:
         if isinstance(a, torch.fx.Node):
+            if a not in env:  # a folded value read here for the first time: one constant for all readers
+                env[a] = _constant(g, folded[a], a.name)
             return env[a]
         if isinstance(a, (list, tuple)):
             return type(a)(arg(x) for x in a)
@@ -103,6 +157,9 @@ def trace(model: torch.nn.Module, example_inputs: tuple[Any, ...]) -> Traced:
             ttype = TensorType(tuple(int(s) for s in val.shape), torch_dtype_name(val.dtype))
             if node.name in lifted:
                 fqn = lifted[node.name]
+                if fqn in traced.aliases:  # a shared parameter: every name reads the one value
+                    env[node] = traced.aliases[fqn]
+                    continue
                 array = state[fqn].detach().cpu().numpy().copy()
                 env[node] = g.add_constant(array, name=fqn)
                 g.param_names[fqn] = fqn
@@ -111,6 +168,8 @@ def trace(model: torch.nn.Module, example_inputs: tuple[Any, ...]) -> Traced:
                 env[node] = g.add_input(g.fresh(node.name), ttype)
                 traced.user_inputs.append(env[node])
         elif node.op == "call_function":
+            if node in folded:
+                continue
             if node.target is operator.getitem:
                 src, idx = env[node.args[0]], node.args[1]
                 if src[idx] is None:  # an output the importer does not expose (e.g. max-pool indices)
@@ -130,9 +189,22 @@ def trace(model: torch.nn.Module, example_inputs: tuple[Any, ...]) -> Traced:
             _check_type(g, env[node], node)
         elif node.op == "output":
             outs = node.args[0]
-            g.outputs = [env[o] for o in (outs if isinstance(outs, (list, tuple)) else [outs])]
+            g.outputs = [arg(o) for o in (outs if isinstance(outs, (list, tuple)) else [outs])]
+    for fqn in traced.buffers:  # a buffer no imported node reads (folded nodes only, or none) is not stored
+        if not g.uses(fqn) and fqn not in g.outputs:
+            del g.constants[fqn], g.types[fqn], g.param_names[fqn]
     g.verify()
     return traced
+
+
+def _constant(g: Graph, value: Any, hint: str) -> Any:
+    """A folded value as the importers take it: a tensor becomes an IR constant, a sequence stays a
+    sequence of them, anything else (a Python number) stays a literal."""
+    if isinstance(value, torch.Tensor):
+        return g.add_constant(value.detach().cpu().numpy().copy(), hint=hint)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_constant(g, v, hint) for v in value)
+    return value
 
 
 def _check_type(g: Graph, value: Any, node: torch.fx.Node) -> None:

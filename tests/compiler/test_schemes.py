@@ -1,11 +1,10 @@
 """Update schemes: every preset on every zoo model trains exactly like PyTorch with masked gradients.
 
-The PyTorch reference marks the scheme's tensors trainable and zeroes gradient entries outside each
-slice; weight decay is off so the frozen part of a sliced tensor stays bit-identical in both.
+The PyTorch reference (tests/compiler/torch_ref.py) marks the scheme's tensors trainable and zeroes
+gradient entries outside each slice.
 """
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,69 +12,20 @@ import torch.nn.functional as F
 from pockprop.compiler.compile import compile
 from pockprop.errors import CompileError
 from pockprop.compiler.scheme import Rule, Scheme
-from pockprop.runtime.trainer import Trainer
-from tests.compiler.zoo_cases import CASES, IDS, ZooCase, batch, build, torch_optimizer
+from tests.compiler.torch_ref import assert_trains_like_torch
+from tests.compiler.zoo_cases import CASES, IDS, ZooCase, batch, build
 
 PRESETS = ["full", "classifier", "last-k:2", "bias-only", "sparse", "tbft-front", "tbft-middle", "tbft-rear"]
 OPT = {"name": "sgd", "lr": 0.01, "momentum": 0.9}
 STEPS = 3
 
 
-def _torch_step_with_scheme(case: ZooCase, art, steps: int):  # type: ignore[no-untyped-def]
-    ref = build(case)
-    params = dict(ref.named_parameters())
-    masks = {}
-    for s in art.state:
-        if s.role != "param":
-            continue
-        mask = torch.zeros_like(params[s.name])
-        sl = s.spec.slice
-        if sl:
-            mask[sl.index(mask.dim())] = 1
-        else:
-            mask += 1
-        masks[s.name] = mask
-    for n, p in params.items():
-        p.requires_grad_(n in masks)
-    opt = torch_optimizer(OPT, [params[n] for n in masks])
-    before = {n: p.detach().clone() for n, p in params.items()}
-    losses = []
-    for step in range(steps):
-        x, y = batch(case, step)
-        opt.zero_grad()
-        loss = F.cross_entropy(ref(x), y)
-        loss.backward()
-        for n, m in masks.items():
-            params[n].grad *= m
-        opt.step()
-        losses.append(loss.item())
-    return params, masks, before, losses
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_preset_step_matches_masked_pytorch(case: ZooCase, preset: str, tmp_path) -> None:
-    model = build(case)
-    x0, y0 = batch(case, 0)
-    art = compile(model, (x0,), labels=y0, optimizer=OPT, scheme=preset)
-    trainer = Trainer.load(art.save(str(tmp_path / "art")), threads=1)
-    losses = [trainer.step(*(t.numpy() for t in batch(case, step))) for step in range(STEPS)]
-
-    params, masks, before, ref_losses = _torch_step_with_scheme(case, art, STEPS)
-    np.testing.assert_allclose(losses, ref_losses, rtol=1e-4, atol=1e-5)
-    for s in art.state:
-        if s.role != "param":
-            continue
-        full = params[s.name].detach()
-        sl = s.spec.slice
-        part = full.narrow(sl.axis, sl.start, sl.stop - sl.start) if sl else full
-        np.testing.assert_allclose(trainer.state[s.name], part.numpy(), rtol=1e-4, atol=1e-5, err_msg=s.name)
-        frozen = masks[s.name] == 0
-        assert torch.equal(full[frozen], before[s.name][frozen]), f"frozen part of {s.name} moved in torch"
-    for n, p in params.items():
-        if n not in masks:
-            assert torch.equal(p, before[n])
+    assert_trains_like_torch(lambda: build(case), [batch(case, step) for step in range(STEPS)], F.cross_entropy,
+                             OPT, tmp_path, scheme=preset)
 
 
 def _mlp() -> torch.nn.Module:
