@@ -9,7 +9,7 @@ Not folded: nodes whose outputs nobody reads (dead code is DCE's job), nodes pro
 max(max_bytes, bytes of their inputs) -- an `expand` of a scalar to an activation-sized tensor would
 only move work from the step into the file and into memory.
 
-Evaluation is generic: the folded nodes are lowered with `pockprop.emit.onnx.to_onnx` and run once on
+Evaluation is generic: the folded nodes are lowered with `emit.onnx.to_onnx` and run once on
 onnxruntime, so every op with an ONNX lowering folds and no op has numpy code here. Should that one
 batch fail, nodes are evaluated one by one and those that fail (and what they feed) stay unfolded.
 """
@@ -17,18 +17,16 @@ from __future__ import annotations
 
 import numpy as np
 
+from pockprop.emit.onnx import to_onnx
 from pockprop.ir import Graph, Node
-
 from pockprop.passes.base import PassResult, drop_unused_constants, nbytes
+from pockprop.runtime.session import session
 
 DEFAULT_MAX_BYTES = 64 * 1024
 
 
 def _run(graph: Graph, nodes: list[Node], values: dict[str, np.ndarray], wanted: list[str]) -> dict[str, np.ndarray]:
     """Evaluate `nodes` (inputs taken from `values`) on onnxruntime; returns `wanted` outputs."""
-    from pockprop.emit.onnx import to_onnx
-    from pockprop.runtime.session import session
-
     sub = Graph()
     for n in nodes:
         sub.append(n)
