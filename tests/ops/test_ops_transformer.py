@@ -283,11 +283,12 @@ def _ops_of(fn: Callable[..., torch.Tensor], *tensors: torch.Tensor) -> list[str
     return [n.op for n in trace(M(), tensors).graph.nodes]
 
 
-def test_safe_softmax_stays_one_op() -> None:
-    """torch's five-op safe-softmax decomposition (eq, not, any, full_like, where) is one `safe_softmax`."""
+def test_attention_and_safe_softmax_stay_one_op() -> None:
+    """SDPA is one `attention` op, and torch's five-op safe-softmax decomposition (eq, not, any, full_like,
+    where) is one `safe_softmax`."""
     q, m = torch.randn(1, 2, 4, 8), torch.rand(1, 1, 4, 4) > 0.5
     ops = _ops_of(lambda q, m: F.scaled_dot_product_attention(q, q, q, attn_mask=m), q, m)
-    assert ops.count("safe_softmax") == 1 and not {"any", "eq", "logical_not"} & set(ops)
+    assert ops.count("attention") == 1 and not {"any", "eq", "logical_not", "safe_softmax", "matmul"} & set(ops)
     assert _ops_of(lambda x: torch._safe_softmax(x, -1), q) == ["safe_softmax"]
 
 
