@@ -13,6 +13,7 @@ import numpy as np
 
 from pockprop.ops.builder import Builder
 from pockprop.ir import Node, TensorType
+from pockprop.ops.dtype import operands
 from pockprop.ops.registry import Lowering, Need, Op, Tag, aten, register, same_as_input
 
 
@@ -167,6 +168,48 @@ class Log(Unary):
 
     def vjp(self, b, node, gouts, needs):  # type: ignore[no-untyped-def]
         return [b.op("div", [gouts[0], node.inputs[0]])]
+
+
+@register
+class Rsqrt(Unary):
+    """y = 1 / sqrt(x);  dx = -g * y^3 / 2."""
+    name = "rsqrt"
+
+    def lower(self, e: Lowering, node: Node) -> None:
+        e.node("Reciprocal", [e.node("Sqrt", node.inputs)], node.outputs)
+
+    def vjp(self, b, node, gouts, needs):  # type: ignore[no-untyped-def]
+        y = node.outputs[0]
+        return [b.op("mul", [gouts[0], b.op("mul", [b.op("pow", [y], exponent=3.0), b.scalar_like(-0.5, y)])])]
+
+
+@register
+class Cos(Unary):
+    """y = cos(x);  dx = -g * sin(x)."""
+    name, onnx_op = "cos", "Cos"
+
+    def vjp(self, b, node, gouts, needs):  # type: ignore[no-untyped-def]
+        return [b.op("neg", [b.op("mul", [gouts[0], b.op("sin", [node.inputs[0]])])])]
+
+
+@register
+class Sin(Unary):
+    """y = sin(x);  dx = g * cos(x)."""
+    name, onnx_op = "sin", "Sin"
+
+    def vjp(self, b, node, gouts, needs):  # type: ignore[no-untyped-def]
+        return [b.op("mul", [gouts[0], b.op("cos", [node.inputs[0]])])]
+
+
+@register
+class Erf(Unary):
+    """y = erf(x);  dx = g * 2/sqrt(pi) * exp(-x^2)."""
+    name, onnx_op = "erf", "Erf"
+
+    def vjp(self, b, node, gouts, needs):  # type: ignore[no-untyped-def]
+        x = node.inputs[0]
+        bell = b.op("exp", [b.op("mul", [b.op("mul", [x, x]), b.scalar_like(-1.0, x)])])
+        return [b.op("mul", [gouts[0], b.op("mul", [bell, b.scalar_like(2 / math.sqrt(math.pi), x)])])]
 
 
 @register
@@ -409,18 +452,11 @@ class GeluGrad(Op):
 
 # -- ATen importers -------------------------------------------------------------------------------
 
-def _operand(b: Builder, v: Any, like: str) -> str:
-    """A tensor operand, or a python scalar turned into a rank-0 constant of `like`'s dtype."""
-    return v if isinstance(v, str) else b.scalar_like(float(v), like)
-
-
 def _binary(op: str):  # type: ignore[no-untyped-def]
     def imp(b: Builder, a: Any, c: Any, alpha: float = 1) -> str:
-        if not isinstance(a, str):  # scalar first (rsub-like); only c is a tensor
-            a = b.scalar_like(float(a), c)
-        c = _operand(b, c, a)
+        a, c = operands(b, a, c, at_least_float=op == "div")  # torch promotes; ONNX wants one dtype
         if alpha != 1:
-            c = b.op("mul", [c, b.scalar_like(float(alpha), c)])
+            c = b.op("mul", [c, b.scalar_like(alpha, c)])
         return b.op(op, [a, c])
     return imp
 
@@ -433,14 +469,15 @@ aten("aten.div.Tensor", "aten.div.Scalar")(_binary("div"))
 
 @aten("aten.rsub.Scalar", "aten.rsub.Tensor")
 def _rsub(b: Builder, a: str, c: Any, alpha: float = 1) -> str:
-    return _binary("sub")(b, c if isinstance(c, str) else b.scalar_like(float(c), a), a, alpha)
+    return _binary("sub")(b, c, a, alpha)
 
 
 def _unary(op: str):  # type: ignore[no-untyped-def]
     return lambda b, x: b.op(op, [x])
 
 
-for _name in ("neg", "abs", "sign", "sqrt", "exp", "log", "relu", "sigmoid", "tanh", "silu", "hardswish", "hardsigmoid"):
+for _name in ("neg", "abs", "sign", "sqrt", "rsqrt", "exp", "log", "cos", "sin", "erf", "relu", "sigmoid", "tanh", "silu",
+              "hardswish", "hardsigmoid"):
     aten(f"aten.{_name}.default")(_unary(_name))
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from pockprop.ops.builder import Builder
+from pockprop.ops.dtype import cast, dtype_name
 from pockprop.ir import Node, TensorType
 from pockprop.ops.elementwise import broadcast_shape, unbroadcast
 from pockprop.ops.registry import InputGradOp, Lowering, Need, Op, Tag, aten, register
@@ -216,6 +217,16 @@ def _slice(b: Builder, x: str, dim: int = 0, start: int | None = None, end: int 
     return b.op("slice", [x], axis=axis, start=start, stop=stop, step=step)
 
 
+@aten("aten.split_with_sizes.default")
+def _split_with_sizes(b: Builder, x: str, sizes: Any, dim: int = 0) -> list[str]:
+    """Consecutive slices along dim (split and chunk decompose into this)."""
+    axis, start, pieces = _norm_axis(dim, b.type(x).rank), 0, []
+    for n in sizes:
+        pieces.append(_slice(b, x, axis, start, start + int(n)))
+        start += int(n)
+    return pieces
+
+
 @aten("aten.select.int")
 def _select(b: Builder, x: str, dim: int, index: int) -> str:
     shape = list(b.type(x).shape)
@@ -234,11 +245,8 @@ def _identity(b: Builder, x: str, *args: Any, **kwargs: Any) -> str:
 
 @aten("aten._to_copy.default")
 def _to_copy(b: Builder, x: str, dtype: Any = None, **kwargs: Any) -> str:
-    from pockprop.errors import CompileError
-
-    if dtype is not None and str(dtype).removeprefix("torch.") != b.type(x).dtype:
-        raise CompileError(f"dtype conversion to {dtype} is not supported yet (module {b.module or '<top level>'})")
-    return x
+    """A dtype conversion (device, layout and memory format do not exist in a value graph)."""
+    return x if dtype is None else cast(b, x, dtype_name(dtype))
 
 
 @aten("aten.dropout.default")
@@ -247,16 +255,24 @@ def _dropout(b: Builder, x: str, p: float = 0.5, train: bool | None = False) -> 
     return x
 
 
+def filled(b: Builder, shape: Any, value: Any, dtype: str) -> str:
+    """A tensor of `shape` holding `value`: a scalar constant expanded (constant folding decides whether
+    to store the full array)."""
+    fill = b.const(value, dtype, hint="fill")
+    shape = [int(s) for s in shape]
+    return fill if not shape else b.op("expand", [fill], shape=shape)
+
+
 @aten("aten.full.default")
-def _full(b: Builder, size: Any, value: float, dtype: Any = None, **kwargs: Any) -> str:
-    name = "float32" if dtype is None else str(dtype).removeprefix("torch.")
-    return b.const(np.full([int(s) for s in size], value), name, hint="full")
+def _full(b: Builder, size: Any, value: Any, dtype: Any = None, **kwargs: Any) -> str:
+    # torch infers the dtype from the fill value: True -> bool, 3 -> int64, 0.5 -> float32
+    inferred = "bool" if isinstance(value, bool) else "int64" if isinstance(value, int) else "float32"
+    return filled(b, size, value, dtype_name(dtype) if dtype is not None else inferred)
 
 
 @aten("aten.scalar_tensor.default")
 def _scalar_tensor(b: Builder, value: float, dtype: Any = None, **kwargs: Any) -> str:
-    name = "float32" if dtype is None else str(dtype).removeprefix("torch.")
-    return b.const(value, name, hint="scalar")
+    return b.const(value, "float32" if dtype is None else dtype_name(dtype), hint="scalar")
 
 
 @aten("aten._assert_tensor_metadata.default")

@@ -29,6 +29,8 @@ KEEP = (
     "aten.hardswish.default",
     "aten.hardsigmoid.default",
     "aten.silu.default",
+    "aten._safe_softmax.default",  # rows all -inf give 0; decomposed it is five ops and a full-size zeros tensor
+    "aten.scaled_dot_product_attention.default",  # one `attention` op (docs/benchmarks.md)
 )
 
 

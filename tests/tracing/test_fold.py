@@ -79,7 +79,7 @@ def test_multi_output_and_index_fold() -> None:
 
 
 class Dependent(nn.Module):
-    """cos of a parameter and cumsum of the input: both must still be reported (neither is a constant)."""
+    """cos of a parameter and cumsum of the input: both must stay in the graph (neither is a constant)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -90,9 +90,8 @@ class Dependent(nn.Module):
 
 
 def test_parameters_and_inputs_are_never_folded() -> None:
-    with pytest.raises(UnsupportedOpError) as info:
-        trace(Dependent(), (torch.randn(2, 4),))
-    assert set(info.value.ops) == {"aten.cumsum.default", "aten.cos.default"}  # sin(arange) folded
+    ops = [n.op for n in trace(Dependent(), (torch.randn(2, 4),)).graph.nodes]
+    assert "cumsum" in ops and "cos" in ops and "sin" not in ops  # sin(arange) folded
 
 
 class Random(nn.Module):
