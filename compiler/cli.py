@@ -69,17 +69,19 @@ def compile_command(args: argparse.Namespace) -> int:
     if shape is None:
         raise CompileError(f"{args.model} has no default input shape; pass --input-shape")
     preprocess = resolve_preprocess(args.preprocess, shape, args.model)
+    # token ids (a builder whose default_input_dtype is int64): zeros are valid ids, and values do not matter to tracing
+    example = torch.zeros(shape, dtype=torch.int64) if spec.input_dtype() == "int64" else torch.randn(*shape)
     t0 = time.perf_counter()
     print(f"compiling {args.model} for input {','.join(map(str, shape))} ...", file=sys.stderr)
     print(f"preprocess: {describe_preprocess(preprocess, shape)}", file=sys.stderr)
-    art = compile(model, (torch.randn(*shape),), loss=args.loss, optimizer=_optimizer(args),
+    art = compile(model, (example,), loss=args.loss, optimizer=_optimizer(args),
                   trainable=args.trainable, scheme=args.scheme, label_smoothing=args.label_smoothing,
                   name=args.model.split(":")[-1], preprocess=preprocess)
     art.source = spec.source()
     if args.report:
         from pockprop.compiler.report import compile_report, format_report
 
-        full = compile(model, (torch.randn(*shape),), loss=args.loss, optimizer=_optimizer(args), scheme="full")
+        full = compile(model, (example,), loss=args.loss, optimizer=_optimizer(args), scheme="full")
         art.report = compile_report(art, full)
     art.save(args.output)
     if art.scheme is not None:

@@ -411,17 +411,18 @@ def targets(results: dict[str, dict[str, Any]]) -> list[str]:
     return out
 
 
-def update_doc(path: str, text: str) -> bool:
-    """Replace what lies between the markers of `path` with `text`; False if the doc has no markers."""
+def update_doc(path: str, text: str, begin: str = BEGIN, end: str = END) -> bool:
+    """Replace what lies between the markers `begin` and `end` of `path` with `text`; False if the doc has
+    no such markers."""
     if not os.path.exists(path):
         return False
     with open(path) as f:
         doc = f.read()
-    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
     if not pattern.search(doc):
         return False
     with open(path, "w") as f:
-        f.write(pattern.sub(lambda _: f"{BEGIN}\n{text}\n{END}", doc))
+        f.write(pattern.sub(lambda _: f"{begin}\n{text}\n{end}", doc))
     return True
 
 
