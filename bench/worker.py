@@ -7,8 +7,9 @@ imported from the spec's "root" (the folder holding the package), put first on t
 
 Protocol: one JSON object per line. The parent writes the spec line first; the worker builds its thing and
 answers {"ready": true, "build_s": ...} or {"error": "..."}. Then {"cmd": "run", "steps": k} answers
-{"times": [wall seconds per step], "cpu": [CPU seconds of the process, every thread, per step]}, and {"cmd": "stop"} answers {"vmhwm_kb": peak RSS} and exits. Anything the
-libraries print goes to stderr: the protocol has its own copy of the original stdout.
+{"times": [wall seconds per step], "cpu": [CPU seconds of the process, every thread, per step]}, and
+{"cmd": "stop"} answers {"vmhwm_kb": peak RSS} and exits. Anything the libraries print goes to stderr: the
+protocol has its own copy of the original stdout.
 """
 from __future__ import annotations
 

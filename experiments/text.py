@@ -15,7 +15,6 @@ perplexity before and after go to out/text/results.json and the tables of docs/a
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -32,7 +31,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 
-from experiments.accuracy import update_doc  # noqa: E402
+# The fine-tuning recipe (epochs of shuffled full batches, cosine to 0) is accuracy.py's: the optimizer is the
+# artifact's (AdamW here, compile_schemes).
+from experiments.accuracy import experiment_config, experiment_parser, finetune, update_doc  # noqa: E402
 
 DOC = "docs/accuracy.md"
 BEGIN, END = "<!-- text-results:begin (python -m experiments.text writes this part) -->", "<!-- text-results:end -->"
@@ -247,32 +248,6 @@ def heldout(trainer: Any, x: np.ndarray, y: np.ndarray) -> float:
     return total / count
 
 
-def finetune(art_dir: str, data: dict[str, tuple[np.ndarray, np.ndarray]], cfg: Config, seed: int,
-             lr: float) -> tuple[dict[str, Any], Any]:
-    """cfg.epochs epochs of shuffled full batches of the fine-tuning windows (order seeded by `seed`), cosine
-    from `lr` to 0; the run's record and its Trainer."""
-    from pockprop.runtime.data import batches
-    from pockprop.runtime.schedule import Schedule
-    from pockprop.runtime.trainer import Trainer
-
-    trainer = Trainer.load(art_dir, threads=cfg.threads)
-    x, y = data["train"]
-    total = cfg.epochs * (len(x) // cfg.batch)
-    trainer.schedule = Schedule("cosine", lr, total_steps=max(total, 1))
-    times, losses = [], []
-    for epoch in range(cfg.epochs):
-        for bx, by in batches(x, y, cfg.batch, seed=seed * 1000 + epoch):
-            t0 = time.perf_counter()
-            loss = trainer.step(bx, by)
-            times.append(time.perf_counter() - t0)
-            if loss is not None:
-                losses.append(loss)
-    record = {"seed": seed, "lr": lr, "steps": trainer.steps, "rejected": trainer.rejected,
-              "train_loss": float(np.mean(losses[-10:])) if losses else float("nan"),
-              "step_ms": float(np.median(times[2:] if len(times) > 4 else times) * 1e3) if times else 0.0}
-    return record, trainer
-
-
 def run(cfg: Config, out: str) -> dict[str, Any]:
     t_run = time.perf_counter()
     os.makedirs(out, exist_ok=True)
@@ -304,7 +279,7 @@ def run(cfg: Config, out: str) -> dict[str, Any]:
     for scheme in cfg.schemes:
         grid, best = [], None
         for lr in cfg.lrs:  # seed cfg.seeds[0]; the lowest validation loss wins
-            record, trainer = finetune(arts[scheme]["dir"], data, cfg, cfg.seeds[0], lr)
+            record, trainer = finetune(arts[scheme]["dir"], data["train"], cfg, cfg.seeds[0], lr)
             record["val_loss"] = heldout(trainer, *data["val"])
             grid.append(record)
             if best is None or record["val_loss"] < best[0]["val_loss"]:
@@ -315,7 +290,8 @@ def run(cfg: Config, out: str) -> dict[str, Any]:
             + f" -> {lr:g}")
         runs = []
         for seed in cfg.seeds:
-            record, trainer = best if seed == cfg.seeds[0] else finetune(arts[scheme]["dir"], data, cfg, seed, lr)
+            record, trainer = (best if seed == cfg.seeds[0] else
+                               finetune(arts[scheme]["dir"], data["train"], cfg, seed, lr))
             record["test_loss"] = heldout(trainer, *data["test"])
             record["source_loss"] = heldout(trainer, *data["source"])
             runs.append(record)
@@ -363,23 +339,11 @@ def markdown(r: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m experiments.text", description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="a smoke run: tiny model, few steps, out/text-quick")
-    p.add_argument("--schemes", help="comma-separated schemes (default: full,sparse,last-k:1)")
-    p.add_argument("--seeds", help="comma-separated seeds (default: 0,1,2)")
-    p.add_argument("--epochs", type=int)
+    p = experiment_parser("python -m experiments.text", __doc__.splitlines()[0], "text", DOC,
+                          "tiny model, few steps", "full,sparse,last-k:1")
     p.add_argument("--threads", type=int)
-    p.add_argument("--tables-only", action="store_true", help="run nothing: rebuild the table from results.json")
-    p.add_argument("--out", help="output folder (default out/text, --quick: out/text-quick)")
-    p.add_argument("--doc", help=f"markdown file to write the table into (default {DOC}; never with --quick)")
     args = p.parse_args(argv)
-    cfg = QUICK if args.quick else Config()
-    if args.schemes:
-        cfg = replace(cfg, schemes=tuple(s.strip() for s in args.schemes.split(",") if s.strip()))
-    if args.seeds:
-        cfg = replace(cfg, seeds=tuple(int(s) for s in args.seeds.split(",")))
-    if args.epochs:
-        cfg = replace(cfg, epochs=args.epochs)
+    cfg = experiment_config(QUICK if args.quick else Config(), args)
     if args.threads:
         cfg = replace(cfg, threads=args.threads)
     out = args.out or ("out/text-quick" if args.quick else "out/text")
