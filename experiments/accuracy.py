@@ -97,15 +97,18 @@ def build(cfg: Config, state: dict[str, np.ndarray] | None = None) -> Any:
     return model.eval()
 
 
+def pretrained_path(task: DriftTask, cfg: Config, out: str) -> str:
+    """Where `pretrain` caches its weights: per source setting and config."""
+    return os.path.join(out, f"pretrained-{task.source_key}-{cfg.model}-{cfg.key()}.safetensors")
+
+
 def pretrain(task: DriftTask, cfg: Config, out: str) -> dict[str, np.ndarray]:
     """PyTorch pre-training on the task's source images (BatchNorm in train mode), then the BatchNorm
-    statistics recalibrated on the same images; cached per source setting and config as safetensors."""
-    path = os.path.join(out, f"pretrained-{task.source_key}-{cfg.model}-{cfg.key()}.safetensors")
+    statistics recalibrated on the same images; cached (`pretrained_path`) as a safetensors state_dict."""
+    path = pretrained_path(task, cfg, out)
     if os.path.exists(path):
         return safetensors.load(path)[0]
     import torch
-
-    from experiments.demo import calibrate_batchnorm
 
     t0 = time.perf_counter()
     threads = torch.get_num_threads()
@@ -139,6 +142,22 @@ def pretrain(task: DriftTask, cfg: Config, out: str) -> dict[str, np.ndarray]:
     return state
 
 
+def calibrate_batchnorm(model: Any, x: np.ndarray, batch: int = 64) -> None:
+    """Set BatchNorm running statistics from data (cumulative average), leaving weights untouched: pockprop
+    fine-tunes with frozen statistics, so they must describe the data, not the last training batches."""
+    import torch
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None
+    model.train()
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            model(torch.from_numpy(x[i:i + batch]))
+    model.eval()
+
+
 # -- compile, fine-tune, measure ------------------------------------------------------------------
 
 def training_bytes(art: Any, summary: dict[str, Any]) -> int:
@@ -168,7 +187,7 @@ def compile_scheme(state: dict[str, np.ndarray], scheme: Any, cfg: Config, direc
 
 def finetune(art_dir: str, train: tuple[np.ndarray, np.ndarray], cfg: Config, seed: int, lr: float) -> tuple[dict[str, Any], Any]:
     """The one fine-tuning recipe: cfg.epochs epochs of full shuffled batches (order seeded by `seed`),
-    SGD momentum, cosine lr from `lr` to 0 over all steps. Returns the run's record and its Trainer."""
+    the artifact's optimizer (here SGD momentum; text.py's: AdamW), cosine lr from `lr` to 0 over all steps. Returns the run's record and its Trainer."""
     from pockprop.runtime.trainer import Trainer
 
     trainer = Trainer.load(art_dir, threads=cfg.threads)

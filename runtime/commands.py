@@ -24,8 +24,9 @@ from pockprop.errors import CheckpointError, DataError
 from pockprop.runtime.loop import fit
 from pockprop.artifact.manifest import open_artifact, pack
 from pockprop.runtime.progress import Progress
+from pockprop.runtime.runlog import RunLog
 from pockprop.runtime.schedule import Schedule
-from pockprop.runtime.session import session
+from pockprop.runtime.session import PROVIDER_NAMES, session
 from pockprop.runtime.trainer import Trainer
 
 
@@ -35,6 +36,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         if checkpoint:
             p.add_argument("--checkpoint-dir", help="use the trained state of this checkpoint directory")
         cli_args.add_threads(p)
+        p.add_argument("--provider", default="cpu", choices=list(PROVIDER_NAMES),
+                       help="onnxruntime execution provider: cpu, or cuda (onnxruntime-gpu, e.g. on a Jetson); "
+                            "falls back to the CPU with a warning where the provider is unavailable")
         cli_args.add_json_flag(p)
 
     t = sub.add_parser("train", help="train an artifact on device data (numpy + onnxruntime only)",
@@ -69,6 +73,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="reject steps with non-finite loss or updated tensors (full), loss only, or never")
     t.add_argument("--export", metavar="ONNX", help="also export the trained inference model here")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--log", metavar="FILE", help="append per-step metrics to FILE as JSON lines (docs/artifact.md); "
+                                                 "`pockprop plot FILE -o loss.png` draws them")
     t.set_defaults(func=train_command)
 
     e = sub.add_parser("eval", help="loss and accuracy of an artifact (optionally its checkpoint) on data")
@@ -106,8 +112,13 @@ def _emit(args: argparse.Namespace, doc: dict[str, Any], lines: list[str]) -> in
     return 0
 
 
+def _load(args: argparse.Namespace) -> Trainer:
+    with _warnings_as_lines(args.command):  # a provider falling back to the CPU says so in one line
+        return Trainer.load(args.artifact, threads=args.threads, provider=args.provider)
+
+
 def _trainer(args: argparse.Namespace) -> Trainer:
-    trainer = Trainer.load(args.artifact, threads=args.threads)
+    trainer = _load(args)
     if getattr(args, "checkpoint_dir", None):
         trainer.resume(args.checkpoint_dir)
     return trainer
@@ -144,9 +155,11 @@ def train_command(args: argparse.Namespace) -> int:
     schedule = _schedule(args)
     if args.export:  # every output path before the first step: a bad one must not cost the training
         _check_output(args.export, args.artifact, "--export")
+    if args.log:
+        _check_output(args.log, args.artifact, "--log")
     if args.checkpoint_dir:
         cli_args.check_output_dir(args.checkpoint_dir, "--checkpoint-dir")
-    trainer = Trainer.load(args.artifact, threads=args.threads)
+    trainer = _load(args)
     if args.batch is not None and args.batch != trainer.batch_size:
         raise DataError(f"--batch {args.batch}: the artifact was compiled for batch {trainer.batch_size} and its graph "
                         "shapes are fixed; recompile with another --input-shape to change it")
@@ -170,24 +183,25 @@ def train_command(args: argparse.Namespace) -> int:
 
     train = trainer.pipeline.load(args.data, args.label_column)
     held = trainer.pipeline.load(args.eval_data, args.label_column) if args.eval_data else None
-    bar: Progress | None = None
+    bar = Progress(0, "train ", enabled=not (args.json or args.no_progress))  # elapsed time counts from here
     recent: list[float] = []
 
     def on_batch(done: int, total: int, loss: float | None) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = Progress(total, "train ", enabled=not (args.json or args.no_progress))
-            bar.begin(done - 1)
+        bar.total = total
         if loss is not None:
             recent[:] = (recent + [loss])[-20:]
         bar.update(done, f"loss {np.mean(recent):.4f}" if recent else "loss -")
 
-    with _warnings_as_lines("train"):
-        record = fit(trainer, train, args.epochs, seed=args.seed, last_batch=args.last_batch, schedule=schedule,
-                     holdout=args.holdout, eval_data=held, checkpoint_dir=args.checkpoint_dir,
-                     checkpoint_every=args.checkpoint_every, on_batch=on_batch)
-    if bar is not None:
-        bar.close(f"loss {np.mean(recent):.4f}" if recent else "")
+    log = RunLog(args.log) if args.log else None
+    try:
+        with _warnings_as_lines("train"):
+            record = fit(trainer, train, args.epochs, seed=args.seed, last_batch=args.last_batch, schedule=schedule,
+                         holdout=args.holdout, eval_data=held, checkpoint_dir=args.checkpoint_dir,
+                         checkpoint_every=args.checkpoint_every, on_batch=on_batch, log=log.write if log else None)
+    finally:
+        if log:
+            log.close()
+    bar.close(f"loss {np.mean(recent):.4f}" if recent else "")
     exported = trainer.export_inference(args.export) if args.export else None
     ckpt = checkpoint.path_of(args.checkpoint_dir) if args.checkpoint_dir else None
     losses = " ".join("-" if v is None else f"{v:.4f}" for v in record["epoch_losses"])
@@ -221,7 +235,7 @@ def export_command(args: argparse.Namespace) -> int:
     # Self-check: any ONNX runtime must give what `predict` gives; run the file on a seeded batch.
     spec = trainer.manifest.input
     x = np.random.default_rng(0).standard_normal(spec.shape).astype(spec.dtype)
-    sess = session(path, args.threads)
+    sess = session(path, args.threads, providers=trainer.providers)
     got = sess.run(None, {sess.get_inputs()[0].name: x})[0]
     diff = float(np.max(np.abs(got - trainer.predict(x)))) if got.size else 0.0
     size = os.path.getsize(path)

@@ -20,6 +20,7 @@ from pockprop.runtime.schedule import Schedule
 from pockprop.runtime.trainer import Trainer
 
 OnBatch = Callable[[int, int, "float | None"], None]  # (batches done in round, total, loss or None)
+Log = Callable[[dict[str, Any]], None]  # one metrics record (runtime.runlog's format, docs/artifact.md)
 
 
 def _same_round(p: dict[str, Any] | None, key: dict[str, Any]) -> bool:
@@ -28,13 +29,16 @@ def _same_round(p: dict[str, Any] | None, key: dict[str, Any]) -> bool:
 
 def fit(trainer: Trainer, train: Dataset, epochs: int, *, seed: int = 0, last_batch: str = "drop",
         schedule: Schedule | dict[str, Any] | None = None, holdout: float = 0.0, eval_data: Dataset | None = None,
-        checkpoint_dir: str | None = None, checkpoint_every: int = 0, on_batch: OnBatch | None = None) -> dict[str, Any]:
+        checkpoint_dir: str | None = None, checkpoint_every: int = 0, on_batch: OnBatch | None = None,
+        log: Log | None = None) -> dict[str, Any]:
     """Train `epochs` epochs on `train` (raw samples, preprocessed here); returns the round's log record.
 
     schedule: a Schedule, or a dict of its fields where a cosine `total_steps` of 0 means "this round's
     batches"; default constant at the artifact's lr. holdout: fraction of `train` held out to measure
     accuracy before and after the round (or pass eval_data). checkpoint_every: also checkpoint every
     that many batches (checkpoints are always written at each epoch end and at the end of the round).
+    log: called with a record at the start, after every step, at each epoch end (with the held-out
+    metrics, evaluated there for it, when there is held-out data) and at the end (runtime.runlog).
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -61,11 +65,23 @@ def fit(trainer: Trainer, train: Dataset, epochs: int, *, seed: int = 0, last_ba
     assert p is not None
     t0 = time.perf_counter()
     total = epochs * n_batches
+    held_now: dict[str, Any] | None = None  # the held-out metrics of the current weights, if evaluated
+    if log:
+        log({"event": "start", "round": p["round"], "data": p["source"], "samples": p["samples"], "epochs": epochs,
+             "batches_per_epoch": n_batches, "epoch": p["epoch"], "batch": p["batch"], "step": trainer.steps,
+             "resumed": p["epoch"] > 0 or p["batch"] > 0} | ({"held_out": p["before"]} if p["before"] else {}))
     for epoch in range(p["epoch"], epochs):
         order = batch_indices(epoch_order(len(train), seed, p["round"], epoch), trainer.batch_size, last_batch)
+        t_epoch = time.perf_counter()
         for b in range(p["batch"], len(order)):
             idx = order[b]
+            t_step, lr = time.perf_counter(), trainer.lr
             loss = trainer.step(pipe.inputs(train.x[idx], train.source), y_all[idx])
+            if log:
+                log({"event": "step", "round": p["round"], "epoch": epoch + 1, "batch": b + 1, "step": trainer.steps,
+                     "loss": loss, "lr": lr, "rejected": loss is None,
+                     "reason": trainer.last_rejection if loss is None else None,
+                     "seconds": round(time.perf_counter() - t_step, 6)})
             if loss is not None:
                 p["loss_sum"] += loss
                 p["loss_count"] += 1
@@ -76,6 +92,11 @@ def fit(trainer: Trainer, train: Dataset, epochs: int, *, seed: int = 0, last_ba
             if checkpoint_dir and checkpoint_every and done % checkpoint_every == 0 and b + 1 < len(order):
                 trainer.save_checkpoint(checkpoint_dir)
         p["epoch_losses"].append(p["loss_sum"] / p["loss_count"] if p["loss_count"] else None)
+        if log:
+            seconds = round(time.perf_counter() - t_epoch, 6)
+            held_now = trainer.evaluate(held) if held is not None else None
+            log({"event": "epoch", "round": p["round"], "epoch": epoch + 1, "step": trainer.steps,
+                 "loss": p["epoch_losses"][-1], "seconds": seconds} | ({"held_out": held_now} if held_now else {}))
         p.update(epoch=epoch + 1, batch=0, loss_sum=0.0, loss_count=0)
         if checkpoint_dir and epoch + 1 < epochs:
             trainer.save_checkpoint(checkpoint_dir)
@@ -84,12 +105,16 @@ def fit(trainer: Trainer, train: Dataset, epochs: int, *, seed: int = 0, last_ba
               "steps": trainer.steps - p["steps_at_start"], "rejected": trainer.rejected - p["rejected_at_start"],
               "epoch_losses": p["epoch_losses"], "seconds": round(time.perf_counter() - t0, 3)}
     if held is not None:
-        after = trainer.evaluate(held)
+        after = held_now or trainer.evaluate(held)  # the last epoch's, when the log evaluated it
         record |= {"held_out": after["samples"], "before": p["before"], "after": after}
     trainer.rounds.append(record)
     p["finished"] = True
     if checkpoint_dir:
         trainer.save_checkpoint(checkpoint_dir)
+    if log:
+        log({"event": "end", "round": record["round"], "step": trainer.steps, "steps": record["steps"],
+             "rejected": record["rejected"], "epoch_losses": record["epoch_losses"], "seconds": record["seconds"]}
+            | ({"held_out": record["after"]} if "after" in record else {}))
     return record
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import onnxruntime as ort
 
 from pockprop.runtime import checkpoint, data
-from pockprop.runtime.session import session
+from pockprop.runtime.session import CPU, providers_for, session
 from pockprop.artifact import onnx_wire, safetensors
 from pockprop.artifact.contract import BY_ORT, Manifest, Role, StateSpec, TensorSpec
 from pockprop.artifact.durable import write_atomic
@@ -28,10 +28,10 @@ from pockprop.runtime.schedule import Schedule
 
 
 def _session(model: bytes | str, where: str, threads: int | None,
-             external: Mapping[str, np.ndarray] | None = None) -> ort.InferenceSession:
-    """An onnxruntime CPU session of the model (bytes, or a file path), or ArtifactError naming `where`."""
+             external: Mapping[str, np.ndarray] | None = None, providers: list[str] = CPU) -> ort.InferenceSession:
+    """An onnxruntime session of the model (bytes, or a file path), or ArtifactError naming `where`."""
     try:
-        return session(model, threads, external=external)
+        return session(model, threads, external=external, providers=providers)
     except Exception as ex:  # onnxruntime raises its own exception types; the file is what is wrong
         raise ArtifactError(f"{where}: onnxruntime cannot load it ({str(ex).splitlines()[0]})") from None
 
@@ -64,7 +64,8 @@ def _spec(t: TensorSpec | StateSpec) -> tuple[tuple[int, ...], str]:
 class Trainer:
     """An artifact's sessions and training state; `load` it, then `step`, `predict`, `evaluate`, `save_checkpoint`."""
 
-    def __init__(self, bundle: Bundle, state: dict[str, np.ndarray], threads: int | None = None) -> None:
+    def __init__(self, bundle: Bundle, state: dict[str, np.ndarray], threads: int | None = None,
+                 provider: str = "cpu") -> None:
         m = bundle.manifest
         self.path, self.manifest, self.digest = bundle.path, m, bundle.digest
         self._entries: list[StateSpec] = m.state
@@ -74,6 +75,7 @@ class Trainer:
         # copy of every weight. It is read before the training session is built, so its bytes are gone by
         # then; the peak is onnxruntime's build.
         self._threads = threads
+        self.providers = providers_for(provider)  # resolved once: one fallback message, not one per session
         infer_name = m.graphs.infer
         infer_raw = bundle.files[infer_name]  # read once (a directory's file is read on each lookup)
         try:
@@ -88,10 +90,12 @@ class Trainer:
         # initializers kept in external files: from the files' verified bytes, never read by onnxruntime itself
         external = bundle.external_data(train_name, bundle.files[train_name])
         if isinstance(bundle.files, DirectoryFiles):  # onnxruntime reads the file itself: no copy in Python
-            self._train = _session(bundle.files.local_path(train_name), bundle.where(train_name), threads, external)
+            self._train = _session(bundle.files.local_path(train_name), bundle.where(train_name), threads, external,
+                                   self.providers)
             bundle.files.verify(train_name)  # what it read is what was verified at load
         else:
-            self._train = _session(bundle.files[train_name], bundle.where(train_name), threads, external)
+            self._train = _session(bundle.files[train_name], bundle.where(train_name), threads, external,
+                                   self.providers)
         del external
         self._check_train(bundle)
         self._check_infer(bundle, *infer)
@@ -116,8 +120,9 @@ class Trainer:
         self._allocate(state)
 
     @classmethod
-    def load(cls, path: str, threads: int | None = None) -> "Trainer":
-        """Load and validate an artifact (directory or packed file); ArtifactError naming the file if unusable."""
+    def load(cls, path: str, threads: int | None = None, provider: str = "cpu") -> "Trainer":
+        """Load and validate an artifact (directory or packed file); ArtifactError naming the file if unusable.
+        provider: onnxruntime's execution provider, `cpu` or `cuda` (runtime.session: CPU where unavailable)."""
         bundle = open_artifact(path)
         where = bundle.where(bundle.manifest.state_file)
         try:
@@ -125,7 +130,7 @@ class Trainer:
         except ValueError as ex:
             raise ArtifactError(f"{where}: {ex}") from None
         _check_state(state, bundle.manifest.state, where)
-        return cls(bundle, state, threads)
+        return cls(bundle, state, threads, provider)
 
     # -- validation ------------------------------------------------------------------------------
     def _check_train(self, bundle: Bundle) -> None:
@@ -158,7 +163,7 @@ class Trainer:
         """The inference session, made on first use (see __init__)."""
         if self._infer_session is None:
             raw, where, external = self._infer_file()
-            self._infer_session = _session(raw, where, self._threads, external)
+            self._infer_session = _session(raw, where, self._threads, external, self.providers)
         return self._infer_session
 
     def _infer_file(self) -> tuple[bytes, str, dict[str, np.ndarray]]:
@@ -251,6 +256,11 @@ class Trainer:
         self.rejected += 1
         self.last_rejection = reason
 
+    @property
+    def lr(self) -> float:
+        """The learning rate the next step takes from the schedule."""
+        return self.schedule.lr(self.steps - self.schedule_start)
+
     def step(self, x: Any, y: Any, lr: float | None = None) -> float | None:
         """One training step on a model-ready batch; the loss, or None if the guard rejected the step."""
         x = self._model_input(x, self.batch_size)
@@ -261,7 +271,7 @@ class Trainer:
         if self.guard != "off" and not (_finite(x) and _finite(y)):
             self._reject("the batch holds NaN or Inf")
             return None
-        rate = self.schedule.lr(self.steps - self.schedule_start) if lr is None else lr
+        rate = self.lr if lr is None else lr
         binding = self._bindings[self._cur]
         binding.bind_cpu_input(self._data.name, x)
         binding.bind_cpu_input(self._labels.name, y)
