@@ -186,8 +186,9 @@ def compile_scheme(state: dict[str, np.ndarray], scheme: Any, cfg: Config, direc
 
 
 def finetune(art_dir: str, train: tuple[np.ndarray, np.ndarray], cfg: Config, seed: int, lr: float) -> tuple[dict[str, Any], Any]:
-    """The one fine-tuning recipe: cfg.epochs epochs of full shuffled batches (order seeded by `seed`),
-    the artifact's optimizer (here SGD momentum; text.py's: AdamW), cosine lr from `lr` to 0 over all steps. Returns the run's record and its Trainer."""
+    """The one fine-tuning recipe: cfg.epochs epochs of full shuffled batches (order seeded by `seed`), the
+    artifact's optimizer (here SGD momentum; text.py's: AdamW), cosine lr from `lr` to 0 over all steps.
+    Returns the run's record and its Trainer."""
     from pockprop.runtime.trainer import Trainer
 
     trainer = Trainer.load(art_dir, threads=cfg.threads)
