@@ -62,11 +62,11 @@ bench: $(STAMP)
 # The transformer rows of docs/benchmarks.md: tokens/s of a training step of the Llama-shaped LM and the
 # BERT-base-shaped classifier (4 layers), schemes full, sparse and last-k:1 against PyTorch, interleaved.
 # onnxruntime-training's loss takes no (N, T, V) logits, so its rows are left out (--no-peers).
-TBENCH := $(BIN)/python -m pockprop bench --threads 2 --warmup 1 --steps 2 --no-peers --scheme sparse,last-k:1
+TBENCH := $(BIN)/python -m pockprop bench --threads 2 --warmup 1 --no-peers --scheme sparse,last-k:1
 bench-transformers: $(STAMP)
 	mkdir -p out/bench
-	$(TBENCH) --model llama_small --batch 4 --seq-len 128 --rounds 6 --json out/bench/llama_small-b4-t128.json
-	$(TBENCH) --model bert_base4 --batch 4 --seq-len 128 --rounds 6 --json out/bench/bert_base4-b4-t128.json
+	$(TBENCH) --model llama_small --batch 4 --seq-len 128 --rounds 10 --steps 3 --json out/bench/llama_small-b4-t128.json
+	$(TBENCH) --model bert_base4 --batch 4 --seq-len 128 --rounds 6 --steps 2 --json out/bench/bert_base4-b4-t128.json
 
 # Text fine-tuning through the device runtime (docs/accuracy.md, "Text"): a tiny Llama pre-trained in PyTorch on
 # pydoc_data.topics' Language Reference, fine-tuned on its Library Reference with full, sparse and last-k:1.
