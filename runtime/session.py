@@ -54,12 +54,15 @@ def _fallback(why: str) -> None:
     warnings.warn(f"{why}: running on the CPU", ProviderFallback, stacklevel=3)
 
 
-def options(threads: int | None = None, *, optimize: bool = True, spin: bool | None = None) -> ort.SessionOptions:
+def options(threads: int | None = None, *, optimize: bool = True, spin: bool | None = None,
+            mem_pattern: bool = True) -> ort.SessionOptions:
     """Session options: `threads` intra-op threads (None: onnxruntime's default, all cores), one inter-op
     thread, sequential execution, full graph optimization (optimize=False: the kernels exactly as the
     graph lowers them), errors-only logging; intra-op threads spin-wait between ops only if `spin`
-    (None: the module's SPINNING, False unless a caller set it)."""
+    (None: the module's SPINNING, False unless a caller set it); onnxruntime's memory pattern only if
+    `mem_pattern` (see `session`)."""
     opts = ort.SessionOptions()
+    opts.enable_mem_pattern = mem_pattern
     if not (SPINNING if spin is None else spin):
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
@@ -72,7 +75,7 @@ def options(threads: int | None = None, *, optimize: bool = True, spin: bool | N
     return opts
 
 
-def session(model: bytes | str, threads: int | None = None, *, optimize: bool = True,
+def session(model: bytes | str, threads: int | None = None, *, optimize: bool = True, mem_pattern: bool = True,
             external: Mapping[str, np.ndarray] | None = None,
             providers: Sequence[str] = PROVIDERS) -> ort.InferenceSession:
     """A session of `model` (serialized bytes or a file path) on `providers` (a list from `providers_for`).
@@ -81,8 +84,15 @@ def session(model: bytes | str, threads: int | None = None, *, optimize: bool = 
     reads no file for them. The session refers to these arrays (no copy): they must outlive it, which the
     session guarantees by keeping them as `session.pockprop_external`. Inputs and outputs stay in CPU
     memory whatever the provider (onnxruntime copies them to the device and back).
+
+    mem_pattern: onnxruntime's memory pattern (its default). After the first run it plans every intermediate
+    into one block, which later runs allocate on top of the arena chunks the first run still holds (the arena
+    never shrinks). For a training step, whose intermediates (saved activations, gradients) are most of its
+    memory, that doubles them: the Llama-shaped model's `sparse` step peaked 116 MB above its loaded session
+    with the pattern and 57 MB without it, at the same speed (docs/benchmarks.md, "Transformers"); the
+    trainer turns it off for its step session.
     """
-    opts = options(threads, optimize=optimize)
+    opts = options(threads, optimize=optimize, mem_pattern=mem_pattern)
     values = []
     if external:
         values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in external.values()]

@@ -28,10 +28,11 @@ from pockprop.runtime.schedule import Schedule
 
 
 def _session(model: bytes | str, where: str, threads: int | None,
-             external: Mapping[str, np.ndarray] | None = None, providers: list[str] = CPU) -> ort.InferenceSession:
+             external: Mapping[str, np.ndarray] | None = None, providers: list[str] = CPU,
+             mem_pattern: bool = True) -> ort.InferenceSession:
     """An onnxruntime session of the model (bytes, or a file path), or ArtifactError naming `where`."""
     try:
-        return session(model, threads, external=external, providers=providers)
+        return session(model, threads, external=external, providers=providers, mem_pattern=mem_pattern)
     except Exception as ex:  # onnxruntime raises its own exception types; the file is what is wrong
         raise ArtifactError(f"{where}: onnxruntime cannot load it ({str(ex).splitlines()[0]})") from None
 
@@ -91,11 +92,11 @@ class Trainer:
         external = bundle.external_data(train_name, bundle.files[train_name])
         if isinstance(bundle.files, DirectoryFiles):  # onnxruntime reads the file itself: no copy in Python
             self._train = _session(bundle.files.local_path(train_name), bundle.where(train_name), threads, external,
-                                   self.providers)
+                                   self.providers, mem_pattern=False)  # see runtime.session.session
             bundle.files.verify(train_name)  # what it read is what was verified at load
         else:
             self._train = _session(bundle.files[train_name], bundle.where(train_name), threads, external,
-                                   self.providers)
+                                   self.providers, mem_pattern=False)
         del external
         self._check_train(bundle)
         self._check_infer(bundle, *infer)
