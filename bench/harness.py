@@ -353,7 +353,8 @@ TARGETS = {
                ("pockprop-sparse@peer-ort", "ortt-infer", "time", 1.5)],
     "bias-only": [("pockprop-bias-only", "torch-full", "time", 1 / 3)],
 }
-# Models that take token ids (transformers): the issue sets these for the Llama-shaped model's `sparse`.
+# Models that take token ids (transformers): the issue sets these for the Llama-shaped model's `sparse`; they
+# are printed for any model of token ids (BERT's compare against the same bar).
 TOKEN_TARGETS = {
     "sparse": [("pockprop-sparse", "torch-full", "tokens/s", 4.0), ("pockprop-sparse", "torch-sparse", "tokens/s", 2.0),
                ("pockprop-sparse", "pockprop-full", "extra memory", 1 / 4)],
