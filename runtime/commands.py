@@ -20,7 +20,7 @@ import numpy as np
 from pockprop import args as cli_args
 from pockprop.artifact.contract import FORMAT_VERSION, REPORT_FILE
 from pockprop.runtime import checkpoint
-from pockprop.errors import CheckpointError, DataError
+from pockprop.errors import ArtifactError, CheckpointError, DataError, Interrupted
 from pockprop.runtime.loop import fit
 from pockprop.artifact.manifest import open_artifact, pack
 from pockprop.runtime.progress import Progress
@@ -40,7 +40,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train", help="train an artifact on device data (numpy + onnxruntime only)",
                        description="Train for N epochs; with --checkpoint-dir, checkpoints atomically and can --resume. "
                                    "Resuming with the same data continues an interrupted run bit for bit; with new "
-                                   "data it starts the next round from the checkpoint (continual training).")
+                                   "data it starts the next round from the checkpoint (continual training).",
+                       epilog="Exit codes: 0 trained; 2 bad input (arguments, artifact, checkpoint, data, an output "
+                              "path, or a checkpoint directory another run is using); 3 training failed: the state "
+                              "diverged, or 20 steps in a row or most of the round's steps were rejected by the "
+                              "guard (nothing diverged is saved: the last good checkpoint stays); 130 Ctrl-C (the "
+                              "state at the next batch boundary is checkpointed first; a second Ctrl-C stops at "
+                              "once, leaving the last complete checkpoint); 1 internal error.")
     common(t, checkpoint=False)
     t.add_argument("--data", required=True, help=".npz (x, y), .csv (features + label column) or a folder of class folders")
     t.add_argument("--epochs", type=cli_args.positive_int, default=1, help="passes over --data")
@@ -66,7 +72,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="also checkpoint every K batches (0: only at each epoch's end)")
     t.add_argument("--resume", action="store_true", help="start from the checkpoint in --checkpoint-dir if there is one")
     t.add_argument("--guard", default="full", choices=["full", "loss", "off"],
-                   help="reject steps with non-finite loss or updated tensors (full), loss only, or never")
+                   help="reject steps whose loss is non-finite or over 10x the round's first losses, or whose "
+                        "update is non-finite or over 4x the weights' norm (full); check the loss only (loss); "
+                        "or never (off). A state with NaN/Inf is never saved")
     t.add_argument("--export", metavar="ONNX", help="also export the trained inference model here")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=train_command)
@@ -144,8 +152,20 @@ def train_command(args: argparse.Namespace) -> int:
     schedule = _schedule(args)
     if args.export:  # every output path before the first step: a bad one must not cost the training
         _check_output(args.export, args.artifact, "--export")
-    if args.checkpoint_dir:
-        cli_args.check_output_dir(args.checkpoint_dir, "--checkpoint-dir")
+    if not args.checkpoint_dir:
+        return _train(args, schedule)
+    cli_args.check_output_dir(args.checkpoint_dir, "--checkpoint-dir")
+    # held from before the checkpoint is read until the last one is written: one run per directory
+    with checkpoint.lock(args.checkpoint_dir):
+        try:
+            return _train(args, schedule)
+        except KeyboardInterrupt as ex:  # a second Ctrl-C (the first stops at a batch boundary: Interrupted)
+            if isinstance(ex, Interrupted):
+                raise
+            raise Interrupted(checkpoint.describe(args.checkpoint_dir)) from None
+
+
+def _train(args: argparse.Namespace, schedule: dict[str, Any]) -> int:
     trainer = Trainer.load(args.artifact, threads=args.threads)
     if args.batch is not None and args.batch != trainer.batch_size:
         raise DataError(f"--batch {args.batch}: the artifact was compiled for batch {trainer.batch_size} and its graph "
@@ -264,8 +284,12 @@ def inspect_command(args: argparse.Namespace) -> int:
     for name, info in doc["files"].items():
         lines.append(f"  file {name}: {info['bytes']:,} bytes")
     if REPORT_FILE in bundle.files:  # written by `pockprop compile --report`
-        doc["report"] = report = json.loads(bundle.files[REPORT_FILE])
-        lines += _report_lines(report)
+        try:
+            doc["report"] = report = json.loads(bundle.files[REPORT_FILE])
+            lines += _report_lines(report)
+        except (ValueError, KeyError, TypeError, AttributeError) as ex:  # JSON, a missing field, a wrong type
+            raise ArtifactError(f"{bundle.where(REPORT_FILE)}: not a readable compile report "
+                                f"({type(ex).__name__}: {ex})") from None
     if "checkpoint" in doc:
         c = doc["checkpoint"]
         lines.append(f"  checkpoint {c['path']}: {c['steps']} steps, {c['rejected']} rejected, {len(c['rounds'])} rounds")
