@@ -19,7 +19,7 @@ import numpy as np
 
 from pockprop import args as cli_args
 from pockprop.artifact.contract import FORMAT_VERSION, REPORT_FILE
-from pockprop.runtime import checkpoint
+from pockprop.runtime import checkpoint, guard
 from pockprop.errors import ArtifactError, CheckpointError, DataError, Interrupted
 from pockprop.runtime.loop import fit
 from pockprop.artifact.manifest import open_artifact, pack
@@ -43,10 +43,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "data it starts the next round from the checkpoint (continual training).",
                        epilog="Exit codes: 0 trained; 2 bad input (arguments, artifact, checkpoint, data, an output "
                               "path, or a checkpoint directory another run is using); 3 training failed: the state "
-                              "diverged, or 20 steps in a row or most of the round's steps were rejected by the "
-                              "guard (nothing diverged is saved: the last good checkpoint stays); 130 Ctrl-C (the "
-                              "state at the next batch boundary is checkpointed first; a second Ctrl-C stops at "
-                              "once, leaving the last complete checkpoint); 1 internal error.")
+                              f"diverged, or {guard.STOP_AFTER} steps in a row or most of the round's steps were "
+                              "rejected by the guard (nothing diverged is saved: the last good checkpoint stays); "
+                              "130 Ctrl-C (the state at the next batch boundary is checkpointed first; a second "
+                              "Ctrl-C stops at once, leaving the last complete checkpoint); 1 internal error.")
     common(t, checkpoint=False)
     t.add_argument("--data", required=True, help=".npz (x, y), .csv (features + label column) or a folder of class folders")
     t.add_argument("--epochs", type=cli_args.positive_int, default=1, help="passes over --data")
@@ -72,9 +72,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="also checkpoint every K batches (0: only at each epoch's end)")
     t.add_argument("--resume", action="store_true", help="start from the checkpoint in --checkpoint-dir if there is one")
     t.add_argument("--guard", default="full", choices=["full", "loss", "off"],
-                   help="reject steps whose loss is non-finite or over 10x the round's first losses, or whose "
-                        "update is non-finite or over 4x the weights' norm (full); check the loss only (loss); "
-                        "or never (off). A state with NaN/Inf is never saved")
+                   help=f"reject steps with NaN data, a loss that is non-finite or over {guard.SPIKE:g}x the recent "
+                        f"ones, or an update that is non-finite or over {guard.UPDATE:g}x the weights' norm, and "
+                        "never save a diverged state (full); the same without the update checks (loss); no checks "
+                        "but never saving NaN/Inf (off)")
     t.add_argument("--export", metavar="ONNX", help="also export the trained inference model here")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=train_command)
