@@ -5,9 +5,10 @@ buffers, A and B. A step binds A as the graph's state inputs and B as its "new/.
 binding, so onnxruntime writes the update straight into B), then swaps the roles. No weight is
 copied through numpy per step; numpy only reads the buffers through zero-copy views, for the guard.
 
-The guard: a batch with NaN/Inf is refused before running; after the run, a non-finite loss or
-updated tensor means the step is rejected by simply not swapping, so A, the last good state, stays
-current. Rejected steps are counted and reported.
+The guard (runtime.guard): a batch with NaN/Inf is refused before running; after the run, a
+non-finite or exploding loss or update means the step is rejected by simply not swapping, so A, the
+last good state, stays current. Rejected steps are counted and reported. A state that diverged all the
+same (its loss crept up, its weights grew) is never written to a checkpoint.
 """
 from __future__ import annotations
 
@@ -17,12 +18,12 @@ from typing import Any, Mapping
 import numpy as np
 import onnxruntime as ort
 
-from pockprop.runtime import checkpoint, data
+from pockprop.runtime import checkpoint, data, guard
 from pockprop.runtime.session import CPU, providers_for, session
 from pockprop.artifact import onnx_wire, safetensors
 from pockprop.artifact.contract import BY_ORT, Manifest, Role, StateSpec, TensorSpec
 from pockprop.artifact.durable import write_atomic
-from pockprop.errors import ArtifactError, CheckpointError, DataError
+from pockprop.errors import ArtifactError, CheckpointError, DataError, TrainingFailed
 from pockprop.artifact.manifest import Bundle, DirectoryFiles, open_artifact
 from pockprop.runtime.schedule import Schedule
 
@@ -104,21 +105,30 @@ class Trainer:
         self._infer_params = [e for e in self._entries if e.role == Role.PARAM and e.parameter in infer_params]
         pred = next(o for o in infer[1] if o.name == m.outputs.prediction)
         self._infer_session: ort.InferenceSession | None = None
-        classes = pred.shape[-1] if len(pred.shape) == 2 and isinstance(pred.shape[-1], int) else None
+        # classes last: (N, C), or (N, T, V) for sequence cross-entropy
+        classes = pred.shape[-1] if len(pred.shape) >= 2 and isinstance(pred.shape[-1], int) else None
+        if len(pred.shape) > 2 and m.loss.get("name") != "cross_entropy":
+            classes = None
         try:
-            self.pipeline = data.Pipeline(self._data, self._labels, classes)
+            self.pipeline = data.Pipeline(self._data, self._labels, classes, loss=m.loss)
         except DataError as ex:
             raise ArtifactError(f"{bundle.where('manifest.json')}: {ex}") from None
 
         self.steps = 0  # accepted steps
         self.rejected = 0
         self.last_rejection: str | None = None
-        self.guard = "full"
+        self.guard = "full"  # a mode of runtime.guard.MODES
+        self.loss_floor = guard.loss_floor(m.loss, classes, self.batch_size)
+        self._params = [i for i, e in enumerate(self._entries) if e.role == Role.PARAM]
+        self._last_batch: tuple[np.ndarray, np.ndarray] | None = None  # the last accepted step's batch
+        self._state_loss: float | None = None  # the current state's loss on a batch, once found sane
+        self._state_spikes = 0  # steps rejected because the current state's loss exploded on their batch
         self.schedule = Schedule("constant", float(m.lr.initial))
         self.schedule_start = 0  # the step count at which `schedule` began (a new round restarts it)
         self.progress: dict[str, Any] | None = None  # data position of the current round (runtime.loop)
         self.rounds: list[dict[str, Any]] = []  # one record per finished round
         self._allocate(state)
+        self.start_round()
 
     @classmethod
     def load(cls, path: str, threads: int | None = None, provider: str = "cpu") -> "Trainer":
@@ -223,6 +233,15 @@ class Trainer:
         _check_state(state, self._entries, "state")
         for e, view in zip(self._entries, self._views[self._cur]):
             view[...] = state[e.name]
+        self._state_loss, self._state_spikes = None, 0
+
+    def start_round(self) -> None:
+        """Judge what follows against the current state (runtime.guard.Baseline); runtime.loop calls it
+        when a round begins."""
+        self.baseline = guard.Baseline(self.loss_floor, guard.norms(self._param_views()))
+
+    def _param_views(self) -> list[np.ndarray]:
+        return [self._views[self._cur][i] for i in self._params]
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """A copy of the current training state, by state name."""
@@ -253,6 +272,17 @@ class Trainer:
             a = a.astype(want)
         return np.ascontiguousarray(a)
 
+    @property
+    def guard(self) -> str:
+        """The guard's mode: "full", "loss" or "off" (runtime.guard)."""
+        return self._guard
+
+    @guard.setter
+    def guard(self, mode: str) -> None:
+        if mode not in guard.MODES:
+            raise ValueError(f"guard must be one of {', '.join(guard.MODES)}, got {mode!r}")
+        self._guard = mode
+
     def _reject(self, reason: str) -> None:
         self.rejected += 1
         self.last_rejection = reason
@@ -262,6 +292,15 @@ class Trainer:
         """The learning rate the next step takes from the schedule."""
         return self.schedule.lr(self.steps - self.schedule_start)
 
+    def _run(self, x: np.ndarray, y: np.ndarray, rate: float) -> float:
+        """Run the step on the current state, writing the update into the other buffers; the loss."""
+        binding = self._bindings[self._cur]
+        binding.bind_cpu_input(self._data.name, x)
+        binding.bind_cpu_input(self._labels.name, y)
+        binding.bind_cpu_input(self.manifest.lr.name, np.array(rate, np.float32))
+        self._train.run_with_iobinding(binding)
+        return float(self._loss_view)
+
     def step(self, x: Any, y: Any, lr: float | None = None) -> float | None:
         """One training step on a model-ready batch; the loss, or None if the guard rejected the step."""
         x = self._model_input(x, self.batch_size)
@@ -269,28 +308,70 @@ class Trainer:
         if y.shape != self._labels.shape:
             raise DataError(f"labels: expected shape {list(self._labels.shape)} ({self._labels.dtype}), got {list(y.shape)}")
         y = self._same_kind(y, self._labels, "labels")
-        if self.guard != "off" and not (_finite(x) and _finite(y)):
-            self._reject("the batch holds NaN or Inf")
-            return None
-        rate = self.lr if lr is None else lr
-        binding = self._bindings[self._cur]
-        binding.bind_cpu_input(self._data.name, x)
-        binding.bind_cpu_input(self._labels.name, y)
-        binding.bind_cpu_input(self.manifest.lr.name, np.array(rate, np.float32))
-        self._train.run_with_iobinding(binding)
-        loss = float(self._loss_view)
+        problem = self.pipeline.bad_label(y)
+        if problem:
+            raise DataError(f"labels: {problem}")
+        if self.guard != "off":
+            if not (_finite(x) and _finite(y)):
+                self._reject("the batch holds NaN or Inf")
+                return None
+            if self.pipeline.all_ignored(y):  # the loss would be 0/0
+                self._reject("every label of the batch is the ignore_index")
+                return None
+        loss = self._run(x, y, self.lr if lr is None else lr)
         nxt = 1 - self._cur
-        if self.guard != "off" and not np.isfinite(loss):
-            self._reject(f"loss is {loss}")
+        spike = None if self.guard == "off" else self.baseline.spike(loss)
+        if spike is not None:  # this batch, or the current state: two in a row blame the state
+            self._state_spikes += 1
+            self._reject(spike)
             return None
-        if self.guard == "full":
-            for e, view in zip(self._entries, self._views[nxt]):
-                if not _finite(view):
-                    self._reject(f"the update made {e.name!r} non-finite")
-                    return None
+        self._last_batch = (x, y)
+        problem = self._update_problem(nxt) if self.guard == "full" else None
+        if problem is not None:
+            self._state_loss, self._state_spikes = loss, 0  # the current state stays; its loss was sane
+            self._reject(problem)
+            return None
         self._cur = nxt  # accept: the new state becomes current; the old buffers take the next update
+        self._state_loss, self._state_spikes = None, 0
         self.steps += 1
+        self.baseline.accepted(loss)
         return loss
+
+    def _update_problem(self, nxt: int) -> str | None:
+        """Why the update in buffers `nxt` must not be accepted (full guard), or None."""
+        cur, new = self._views[self._cur], self._views[nxt]
+        reason = guard.update_explodes([self._entries[i].name for i in self._params],
+                                       [cur[i] for i in self._params], [new[i] for i in self._params])
+        if reason is not None:
+            return reason
+        for e, view in zip(self._entries, new):
+            if e.role != Role.PARAM and not _finite(view):
+                return f"the update made {e.name!r} non-finite"
+        return None
+
+    def divergence(self) -> str | None:
+        """Why the current state must not be saved, or None (runtime.guard): a tensor holds NaN or Inf
+        (whatever the mode); with the guard on, a parameter grew too much this round, the round's loss
+        crept up, or the state's loss exploded on two batches in a row or on the last accepted batch
+        (measured now if no step has measured it)."""
+        for e, view in zip(self._entries, self._views[self._cur]):
+            if not _finite(view):
+                return f"{e.name!r} holds NaN or Inf"
+        if self.guard == "off":
+            return None
+        why = (guard.grown([self._entries[i].name for i in self._params], self._param_views(), self.baseline.norms)
+               or self.baseline.drift())
+        if why is not None:
+            return why
+        if self._state_spikes >= 2:
+            return f"its loss exploded on {self._state_spikes} batches in a row, the last: {self.last_rejection}"
+        if self._state_loss is None and self._last_batch is not None:
+            loss = self._run(*self._last_batch, 0.0)  # the update written into the other buffers is dropped
+            why = self.baseline.spike(loss)
+            if why is not None:
+                return f"on the last accepted batch, {why}"
+            self._state_loss = loss
+        return None
 
     # -- inference -------------------------------------------------------------------------------
     def full_parameters(self) -> dict[str, np.ndarray]:
@@ -338,11 +419,19 @@ class Trainer:
 
     # -- checkpoints -----------------------------------------------------------------------------
     def save_checkpoint(self, directory: str) -> str:
-        """Write the full training state atomically to directory/checkpoint.safetensors; returns its path."""
+        """Write the full training state atomically to directory/checkpoint.safetensors; returns its path.
+
+        TrainingFailed, and nothing written, if the state diverged (`divergence`); CheckpointError if
+        another process holds the directory (checkpoint.lock) or it cannot be written."""
+        reason = self.divergence()
+        if reason is not None:
+            raise TrainingFailed(f"the state after step {self.steps} diverged ({reason}): not saved; "
+                                 f"{checkpoint.describe(directory)}")
         meta = {"artifact": self.digest, "model": self.manifest.model, "steps": self.steps,
                 "rejected": self.rejected, "schedule": self.schedule.to_json(), "schedule_start": self.schedule_start,
-                "progress": self.progress, "rounds": self.rounds}
-        return checkpoint.save(directory, {e.name: v for e, v in zip(self._entries, self._views[self._cur])}, meta)
+                "progress": self.progress, "rounds": self.rounds, "guard": self.baseline.to_json()}
+        with checkpoint.lock(directory):
+            return checkpoint.save(directory, {e.name: v for e, v in zip(self._entries, self._views[self._cur])}, meta)
 
     def resume(self, directory: str) -> dict[str, Any]:
         """Restore state, counters, schedule and data position from a checkpoint of this artifact."""
@@ -355,11 +444,17 @@ class Trainer:
             _check_state(tensors, self._entries, where)
             schedule = Schedule.from_json(meta["schedule"])
             counters = int(meta["steps"]), int(meta["rejected"]), int(meta["schedule_start"])
+            progress, rounds = checkpoint.check_progress(meta.get("progress")), checkpoint.check_rounds(meta.get("rounds"))
+            baseline = guard.Baseline.from_json(meta["guard"]) if "guard" in meta else None
         except (KeyError, TypeError, ValueError) as ex:
             raise CheckpointError(f"{where}: malformed checkpoint metadata ({ex})") from None
         self.load_state(tensors)
         self.steps, self.rejected, self.schedule_start = counters
-        self.schedule, self.progress, self.rounds = schedule, meta.get("progress"), list(meta.get("rounds") or [])
+        self.schedule, self.progress, self.rounds = schedule, progress, rounds
+        if baseline is None:  # a checkpoint written before the guard kept one: judge from here on
+            self.start_round()
+        else:
+            self.baseline = baseline
         return meta
 
     # -- export ----------------------------------------------------------------------------------
