@@ -10,7 +10,7 @@ experiment's kwargs and --weights, as `pockprop compile` does) and fine-tuned by
 (onnxruntime), with the learning rate chosen per scheme on the validation windows; the test loss and
 perplexity before and after go to out/text/results.json and the tables of docs/accuracy.md.
 
-    python -m experiments.text            # the documented run (a few minutes on 2 cores)
+    python -m experiments.text            # the documented run (8 minutes on a busy 2-core VM)
     python -m experiments.text --quick    # a smoke run: tiny model, few steps, out/text-quick, doc untouched
 """
 from __future__ import annotations
