@@ -28,8 +28,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "of the model's input embedding), and tokens/s reported (default: the zoo model's length for a "
                    "model of token ids; given for any other model, it makes the input token ids)")
     cli_args.add_threads(b, default=2, help="intra-op threads for every configuration")
-    b.add_argument("--spin", action="store_true", help="let idle threads spin-wait between ops (onnxruntime's and "
-                   "OpenMP's defaults) instead of sleeping (pockprop's runtime default; OMP_WAIT_POLICY=PASSIVE)")
+    b.add_argument("--spin", action="store_true", help="let idle threads spin-wait between ops, as onnxruntime and "
+                   "OpenMP do unless told otherwise, instead of sleeping as pockprop's runtime does "
+                   "(OMP_WAIT_POLICY=PASSIVE)")
     b.add_argument("--rounds", type=cli_args.positive_int, default=10, help="interleaved measured rounds")
     b.add_argument("--warmup", type=cli_args.non_negative_int, default=2, help="unmeasured rounds first")
     b.add_argument("--steps", type=cli_args.positive_int, default=3, help="steps per round per configuration "
