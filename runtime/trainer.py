@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import numpy as np
 import onnxruntime as ort
 
-from pockprop.runtime import checkpoint, data
+from pockprop.runtime import checkpoint, data, inputs
 from pockprop.runtime.session import session
 from pockprop.artifact import onnx_wire, safetensors
 from pockprop.artifact.contract import BY_ORT, Manifest, Role, StateSpec, TensorSpec
@@ -68,7 +68,7 @@ class Trainer:
         m = bundle.manifest
         self.path, self.manifest, self.digest = bundle.path, m, bundle.digest
         self._entries: list[StateSpec] = m.state
-        self._data, self._labels = m.input, m.labels
+        self._inputs, self._labels = m.data, m.labels
         # The inference graph's signature is read now from its protobuf (onnx_wire), but its onnxruntime
         # session is made on first use (predict, evaluate): a device that only trains never holds a second
         # copy of every weight. It is read before the training session is built, so its bytes are gone by
@@ -101,7 +101,7 @@ class Trainer:
         self._infer_session: ort.InferenceSession | None = None
         classes = pred.shape[-1] if len(pred.shape) == 2 and isinstance(pred.shape[-1], int) else None
         try:
-            self.pipeline = data.Pipeline(self._data, self._labels, classes)
+            self.pipeline = data.Pipeline(self._inputs, self._labels, classes)
         except DataError as ex:
             raise ArtifactError(f"{bundle.where('manifest.json')}: {ex}") from None
 
@@ -131,8 +131,9 @@ class Trainer:
     def _check_train(self, bundle: Bundle) -> None:
         m = self.manifest
         where = bundle.where(m.graphs.train_step)
-        inputs = {self._data.name: _spec(self._data), self._labels.name: _spec(self._labels),
-                  m.lr.name: ((), "float32")} | {e.input: _spec(e) for e in self._entries}
+        inputs = {d.name: _spec(d) for d in self._inputs} | {self._labels.name: _spec(self._labels),
+                                                            m.lr.name: ((), "float32")} \
+            | {e.input: _spec(e) for e in self._entries}
         _check_io(where, self._train.get_inputs(), inputs, "input")
         extra = {a.name for a in self._train.get_inputs()} - set(inputs)
         if extra:
@@ -143,10 +144,10 @@ class Trainer:
     def _check_infer(self, bundle: Bundle, inputs: list[Any], outputs: list[Any], overridable: list[Any]) -> None:
         m = self.manifest
         where = bundle.where(m.graphs.infer)
-        _check_io(where, inputs, {self._data.name: _spec(self._data)}, "input")
-        if len(inputs) != 1:
+        _check_io(where, inputs, {d.name: _spec(d) for d in self._inputs}, "input")
+        if len(inputs) != len(self._inputs):
             raise ArtifactError(f"{where}: the graph needs inputs {[a.name for a in inputs]}; "
-                                f"the manifest feeds only {self._data.name!r}")
+                                f"the manifest feeds only {[d.name for d in self._inputs]}")
         full = {e.parameter: (e.parameter_shape, e.dtype) for e in self._entries if e.role == Role.PARAM}
         have = {a.name for a in overridable}
         _check_io(where, overridable, {k: v for k, v in full.items() if k in have}, "parameter")
@@ -228,16 +229,18 @@ class Trainer:
 
     @property
     def batch_size(self) -> int:
-        return int(self._data.shape[0])
+        return int(self._inputs[0].shape[0])
 
     # -- training --------------------------------------------------------------------------------
-    def _model_input(self, x: Any, batch: int | None) -> np.ndarray:
-        x = np.asarray(x)
-        want = self._data.shape[1:]
-        if x.ndim != len(want) + 1 or x.shape[1:] != want or (batch is not None and len(x) != batch):
-            shape = [batch if batch is not None else "N", *want]
-            raise DataError(f"data: expected shape {shape} ({self._data.dtype}), got {list(x.shape)}")
-        return self._same_kind(x, self._data, "data")
+    def _model_inputs(self, x: Any, batch: int | None) -> dict[str, np.ndarray]:
+        """Model-ready inputs (an array, a tuple in manifest order or a dict by name) as checked feeds."""
+        specs = self._inputs
+        feeds = {s.name: inputs.check(a, s, batch, inputs.label(specs, s))
+                 for s, a in zip(specs, inputs.arrange(x, specs))}
+        if batch is None and len({len(a) for a in feeds.values()}) > 1:
+            raise DataError(f"data: the inputs have different numbers of samples "
+                            f"{ {k: len(v) for k, v in feeds.items()} }")
+        return feeds
 
     def _same_kind(self, a: np.ndarray, spec: TensorSpec, what: str) -> np.ndarray:
         want = np.dtype(spec.dtype)
@@ -252,18 +255,22 @@ class Trainer:
         self.last_rejection = reason
 
     def step(self, x: Any, y: Any, lr: float | None = None) -> float | None:
-        """One training step on a model-ready batch; the loss, or None if the guard rejected the step."""
-        x = self._model_input(x, self.batch_size)
+        """One training step on a model-ready batch; the loss, or None if the guard rejected the step.
+
+        x: the batch's inputs: an array (a one-input model), a tuple in manifest order or a dict by name.
+        """
+        feeds = self._model_inputs(x, self.batch_size)
         y = np.asarray(y)
         if y.shape != self._labels.shape:
             raise DataError(f"labels: expected shape {list(self._labels.shape)} ({self._labels.dtype}), got {list(y.shape)}")
         y = self._same_kind(y, self._labels, "labels")
-        if self.guard != "off" and not (_finite(x) and _finite(y)):
+        if self.guard != "off" and not (all(_finite(a) for a in feeds.values()) and _finite(y)):
             self._reject("the batch holds NaN or Inf")
             return None
         rate = self.schedule.lr(self.steps - self.schedule_start) if lr is None else lr
         binding = self._bindings[self._cur]
-        binding.bind_cpu_input(self._data.name, x)
+        for name, a in feeds.items():
+            binding.bind_cpu_input(name, a)
         binding.bind_cpu_input(self._labels.name, y)
         binding.bind_cpu_input(self.manifest.lr.name, np.array(rate, np.float32))
         self._train.run_with_iobinding(binding)
@@ -298,13 +305,17 @@ class Trainer:
         return out
 
     def predict(self, x: Any) -> np.ndarray:
-        """Model output for model-ready inputs of shape (N, ...) with any N (batched and padded inside)."""
-        x = self._model_input(x, None)
+        """Model output for model-ready inputs (as `step` takes them) of N samples, any N (batched and
+        padded inside)."""
+        given = self._model_inputs(x, None)
         full = self.full_parameters()
-        feeds = {e.parameter: full[e.parameter] for e in self._infer_params}
-        name, out = self._data.name, self.manifest.outputs.prediction
-        parts = [self._infer.run([out], feeds | {name: chunk})[0][:real]
-                 for chunk, real in data.padded_batches(x, self.batch_size)]
+        weights = {e.parameter: full[e.parameter] for e in self._infer_params}
+        out = self.manifest.outputs.prediction
+        names = list(given)
+        parts = []
+        for chunks in zip(*(data.padded_batches(a, self.batch_size) for a in given.values())):
+            feeds = weights | {n: chunk for n, (chunk, _) in zip(names, chunks)}
+            parts.append(self._infer.run([out], feeds)[0][:chunks[0][1]])
         return np.concatenate(parts) if parts else np.zeros((0,), np.float32)
 
     def evaluate(self, source: Any, y: Any = None) -> dict[str, float]:
@@ -384,13 +395,7 @@ def metrics(loss: dict[str, Any], pred: np.ndarray, y: np.ndarray) -> dict[str, 
         return out
     p = pred.astype(np.float64)
     if name == "cross_entropy":
-        y = y.astype(np.int64)
-        logp = p - p.max(axis=1, keepdims=True)
-        logp -= np.log(np.exp(logp).sum(axis=1, keepdims=True))
-        eps = float(loss.get("label_smoothing", 0.0))
-        nll = -logp[np.arange(n), y]
-        out["loss"] = float(np.mean((1 - eps) * nll - eps * logp.mean(axis=1)))
-        out["accuracy"] = float(np.mean(pred.argmax(axis=1) == y))
+        out |= _cross_entropy(loss, p, y.astype(np.int64))
     elif name == "bce_with_logits":
         t = y.astype(np.float64)
         out["loss"] = float(np.mean(np.maximum(p, 0) - p * t + np.log1p(np.exp(-np.abs(p)))))
@@ -398,3 +403,22 @@ def metrics(loss: dict[str, Any], pred: np.ndarray, y: np.ndarray) -> dict[str, 
     elif name == "mse":
         out["loss"] = float(np.mean((p - y.astype(np.float64)) ** 2))
     return out
+
+
+def _cross_entropy(loss: dict[str, Any], p: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """The training graph's cross-entropy (ops/loss.py) over logits p, classes last ((N, C) or (N, T, V)):
+    labels equal to the manifest's ignore_index do not count; the loss is the mean over the counted
+    labels (NaN if none counts, as in the step) and the accuracy the share of counted labels predicted."""
+    out: dict[str, float] = {}
+    y = y.reshape(-1)
+    counted = y != loss["ignore_index"] if "ignore_index" in loss else np.ones(len(y), bool)
+    if p.ndim > 2:  # a sequence: the counts are tokens
+        out["tokens"] = int(counted.sum())
+    p, y = p.reshape(-1, p.shape[-1])[counted], y[counted]
+    logp = p - p.max(axis=1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(axis=1, keepdims=True))
+    eps = float(loss.get("label_smoothing", 0.0))
+    nll = -logp[np.arange(len(y)), y]
+    per = (1 - eps) * nll - eps * logp.mean(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return out | {"loss": float(per.sum() / len(y)), "accuracy": float(np.sum(p.argmax(axis=1) == y) / len(y))}
