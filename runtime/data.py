@@ -118,7 +118,8 @@ def load(path: str, label_column: str | None = None, channels: int = 3, size: tu
 
 def load_npz(path: str, inputs: Sequence[str] = ("x",)) -> Dataset:
     """One array per model input, named by `inputs` (a one-input model's may also be 'x'), and optionally
-    the labels, 'y' or 'labels'; pickled object arrays are refused."""
+    the labels, 'y' or 'labels'; with several inputs any other array is refused, and so are pickled
+    object arrays."""
     try:
         with np.load(path, allow_pickle=False) as f:
             names = list(f.files)
@@ -136,6 +137,10 @@ def load_npz(path: str, inputs: Sequence[str] = ("x",)) -> Dataset:
             if missing:
                 raise DataError(f"{path}: the model's inputs are {', '.join(inputs)}; no array named "
                                 f"{', '.join(missing)} (found {', '.join(names)})")
+            unknown = [k for k in names if k not in inputs and k not in found]
+            if unknown:  # an input the model does not take (token_type_ids, say) must not be dropped unseen
+                raise DataError(f"{path}: the model's inputs are {', '.join(inputs)}; it takes no "
+                                f"{', '.join(unknown)} (labels are 'y' or 'labels')")
             return Dataset(Columns({k: f[k] for k in inputs}, path), y, path)
     except DataError:
         raise

@@ -120,6 +120,11 @@ def test_cli_declares_the_inputs(tmp_path, capsys) -> None:
     assert json.loads(capsys.readouterr().out)["steps"] == 4
     assert main(["eval", str(out), "--data", str(d), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["tokens"] == int((y != -100).sum())
+    np.savez(d, ids=ids, y=y)  # no mask: exit 2, one line
+    assert main(["train", str(out), "--data", str(d), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.splitlines()[-1].startswith("pockprop train: error: ")
+    assert "the model's inputs are ids, mask; no array named mask" in err.splitlines()[-1]
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -106,6 +106,7 @@ def test_npz_arrays_are_named_by_the_inputs(artifact, tmp_path: Path) -> None:
 
     np.savez(tmp_path / "missing.npz", ids=ids, y=y)
     np.savez(tmp_path / "both.npz", ids=ids, mask=mask, y=y, labels=y)
+    np.savez(tmp_path / "extra.npz", ids=ids, mask=mask, token_type_ids=mask, y=y)
     bad = ids.copy()
     bad[-1, -1] = VOCAB + 3
     np.savez(tmp_path / "bad.npz", ids=bad, mask=mask, y=y)
@@ -113,6 +114,7 @@ def test_npz_arrays_are_named_by_the_inputs(artifact, tmp_path: Path) -> None:
     for name, pattern in [("missing.npz", r"missing.npz: the model's inputs are ids, mask; no array named mask "
                                           r"\(found ids, y\)"),
                           ("both.npz", "both 'y' and 'labels'"),
+                          ("extra.npz", r"extra.npz: the model's inputs are ids, mask; it takes no token_type_ids"),
                           ("d.csv", r"d.csv: the model takes 2 inputs \(ids, mask\); give an .npz")]:
         with pytest.raises(DataError, match=pattern):
             trainer.pipeline.load(str(tmp_path / name))
