@@ -213,7 +213,9 @@ def eval_command(args: argparse.Namespace) -> int:
         m = trainer.evaluate(trainer.pipeline.load(args.data, args.label_column))
     loss = f"loss {m['loss']:.4f}" if "loss" in m else "loss n/a"
     return _emit(args, {"data": args.data, "steps": trainer.steps, **m},
-                 [f"{loss}, accuracy {_pct(m)} on {m['samples']} samples of {args.data} (after {trainer.steps} steps)"])
+                 [f"{loss}, accuracy {_pct(m)} on {m['samples']} samples"
+                  + (f" ({m['tokens']} labelled tokens)" if "tokens" in m else "")
+                  + f" of {args.data} (after {trainer.steps} steps)"])
 
 
 def export_command(args: argparse.Namespace) -> int:

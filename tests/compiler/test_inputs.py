@@ -120,6 +120,8 @@ def test_cli_declares_the_inputs(tmp_path, capsys) -> None:
     assert json.loads(capsys.readouterr().out)["steps"] == 4
     assert main(["eval", str(out), "--data", str(d), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["tokens"] == int((y != -100).sum())
+    assert main(["eval", str(out), "--data", str(d)]) == 0
+    assert f"on 6 samples ({int((y != -100).sum())} labelled tokens) of" in capsys.readouterr().out
     np.savez(d, ids=ids, y=y)  # no mask: exit 2, one line
     assert main(["train", str(out), "--data", str(d), "--no-progress"]) == 2
     err = capsys.readouterr().err
