@@ -282,7 +282,7 @@ class Pipeline:
     """
 
     def __init__(self, data_spec: TensorSpec | Sequence[TensorSpec], label_spec: TensorSpec,
-                 num_classes: int | None = None):
+                 num_classes: int | None = None, ignore_index: int | None = None):
         self.specs = [data_spec] if isinstance(data_spec, TensorSpec) else list(data_spec)
         data_spec = self.specs[0]
         self._preprocesses = data_spec.dtype.startswith("float")
@@ -291,7 +291,7 @@ class Pipeline:
         self.batch_size = int(data_spec.shape[0])
         self.label_shape = tuple(label_spec.shape[1:])
         self.label_dtype = np.dtype(label_spec.dtype)
-        self.num_classes = num_classes
+        self.num_classes, self.ignore_index = num_classes, ignore_index
         p = self.preprocess = dict(data_spec.preprocess or {})
         self.resize = tuple(int(v) for v in p["resize"]) if "resize" in p else None
         if self.resize and (len(self.sample_shape) != 3 or self.resize != self.sample_shape[1:]):
@@ -415,7 +415,7 @@ class Pipeline:
     def labels(self, y: np.ndarray | None, source: str = "data") -> np.ndarray:
         """Labels in the graph's dtype; class indices are checked against the number of classes."""
         if y is None:
-            raise DataError(f"{source}: no labels (an .npz needs an array 'y')")
+            raise DataError(f"{source}: no labels (an .npz needs an array 'y' or 'labels')")
         y = np.asarray(y)
         if y.shape[1:] != self.label_shape:
             raise DataError(f"{source}: labels of shape {y.shape[1:]} per sample; expected {self.label_shape}")
@@ -426,12 +426,24 @@ class Pipeline:
                     raise DataError(f"{source}: labels must be whole class indices; sample {bad} has {y.ravel()[bad]}")
             elif y.dtype.kind not in "iub":
                 raise DataError(f"{source}: labels of dtype {y.dtype}; expected {self.label_dtype} class indices")
-            if self.num_classes and y.size and (y.min() < 0 or y.max() >= self.num_classes):
-                bad = int(np.flatnonzero((y < 0) | (y >= self.num_classes))[0])
-                raise DataError(f"{source}: label {y.ravel()[bad]} at sample {bad} is outside 0..{self.num_classes - 1}")
+            self.check_classes(y, source)
         elif y.dtype.kind not in "fiub":
             raise DataError(f"{source}: labels of dtype {y.dtype}; expected {self.label_dtype}")
         return y.astype(self.label_dtype)
+
+    def check_classes(self, y: np.ndarray, source: str = "labels") -> None:
+        """DataError if a class index in `y` is outside 0..num_classes-1 and not the ignore_index (a
+        sequence's padding): the step's gather must never read out of range."""
+        if not self.num_classes or not y.size:
+            return
+        bad = (y < 0) | (y >= self.num_classes)
+        if self.ignore_index is not None:
+            bad &= y != self.ignore_index
+        if bad.any():
+            at = np.unravel_index(int(np.flatnonzero(bad)[0]), y.shape)
+            where = f"sample {int(at[0])}" + (f", position {[int(i) for i in at[1:]]}" if y.ndim > 1 else "")
+            ignored = f" ({self.ignore_index} is ignored)" if self.ignore_index is not None else ""
+            raise DataError(f"{source}: label {y[at]} at {where} is outside 0..{self.num_classes - 1}{ignored}")
 
     def check(self, data: Dataset, need_labels: bool = True) -> None:
         """Fail early, naming the file, if the dataset cannot feed the model."""

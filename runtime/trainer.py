@@ -99,9 +99,12 @@ class Trainer:
         self._infer_params = [e for e in self._entries if e.role == Role.PARAM and e.parameter in infer_params]
         pred = next(o for o in infer[1] if o.name == m.outputs.prediction)
         self._infer_session: ort.InferenceSession | None = None
-        classes = pred.shape[-1] if len(pred.shape) == 2 and isinstance(pred.shape[-1], int) else None
+        # class indices are checked against the classes axis (the last): of (N, C) logits, and of (N, T, V)
+        # ones under cross-entropy, whose ignore_index (a sequence's padding) is let through
+        sequence = len(pred.shape) > 2 and m.loss.get("name") == "cross_entropy"
+        classes = pred.shape[-1] if (len(pred.shape) == 2 or sequence) and isinstance(pred.shape[-1], int) else None
         try:
-            self.pipeline = data.Pipeline(self._inputs, self._labels, classes)
+            self.pipeline = data.Pipeline(self._inputs, self._labels, classes, m.loss.get("ignore_index"))
         except DataError as ex:
             raise ArtifactError(f"{bundle.where('manifest.json')}: {ex}") from None
 
@@ -264,6 +267,8 @@ class Trainer:
         if y.shape != self._labels.shape:
             raise DataError(f"labels: expected shape {list(self._labels.shape)} ({self._labels.dtype}), got {list(y.shape)}")
         y = self._same_kind(y, self._labels, "labels")
+        if y.dtype.kind in "iu":
+            self.pipeline.check_classes(y)
         if self.guard != "off" and not (all(_finite(a) for a in feeds.values()) and _finite(y)):
             self._reject("the batch holds NaN or Inf")
             return None

@@ -54,6 +54,11 @@ def test_bad_inputs_are_one_line_errors_and_change_nothing(artifact) -> None:
         assert "\n" not in str(info.value)
     with pytest.raises(DataError, match="different numbers of samples"):
         trainer.predict((ids, mask[:2]))
+    wrong = y.copy()
+    wrong[2, 1] = CLASSES
+    with pytest.raises(DataError, match=rf"^labels: label {CLASSES} at sample 2, position \[1\] is outside "
+                                        rf"0\.\.{CLASSES - 1} \(-100 is ignored\)$"):
+        trainer.step((ids, mask), wrong)
     for k, v in before.items():
         np.testing.assert_array_equal(trainer.state[k], v, err_msg=k)
     assert trainer.steps == 0 and trainer.rejected == 0
@@ -216,3 +221,16 @@ def test_text_helpers(tmp_path: Path) -> None:
         text.load_tokenizer(str(tmp_path / "bad.json"))
     with pytest.raises(DataError, match="vocab_size must be at least 3"):
         text.train_tokenizer(LINES, vocab_size=2)
+
+
+def test_class_labels_at_ignore_index_do_not_count(artifact) -> None:
+    """Per-sample class labels too: a sample labelled -100 is skipped by the step and by evaluate alike."""
+    trainer = Trainer.load(str(artifact("mlp")), threads=1)
+    x = np.random.default_rng(1).standard_normal((trainer.batch_size, 6)).astype(np.float32)
+    y = np.arange(trainer.batch_size) % 3
+    y[1] = -100
+    m = trainer.evaluate(x, y)
+    np.testing.assert_allclose(trainer.step(x, y), m["loss"], rtol=1e-5)
+    y[1] = 99
+    with pytest.raises(DataError, match=r"^labels: label 99 at sample 1 is outside 0\.\.\d+ \(-100 is ignored\)$"):
+        trainer.step(x, y)
