@@ -53,6 +53,8 @@ def pick_output(traced: Traced, output: str | None) -> None:
             return
         raise CompileError(f"the model returns {len(g.outputs)} tensors ({listing}); name the one to train on "
                            f"with output=... (pockprop compile --model-output), e.g. output={names[0]!r}")
+    if names == [""]:
+        raise CompileError(f"output={output!r}: the model returns one unnamed tensor; leave output unset")
     if output not in names:
         raise CompileError(f"output={output!r}: the model returns {listing}")
     if len(g.outputs) == 1:

@@ -68,11 +68,15 @@ def test_several_outputs_train_on_the_one_named(tmp_path) -> None:
     with pytest.raises(CompileError, match=r"output='nope': the model returns 'logits', 'aux'"):
         compile(TwoHeads(), (x,), output="nope")
     model = TwoHeads()
-    art = compile(model, (x,), output="logits")
+    art = compile(model, (x,), output="logits")  # pockprop compile --model-output logits
     assert art.trainable == ["body.weight", "body.bias", "head.weight", "head.bias"]  # aux is dropped
     assert len(art.infer_model.graph.output) == 1
     trainer = Trainer.load(art.save(str(tmp_path / "art")), threads=1)
     np.testing.assert_allclose(trainer.predict(x.numpy()), model(x)["logits"].detach().numpy(), rtol=1e-5, atol=1e-6)
+    out = tmp_path / "cli"
+    assert main(["compile", "tests.compiler.test_inputs:TwoHeads", "--input-shape", "2,4", "--model-output", "logits",
+                 "-o", str(out)]) == 0
+    assert json.loads((out / "manifest.json").read_text())["trainable"]["parameters"] == art.trainable
 
 
 class Lookups(nn.Module):
@@ -135,6 +139,8 @@ def test_cli_declares_the_inputs(tmp_path, capsys) -> None:
     (["--input", "ids:int64:3,5", "--input-shape", "3,5"], "either --input"),
     (["--input", "ids:int64:3,5", "--input", "ids:int64:3,5"], "--input ids declared twice"),
     (["--input", "tokens:int64:3,5"], "torch.export could not trace the model"),
+    (["--input", "ids:int64:3,5", "--input", "mask:int64:3,5", "--model-output", "logits"],
+     "output='logits': the model returns one unnamed tensor; leave output unset"),
     (["--input", "ids:int64:3,5", "--input", "mask:int64:3,5", "--preprocess", "unit"],
      "preprocess applies to float inputs"),
 ])
