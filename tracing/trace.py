@@ -100,7 +100,10 @@ def export(model: torch.nn.Module, example_inputs: tuple[Any, ...],
     try:
         ep = torch.export.export(model, tuple(example_inputs), kwargs or None, strict=False)
     except Exception as ex:  # torch raises many types here; the user needs the first line, not a trace
-        raise CompileError(f"torch.export could not trace the model: {_first_line(ex)}") from None
+        hint = ""
+        if "Cache" in str(ex) and "in output" in str(ex):  # HF models return a KV cache unless told not to
+            hint = " (a Hugging Face model returns its key/value cache unless its config says use_cache=False)"
+        raise CompileError(f"torch.export could not trace the model: {_first_line(ex)}{hint}") from None
     try:
         _views_as_reshapes(ep)
         return ep.run_decompositions(_decomposition_table())

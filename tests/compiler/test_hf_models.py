@@ -12,7 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pockprop.compiler.compile import trace_model
+from pockprop.compiler.compile import compile, trace_model
+from pockprop.errors import CompileError
 from tests.compiler.torch_ref import assert_trains_like_torch
 
 T = pytest.importorskip("transformers")
@@ -183,6 +184,13 @@ def test_hf_model_steps_match_pytorch(name: str, tmp_path) -> None:  # type: ign
         run(name, tmp_path, [("full", "sgd"), ("sparse", "adamw")])
     else:
         run(name, tmp_path)
+
+
+def test_a_returned_cache_is_explained() -> None:
+    """GPT-2's default config returns a key/value cache, which is no tensor: the error says what to change."""
+    model = T.GPT2LMHeadModel(_gpt2_config())
+    with pytest.raises(CompileError, match=r"could not trace the model: .*DynamicCache.*use_cache=False\)$"):
+        compile(model, {"input_ids": torch.zeros(N, L, dtype=torch.int64)}, output="logits")
 
 
 def _assert_mask_matters(name: str) -> None:
