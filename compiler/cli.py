@@ -127,8 +127,8 @@ def _examples(declared: list[tuple[str, str, tuple[int, ...]]]) -> dict[str, obj
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise UsageError(f"--input {', '.join(twice)} declared twice")
-    return {n: torch.randn(*s).to(getattr(torch, d)) if d.startswith("float") else torch.ones(*s, dtype=getattr(torch, d))
-            for n, d, s in declared}
+    return {n: torch.randn(*s).to(getattr(torch, d)) if d.startswith("float")
+            else torch.ones(*s, dtype=getattr(torch, d)) for n, d, s in declared}
 
 
 def supported_ops() -> tuple[list[str], dict[str, str]]:

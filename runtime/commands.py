@@ -254,8 +254,8 @@ def inspect_command(args: argparse.Namespace) -> int:
     t = m.trainable or {}
     lines = [f"{args.artifact}: {m.model} (format {FORMAT_VERSION}, pockprop {m.pockprop_version}, "
              f"ONNX opset {(m.onnx or {}).get('opset')}) - all {len(bundle.files)} file hashes verified",
-             *(f"  input  {d.name}: {d.dtype}{list(d.shape)}" + (f", values {d.range[0]}..{d.range[1]}" if d.range else "")
-               for d in m.data),
+             *(f"  input  {d.name}: {d.dtype}{list(d.shape)}"
+               + (f", values {d.range[0]}..{d.range[1]}" if d.range else "") for d in m.data),
              f"  preprocessing of raw data: {doc['preprocessing']}",
              f"  labels {m.labels.name}: {m.labels.dtype}{list(m.labels.shape)}",
              f"  loss {m.loss}; optimizer {m.optimizer}; lr {m.lr.initial}",

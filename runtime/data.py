@@ -324,7 +324,8 @@ class Pipeline:
         """What `inputs` does to a raw sample, in words (shown by inspect, compile and train)."""
         if len(self.specs) > 1 or not self._preprocesses:
             return "none: the inputs go into the model as they are (" + ", ".join(
-                f"{s.name} {s.dtype}" + (f" in {s.range[0]}..{s.range[1]}" if s.range else "") for s in self.specs) + ")"
+                f"{s.name} {s.dtype}" + (f" in {s.range[0]}..{s.range[1]}" if s.range else "")
+                for s in self.specs) + ")"
         steps = []
         if len(self.sample_shape) == 3:
             c, h, w = self.sample_shape

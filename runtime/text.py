@@ -54,7 +54,8 @@ def load_tokenizer(path: str) -> Any:
     try:
         return tk.Tokenizer.from_file(path)
     except Exception as ex:  # tokenizers raises its own exception type for a missing or malformed file
-        raise DataError(f"{path}: not a readable tokenizer.json ({str(ex).splitlines()[0] if str(ex) else ex})") from None
+        first = str(ex).splitlines()[0] if str(ex) else type(ex).__name__
+        raise DataError(f"{path}: not a readable tokenizer.json ({first})") from None
 
 
 def pad_id(tokenizer: Any) -> int:

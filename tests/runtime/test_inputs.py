@@ -24,7 +24,7 @@ def _batch(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def test_step_takes_a_tuple_or_a_dict(artifact) -> None:
-    by_position, by_name = Trainer.load(str(artifact("tagger")), threads=1), Trainer.load(str(artifact("tagger")), threads=1)
+    by_position, by_name = (Trainer.load(str(artifact("tagger")), threads=1) for _ in range(2))
     for seed in range(3):
         ids, mask, y = _batch(seed)
         a = by_position.step((ids.astype(np.int32), mask.astype(bool)), y)  # integer and bool arrays are cast
