@@ -76,8 +76,9 @@ class StateEntry:
         self.spec = replace(self.spec, output=value)
 
 
-def _io(name: str, t: TensorType, preprocess: dict[str, Any] | None = None) -> TensorSpec:
-    return TensorSpec(name, tuple(t.shape), t.dtype, preprocess or None)
+def _io(name: str, t: TensorType, preprocess: dict[str, Any] | None = None,
+        valid: tuple[int, int] | None = None) -> TensorSpec:
+    return TensorSpec(name, tuple(t.shape), t.dtype, preprocess or None, valid)
 
 
 @dataclass
@@ -98,6 +99,7 @@ class Artifact:
     scheme: Any = None  # the ResolvedScheme the artifact was compiled with, if any
     report: dict[str, Any] | None = None  # the compile report (compiler/report.py), saved as report.json
     source: dict[str, Any] | None = None  # how to rebuild the model (manifest "source", optional; pockprop search)
+    input_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)  # integer inputs used as indices
 
     @property
     def trainable_count(self) -> int:
@@ -116,7 +118,8 @@ class Artifact:
             model=self.name,
             graphs=Graphs(contract.TRAIN_STEP_FILE, contract.INFER_FILE),
             state_file=contract.STATE_FILE,
-            data=[_io(n, t, self.preprocess) for n, t in self.data_inputs],
+            data=[_io(n, t, self.preprocess if i == 0 else None, self.input_ranges.get(n))
+                  for i, (n, t) in enumerate(self.data_inputs)],
             labels=_io(*self.labels),
             lr=LearningRate(contract.LR, self.optimizer.lr),
             outputs=Outputs(contract.LOSS, self.output),
