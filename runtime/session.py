@@ -34,14 +34,11 @@ def session(model: bytes | str, threads: int | None = None, *, optimize: bool = 
     """A CPU session of `model` (serialized bytes or a file path).
 
     external: the values of initializers whose data the model keeps in external files; onnxruntime then
-    reads no file for them. The session refers to these arrays (no copy): they must outlive it, which the
-    session guarantees by keeping them as `session.pockprop_external`.
+    reads no file for them. It copies them into the session (AddExternalInitializers: "the user provided
+    buffers can then be deallocated" once the session is made), so they need not outlive it.
     """
     opts = options(threads, optimize=optimize)
-    values = []
     if external:
         values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in external.values()]
         opts.add_external_initializers(list(external), values)
-    sess = ort.InferenceSession(model, opts, providers=PROVIDERS)
-    sess.pockprop_external = values  # type: ignore[attr-defined]  # keep the buffers alive with the session
-    return sess
+    return ort.InferenceSession(model, opts, providers=PROVIDERS)

@@ -17,11 +17,10 @@ from typing import Any, Mapping
 import numpy as np
 import onnxruntime as ort
 
-from pockprop.runtime import checkpoint, data
+from pockprop.runtime import checkpoint, data, export
 from pockprop.runtime.session import session
 from pockprop.artifact import onnx_wire, safetensors
 from pockprop.artifact.contract import BY_ORT, Manifest, Role, StateSpec, TensorSpec
-from pockprop.artifact.durable import write_atomic
 from pockprop.errors import ArtifactError, CheckpointError, DataError
 from pockprop.artifact.manifest import Bundle, DirectoryFiles, open_artifact
 from pockprop.runtime.schedule import Schedule
@@ -85,14 +84,7 @@ class Trainer:
         self._memory_bundle = None if os.path.exists(bundle.path) else bundle
         del infer_raw
         train_name = m.graphs.train_step
-        # initializers kept in external files: from the files' verified bytes, never read by onnxruntime itself
-        external = bundle.external_data(train_name, bundle.files[train_name])
-        if isinstance(bundle.files, DirectoryFiles):  # onnxruntime reads the file itself: no copy in Python
-            self._train = _session(bundle.files.local_path(train_name), bundle.where(train_name), threads, external)
-            bundle.files.verify(train_name)  # what it read is what was verified at load
-        else:
-            self._train = _session(bundle.files[train_name], bundle.where(train_name), threads, external)
-        del external
+        self._train = _graph_session(bundle, train_name, threads)
         self._check_train(bundle)
         self._check_infer(bundle, *infer)
         infer_params = {a.name for a in infer[2]}
@@ -157,21 +149,17 @@ class Trainer:
     def _infer(self) -> ort.InferenceSession:
         """The inference session, made on first use (see __init__)."""
         if self._infer_session is None:
-            raw, where, external = self._infer_file()
-            self._infer_session = _session(raw, where, self._threads, external)
+            self._infer_session = _graph_session(self._bundle(), self.manifest.graphs.infer, self._threads)
         return self._infer_session
 
-    def _infer_file(self) -> tuple[bytes, str, dict[str, np.ndarray]]:
-        """infer.onnx's bytes (from the bundle kept in memory, else read and verified again), its name, and
-        the values of its initializers kept in external files."""
+    def _bundle(self) -> Bundle:
+        """The artifact again: the bundle kept in memory, else read and verified again (the same digest)."""
         bundle = self._memory_bundle
         if bundle is None:
             bundle = open_artifact(self.path)
             if bundle.digest != self.digest:
                 raise ArtifactError(f"{self.path}: the artifact changed since it was loaded")
-        name = self.manifest.graphs.infer
-        raw = bundle.files[name]
-        return raw, bundle.where(name), bundle.external_data(name, raw)
+        return bundle
 
     def _slice_bases(self, bundle: Bundle, infer_raw: bytes) -> dict[str, np.ndarray]:
         """The frozen full value of each parameter trained on a slice (its initializer in infer.onnx)."""
@@ -353,19 +341,32 @@ class Trainer:
 
     # -- export ----------------------------------------------------------------------------------
     def export_inference(self, path: str) -> str:
-        """Write one self-contained ONNX model with the trained weights baked in; returns `path`."""
-        raw, where, external = self._infer_file()
+        """Write a self-contained ONNX model with the trained weights baked in; returns `path`. A model
+        whose initializers exceed the external-data threshold keeps them in one file beside it
+        (`<path>.data`, ONNX external data: runtime/export.py)."""
         full = self.full_parameters()
-        # the trained parameters and the data of external files are embedded: one self-contained model
-        values = external | {e.parameter: np.ascontiguousarray(full[e.parameter]) for e in self._infer_params}
+        trained = {e.parameter: full[e.parameter] for e in self._infer_params}
         meta = {"pockprop.model": str(self.manifest.model or ""), "pockprop.steps": str(self.steps),
                 "pockprop.artifact_sha256": self.digest}
-        try:
-            model = onnx_wire.replace_initializers(raw, values, drop_inputs=True, metadata=meta)
-        except onnx_wire.WireError as ex:
-            raise ArtifactError(f"{where}: {ex}") from None
-        write_atomic(path, model)
-        return path
+        return export.write(path, self._bundle(), self.manifest.graphs.infer, trained, meta)
+
+
+def _graph_session(bundle: Bundle, name: str, threads: int | None) -> ort.InferenceSession:
+    """A session of the bundle's graph file `name` with its external data (every reference checked first:
+    listed, plain file names only). From a directory onnxruntime reads the graph and those files itself,
+    relative to the directory, and their sha256 is checked again after that read, so what it read is what
+    was verified; that takes about half the peak memory of handing it their values, which it copies
+    (docs/benchmarks.md, "Large models"). Otherwise the values come from the verified bytes."""
+    raw = bundle.files[name]  # read once (a directory's file is read on each lookup)
+    where = bundle.where(name)
+    if isinstance(bundle.files, DirectoryFiles):
+        used = dict.fromkeys(ref.location for ref in bundle.external_refs(name, raw))
+        del raw
+        sess = _session(bundle.files.local_path(name), where, threads)
+        for fname in (name, *used):
+            bundle.files.verify(fname)
+        return sess
+    return _session(raw, where, threads, bundle.external_data(name, raw))
 
 
 def _check_state(state: dict[str, np.ndarray], entries: list[StateSpec], where: str) -> None:
