@@ -7,8 +7,10 @@ and exported model, from a directory and from a pack.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -97,16 +99,21 @@ def test_forced_external_data_behaves_like_the_single_file_artifact(llama, tmp_p
         np.testing.assert_array_equal(sess.run(None, {sess.get_inputs()[0].name: x})[0], want)
 
 
+def _mlp_artifact(tmp_path: Path, monkeypatch) -> Path:
+    """A tiny compiled MLP forced onto external data (weights-0.bin) by a zero threshold."""
+    monkeypatch.setenv(external.THRESHOLD_ENV, "0")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 300), torch.nn.ReLU(), torch.nn.Linear(300, 3))
+    return Path(compile(model, (torch.randn(4, 6),), trainable=["2.*"]).save(str(tmp_path / "a")))
+
+
 def test_onnxruntime_reads_a_directory_s_external_files_and_they_are_checked_after(tmp_path: Path,
                                                                                     monkeypatch) -> None:
     """From a directory onnxruntime reads the listed files itself (no values handed over); a file changed
     before that read is caught by the check after it."""
     from pockprop.runtime import trainer as trainer_mod
 
-    monkeypatch.setenv(external.THRESHOLD_ENV, "0")
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 300), torch.nn.ReLU(), torch.nn.Linear(300, 3))
-    d = Path(compile(model, (torch.randn(4, 6),), trainable=["2.*"]).save(str(tmp_path / "a")))
+    d = _mlp_artifact(tmp_path, monkeypatch)
     weights = d / "weights-0.bin"
     real = trainer_mod._session
 
@@ -167,3 +174,30 @@ def test_write_atomic_streams_chunks_and_returns_their_sha256(tmp_path: Path) ->
     with pytest.raises(ValueError, match="producer failed"):
         write_atomic(str(path), broken())
     assert path.read_bytes() == b"abcd" and os.listdir(tmp_path) == ["f"]
+
+
+def test_a_compiled_artifact_s_external_files_are_checked_like_every_file(tmp_path: Path, monkeypatch) -> None:
+    d = _mlp_artifact(tmp_path, monkeypatch)
+    weights = d / "weights-0.bin"
+    good = weights.read_bytes()
+    weights.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))  # tampered
+    with pytest.raises(ArtifactError, match="weights-0.bin: sha256 mismatch"):
+        Trainer.load(str(d))
+    weights.write_bytes(good)
+    Trainer.load(str(d))
+
+    manifest = json.loads((d / "manifest.json").read_text())
+    extra = tmp_path / "extra.pockprop"  # a pack with one external file more than the manifest lists
+    with tarfile.open(extra, "w:", format=tarfile.USTAR_FORMAT) as tar:
+        for name in ["manifest.json", *manifest["files"]]:
+            tar.add(d / name, name)
+        info = tarfile.TarInfo("weights-1.bin")
+        info.size = 4
+        tar.addfile(info, io.BytesIO(b"evil"))
+    with pytest.raises(ArtifactError, match="holds 'weights-1.bin', which the manifest does not list"):
+        Trainer.load(str(extra))
+
+    del manifest["files"]["weights-0.bin"]  # unlisted: the graphs' references to it are refused
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="keeps its data in 'weights-0.bin', which is not a file the manifest lists"):
+        Trainer.load(str(d))
