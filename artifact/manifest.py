@@ -80,21 +80,24 @@ class Bundle:
 
     def external_data(self, graph: str, model: bytes, names: set[str] | None = None) -> dict[str, np.ndarray]:
         """The values of the initializers (those in `names`, or all) that the graph file `graph` (bytes
-        `model`) keeps in external files, read from those files' verified bytes (each file read once, whole:
-        files are bounded, see artifact/external.py); every reference is checked, read or not
-        (`external_refs`)."""
-        refs = self.external_refs(graph, model)
-        blobs: dict[str, bytes] = {}
-        out = {}
+        `model`) keeps in external files, read from those files' verified bytes; every reference is checked,
+        read or not (`external_refs`). A pack's values are views of its bytes; a directory's files are read
+        one at a time, whole (files are bounded, see artifact/external.py), and the values copied out of
+        each, so at most one file's bytes are held beside the values."""
+        refs = sorted(self.external_refs(graph, model), key=lambda r: (r.location, r.offset))
+        copy = isinstance(self.files, DirectoryFiles)
+        location, blob, out = None, b"", {}
         for ref in refs:
             if names is not None and ref.name not in names:
                 continue
-            if ref.location not in blobs:
-                blobs[ref.location] = self.files[ref.location]
+            if ref.location != location:
+                blob = b""  # the previous file's bytes go before the next is read
+                blob, location = self.files[ref.location], ref.location
             try:
-                out[ref.name] = ref.array(blobs[ref.location])
+                value = ref.array(blob)
             except onnx_wire.WireError as ex:
                 raise _fail(self.where(graph), str(ex)) from None
+            out[ref.name] = np.array(value) if copy else value
         return out
 
 

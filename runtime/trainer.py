@@ -172,7 +172,7 @@ class Trainer:
             bases = onnx_wire.initializers(infer_raw, names - set(external))
         except onnx_wire.WireError as ex:
             raise ArtifactError(f"{where}: {ex}") from None
-        bases |= {n: np.array(external[n]) for n in names & set(external)}
+        bases |= {n: external[n] for n in names & set(external)}  # copies (directory) or views of a held pack
         for e in self._entries:
             if e.slice is not None and (e.parameter not in bases or bases[e.parameter].shape != e.full_shape):
                 raise ArtifactError(f"{where}: needs an initializer {e.parameter!r} of shape {list(e.full_shape or ())} "
