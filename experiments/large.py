@@ -5,7 +5,8 @@
 Random weights (`transformers.LlamaConfig` + `LlamaForCausalLM`, never a download), random token ids.
 Two fresh processes, so each peak RSS (VmHWM) is that phase's alone:
   compile  build the model, trace it (torch.export), drop the torch model, compile, save the artifact
-  train    Trainer.load the saved directory, take `--steps` steps on one fixed batch
+  train    Trainer.load the saved directory, take `--steps` steps on one fixed batch, then export the
+           inference model (`<out>-export.onnx`, with `.data` beside it above the external-data threshold)
 and one line of JSON per phase (seconds per stage, artifact size, peak RSS, ms per step), then a summary.
 
 The shape follows `--params`: hidden 2048 (32 heads, FFN 5504) from 5e8 parameters up, 1024 (16 heads, FFN
@@ -100,8 +101,14 @@ def train_phase(s: dict[str, int], out: str, steps: int, threads: int | None) ->
         t0 = time.perf_counter()
         losses.append(trainer.step(x, y))
         ms.append((time.perf_counter() - t0) * 1e3)
-    return {"phase": "train", "load_s": load_s, "peak_rss_load_mb": rss_loaded, "peak_rss_mb": peak_rss_mb(),
-            "losses": losses, "ms_per_step": ms}
+    rss_trained = peak_rss_mb()
+    t0 = time.perf_counter()
+    model = trainer.export_inference(out.rstrip("/") + "-export.onnx")
+    export_s = time.perf_counter() - t0
+    exported = [model] + [model + ".data"] * os.path.exists(model + ".data")
+    return {"phase": "train", "load_s": load_s, "peak_rss_load_mb": rss_loaded, "peak_rss_train_mb": rss_trained,
+            "losses": losses, "ms_per_step": ms, "export_s": export_s, "peak_rss_mb": peak_rss_mb(),
+            "export_mb": sum(os.path.getsize(f) for f in exported) / 2 ** 20, "export_files": len(exported)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
           f"trained (sparse, {args.optimizer}); compile {c['build_s']:.0f} s build + {c['trace_s']:.0f} s trace + "
           f"{c['compile_s']:.0f} s compile + {c['save_s']:.0f} s save, peak RSS {c['peak_rss_mb'] / 1024:.2f} GiB; "
           f"artifact {c['artifact_mb'] / 1024:.2f} GiB; load {t['load_s']:.1f} s, training peak RSS "
-          f"{t['peak_rss_mb'] / 1024:.2f} GiB, {', '.join(f'{v:.0f}' for v in t['ms_per_step'])} ms per step")
+          f"{t['peak_rss_train_mb'] / 1024:.2f} GiB, {', '.join(f'{v:.0f}' for v in t['ms_per_step'])} ms per step; "
+          f"export {t['export_s']:.0f} s, {t['export_mb'] / 1024:.2f} GiB in {t['export_files']} files, "
+          f"peak RSS with it {t['peak_rss_mb'] / 1024:.2f} GiB")
     return 0
 
 
