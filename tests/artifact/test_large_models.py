@@ -201,3 +201,19 @@ def test_a_compiled_artifact_s_external_files_are_checked_like_every_file(tmp_pa
     (d / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match="keeps its data in 'weights-0.bin', which is not a file the manifest lists"):
         Trainer.load(str(d))
+
+
+def test_export_command_writes_and_self_checks_external_data(tmp_path: Path, monkeypatch, capsys) -> None:
+    from pockprop.cli import main
+
+    d = _mlp_artifact(tmp_path, monkeypatch)
+    out = tmp_path / "m.onnx"
+    assert main(["export", str(d), "-o", str(out), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    data = tmp_path / "m.onnx.data"
+    assert doc["data"] == str(data) and doc["bytes"] == out.stat().st_size + data.stat().st_size
+    assert doc["max_abs_diff_vs_predict"] < 1e-5
+    monkeypatch.setenv(external.THRESHOLD_ENV, str(1 << 30))  # below the threshold: one file, no data reported
+    assert main(["export", str(d), "-o", str(tmp_path / "s.onnx"), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert doc["data"] is None and doc["bytes"] == (tmp_path / "s.onnx").stat().st_size
