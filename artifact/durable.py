@@ -4,8 +4,9 @@ A reader sees either the old file or the complete new one, never a torn write, w
 process is killed or the machine loses power (on file systems with atomic rename, i.e. all POSIX
 ones). A failed write (disk full, quota, file-size limit), or an exception raised while the data is
 being produced, removes the temp file and leaves the old file untouched. The data may be given as
-chunks, so a file of several GB is written without ever being held whole in memory. The temp file is created exclusively under a random name, never through an existing
-file or symbolic link, so nobody who can write to the folder can make a write land elsewhere.
+chunks, so a file of several GB is written without ever being held whole in memory. The temp file is
+created exclusively under a random name, never through an existing file or symbolic link, so nobody who
+can write to the folder can make a write land elsewhere.
 """
 from __future__ import annotations
 

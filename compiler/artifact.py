@@ -32,6 +32,7 @@ from pockprop.compiler.optim import OptimizerSpec
 
 VERSION = "0.1.0"
 
+
 @dataclass
 class StateEntry:
     """One tensor of training state as the compiler builds it: its manifest entry and its initial value."""
