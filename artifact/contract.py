@@ -36,6 +36,7 @@ LOSS = "loss"  # the training step's scalar loss output
 LABELS = "labels"  # its labels input
 LR = "lr"  # its float32 scalar learning-rate input
 STEP = "optimizer.step"  # AdamW's float32 scalar step counter, a state tensor of its own
+LOSS_NAMES = ("cross_entropy", "bce_with_logits", "mse")  # the manifest's loss.name: what the runtime evaluates
 _UPDATED = "new/"
 _OPTIMIZER = "optimizer."
 
@@ -243,6 +244,24 @@ class StateSpec:
                          SliceSpec(sl["axis"], sl["start"], sl["stop"]), tuple(full))
 
 
+def check_loss(loss: Any, where: str) -> dict[str, Any]:
+    """The manifest's `loss` object ({} when absent): a known name, label_smoothing in [0, 1), an integer
+    ignore_index; or ArtifactError."""
+    if loss is None or loss == {}:
+        return {}
+    if not isinstance(loss, dict):
+        raise _fail(where, f"loss: expected an object, got {loss!r:.80}")
+    if loss.get("name") not in LOSS_NAMES:
+        raise _fail(where, f"loss: name {loss.get('name')!r} is not one of {', '.join(LOSS_NAMES)}")
+    eps = loss.get("label_smoothing", 0.0)
+    if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and 0 <= eps < 1):
+        raise _fail(where, f"loss: label_smoothing must be a number in [0, 1), got {eps!r:.80}")
+    ignore = loss.get("ignore_index")
+    if ignore is not None and (not isinstance(ignore, int) or isinstance(ignore, bool)):
+        raise _fail(where, f"loss: ignore_index must be an integer, got {ignore!r:.80}")
+    return loss
+
+
 @dataclass(frozen=True)
 class Graphs:
     """The file names of the two graphs."""
@@ -375,6 +394,8 @@ class Manifest:
         lr = m["lr"]
         if not isinstance(lr, dict) or not isinstance(lr.get("name"), str) or not isinstance(lr.get("initial"), (int, float)):
             raise _fail(where, "lr: expected {name, initial}")
+        if isinstance(lr["initial"], bool) or not 0 <= lr["initial"] < float("inf"):  # NaN fails both
+            raise _fail(where, f"lr: initial must be a finite number >= 0, got {lr['initial']!r}")
         outputs = m["outputs"]
         if not isinstance(outputs, dict) or not all(isinstance(outputs.get(k), str) for k in ("loss", "prediction")):
             raise _fail(where, "outputs: expected {loss, prediction}")
@@ -396,5 +417,5 @@ class Manifest:
             graphs=Graphs(graphs["train_step"], graphs["infer"]), state_file=m["state_file"],
             pockprop_version=m.get("pockprop_version"), onnx=_object(m, "onnx", where),
             trainable=_object(m, "trainable", where), scheme=_object(m, "scheme", where),
-            loss=_object(m, "loss", where) or {}, optimizer=_object(m, "optimizer", where),
+            loss=check_loss(m.get("loss"), where), optimizer=_object(m, "optimizer", where),
             source=_object(m, "source", where))

@@ -110,6 +110,20 @@ def write_atomic(path: str, data: Data) -> str:
     return digest.hexdigest()
 
 
+def check_writable(path: str) -> None:
+    """OSError (with the folder and reason) unless write_atomic(path, ...) could create its temp file now:
+    one is created exclusively and removed (so a read-only mount or folder is found before work that would
+    be lost; permission bits alone do not show it to root). A kill in between leaves a temp file that
+    remove_stale_temps removes."""
+    tmp = _temp_name(path)
+    try:
+        os.close(_exclusive(tmp, 0))
+    except OSError as ex:
+        reason = _REASONS.get(ex.errno or 0, ex.strerror or str(ex))
+        raise OSError(ex.errno, f"{os.path.dirname(os.path.abspath(path))}: cannot write files here ({reason})") from None
+    os.unlink(tmp)
+
+
 def remove_stale_temps(directory: str, name: str) -> None:
     """Delete temp files a killed writer of `name` left behind (they never replaced anything)."""
     prefix = f".{name}{TMP_MARK}"

@@ -78,7 +78,7 @@ class Layer:
     op: str  # conv2d | linear | batch_norm | other
     weight: str | None = None
     bias: str | None = None
-    groups: int = 1
+    attrs: dict[str, Any] = field(default_factory=dict)  # of the node the weight feeds (conv groups, layouts)
     block: str = ""
     params: list[str] = field(default_factory=list)  # every parameter of the module
     shape: tuple[int, ...] = ()  # the weight's shape (conv2d, linear, batch_norm)
@@ -225,7 +225,7 @@ def discover_layers(graph: Graph, parameters: list[str], tree: list[tuple[str, b
             if node.op not in layer_ops or k not in (1, 2) or layer.op != node.op:
                 layer.op = "other"
             elif k == 1:
-                layer.weight, layer.groups = v, int(node.attrs.get("groups", 1))
+                layer.weight, layer.attrs = v, dict(node.attrs)
                 layer.shape = graph.types[v].shape
             else:
                 layer.bias = v
@@ -251,8 +251,8 @@ def _slice_need(layer: Layer, ratio: float, shapes: dict[str, tuple[int, ...]]) 
     if not _sliceable_weight(layer.op) or len(shape) < 2:
         raise CompileError(f"layer {layer.path} ({layer.op}): its weight cannot be sliced by channels; "
                            "use update 'full' or 'bias' for it")
-    depthwise = layer.op == "conv2d" and shape[1] == 1 and layer.groups > 1
-    axis = 0 if depthwise else 1
+    axis = get_op(layer.op).weight_slice_axis(layer.attrs, shape)
+    assert axis is not None  # _sliceable_weight above
     k = max(1, round(ratio * shape[axis]))
     return FULL if k == shape[axis] else Need(axis, 0, k)
 
@@ -264,8 +264,12 @@ def _ffn_input(block: list[Layer]) -> Layer | None:
     linear = [l for l in block if l.op == "linear" and len(l.shape) == 2]
     if len(linear) < 3:
         return None
-    width = linear[-1].shape[1]
-    return next((l for l in linear[:-1] if l.shape[0] == width), None)
+
+    def in_out(l: Layer) -> tuple[int, int]:  # (input, output) features, whichever way the weight is stored
+        return (l.shape[0], l.shape[1]) if l.attrs.get("weight_in_out") else (l.shape[1], l.shape[0])
+
+    width = in_out(linear[-1])[0]
+    return next((l for l in linear[:-1] if in_out(l)[1] == width), None)
 
 
 def _preset_rules(name: str, layers: list[Layer]) -> tuple[Rule, ...]:

@@ -97,15 +97,18 @@ def build(cfg: Config, state: dict[str, np.ndarray] | None = None) -> Any:
     return model.eval()
 
 
+def pretrained_path(task: DriftTask, cfg: Config, out: str) -> str:
+    """Where `pretrain` caches its weights: per source setting and config."""
+    return os.path.join(out, f"pretrained-{task.source_key}-{cfg.model}-{cfg.key()}.safetensors")
+
+
 def pretrain(task: DriftTask, cfg: Config, out: str) -> dict[str, np.ndarray]:
     """PyTorch pre-training on the task's source images (BatchNorm in train mode), then the BatchNorm
-    statistics recalibrated on the same images; cached per source setting and config as safetensors."""
-    path = os.path.join(out, f"pretrained-{task.source_key}-{cfg.model}-{cfg.key()}.safetensors")
+    statistics recalibrated on the same images; cached (`pretrained_path`) as a safetensors state_dict."""
+    path = pretrained_path(task, cfg, out)
     if os.path.exists(path):
         return safetensors.load(path)[0]
     import torch
-
-    from experiments.demo import calibrate_batchnorm
 
     t0 = time.perf_counter()
     threads = torch.get_num_threads()
@@ -137,6 +140,22 @@ def pretrain(task: DriftTask, cfg: Config, out: str) -> dict[str, np.ndarray]:
     safetensors.save(path, state, {"config": json.dumps(asdict(cfg)), "source": task.source_key})
     log(f"  pre-trained in {time.perf_counter() - t0:.0f}s -> {path}")
     return state
+
+
+def calibrate_batchnorm(model: Any, x: np.ndarray, batch: int = 64) -> None:
+    """Set BatchNorm running statistics from data (cumulative average), leaving weights untouched: pockprop
+    fine-tunes with frozen statistics, so they must describe the data, not the last training batches."""
+    import torch
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None
+    model.train()
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            model(torch.from_numpy(x[i:i + batch]))
+    model.eval()
 
 
 # -- compile, fine-tune, measure ------------------------------------------------------------------

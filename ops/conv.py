@@ -54,6 +54,10 @@ class Conv2d(Op):
     tags = frozenset({Tag.LAYER})
     bn_fold_rank = 4
 
+    def weight_slice_axis(self, attrs, weight_shape):  # type: ignore[no-untyped-def]
+        """Input channels (axis 1); a depthwise conv has one per group, so its channels (axis 0)."""
+        return 0 if weight_shape[1] == 1 and attrs.get("groups", 1) > 1 else 1
+
     def macs(self, types, node):  # type: ignore[no-untyped-def]
         """N*Cout*Ho*Wo * Cin/groups*kh*kw."""
         return math.prod(types[node.outputs[0]].shape) * math.prod(types[node.inputs[1]].shape[1:])

@@ -20,7 +20,8 @@ from pockprop.ops.registry import Lowering, Need, Op, Tag, aten, register
 
 @register
 class Linear(Op):
-    """y = x W^T + b;  dx = g W,  dW = g2^T x2 (rows of g and x flattened),  db = sum(g2, 0)."""
+    """y = x W^T + b;  dx = g W,  dW = g2^T x2 (rows of g and x flattened),  db = sum(g2, 0).  With
+    `weight_in_out` the weight is stored (in, out), as Hugging Face's Conv1D (GPT-2) keeps it: y = x W + b."""
     name = "linear"
     sliceable = frozenset({1})
     tags = frozenset({Tag.LAYER})
@@ -31,29 +32,41 @@ class Linear(Op):
         x, w = types[node.inputs[0]].shape, types[node.inputs[1]].shape
         return math.prod(x[:-1]) * w[0] * w[1]
 
+    def weight_slice_axis(self, attrs, weight_shape):  # type: ignore[no-untyped-def]
+        """The input-feature axis: 1 for (out, in) weights, 0 for (in, out)."""
+        return 0 if attrs.get("weight_in_out") else 1
+
     def shape(self, ins, attrs):  # type: ignore[no-untyped-def]
         x, w = ins[0], ins[1]
-        if x.shape[-1] != w.shape[1]:
+        n_in, n_out = (w.shape[0], w.shape[1]) if attrs.get("weight_in_out") else (w.shape[1], w.shape[0])
+        if x.shape[-1] != n_in:
             raise ValueError(f"linear: x {x.shape} does not match weight {w.shape}")
-        return [TensorType(x.shape[:-1] + (w.shape[0],), x.dtype)]
+        return [TensorType(x.shape[:-1] + (n_out,), x.dtype)]
 
     def vjp(self, b: Builder, node: Node, gouts: list[str | None], needs: list[Need | None]) -> list[str | None]:
         x, w, bias = (*node.inputs, None)[:3]
         g = gouts[0]
         assert g is not None
-        n_out, n_in = b.type(w).shape
-        dx = b.op("matmul", [g, w]) if needs[0] else None
+        in_out = bool(node.attrs.get("weight_in_out"))
+        n_in, n_out = b.type(w).shape if in_out else b.type(w).shape[::-1]
+        in_axis = 0 if in_out else 1  # of the weight
+        dx = None
+        if needs[0]:
+            dx = b.op("matmul", [g, b.op("permute", [w], perm=[1, 0]) if in_out else w])
         dw = db = None
         if needs[1] or (bias is not None and needs[2]):
             g2 = g if b.type(g).rank == 2 else b.op("reshape", [g], shape=[b.type(g).numel // n_out, n_out])
             if needs[1]:
                 x2 = x if b.type(x).rank == 2 else b.op("reshape", [x], shape=[b.type(x).numel // n_in, n_in])
                 need, gw = needs[1], g2
-                if need.axis == 1:  # input features: only this slice of x takes part (and must be kept)
+                if need.axis == in_axis:  # input features: only this slice of x takes part (and must be kept)
                     x2 = b.op("slice", [x2], axis=1, start=need.start, stop=need.stop, step=1)
-                elif need.axis == 0:  # output features: only this slice of the cotangent
+                elif need.axis is not None:  # output features: only this slice of the cotangent
                     gw = b.op("slice", [g2], axis=1, start=need.start, stop=need.stop, step=1)
-                dw = b.op("matmul", [b.op("permute", [gw], perm=[1, 0]), x2], hint="d_weight")
+                if in_out:  # dW (in, out) = x2^T g2
+                    dw = b.op("matmul", [b.op("permute", [x2], perm=[1, 0]), gw], hint="d_weight")
+                else:  # dW (out, in) = g2^T x2
+                    dw = b.op("matmul", [b.op("permute", [gw], perm=[1, 0]), x2], hint="d_weight")
             if bias is not None and needs[2]:
                 db = b.op("sum", [g2], axes=[0], keepdim=False, hint="d_bias")
         return [dx, dw] + ([db] if len(node.inputs) > 2 else [])
@@ -61,10 +74,11 @@ class Linear(Op):
     def lower(self, e: Lowering, node: Node) -> None:
         x, w = node.inputs[0], node.inputs[1]
         bias = node.inputs[2] if len(node.inputs) > 2 else None
+        in_out = bool(node.attrs.get("weight_in_out"))
         if e.type(x).rank == 2:
-            e.node("Gemm", [x, w, bias], node.outputs, transB=1)
+            e.node("Gemm", [x, w, bias], node.outputs, transB=0 if in_out else 1)
             return
-        y = e.node("MatMul", [x, e.node("Transpose", [w], perm=[1, 0])], None if bias else node.outputs)
+        y = e.node("MatMul", [x, w if in_out else e.node("Transpose", [w], perm=[1, 0])], None if bias else node.outputs)
         if bias is not None:
             e.node("Add", [y, bias], node.outputs)
 
@@ -115,6 +129,10 @@ def _mm(b: Builder, a: str, c: str) -> str:
 
 @aten("aten.addmm.default")
 def _addmm(b: Builder, bias: str, a: str, c: str, beta: float = 1, alpha: float = 1) -> str:
+    if alpha == 1 and beta == 1 and c in b.graph.constants and b.type(bias).shape == (b.type(c).shape[1],):
+        # x @ W + b with W a weight of the model (Hugging Face's Conv1D): a linear layer, so schemes can
+        # train its bias or a slice of its weight like any other
+        return b.op("linear", [a, c, bias], weight_in_out=True)
     y = b.op("matmul", [a, c])
     if alpha != 1:
         y = b.op("mul", [y, b.scalar_like(float(alpha), y)])

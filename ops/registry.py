@@ -104,6 +104,11 @@ class Op:
         """Multiply-accumulates of one application (0 for ops that are not products)."""
         return 0
 
+    def weight_slice_axis(self, attrs: dict[str, Any], weight_shape: tuple[int, ...]) -> int | None:
+        """For a LAYER op: the axis of its weight (input 1) that a channel-slice update cuts, the input-channel
+        axis, so the weight gradient needs only that slice of the input activation; None: not sliceable."""
+        return None
+
 
 class InputGradOp(Op):
     """A backward helper whose output is the gradient of a forward input: shaped like attrs['input_shape']."""

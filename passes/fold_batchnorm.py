@@ -32,13 +32,16 @@ def _fold(graph: Graph, prod: Node, bn: Node) -> Node:
     assert w_name is not None
     _, gamma, beta, mean, var = bn.inputs
     w = graph.constants[w_name]
-    c_out = w.shape[0]
+    out_axis = 1 if prod.attrs.get("weight_in_out") else 0  # a linear weight stored (in, out)
+    c_out = w.shape[out_axis]
 
     def f64(v: str | None, default: float) -> np.ndarray:
         return np.full(c_out, default) if v is None else graph.constants[v].astype(np.float64)
 
     s = f64(gamma, 1.0) / np.sqrt(f64(var, 0.0) + float(bn.attrs["eps"]))
-    new_w = (w.astype(np.float64) * s.reshape((c_out,) + (1,) * (w.ndim - 1))).astype(w.dtype)
+    s_shape = [1] * w.ndim
+    s_shape[out_axis] = c_out
+    new_w = (w.astype(np.float64) * s.reshape(s_shape)).astype(w.dtype)
     new_b = ((f64(b_name, 0.0) - f64(mean, 0.0)) * s + f64(beta, 0.0)).astype(w.dtype)
     # fresh names: the original weight may be read elsewhere (tied weights) and must stay intact
     w2 = graph.add_constant(new_w, hint=f"{w_name}.bn_folded")

@@ -1,7 +1,7 @@
 """Every error pockprop reports to a user: a leaf module (stdlib only), imported by the compiler and the device runtime.
 
 They carry a message written for the user (op names, module paths, parameter names, file names), never a
-stack trace. `pockprop.cli.main` maps each of them to EXIT_BAD_INPUT; anything else is an internal error.
+stack trace. `pockprop.cli.main` maps each of them to its exit code below; anything else is an internal error.
 """
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from __future__ import annotations
 EXIT_OK = 0
 EXIT_INTERNAL = 1  # a bug: the traceback is printed
 EXIT_BAD_INPUT = 2  # arguments, model, artifact, checkpoint, data or an output path: one line says which
+EXIT_TRAINING_FAILED = 3  # TrainingFailed: training diverged, or most of a round's steps were rejected
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as a shell reports it)
+EXIT_BROKEN_PIPE = 141  # stdout was closed early (`pockprop inspect A | head`): 128 + SIGPIPE, quietly
 
 
 class UsageError(Exception):
@@ -48,3 +50,13 @@ class CheckpointError(ArtifactError):
 
 class DataError(ValueError):
     """Training or inference data does not fit the model: wrong shape, dtype, labels or file format."""
+
+
+class TrainingFailed(Exception):
+    """Training went on but learned nothing usable: the state diverged, or most of a round's steps were
+    rejected by the guard. No diverged state was saved: the last good checkpoint, if any, is unchanged."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, stopped at a consistent point; the message says what was saved (a KeyboardInterrupt, so
+    whatever catches Ctrl-C catches it too)."""

@@ -20,13 +20,14 @@ import numpy as np
 from pockprop import args as cli_args
 from pockprop.artifact import onnx_wire
 from pockprop.artifact.contract import FORMAT_VERSION, REPORT_FILE
-from pockprop.runtime import checkpoint
-from pockprop.errors import CheckpointError, DataError
+from pockprop.runtime import checkpoint, guard
+from pockprop.errors import ArtifactError, CheckpointError, DataError, Interrupted
 from pockprop.runtime.loop import fit
 from pockprop.artifact.manifest import open_artifact, pack
 from pockprop.runtime.progress import Progress
+from pockprop.runtime.runlog import RunLog
 from pockprop.runtime.schedule import Schedule
-from pockprop.runtime.session import session
+from pockprop.runtime.session import PROVIDER_NAMES, session
 from pockprop.runtime.trainer import Trainer
 
 
@@ -36,12 +37,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         if checkpoint:
             p.add_argument("--checkpoint-dir", help="use the trained state of this checkpoint directory")
         cli_args.add_threads(p)
+        p.add_argument("--provider", default="cpu", choices=list(PROVIDER_NAMES),
+                       help="onnxruntime execution provider: cpu, or cuda (onnxruntime-gpu, e.g. on a Jetson); "
+                            "falls back to the CPU with a warning where the provider is unavailable")
         cli_args.add_json_flag(p)
 
     t = sub.add_parser("train", help="train an artifact on device data (numpy + onnxruntime only)",
                        description="Train for N epochs; with --checkpoint-dir, checkpoints atomically and can --resume. "
                                    "Resuming with the same data continues an interrupted run bit for bit; with new "
-                                   "data it starts the next round from the checkpoint (continual training).")
+                                   "data it starts the next round from the checkpoint (continual training).",
+                       epilog="Exit codes: 0 trained; 2 bad input (arguments, artifact, checkpoint, data, an output "
+                              "path, or a checkpoint directory another run is using); 3 training failed: the state "
+                              f"diverged, or {guard.STOP_AFTER} steps in a row or most of the round's steps were "
+                              "rejected by the guard (nothing diverged is saved: the last good checkpoint stays); "
+                              "130 Ctrl-C (the state at the next batch boundary is checkpointed first; a second "
+                              "Ctrl-C stops at once, leaving the last complete checkpoint); 1 internal error.")
     common(t, checkpoint=False)
     t.add_argument("--data", required=True, help=".npz (x, y), .csv (features + label column) or a folder of class folders")
     t.add_argument("--epochs", type=cli_args.positive_int, default=1, help="passes over --data")
@@ -67,9 +77,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="also checkpoint every K batches (0: only at each epoch's end)")
     t.add_argument("--resume", action="store_true", help="start from the checkpoint in --checkpoint-dir if there is one")
     t.add_argument("--guard", default="full", choices=["full", "loss", "off"],
-                   help="reject steps with non-finite loss or updated tensors (full), loss only, or never")
+                   help=f"reject steps with NaN data, a loss that is non-finite or over {guard.SPIKE:g}x the recent "
+                        f"ones, or an update that is non-finite or over {guard.UPDATE:g}x the weights' norm, and "
+                        "never save a diverged state (full); the same without the update checks (loss); no checks "
+                        "but never saving NaN/Inf (off)")
     t.add_argument("--export", metavar="ONNX", help="also export the trained inference model here")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--log", metavar="FILE", help="append per-step metrics to FILE as JSON lines (docs/artifact.md); "
+                                                 "`pockprop plot FILE -o loss.png` draws them")
     t.set_defaults(func=train_command)
 
     e = sub.add_parser("eval", help="loss and accuracy of an artifact (optionally its checkpoint) on data")
@@ -107,8 +122,13 @@ def _emit(args: argparse.Namespace, doc: dict[str, Any], lines: list[str]) -> in
     return 0
 
 
+def _load(args: argparse.Namespace) -> Trainer:
+    with _warnings_as_lines(args.command):  # a provider falling back to the CPU says so in one line
+        return Trainer.load(args.artifact, threads=args.threads, provider=args.provider)
+
+
 def _trainer(args: argparse.Namespace) -> Trainer:
-    trainer = Trainer.load(args.artifact, threads=args.threads)
+    trainer = _load(args)
     if getattr(args, "checkpoint_dir", None):
         trainer.resume(args.checkpoint_dir)
     return trainer
@@ -145,9 +165,23 @@ def train_command(args: argparse.Namespace) -> int:
     schedule = _schedule(args)
     if args.export:  # every output path before the first step: a bad one must not cost the training
         _check_output(args.export, args.artifact, "--export")
-    if args.checkpoint_dir:
-        cli_args.check_output_dir(args.checkpoint_dir, "--checkpoint-dir")
-    trainer = Trainer.load(args.artifact, threads=args.threads)
+    if args.log:
+        _check_output(args.log, args.artifact, "--log")
+    if not args.checkpoint_dir:
+        return _train(args, schedule)
+    cli_args.check_output_dir(args.checkpoint_dir, "--checkpoint-dir")
+    # held from before the checkpoint is read until the last one is written: one run per directory
+    with checkpoint.lock(args.checkpoint_dir):
+        try:
+            return _train(args, schedule)
+        except KeyboardInterrupt as ex:  # a second Ctrl-C (the first stops at a batch boundary: Interrupted)
+            if isinstance(ex, Interrupted):
+                raise
+            raise Interrupted(checkpoint.describe(args.checkpoint_dir)) from None
+
+
+def _train(args: argparse.Namespace, schedule: dict[str, Any]) -> int:
+    trainer = _load(args)
     if args.batch is not None and args.batch != trainer.batch_size:
         raise DataError(f"--batch {args.batch}: the artifact was compiled for batch {trainer.batch_size} and its graph "
                         "shapes are fixed; recompile with another --input-shape to change it")
@@ -171,24 +205,25 @@ def train_command(args: argparse.Namespace) -> int:
 
     train = trainer.pipeline.load(args.data, args.label_column)
     held = trainer.pipeline.load(args.eval_data, args.label_column) if args.eval_data else None
-    bar: Progress | None = None
+    bar = Progress(0, "train ", enabled=not (args.json or args.no_progress))  # elapsed time counts from here
     recent: list[float] = []
 
     def on_batch(done: int, total: int, loss: float | None) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = Progress(total, "train ", enabled=not (args.json or args.no_progress))
-            bar.begin(done - 1)
+        bar.total = total
         if loss is not None:
             recent[:] = (recent + [loss])[-20:]
         bar.update(done, f"loss {np.mean(recent):.4f}" if recent else "loss -")
 
-    with _warnings_as_lines("train"):
-        record = fit(trainer, train, args.epochs, seed=args.seed, last_batch=args.last_batch, schedule=schedule,
-                     holdout=args.holdout, eval_data=held, checkpoint_dir=args.checkpoint_dir,
-                     checkpoint_every=args.checkpoint_every, on_batch=on_batch)
-    if bar is not None:
+    log = RunLog(args.log) if args.log else None
+    try:
+        with _warnings_as_lines("train"):
+            record = fit(trainer, train, args.epochs, seed=args.seed, last_batch=args.last_batch, schedule=schedule,
+                         holdout=args.holdout, eval_data=held, checkpoint_dir=args.checkpoint_dir,
+                         checkpoint_every=args.checkpoint_every, on_batch=on_batch, log=log.write if log else None)
+    finally:  # a failed or interrupted round still ends the bar's line and keeps the log's records
         bar.close(f"loss {np.mean(recent):.4f}" if recent else "")
+        if log:
+            log.close()
     exported = trainer.export_inference(args.export) if args.export else None
     ckpt = checkpoint.path_of(args.checkpoint_dir) if args.checkpoint_dir else None
     losses = " ".join("-" if v is None else f"{v:.4f}" for v in record["epoch_losses"])
@@ -222,7 +257,7 @@ def export_command(args: argparse.Namespace) -> int:
     # Self-check: any ONNX runtime must give what `predict` gives; run the file on a seeded batch.
     spec = trainer.manifest.input
     x = np.random.default_rng(0).standard_normal(spec.shape).astype(spec.dtype)
-    sess = session(path, args.threads)
+    sess = session(path, args.threads, providers=trainer.providers)
     got = sess.run(None, {sess.get_inputs()[0].name: x})[0]
     diff = float(np.max(np.abs(got - trainer.predict(x)))) if got.size else 0.0
     with open(path, "rb") as f:  # a large model's initializers are in one external file beside it
@@ -268,8 +303,12 @@ def inspect_command(args: argparse.Namespace) -> int:
     for name, info in doc["files"].items():
         lines.append(f"  file {name}: {info['bytes']:,} bytes")
     if REPORT_FILE in bundle.files:  # written by `pockprop compile --report`
-        doc["report"] = report = json.loads(bundle.files[REPORT_FILE])
-        lines += _report_lines(report)
+        try:
+            doc["report"] = report = json.loads(bundle.files[REPORT_FILE])
+            lines += _report_lines(report)
+        except (ValueError, KeyError, TypeError, AttributeError) as ex:  # JSON, a missing field, a wrong type
+            raise ArtifactError(f"{bundle.where(REPORT_FILE)}: not a readable compile report "
+                                f"({type(ex).__name__}: {ex})") from None
     if "checkpoint" in doc:
         c = doc["checkpoint"]
         lines.append(f"  checkpoint {c['path']}: {c['steps']} steps, {c['rejected']} rejected, {len(c['rounds'])} rounds")

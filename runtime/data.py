@@ -125,8 +125,14 @@ def load_npz(path: str) -> Dataset:
 
 def load_csv(path: str, label_column: str | None = None) -> Dataset:
     """Numeric features; labels from `label_column`, a column named label/y/target/class, or the last one."""
-    with open(path, newline="") as f:
-        rows = [(i + 1, r) for i, r in enumerate(csv.reader(f)) if r and any(c.strip() for c in r)]
+    try:  # UTF-8, with or without the byte-order mark spreadsheet programs write
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = [(i + 1, r) for i, r in enumerate(csv.reader(f)) if r and any(c.strip() for c in r)]
+    except UnicodeDecodeError as ex:
+        raise DataError(f"{path}: not UTF-8 text (byte {ex.object[ex.start:ex.start + 1]!r} at offset {ex.start}); "
+                        "save the CSV as UTF-8") from None
+    except csv.Error as ex:
+        raise DataError(f"{path}: not a readable CSV ({ex})") from None
     if not rows:
         raise DataError(f"{path}: empty CSV")
 
@@ -254,13 +260,15 @@ class Pipeline:
     recorded, reordered to BGR if `channel_order` says so, then scaled and normalized.
     """
 
-    def __init__(self, data_spec: TensorSpec, label_spec: TensorSpec, num_classes: int | None = None):
+    def __init__(self, data_spec: TensorSpec, label_spec: TensorSpec, num_classes: int | None = None,
+                 loss: dict[str, Any] | None = None):
         self.sample_shape = tuple(data_spec.shape[1:])
         self.dtype = np.dtype(data_spec.dtype)
         self.batch_size = int(data_spec.shape[0])
         self.label_shape = tuple(label_spec.shape[1:])
         self.label_dtype = np.dtype(label_spec.dtype)
         self.num_classes = num_classes
+        self.loss = dict(loss or {})  # the manifest's loss: its name and, for cross-entropy, ignore_index
         p = self.preprocess = dict(data_spec.preprocess or {})
         self.resize = tuple(int(v) for v in p["resize"]) if "resize" in p else None
         if self.resize and (len(self.sample_shape) != 3 or self.resize != self.sample_shape[1:]):
@@ -384,12 +392,38 @@ class Pipeline:
                     raise DataError(f"{source}: labels must be whole class indices; sample {bad} has {y.ravel()[bad]}")
             elif y.dtype.kind not in "iub":
                 raise DataError(f"{source}: labels of dtype {y.dtype}; expected {self.label_dtype} class indices")
-            if self.num_classes and y.size and (y.min() < 0 or y.max() >= self.num_classes):
-                bad = int(np.flatnonzero((y < 0) | (y >= self.num_classes))[0])
-                raise DataError(f"{source}: label {y.ravel()[bad]} at sample {bad} is outside 0..{self.num_classes - 1}")
         elif y.dtype.kind not in "fiub":
             raise DataError(f"{source}: labels of dtype {y.dtype}; expected {self.label_dtype}")
+        problem = self.bad_label(y)
+        if problem:
+            raise DataError(f"{source}: {problem}")
         return y.astype(self.label_dtype)
+
+    def all_ignored(self, y: np.ndarray) -> bool:
+        """Every label is the cross-entropy's ignore_index: a batch with nothing to learn (its loss is 0/0)."""
+        ignore = self.loss.get("ignore_index") if self.loss.get("name") == "cross_entropy" else None
+        return ignore is not None and y.size > 0 and bool(np.all(y == ignore))
+
+    def bad_label(self, y: np.ndarray) -> str | None:
+        """What is wrong with the first bad label of `y`, or None. Class indices must lie in 0..classes-1
+        (or equal the cross-entropy's ignore_index, a padding position); BCE targets in [0, 1] (NaN is the
+        guard's to reject, like NaN data)."""
+        if self.label_dtype.kind in "iu" and self.num_classes:
+            ok = (y >= 0) & (y < self.num_classes)
+            ignore = self.loss.get("ignore_index") if self.loss.get("name") == "cross_entropy" else None
+            if ignore is not None:
+                ok |= y == ignore
+            what = f"outside 0..{self.num_classes - 1}" + (f" (and not {ignore}, ignored)" if ignore is not None else "")
+        elif self.loss.get("name") == "bce_with_logits":
+            ok = ~((y < 0) | (y > 1))
+            what = "outside [0, 1]"
+        else:
+            return None
+        if ok.all():
+            return None
+        at = np.unravel_index(int(np.flatnonzero(~ok.reshape(-1))[0]), y.shape)
+        where = f"sample {at[0]}" + (f", position {list(map(int, at[1:]))}" if len(at) > 1 else "")
+        return f"label {y[at]} at {where} is {what}"
 
     def check(self, data: Dataset, need_labels: bool = True) -> None:
         """Fail early, naming the file, if the dataset cannot feed the model."""

@@ -1,17 +1,48 @@
-"""The one way pockprop makes an onnxruntime session: CPU provider, thread counts, optimization level, quiet log.
+"""The one way pockprop makes an onnxruntime session: execution provider, thread counts, optimization level,
+quiet log.
 
 Imports onnxruntime and numpy only (nothing of pockprop): bench/worker.py imports it under the peers'
 interpreter too, where pockprop's other dependencies are absent.
+
+Providers (`--provider`): `cpu`, or `cuda`, onnxruntime's CUDAExecutionProvider (onnxruntime-gpu, e.g. on
+a Jetson) with the CPU provider behind it for the nodes CUDA does not run. Where the installed onnxruntime
+has no CUDA provider, or a session cannot start it (no CUDA libraries), the session runs on the CPU and a
+ProviderFallback warning says so in one line.
 """
 from __future__ import annotations
 
-from typing import Mapping
+import warnings
+from typing import Mapping, Sequence
 
 import numpy as np
 import onnxruntime as ort
 
-PROVIDERS = ["CPUExecutionProvider"]
+PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+CPU = [PROVIDER_NAMES["cpu"]]
+PROVIDERS = CPU  # the default
 QUIET = 3  # onnxruntime's log severity: errors only (its warnings and info would flood stderr)
+
+
+class ProviderFallback(UserWarning):
+    """The provider asked for is not usable here; the session runs on the CPU."""
+
+
+def providers_for(name: str = "cpu") -> list[str]:
+    """onnxruntime's provider list for `name` (a key of PROVIDER_NAMES); the CPU's, with a ProviderFallback
+    warning, where the installed onnxruntime lacks that provider. ValueError for an unknown name."""
+    if name not in PROVIDER_NAMES:
+        raise ValueError(f"unknown provider {name!r}; choose from {', '.join(PROVIDER_NAMES)}")
+    wanted = PROVIDER_NAMES[name]
+    if wanted == CPU[0]:
+        return list(CPU)
+    if wanted not in ort.get_available_providers():
+        _fallback(f"onnxruntime {ort.__version__} here has no {wanted} (it comes with onnxruntime-gpu)")
+        return list(CPU)
+    return [wanted, *CPU]
+
+
+def _fallback(why: str) -> None:
+    warnings.warn(f"{why}: running on the CPU", ProviderFallback, stacklevel=3)
 
 
 def options(threads: int | None = None, *, optimize: bool = True) -> ort.SessionOptions:
@@ -30,15 +61,22 @@ def options(threads: int | None = None, *, optimize: bool = True) -> ort.Session
 
 
 def session(model: bytes | str, threads: int | None = None, *, optimize: bool = True,
-            external: Mapping[str, np.ndarray] | None = None) -> ort.InferenceSession:
-    """A CPU session of `model` (serialized bytes or a file path).
+            external: Mapping[str, np.ndarray] | None = None,
+            providers: Sequence[str] = PROVIDERS) -> ort.InferenceSession:
+    """A session of `model` (serialized bytes or a file path) on `providers` (a list from `providers_for`).
 
     external: the values of initializers whose data the model keeps in external files; onnxruntime then
     reads no file for them. It copies them into the session (AddExternalInitializers: "the user provided
-    buffers can then be deallocated" once the session is made), so they need not outlive it.
+    buffers can then be deallocated" once the session is made), so they need not outlive it. Inputs and
+    outputs stay in CPU memory whatever the provider (onnxruntime copies them to the device and back).
     """
     opts = options(threads, optimize=optimize)
     if external:
         values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in external.values()]
         opts.add_external_initializers(list(external), values)
-    return ort.InferenceSession(model, opts, providers=PROVIDERS)
+    with warnings.catch_warnings():  # onnxruntime's own multi-line note on a missing provider; ours follows
+        warnings.filterwarnings("ignore", "Specified provider", UserWarning)
+        sess = ort.InferenceSession(model, opts, providers=list(providers))
+    if providers[0] not in sess.get_providers():  # available in the build, but it did not start here
+        _fallback(f"onnxruntime could not start {providers[0]}")
+    return sess

@@ -5,9 +5,10 @@ buffers, A and B. A step binds A as the graph's state inputs and B as its "new/.
 binding, so onnxruntime writes the update straight into B), then swaps the roles. No weight is
 copied through numpy per step; numpy only reads the buffers through zero-copy views, for the guard.
 
-The guard: a batch with NaN/Inf is refused before running; after the run, a non-finite loss or
-updated tensor means the step is rejected by simply not swapping, so A, the last good state, stays
-current. Rejected steps are counted and reported.
+The guard (runtime.guard): a batch with NaN/Inf is refused before running; after the run, a
+non-finite or exploding loss or update means the step is rejected by simply not swapping, so A, the
+last good state, stays current. Rejected steps are counted and reported. A state that diverged all the
+same (its loss crept up, its weights grew) is never written to a checkpoint.
 """
 from __future__ import annotations
 
@@ -17,20 +18,20 @@ from typing import Any, Mapping
 import numpy as np
 import onnxruntime as ort
 
-from pockprop.runtime import checkpoint, data, export
-from pockprop.runtime.session import session
+from pockprop.runtime import checkpoint, data, export, guard
+from pockprop.runtime.session import CPU, providers_for, session
 from pockprop.artifact import onnx_wire, safetensors
 from pockprop.artifact.contract import BY_ORT, Manifest, Role, StateSpec, TensorSpec
-from pockprop.errors import ArtifactError, CheckpointError, DataError
+from pockprop.errors import ArtifactError, CheckpointError, DataError, TrainingFailed
 from pockprop.artifact.manifest import Bundle, DirectoryFiles, open_artifact
 from pockprop.runtime.schedule import Schedule
 
 
 def _session(model: bytes | str, where: str, threads: int | None,
-             external: Mapping[str, np.ndarray] | None = None) -> ort.InferenceSession:
-    """An onnxruntime CPU session of the model (bytes, or a file path), or ArtifactError naming `where`."""
+             external: Mapping[str, np.ndarray] | None = None, providers: list[str] = CPU) -> ort.InferenceSession:
+    """An onnxruntime session of the model (bytes, or a file path), or ArtifactError naming `where`."""
     try:
-        return session(model, threads, external=external)
+        return session(model, threads, external=external, providers=providers)
     except Exception as ex:  # onnxruntime raises its own exception types; the file is what is wrong
         raise ArtifactError(f"{where}: onnxruntime cannot load it ({str(ex).splitlines()[0]})") from None
 
@@ -63,7 +64,8 @@ def _spec(t: TensorSpec | StateSpec) -> tuple[tuple[int, ...], str]:
 class Trainer:
     """An artifact's sessions and training state; `load` it, then `step`, `predict`, `evaluate`, `save_checkpoint`."""
 
-    def __init__(self, bundle: Bundle, state: dict[str, np.ndarray], threads: int | None = None) -> None:
+    def __init__(self, bundle: Bundle, state: dict[str, np.ndarray], threads: int | None = None,
+                 provider: str = "cpu") -> None:
         m = bundle.manifest
         self.path, self.manifest, self.digest = bundle.path, m, bundle.digest
         self._entries: list[StateSpec] = m.state
@@ -73,6 +75,7 @@ class Trainer:
         # copy of every weight. It is read before the training session is built, so its bytes are gone by
         # then; the peak is onnxruntime's build.
         self._threads = threads
+        self.providers = providers_for(provider)  # resolved once: one fallback message, not one per session
         infer_name = m.graphs.infer
         infer_raw = bundle.files[infer_name]  # read once (a directory's file is read on each lookup)
         try:
@@ -84,32 +87,42 @@ class Trainer:
         self._memory_bundle = None if os.path.exists(bundle.path) else bundle
         del infer_raw
         train_name = m.graphs.train_step
-        self._train = _graph_session(bundle, train_name, threads)
+        self._train = _graph_session(bundle, train_name, threads, self.providers)
         self._check_train(bundle)
         self._check_infer(bundle, *infer)
         infer_params = {a.name for a in infer[2]}
         self._infer_params = [e for e in self._entries if e.role == Role.PARAM and e.parameter in infer_params]
         pred = next(o for o in infer[1] if o.name == m.outputs.prediction)
         self._infer_session: ort.InferenceSession | None = None
-        classes = pred.shape[-1] if len(pred.shape) == 2 and isinstance(pred.shape[-1], int) else None
+        # classes last: (N, C), or (N, T, V) for sequence cross-entropy
+        classes = pred.shape[-1] if len(pred.shape) >= 2 and isinstance(pred.shape[-1], int) else None
+        if len(pred.shape) > 2 and m.loss.get("name") != "cross_entropy":
+            classes = None
         try:
-            self.pipeline = data.Pipeline(self._data, self._labels, classes)
+            self.pipeline = data.Pipeline(self._data, self._labels, classes, loss=m.loss)
         except DataError as ex:
             raise ArtifactError(f"{bundle.where('manifest.json')}: {ex}") from None
 
         self.steps = 0  # accepted steps
         self.rejected = 0
         self.last_rejection: str | None = None
-        self.guard = "full"
+        self.guard = "full"  # a mode of runtime.guard.MODES
+        self.loss_floor = guard.loss_floor(m.loss, classes, self.batch_size)
+        self._params = [i for i, e in enumerate(self._entries) if e.role == Role.PARAM]
+        self._last_batch: tuple[np.ndarray, np.ndarray] | None = None  # the last accepted step's batch
+        self._state_loss: float | None = None  # the current state's loss on a batch, once found sane
+        self._state_spikes = 0  # steps rejected because the current state's loss exploded on their batch
         self.schedule = Schedule("constant", float(m.lr.initial))
         self.schedule_start = 0  # the step count at which `schedule` began (a new round restarts it)
         self.progress: dict[str, Any] | None = None  # data position of the current round (runtime.loop)
         self.rounds: list[dict[str, Any]] = []  # one record per finished round
         self._allocate(state)
+        self.start_round()
 
     @classmethod
-    def load(cls, path: str, threads: int | None = None) -> "Trainer":
-        """Load and validate an artifact (directory or packed file); ArtifactError naming the file if unusable."""
+    def load(cls, path: str, threads: int | None = None, provider: str = "cpu") -> "Trainer":
+        """Load and validate an artifact (directory or packed file); ArtifactError naming the file if unusable.
+        provider: onnxruntime's execution provider, `cpu` or `cuda` (runtime.session: CPU where unavailable)."""
         bundle = open_artifact(path)
         where = bundle.where(bundle.manifest.state_file)
         try:
@@ -117,7 +130,7 @@ class Trainer:
         except ValueError as ex:
             raise ArtifactError(f"{where}: {ex}") from None
         _check_state(state, bundle.manifest.state, where)
-        return cls(bundle, state, threads)
+        return cls(bundle, state, threads, provider)
 
     # -- validation ------------------------------------------------------------------------------
     def _check_train(self, bundle: Bundle) -> None:
@@ -149,7 +162,8 @@ class Trainer:
     def _infer(self) -> ort.InferenceSession:
         """The inference session, made on first use (see __init__)."""
         if self._infer_session is None:
-            self._infer_session = _graph_session(self._bundle(), self.manifest.graphs.infer, self._threads)
+            self._infer_session = _graph_session(self._bundle(), self.manifest.graphs.infer, self._threads,
+                                                 self.providers)
         return self._infer_session
 
     def _bundle(self) -> Bundle:
@@ -205,6 +219,15 @@ class Trainer:
         _check_state(state, self._entries, "state")
         for e, view in zip(self._entries, self._views[self._cur]):
             view[...] = state[e.name]
+        self._state_loss, self._state_spikes = None, 0
+
+    def start_round(self) -> None:
+        """Judge what follows against the current state (runtime.guard.Baseline); runtime.loop calls it
+        when a round begins."""
+        self.baseline = guard.Baseline(self.loss_floor, guard.norms(self._param_views()))
+
+    def _param_views(self) -> list[np.ndarray]:
+        return [self._views[self._cur][i] for i in self._params]
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """A copy of the current training state, by state name."""
@@ -235,9 +258,34 @@ class Trainer:
             a = a.astype(want)
         return np.ascontiguousarray(a)
 
+    @property
+    def guard(self) -> str:
+        """The guard's mode: "full", "loss" or "off" (runtime.guard)."""
+        return self._guard
+
+    @guard.setter
+    def guard(self, mode: str) -> None:
+        if mode not in guard.MODES:
+            raise ValueError(f"guard must be one of {', '.join(guard.MODES)}, got {mode!r}")
+        self._guard = mode
+
     def _reject(self, reason: str) -> None:
         self.rejected += 1
         self.last_rejection = reason
+
+    @property
+    def lr(self) -> float:
+        """The learning rate the next step takes from the schedule."""
+        return self.schedule.lr(self.steps - self.schedule_start)
+
+    def _run(self, x: np.ndarray, y: np.ndarray, rate: float) -> float:
+        """Run the step on the current state, writing the update into the other buffers; the loss."""
+        binding = self._bindings[self._cur]
+        binding.bind_cpu_input(self._data.name, x)
+        binding.bind_cpu_input(self._labels.name, y)
+        binding.bind_cpu_input(self.manifest.lr.name, np.array(rate, np.float32))
+        self._train.run_with_iobinding(binding)
+        return float(self._loss_view)
 
     def step(self, x: Any, y: Any, lr: float | None = None) -> float | None:
         """One training step on a model-ready batch; the loss, or None if the guard rejected the step."""
@@ -246,28 +294,70 @@ class Trainer:
         if y.shape != self._labels.shape:
             raise DataError(f"labels: expected shape {list(self._labels.shape)} ({self._labels.dtype}), got {list(y.shape)}")
         y = self._same_kind(y, self._labels, "labels")
-        if self.guard != "off" and not (_finite(x) and _finite(y)):
-            self._reject("the batch holds NaN or Inf")
-            return None
-        rate = self.schedule.lr(self.steps - self.schedule_start) if lr is None else lr
-        binding = self._bindings[self._cur]
-        binding.bind_cpu_input(self._data.name, x)
-        binding.bind_cpu_input(self._labels.name, y)
-        binding.bind_cpu_input(self.manifest.lr.name, np.array(rate, np.float32))
-        self._train.run_with_iobinding(binding)
-        loss = float(self._loss_view)
+        problem = self.pipeline.bad_label(y)
+        if problem:
+            raise DataError(f"labels: {problem}")
+        if self.guard != "off":
+            if not (_finite(x) and _finite(y)):
+                self._reject("the batch holds NaN or Inf")
+                return None
+            if self.pipeline.all_ignored(y):  # the loss would be 0/0
+                self._reject("every label of the batch is the ignore_index")
+                return None
+        loss = self._run(x, y, self.lr if lr is None else lr)
         nxt = 1 - self._cur
-        if self.guard != "off" and not np.isfinite(loss):
-            self._reject(f"loss is {loss}")
+        spike = None if self.guard == "off" else self.baseline.spike(loss)
+        if spike is not None:  # this batch, or the current state: two in a row blame the state
+            self._state_spikes += 1
+            self._reject(spike)
             return None
-        if self.guard == "full":
-            for e, view in zip(self._entries, self._views[nxt]):
-                if not _finite(view):
-                    self._reject(f"the update made {e.name!r} non-finite")
-                    return None
+        self._last_batch = (x, y)
+        problem = self._update_problem(nxt) if self.guard == "full" else None
+        if problem is not None:
+            self._state_loss, self._state_spikes = loss, 0  # the current state stays; its loss was sane
+            self._reject(problem)
+            return None
         self._cur = nxt  # accept: the new state becomes current; the old buffers take the next update
+        self._state_loss, self._state_spikes = None, 0
         self.steps += 1
+        self.baseline.accepted(loss)
         return loss
+
+    def _update_problem(self, nxt: int) -> str | None:
+        """Why the update in buffers `nxt` must not be accepted (full guard), or None."""
+        cur, new = self._views[self._cur], self._views[nxt]
+        reason = guard.update_explodes([self._entries[i].name for i in self._params],
+                                       [cur[i] for i in self._params], [new[i] for i in self._params])
+        if reason is not None:
+            return reason
+        for e, view in zip(self._entries, new):
+            if e.role != Role.PARAM and not _finite(view):
+                return f"the update made {e.name!r} non-finite"
+        return None
+
+    def divergence(self) -> str | None:
+        """Why the current state must not be saved, or None (runtime.guard): a tensor holds NaN or Inf
+        (whatever the mode); with the guard on, a parameter grew too much this round, the round's loss
+        crept up, or the state's loss exploded on two batches in a row or on the last accepted batch
+        (measured now if no step has measured it)."""
+        for e, view in zip(self._entries, self._views[self._cur]):
+            if not _finite(view):
+                return f"{e.name!r} holds NaN or Inf"
+        if self.guard == "off":
+            return None
+        why = (guard.grown([self._entries[i].name for i in self._params], self._param_views(), self.baseline.norms)
+               or self.baseline.drift())
+        if why is not None:
+            return why
+        if self._state_spikes >= 2:
+            return f"its loss exploded on {self._state_spikes} batches in a row, the last: {self.last_rejection}"
+        if self._state_loss is None and self._last_batch is not None:
+            loss = self._run(*self._last_batch, 0.0)  # the update written into the other buffers is dropped
+            why = self.baseline.spike(loss)
+            if why is not None:
+                return f"on the last accepted batch, {why}"
+            self._state_loss = loss
+        return None
 
     # -- inference -------------------------------------------------------------------------------
     def full_parameters(self) -> dict[str, np.ndarray]:
@@ -315,11 +405,19 @@ class Trainer:
 
     # -- checkpoints -----------------------------------------------------------------------------
     def save_checkpoint(self, directory: str) -> str:
-        """Write the full training state atomically to directory/checkpoint.safetensors; returns its path."""
+        """Write the full training state atomically to directory/checkpoint.safetensors; returns its path.
+
+        TrainingFailed, and nothing written, if the state diverged (`divergence`); CheckpointError if
+        another process holds the directory (checkpoint.lock) or it cannot be written."""
+        reason = self.divergence()
+        if reason is not None:
+            raise TrainingFailed(f"the state after step {self.steps} diverged ({reason}): not saved; "
+                                 f"{checkpoint.describe(directory)}")
         meta = {"artifact": self.digest, "model": self.manifest.model, "steps": self.steps,
                 "rejected": self.rejected, "schedule": self.schedule.to_json(), "schedule_start": self.schedule_start,
-                "progress": self.progress, "rounds": self.rounds}
-        return checkpoint.save(directory, {e.name: v for e, v in zip(self._entries, self._views[self._cur])}, meta)
+                "progress": self.progress, "rounds": self.rounds, "guard": self.baseline.to_json()}
+        with checkpoint.lock(directory):
+            return checkpoint.save(directory, {e.name: v for e, v in zip(self._entries, self._views[self._cur])}, meta)
 
     def resume(self, directory: str) -> dict[str, Any]:
         """Restore state, counters, schedule and data position from a checkpoint of this artifact."""
@@ -332,11 +430,17 @@ class Trainer:
             _check_state(tensors, self._entries, where)
             schedule = Schedule.from_json(meta["schedule"])
             counters = int(meta["steps"]), int(meta["rejected"]), int(meta["schedule_start"])
+            progress, rounds = checkpoint.check_progress(meta.get("progress")), checkpoint.check_rounds(meta.get("rounds"))
+            baseline = guard.Baseline.from_json(meta["guard"]) if "guard" in meta else None
         except (KeyError, TypeError, ValueError) as ex:
             raise CheckpointError(f"{where}: malformed checkpoint metadata ({ex})") from None
         self.load_state(tensors)
         self.steps, self.rejected, self.schedule_start = counters
-        self.schedule, self.progress, self.rounds = schedule, meta.get("progress"), list(meta.get("rounds") or [])
+        self.schedule, self.progress, self.rounds = schedule, progress, rounds
+        if baseline is None:  # a checkpoint written before the guard kept one: judge from here on
+            self.start_round()
+        else:
+            self.baseline = baseline
         return meta
 
     # -- export ----------------------------------------------------------------------------------
@@ -351,7 +455,7 @@ class Trainer:
         return export.write(path, self._bundle(), self.manifest.graphs.infer, trained, meta)
 
 
-def _graph_session(bundle: Bundle, name: str, threads: int | None) -> ort.InferenceSession:
+def _graph_session(bundle: Bundle, name: str, threads: int | None, providers: list[str]) -> ort.InferenceSession:
     """A session of the bundle's graph file `name` with its external data (every reference checked first:
     listed, plain file names only). From a directory onnxruntime reads the graph and those files itself,
     relative to the directory, and their sha256 is checked again after that read, so what it read is what
@@ -362,11 +466,11 @@ def _graph_session(bundle: Bundle, name: str, threads: int | None) -> ort.Infere
     if isinstance(bundle.files, DirectoryFiles):
         used = dict.fromkeys(ref.location for ref in bundle.external_refs(name, raw))
         del raw
-        sess = _session(bundle.files.local_path(name), where, threads)
+        sess = _session(bundle.files.local_path(name), where, threads, None, providers)
         for fname in (name, *used):
             bundle.files.verify(fname)
         return sess
-    return _session(raw, where, threads, bundle.external_data(name, raw))
+    return _session(raw, where, threads, bundle.external_data(name, raw), providers)
 
 
 def _check_state(state: dict[str, np.ndarray], entries: list[StateSpec], where: str) -> None:

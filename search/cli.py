@@ -20,7 +20,7 @@ from typing import Any
 
 from pockprop import args as cli_args
 from pockprop.compiler.preprocess import HELP as PREPROCESS_HELP  # torch-free
-from pockprop.errors import EXIT_OK, DataError
+from pockprop.errors import EXIT_OK, DataError, UsageError
 from pockprop.search.options import SearchError, parse_ratios
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
@@ -249,7 +249,7 @@ def search_command(args: argparse.Namespace) -> int:
     if args.plot:
         try:
             result.plot(args.plot)
-        except RuntimeError as ex:
+        except UsageError as ex:  # matplotlib missing
             raise SearchError(f"--plot: {ex}") from None
         print(f"wrote {args.plot}")
     return EXIT_OK

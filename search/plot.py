@@ -10,21 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
-
-def _pyplot() -> Any:
-    try:
-        import matplotlib
-    except ImportError:
-        raise RuntimeError("plotting needs matplotlib: pip install 'pockprop[plot]' (or pip install matplotlib)") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from pockprop.runtime.plot import pyplot
 
 
 def plot_search(result: Any, path: str) -> str:
     """Write the PNG to `path`; returns it."""
-    plt = _pyplot()
+    plt = pyplot()
     mb = 2.0 ** 20
     base = result.baseline["memory_bytes"]
     fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)

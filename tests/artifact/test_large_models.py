@@ -117,10 +117,10 @@ def test_onnxruntime_reads_a_directory_s_external_files_and_they_are_checked_aft
     weights = d / "weights-0.bin"
     real = trainer_mod._session
 
-    def tamper(model, where, threads, ext=None):
+    def tamper(model, where, threads, ext=None, *rest):
         assert isinstance(model, str) and not ext
         weights.write_bytes(bytes(weights.stat().st_size))
-        return real(model, where, threads, ext)
+        return real(model, where, threads, ext, *rest)
 
     monkeypatch.setattr(trainer_mod, "_session", tamper)
     with pytest.raises(ArtifactError, match="weights-0.bin: sha256 mismatch"):

@@ -2,12 +2,16 @@
 the device runtime, against PyTorch's Hugging Face-style loss."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from pockprop.compiler.compile import compile
+from pockprop.errors import DataError
 from pockprop.runtime.trainer import Trainer
 from tests.compiler.torch_ref import assert_trains_like_torch
 
@@ -63,3 +67,14 @@ def test_all_ignored_batch_is_rejected_and_changes_nothing(tmp_path) -> None:
     for k, v in trainer.state.items():
         np.testing.assert_array_equal(v, before[k])
     assert trainer.step(x.numpy(), y.numpy()) is not None  # the next batch trains as usual
+
+
+def test_sequence_labels_are_checked_per_position(tmp_path) -> None:
+    x, y = _batches(1)[0]
+    art = compile(_build(), (x,), labels=y, optimizer={"name": "sgd", "lr": 0.1, "momentum": 0.9})
+    trainer = Trainer.load(art.save(str(tmp_path / "art")), threads=1)
+    bad = y.numpy().copy()
+    bad[1, 2] = V
+    with pytest.raises(DataError, match=re.escape(f"labels: label {V} at sample 1, position [2] is outside 0..{V - 1}")):
+        trainer.step(x.numpy(), bad)
+    assert trainer.steps == 0

@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from pockprop.compiler.compile import compile
+from pockprop.compiler.compile import TracedModel, compile, compile_traced
 from pockprop.runtime.trainer import Trainer
 from tests.compiler.zoo_cases import torch_optimizer
 
@@ -35,12 +35,17 @@ def _masks(art: Any, params: dict[str, torch.nn.Parameter]) -> dict[str, torch.T
 
 def assert_trains_like_torch(build: Callable[[], torch.nn.Module], batches: Sequence[Batch],
                              loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], optimizer: dict[str, Any],
-                             tmp_path: Any, rtol: float = 1e-4, atol: float = 1e-5, **compile_kw: Any) -> Any:
-    """Compile build() on the first batch, take a step per batch on the runtime and in torch, and check
-    the losses, every trained tensor (its slice) and that torch left every other value alone. Returns the
-    artifact."""
+                             tmp_path: Any, rtol: float = 1e-4, atol: float = 1e-5,
+                             traced: TracedModel | None = None, **compile_kw: Any) -> Any:
+    """Compile build() on the first batch (or compile `traced`, the same model traced once already), take a step
+    per batch on the runtime and in torch, and check the losses, every trained tensor (its slice) and that torch
+    left every other value alone. Returns the artifact; its `errors` attribute holds the largest relative loss
+    difference and the largest absolute difference of a trained tensor."""
     x0, y0 = batches[0]
-    art = compile(build(), (x0,), labels=y0, optimizer=optimizer, **compile_kw)
+    if traced is None:
+        art = compile(build(), (x0,), labels=y0, optimizer=optimizer, **compile_kw)
+    else:
+        art = compile_traced(traced, labels=y0, optimizer=optimizer, **compile_kw)
     trainer = Trainer.load(art.save(str(tmp_path / "art")), threads=1)
     losses = [trainer.step(x.numpy(), y.numpy()) for x, y in batches]
 
@@ -62,6 +67,7 @@ def assert_trains_like_torch(build: Callable[[], torch.nn.Module], batches: Sequ
         ref_losses.append(loss.item())
 
     np.testing.assert_allclose(losses, ref_losses, rtol=rtol, atol=atol)
+    worst = 0.0
     for s in art.state:
         if s.role != "param":
             continue
@@ -69,9 +75,12 @@ def assert_trains_like_torch(build: Callable[[], torch.nn.Module], batches: Sequ
         sl = s.spec.slice
         part = full.narrow(sl.axis, sl.start, sl.stop - sl.start) if sl else full
         np.testing.assert_allclose(trainer.state[s.name], part.numpy(), rtol=rtol, atol=atol, err_msg=s.name)
+        worst = max(worst, float(np.max(np.abs(trainer.state[s.name] - part.numpy()), initial=0.0)))
         frozen = masks[s.name] == 0
         assert torch.equal(full[frozen], before[s.name][frozen]), f"frozen part of {s.name} moved in torch"
     for n, p in params.items():
         if n not in masks:
             assert torch.equal(p, before[n]), f"{n} is not trained, but torch changed it"
+    art.errors = {"loss_rel": float(np.max(np.abs(np.subtract(losses, ref_losses)) / np.abs(ref_losses))),
+                  "weight_abs": worst}
     return art

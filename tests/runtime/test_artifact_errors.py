@@ -137,10 +137,31 @@ def bad_slice(art: Path) -> str:
     return "manifest.json: state '2.weight': slice {'axis': 1, 'start': 0, 'stop': 9} does not fit full_shape [3, 8]"
 
 
+def lr_initial_nan(art: Path) -> str:
+    _edit(art, lambda m: m["lr"].update(initial=float("nan")))
+    return "manifest.json: lr: initial must be a finite number >= 0, got nan"
+
+
+def loss_a_string(art: Path) -> str:
+    _edit(art, lambda m: m.update(loss="cross_entropy"))
+    return "manifest.json: loss: expected an object, got 'cross_entropy'"
+
+
+def loss_unknown(art: Path) -> str:
+    _edit(art, lambda m: m.update(loss={"name": "hinge"}))
+    return "manifest.json: loss: name 'hinge' is not one of cross_entropy, bce_with_logits, mse"
+
+
+def loss_bad_smoothing(art: Path) -> str:
+    _edit(art, lambda m: m["loss"].update(label_smoothing="lots"))
+    return "manifest.json: loss: label_smoothing must be a number in [0, 1), got 'lots'"
+
+
 DAMAGE: list[Callable[[Path], str]] = [
     truncated_onnx, truncated_onnx_rehashed, unknown_op_rehashed, flipped_weight_byte, truncated_weights_rehashed, missing_file,
     missing_manifest, future_version, manifest_not_json, edited_state_shape, edited_input_name, edited_data_shape,
-    dropped_state_entry, unknown_preprocess, non_finite_preprocess_scale, resize_to_another_size, path_in_files, bad_slice]
+    dropped_state_entry, unknown_preprocess, non_finite_preprocess_scale, resize_to_another_size, path_in_files, bad_slice,
+    lr_initial_nan, loss_a_string, loss_unknown, loss_bad_smoothing]
 
 
 @pytest.mark.parametrize("damage", DAMAGE, ids=[d.__name__ for d in DAMAGE])
@@ -197,3 +218,15 @@ def test_directory_files_are_checked_again_when_read_later(artifact) -> None:
         bundle.files["state.safetensors"]
     with pytest.raises(KeyError):
         bundle.files["not-listed.bin"]
+
+
+@pytest.mark.parametrize("report, needle", [(b"{not json", "JSONDecodeError"), (b'{"scheme": 3}', "KeyError: 'full'"),
+                                             (b"[1, 2]", "TypeError")], ids=["not-json", "no-fields", "a-list"])
+def test_malformed_compile_report_is_one_line(artifact, capsys, report: bytes, needle: str) -> None:
+    art = artifact()
+    (art / "report.json").write_bytes(report)
+    _edit(art, lambda m: m["files"].update({"report.json": hashlib.sha256(report).hexdigest()}))
+    assert main(["inspect", str(art)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"pockprop inspect: error: {art / 'report.json'}: not a readable compile report ({needle}")
+    assert err.count("\n") == 1

@@ -4,6 +4,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
+import socket
 import subprocess
 import textwrap
 from pathlib import Path
@@ -13,6 +15,7 @@ import pytest
 
 from pockprop.runtime import checkpoint, data
 from pockprop.artifact import durable
+from pockprop.cli import main
 from pockprop.errors import CheckpointError
 from pockprop.runtime.loop import fit
 from pockprop.runtime.trainer import Trainer
@@ -121,7 +124,7 @@ def test_disk_full_keeps_the_previous_checkpoint(artifact, tmp_path: Path, monke
         t.save_checkpoint(str(ckpt))
     monkeypatch.undo()
     assert Path(path).read_bytes() == good
-    assert sorted(os.listdir(ckpt)) == [checkpoint.FILE]  # the temp file was removed
+    assert sorted(os.listdir(ckpt)) == [checkpoint.LOCK_FILE, checkpoint.FILE]  # the temp file was removed
     assert Trainer.load(str(artifact())).resume(str(ckpt))["steps"] == 1
 
 
@@ -150,7 +153,7 @@ def test_file_size_limit_during_write_keeps_the_previous_checkpoint(artifact, tm
     assert out.returncode == 0, out.stderr
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["error"] and "file too large" in res["error"] and checkpoint.FILE in res["error"]
-    assert sorted(os.listdir(ckpt)) == [checkpoint.FILE]
+    assert sorted(os.listdir(ckpt)) == [checkpoint.LOCK_FILE, checkpoint.FILE]
     assert os.path.getsize(ckpt / checkpoint.FILE) == res["size"]
     assert Trainer.load(str(art)).resume(str(ckpt))["steps"] == 1
 
@@ -160,3 +163,94 @@ def test_stale_temp_files_of_a_killed_writer_are_removed(artifact, tmp_path: Pat
     stale.write_bytes(b"half a checkpoint")
     Trainer.load(str(artifact())).save_checkpoint(str(tmp_path))
     assert not stale.exists()
+
+
+HOLDER = """
+import sys, time
+from pockprop.runtime import checkpoint
+sys.argv = ["pockprop", "train", "held-by-the-test"]
+with checkpoint.lock(sys.stdin.readline().strip()):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_one_training_run_per_checkpoint_directory(artifact, tmp_path: Path, capsys) -> None:
+    art, d, ck = str(artifact()), str(dataset_npz(tmp_path / "d.npz")), tmp_path / "ck"
+    holder = subprocess.Popen([PY, "-c", HOLDER], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        holder.stdin.write(f"{ck}\n")  # type: ignore[union-attr]
+        holder.stdin.flush()  # type: ignore[union-attr]
+        assert holder.stdout.readline().strip() == "held"  # type: ignore[union-attr]
+        assert main(["train", art, "--data", d, "--checkpoint-dir", str(ck), "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith(f"pockprop train: error: {ck}: in use by another training run (pid {holder.pid} on "
+                                  f"{socket.gethostname()} since ") and "pockprop train held-by-the-test" in err[-1]
+        assert len(err) == 1 and not checkpoint.exists(str(ck))
+        trainer = Trainer.load(art)  # the Python API too, before its first step
+        with pytest.raises(CheckpointError, match="in use by another training run"):
+            fit(trainer, data.load(d), 1, checkpoint_dir=str(ck))
+        assert trainer.steps == 0
+    finally:
+        holder.kill()  # SIGKILL: the OS drops the lock with the process
+        holder.wait()
+    assert main(["train", art, "--data", d, "--checkpoint-dir", str(ck), "--no-progress"]) == 0  # no stale lock
+    with checkpoint.lock(str(ck)), checkpoint.lock(str(ck)):  # re-entrant within a process
+        Trainer.load(art).save_checkpoint(str(ck / "other"))
+
+
+def test_an_unwritable_checkpoint_directory_fails_before_the_first_step(artifact, tmp_path: Path, monkeypatch,
+                                                                      capsys) -> None:
+    art, d = str(artifact()), str(dataset_npz(tmp_path / "d.npz"))
+
+    def read_only(path: str, flags: int) -> int:  # what creating a file on a read-only mount gives
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+
+    monkeypatch.setattr(durable, "_exclusive", read_only)
+    trainer = Trainer.load(art)
+    with pytest.raises(CheckpointError, match=r"ck: cannot write files here \(Read-only file system\)"):
+        fit(trainer, data.load(d), 2, checkpoint_dir=str(tmp_path / "ck"))
+    assert trainer.steps == 0 and trainer.rejected == 0
+    assert main(["train", art, "--data", d, "--checkpoint-dir", str(tmp_path / "ck2"), "--no-progress"]) == 2
+    out = capsys.readouterr()
+    assert "cannot write files here (Read-only file system)" in out.err and "round 1" not in out.out
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="permission bits do not stop root")
+def test_a_read_only_checkpoint_folder_fails_before_the_first_step(artifact, tmp_path: Path) -> None:
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    ck.chmod(0o555)
+    trainer = Trainer.load(str(artifact()))
+    with pytest.raises(CheckpointError, match="ck: cannot write"):
+        fit(trainer, data.load(str(dataset_npz(tmp_path / "d.npz"))), 2, checkpoint_dir=str(ck))
+    assert trainer.steps == 0
+
+
+def _rewrite_meta(ckpt: Path, change) -> None:  # type: ignore[no-untyped-def]
+    tensors, meta = checkpoint.load(str(ckpt))
+    change(meta)
+    checkpoint.save(str(ckpt), tensors, {k: v for k, v in meta.items() if k not in ("format", "version", "tensors_sha256")})
+
+
+@pytest.mark.parametrize("change, needle", [
+    (lambda m: m["progress"].update(epoch="a"), "progress: 'epoch' is 'a'"),
+    (lambda m: m["progress"].pop("batch"), "progress: no 'batch'"),
+    (lambda m: m.update(progress=[1, 2]), "progress: expected an object, got [1, 2]"),
+    (lambda m: m.update(rounds={"round": 1}), "rounds: expected a list"),
+    (lambda m: m["rounds"][0].pop("steps"), "rounds[0]: no 'steps'"),
+    (lambda m: m["rounds"][0].update(epoch_losses=["x"]), "rounds[0]: 'epoch_losses' is ['x']"),
+    (lambda m: m["rounds"][0].update(after=None), "rounds[0]: 'after' is None"),
+    (lambda m: m.update(guard={"floor": -1}), "guard: expected {floor, norms, first, recent}"),
+], ids=["epoch", "no-batch", "progress-list", "rounds-dict", "round-no-steps", "losses", "after", "guard"])
+def test_malformed_checkpoint_metadata_is_one_line(artifact, tmp_path: Path, capsys, change, needle: str) -> None:
+    art, d, ck = str(artifact()), str(dataset_npz(tmp_path / "d.npz")), tmp_path / "ck"
+    assert main(["train", art, "--data", d, "--checkpoint-dir", str(ck), "--holdout", "0.25", "--no-progress"]) == 0
+    _rewrite_meta(ck, change)
+    capsys.readouterr()
+    with pytest.raises(CheckpointError, match=re.escape(f"malformed checkpoint metadata ({needle}")):
+        Trainer.load(art).resume(str(ck))
+    for argv in (["inspect", art], ["train", art, "--data", d, "--resume"]):
+        assert main([*argv, "--checkpoint-dir", str(ck)]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err and err.count("\n") <= 3

@@ -1,19 +1,26 @@
 """The device subcommands of `pockprop`: train (progress, checkpoints, resume, rounds), eval, export,
-inspect, pack; --json; exit codes 0 / 2 (bad input) / 1 (internal error)."""
+inspect, pack; --json; exit codes 0 / 2 (bad input) / 1 (internal error) / 130 (Ctrl-C) / 141 (stdout closed)."""
 from __future__ import annotations
 
 import io
 import json
+import re
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 
-from pockprop.runtime import commands
 from pockprop.cli import main
+from pockprop.errors import EXIT_BROKEN_PIPE
+from pockprop.runtime import checkpoint, commands, data
+from pockprop.runtime.loop import fit
 from pockprop.runtime.progress import Progress
-from tests.runtime.conftest import dataset_npz
+from pockprop.runtime.trainer import Trainer
+from tests.runtime.conftest import PY, ROOT, dataset_npz
 
 
 def _json(capsys) -> dict:
@@ -150,3 +157,57 @@ def test_ctrl_c_exits_130_in_one_line(artifact, tmp_path: Path, capsys, monkeypa
     monkeypatch.setattr(commands, "fit", interrupted)
     assert main(["train", str(artifact()), "--data", str(dataset_npz(tmp_path / "d.npz")), "--no-progress"]) == 130
     assert capsys.readouterr().err.strip().splitlines()[-1] == "pockprop train: interrupted"
+
+
+@pytest.mark.parametrize("flags", [[], ["--json"]], ids=["text", "json"])
+def test_a_closed_stdout_exits_141_quietly(artifact, flags: list[str]) -> None:
+    """`pockprop inspect A | head`: the reader is gone before the output; 141 (128 + SIGPIPE), nothing said."""
+    proc = subprocess.Popen([PY, "-m", "pockprop", "inspect", str(artifact()), *flags], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # type: ignore[union-attr]
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == EXIT_BROKEN_PIPE == 141 and err == b""
+
+
+def test_ctrl_c_during_training_checkpoints_at_a_batch_boundary(artifact, tmp_path: Path, capsys) -> None:
+    """SIGINT mid-training: a consistent checkpoint, exit 130 and one line saying so; resuming it ends
+    where an uninterrupted run ends, bit for bit."""
+    art, d, ck = str(artifact()), str(dataset_npz(tmp_path / "d.npz", n=40)), tmp_path / "ck"
+    argv = ["train", art, "--data", d, "--epochs", "100", "--checkpoint-dir", str(ck), "--checkpoint-every", "25",
+            "--no-progress"]
+    proc = subprocess.Popen([PY, "-m", "pockprop", *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not checkpoint.exists(str(ck)) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    line = err.strip().splitlines()[-1]
+    found = re.fullmatch(rf"pockprop train: interrupted: saved {re.escape(str(ck / checkpoint.FILE))} at step (\d+) "
+                         r"\(round 1: (\d+) epochs and (\d+) batches done\); resuming on the same data continues "
+                         r"from there", line)
+    assert found, line
+    steps, epochs, batches = map(int, found.groups())
+    _, meta = checkpoint.load(str(ck))
+    assert meta["steps"] == steps == 10 * epochs + batches < 1000
+    assert meta["progress"]["epoch"] == epochs and meta["progress"]["batch"] == batches
+    assert main([*argv, "--resume"]) == 0
+    reference = Trainer.load(art)
+    fit(reference, data.load(d), 100)
+    tensors, meta = checkpoint.load(str(ck))
+    assert meta["steps"] == reference.steps == 1000
+    for k, v in reference.state.items():
+        np.testing.assert_array_equal(tensors[k], v, err_msg=k)
+
+
+def test_train_help_lists_the_exit_codes(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Exit codes: 0 trained; 2 bad input" in text and "3 training failed: the state diverged" in text
+    assert "130 Ctrl-C" in text

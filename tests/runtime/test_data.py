@@ -49,6 +49,14 @@ def test_npz_and_errors(tmp_path: Path) -> None:
         data.load(str(tmp_path / "a.txt"))
 
 
+def test_csv_must_be_utf8_and_may_start_with_a_bom(tmp_path: Path) -> None:
+    (tmp_path / "latin1.csv").write_bytes("größe,label\n1,0\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1.csv: not UTF-8 text \(byte b'\\xf6' at offset 2\); save the CSV as UTF-8"):
+        data.load(str(tmp_path / "latin1.csv"))
+    (tmp_path / "excel.csv").write_bytes("\ufefflabel,a\n1,2\n0,3\n".encode("utf-8"))
+    assert data.load(str(tmp_path / "excel.csv")).y.tolist() == [1, 0]  # the header is found behind the mark
+
+
 def test_csv_with_and_without_header(tmp_path: Path) -> None:
     (tmp_path / "h.csv").write_text("a,label,b\n1,2,3\n4,0,6.5\n\n")
     ds = data.load(str(tmp_path / "h.csv"))

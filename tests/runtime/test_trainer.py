@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import onnxruntime as ort
@@ -96,12 +97,14 @@ def test_guard_rejects_nonfinite_batches_and_updates(artifact) -> None:
     for bad_x, lr, reason in [(np.where(np.arange(24).reshape(4, 6) == 5, np.nan, x), None, "NaN or Inf"),
                               (np.full_like(x, np.inf), None, "NaN or Inf"),
                               (x, float("nan"), "non-finite"),
-                              (x * 1e30, 1e30, "non-finite")]:
+                              (x, 1e38, "too large for its dtype"),  # its squared norm overflows float32
+                              (x * 1e30, 1e30, "times the largest recent loss"),
+                              (x, 1e6, "times its norm (limit 4")]:  # finite, but far beyond the weights
         assert trainer.step(bad_x.astype(np.float32), y, lr=lr) is None
         assert reason in trainer.last_rejection
         for k, v in good.items():
             np.testing.assert_array_equal(trainer.state[k], v, err_msg=k)
-    assert trainer.rejected == 4 and trainer.steps == 1
+    assert trainer.rejected == 6 and trainer.steps == 1
     assert trainer.step(x, y) is not None  # and training goes on from the last good state
     assert trainer.steps == 2
 
@@ -124,6 +127,43 @@ def test_bad_data_names_expected_and_received(artifact) -> None:
         np.testing.assert_array_equal(trainer.state[k], v)
     assert trainer.steps == 0 and trainer.rejected == 0
     trainer.step(x.astype(np.float64), y.astype(np.int32))  # same-kind casts are fine
+
+
+def test_step_checks_labels_and_names_the_sample(artifact, tmp_path) -> None:
+    trainer = Trainer.load(str(artifact()))  # 3 classes, cross-entropy with ignore_index -100
+    x, y = batch(0)
+    before = trainer.state
+    for label, message in ((-1, "label -1 at sample 2 is outside 0..2 (and not -100, ignored)"),
+                           (3, "label 3 at sample 2 is outside 0..2"), (-7, "label -7 at sample 2")):
+        bad = y.copy()
+        bad[2] = label
+        with pytest.raises(DataError, match=re.escape(f"labels: {message}")):
+            trainer.step(x, bad)
+    assert trainer.steps == trainer.rejected == 0
+    for k, v in before.items():
+        np.testing.assert_array_equal(trainer.state[k], v)
+    padded = y.copy()
+    padded[1] = -100  # a position the loss ignores: trains on the others
+    assert trainer.step(x, padded) is not None
+    assert trainer.step(x, np.full(4, -100)) is None and "ignore_index" in trainer.last_rejection
+
+
+def test_bce_targets_must_be_probabilities(tmp_path) -> None:
+    torch = pytest.importorskip("torch")
+    from pockprop.compiler.compile import compile
+
+    torch.manual_seed(0)
+    art = compile(torch.nn.Linear(6, 3), (torch.randn(4, 6),), labels=torch.rand(4, 3), loss="bce_with_logits",
+                  name="tags").save(str(tmp_path / "tags"))
+    trainer = Trainer.load(art)
+    x = batch(0)[0]
+    t = np.full((4, 3), 0.5, np.float32)
+    assert trainer.step(x, t) is not None
+    t[3, 1] = 1.5
+    with pytest.raises(DataError, match=re.escape("labels: label 1.5 at sample 3, position [1] is outside [0, 1]")):
+        trainer.step(x, t)
+    t[3, 1] = np.nan  # like NaN data: the guard rejects the batch
+    assert trainer.step(x, t) is None and "NaN" in trainer.last_rejection
 
 
 def test_schedules() -> None:
