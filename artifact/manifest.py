@@ -178,6 +178,11 @@ class DirectoryFiles(Mapping[str, bytes]):
         """Where the file is, for a reader (onnxruntime) that loads it itself; verify(fname) after that read."""
         return os.path.join(self.path, fname)
 
+    def watch(self, fname: str) -> "Watched":
+        """Keep the file open to see whether it changes in place from now on (call before verify(fname))."""
+        return Watched(os.path.join(self.path, fname))
+
+
     def __getitem__(self, fname: str) -> bytes:
         if fname not in self.digests:
             raise KeyError(fname)
@@ -191,6 +196,30 @@ class DirectoryFiles(Mapping[str, bytes]):
 
     def __len__(self) -> int:
         return len(self.digests)
+
+
+class Watched:
+    """A file that a reader keeps using after it was verified: onnxruntime maps a directory's external data
+    files and reads the weights from them as it runs. The file is kept open, so what is watched is the file
+    that was mapped, whatever its name is now: one replaced by a new file (a rename, as durable writes do)
+    or removed stays mapped and intact, but one written in place changes what the session computes.
+    `check` sees that (its size or modification time differs) and refuses. (A writer that also sets the
+    time back is not seen: the check is against accidents such as copying an artifact over a running one.)"""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._file = open_regular(path)
+        self._stamp = self._now()
+
+    def _now(self) -> tuple[int, int]:
+        st = os.fstat(self._file.fileno())
+        return st.st_size, st.st_mtime_ns  # not the change time: a rename sets it, and leaves the mapping intact
+
+    def check(self) -> None:
+        """ArtifactError if the file changed in place since it was opened."""
+        if self._now() != self._stamp:
+            raise _fail(self.path, "changed in place since the artifact was loaded (onnxruntime reads the weights from "
+                                   "it while it runs); load the artifact again")
 
 
 def _read_directory(path: str) -> Bundle:

@@ -23,7 +23,7 @@ from pockprop.runtime.session import CPU, providers_for, session
 from pockprop.artifact import onnx_wire, safetensors
 from pockprop.artifact.contract import BY_ORT, Manifest, Role, StateSpec, TensorSpec
 from pockprop.errors import ArtifactError, CheckpointError, DataError, TrainingFailed
-from pockprop.artifact.manifest import Bundle, DirectoryFiles, open_artifact
+from pockprop.artifact.manifest import Bundle, DirectoryFiles, Watched, open_artifact
 from pockprop.runtime.schedule import Schedule
 
 
@@ -87,7 +87,8 @@ class Trainer:
         self._memory_bundle = None if os.path.exists(bundle.path) else bundle
         del infer_raw
         train_name = m.graphs.train_step
-        self._train = _graph_session(bundle, train_name, threads, self.providers)
+        self._watched: list[Watched] = []  # the files the sessions keep reading (external data, mapped)
+        self._train = _graph_session(bundle, train_name, threads, self.providers, self._watched)
         self._check_train(bundle)
         self._check_infer(bundle, *infer)
         infer_params = {a.name for a in infer[2]}
@@ -163,8 +164,13 @@ class Trainer:
         """The inference session, made on first use (see __init__)."""
         if self._infer_session is None:
             self._infer_session = _graph_session(self._bundle(), self.manifest.graphs.infer, self._threads,
-                                                 self.providers)
+                                                 self.providers, self._watched)
         return self._infer_session
+
+    def _check_files(self) -> None:
+        """ArtifactError if a file that a session reads as it runs changed in place since it was loaded."""
+        for w in self._watched:
+            w.check()
 
     def _bundle(self) -> Bundle:
         """The artifact again: the bundle kept in memory, else read and verified again (the same digest)."""
@@ -284,6 +290,7 @@ class Trainer:
         binding.bind_cpu_input(self._data.name, x)
         binding.bind_cpu_input(self._labels.name, y)
         binding.bind_cpu_input(self.manifest.lr.name, np.array(rate, np.float32))
+        self._check_files()
         self._train.run_with_iobinding(binding)
         return float(self._loss_view)
 
@@ -381,7 +388,9 @@ class Trainer:
         full = self.full_parameters()
         feeds = {e.parameter: full[e.parameter] for e in self._infer_params}
         name, out = self._data.name, self.manifest.outputs.prediction
-        parts = [self._infer.run([out], feeds | {name: chunk})[0][:real]
+        sess = self._infer
+        self._check_files()
+        parts = [sess.run([out], feeds | {name: chunk})[0][:real]
                  for chunk, real in data.padded_batches(x, self.batch_size)]
         return np.concatenate(parts) if parts else np.zeros((0,), np.float32)
 
@@ -455,18 +464,21 @@ class Trainer:
         return export.write(path, self._bundle(), self.manifest.graphs.infer, trained, meta)
 
 
-def _graph_session(bundle: Bundle, name: str, threads: int | None, providers: list[str]) -> ort.InferenceSession:
+def _graph_session(bundle: Bundle, name: str, threads: int | None, providers: list[str],
+                   watched: list[Watched]) -> ort.InferenceSession:
     """A session of the bundle's graph file `name` with its external data (every reference checked first:
     listed, plain file names only). From a directory onnxruntime reads the graph and those files itself,
     relative to the directory, and their sha256 is checked again after that read, so what it read is what
     was verified; that takes about half the peak memory of handing it their values, which it copies
-    (docs/benchmarks.md, "Large models"). Otherwise the values come from the verified bytes."""
+    (docs/benchmarks.md, "Large models"). It maps the external files and keeps reading them, so they are
+    added to `watched` (see Watched). Otherwise the values come from the verified bytes."""
     raw = bundle.files[name]  # read once (a directory's file is read on each lookup)
     where = bundle.where(name)
     if isinstance(bundle.files, DirectoryFiles):
         used = dict.fromkeys(ref.location for ref in bundle.external_refs(name, raw))
         del raw
         sess = _session(bundle.files.local_path(name), where, threads, None, providers)
+        watched += [bundle.files.watch(fname) for fname in used]  # opened before the check below
         for fname in (name, *used):
             bundle.files.verify(fname)
         return sess

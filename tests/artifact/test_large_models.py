@@ -217,3 +217,33 @@ def test_export_command_writes_and_self_checks_external_data(tmp_path: Path, mon
     assert main(["export", str(d), "-o", str(tmp_path / "s.onnx"), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert doc["data"] is None and doc["bytes"] == (tmp_path / "s.onnx").stat().st_size
+
+
+def test_a_weights_file_changed_in_place_after_load_is_refused_and_a_replaced_one_is_harmless(tmp_path: Path,
+                                                                                               monkeypatch) -> None:
+    """onnxruntime maps a directory's external files and reads them as it runs: a file written in place
+    would change the model under a running trainer, so the trainer refuses to go on; a file replaced by a
+    new one (rename) leaves the mapped one intact."""
+    d = _mlp_artifact(tmp_path, monkeypatch)
+    weights = d / "weights-0.bin"
+    x = np.random.default_rng(0).standard_normal((4, 6)).astype(np.float32)
+    y = np.array([0, 1, 2, 0])
+    ref = Trainer.load(str(d))
+    want = [ref.step(x, y), ref.step(x, y)]
+
+    t = Trainer.load(str(d))
+    t.predict(x)  # both sessions made
+    good = weights.read_bytes()
+    os.replace(weights, tmp_path / "old.bin")
+    weights.write_bytes(bytes(len(good)))  # a new file under the name: the mapped one is unchanged
+    assert [t.step(x, y), t.step(x, y)] == want
+
+    os.replace(tmp_path / "old.bin", weights)
+    t = Trainer.load(str(d))
+    assert t.step(x, y) == want[0]
+    t.predict(x)
+    with open(weights, "r+b") as f:  # in place: the mapped file itself changes
+        f.write(bytes(len(good)))
+    for run in (lambda: t.step(x, y), lambda: t.predict(x)):
+        with pytest.raises(ArtifactError, match="weights-0.bin: changed in place since the artifact was loaded"):
+            run()
