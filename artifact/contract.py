@@ -26,6 +26,11 @@ STATE_FILE = "state.safetensors"
 MANIFEST_FILE = "manifest.json"
 REPORT_FILE = "report.json"  # the compile report (optional), hashed like every other file
 
+
+def weights_file(k: int) -> str:
+    """The k-th file of ONNX external data that a large model's graphs share (artifact/external.py)."""
+    return f"weights-{k}.bin"
+
 # -- names of the training step's inputs and outputs ----------------------------------------------
 LOSS = "loss"  # the training step's scalar loss output
 LABELS = "labels"  # its labels input

@@ -12,7 +12,9 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from pockprop.artifact.contract import LABELS, LOSS, LR, STEP, optimizer_slot, updated
+from pockprop.artifact.contract import LABELS, LOSS, LR, STEP, optimizer_slot, updated, weights_file
+from pockprop.artifact import external as external_data
+from pockprop.artifact.external import ExternalArrays
 from pockprop.autodiff.backward import backward
 from pockprop.compiler import preprocess as preprocess_steps
 from pockprop.compiler.artifact import Artifact, StateEntry
@@ -158,10 +160,13 @@ def compile_traced(tm: TracedModel, labels: Any = None, loss: str = "cross_entro
     train, state = _training_graph(train_fwd, wants, full_values, loss_op, labels, opt, label_smoothing, optimize)
 
     model_name = name or tm.name
+    external = _external_data(train, infer, full_values)
     return Artifact(
         name=model_name,
-        train_model=to_onnx(train, f"{model_name}.train_step", doc="pockprop training step"),
-        infer_model=to_onnx(infer, f"{model_name}.infer", input_defaults=full_values, doc="pockprop inference"),
+        train_model=to_onnx(train, f"{model_name}.train_step", doc="pockprop training step", external=external),
+        infer_model=to_onnx(infer, f"{model_name}.infer", input_defaults=full_values, doc="pockprop inference",
+                            external=external),
+        external=external,
         state=state,
         data_inputs=[(n, traced.graph.types[n]) for n in traced.user_inputs],
         input_ranges=index_ranges(traced.graph, traced.user_inputs),
@@ -176,6 +181,15 @@ def compile_traced(tm: TracedModel, labels: Any = None, loss: str = "cross_entro
         preprocess=_preprocess(preprocess, traced),
         scheme=resolved,
     )
+
+
+def _external_data(train: Graph, infer: Graph, defaults: dict[str, np.ndarray]) -> ExternalArrays | None:
+    """The layout of the graphs' shared external data if their distinct initializers (each array counted
+    once: both graphs read the same frozen weights) exceed `artifact.external.threshold()`, else None."""
+    arrays = {id(a): a for g in (train, infer) for a in g.constants.values()} | {id(a): a for a in defaults.values()}
+    if sum(a.nbytes for a in arrays.values()) <= external_data.threshold():
+        return None
+    return ExternalArrays(weights_file)
 
 
 def _preprocess(spec: str | dict[str, Any] | None, traced: Traced) -> dict[str, Any]:

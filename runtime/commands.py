@@ -18,6 +18,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from pockprop import args as cli_args
+from pockprop.artifact import onnx_wire
 from pockprop.artifact.contract import FORMAT_VERSION, REPORT_FILE
 from pockprop.runtime import checkpoint, guard
 from pockprop.errors import ArtifactError, CheckpointError, DataError, Interrupted
@@ -262,9 +263,12 @@ def export_command(args: argparse.Namespace) -> int:
     sess = session(path, args.threads, providers=trainer.providers)
     got = sess.run(None, x)[0]
     diff = float(np.max(np.abs(got - trainer.predict(x)))) if got.size else 0.0
-    size = os.path.getsize(path)
-    return _emit(args, {"output": path, "bytes": size, "steps": trainer.steps, "max_abs_diff_vs_predict": diff},
-                 [f"wrote {path} ({size:,} bytes, weights after {trainer.steps} steps); "
+    with open(path, "rb") as f:  # a large model's initializers are in one external file beside it
+        data = path + ".data" if onnx_wire.external_tensors(f.read()) else None
+    size = os.path.getsize(path) + (os.path.getsize(data) if data else 0)
+    return _emit(args, {"output": path, "data": data, "bytes": size, "steps": trainer.steps,
+                        "max_abs_diff_vs_predict": diff},
+                 [f"wrote {path}{f' and {data}' if data else ''} ({size:,} bytes, weights after {trainer.steps} steps); "
                   f"self-check vs predict: max |diff| {diff:.2e}"])
 
 

@@ -18,13 +18,12 @@ from typing import Any, Mapping
 import numpy as np
 import onnxruntime as ort
 
-from pockprop.runtime import checkpoint, data, guard, inputs
+from pockprop.runtime import checkpoint, data, export, guard, inputs
 from pockprop.runtime.session import CPU, providers_for, session
 from pockprop.artifact import onnx_wire, safetensors
 from pockprop.artifact.contract import BY_ORT, Manifest, Role, StateSpec, TensorSpec
-from pockprop.artifact.durable import write_atomic
 from pockprop.errors import ArtifactError, CheckpointError, DataError, TrainingFailed
-from pockprop.artifact.manifest import Bundle, DirectoryFiles, open_artifact
+from pockprop.artifact.manifest import Bundle, DirectoryFiles, Watched, open_artifact
 from pockprop.runtime.schedule import Schedule
 
 
@@ -88,16 +87,8 @@ class Trainer:
         self._memory_bundle = None if os.path.exists(bundle.path) else bundle
         del infer_raw
         train_name = m.graphs.train_step
-        # initializers kept in external files: from the files' verified bytes, never read by onnxruntime itself
-        external = bundle.external_data(train_name, bundle.files[train_name])
-        if isinstance(bundle.files, DirectoryFiles):  # onnxruntime reads the file itself: no copy in Python
-            self._train = _session(bundle.files.local_path(train_name), bundle.where(train_name), threads, external,
-                                   self.providers)
-            bundle.files.verify(train_name)  # what it read is what was verified at load
-        else:
-            self._train = _session(bundle.files[train_name], bundle.where(train_name), threads, external,
-                                   self.providers)
-        del external
+        self._watched: list[Watched] = []  # the files the sessions keep reading (external data, mapped)
+        self._train = _graph_session(bundle, train_name, threads, self.providers, self._watched)
         self._check_train(bundle)
         self._check_infer(bundle, *infer)
         infer_params = {a.name for a in infer[2]}
@@ -173,21 +164,23 @@ class Trainer:
     def _infer(self) -> ort.InferenceSession:
         """The inference session, made on first use (see __init__)."""
         if self._infer_session is None:
-            raw, where, external = self._infer_file()
-            self._infer_session = _session(raw, where, self._threads, external, self.providers)
+            self._infer_session = _graph_session(self._bundle(), self.manifest.graphs.infer, self._threads,
+                                                 self.providers, self._watched)
         return self._infer_session
 
-    def _infer_file(self) -> tuple[bytes, str, dict[str, np.ndarray]]:
-        """infer.onnx's bytes (from the bundle kept in memory, else read and verified again), its name, and
-        the values of its initializers kept in external files."""
+    def _check_files(self) -> None:
+        """ArtifactError if a file that a session reads as it runs changed in place since it was loaded."""
+        for w in self._watched:
+            w.check()
+
+    def _bundle(self) -> Bundle:
+        """The artifact again: the bundle kept in memory, else read and verified again (the same digest)."""
         bundle = self._memory_bundle
         if bundle is None:
             bundle = open_artifact(self.path)
             if bundle.digest != self.digest:
                 raise ArtifactError(f"{self.path}: the artifact changed since it was loaded")
-        name = self.manifest.graphs.infer
-        raw = bundle.files[name]
-        return raw, bundle.where(name), bundle.external_data(name, raw)
+        return bundle
 
     def _slice_bases(self, bundle: Bundle, infer_raw: bytes) -> dict[str, np.ndarray]:
         """The frozen full value of each parameter trained on a slice (its initializer in infer.onnx)."""
@@ -200,7 +193,7 @@ class Trainer:
             bases = onnx_wire.initializers(infer_raw, names - set(external))
         except onnx_wire.WireError as ex:
             raise ArtifactError(f"{where}: {ex}") from None
-        bases |= {n: np.array(external[n]) for n in names & set(external)}
+        bases |= {n: external[n] for n in names & set(external)}  # copies (directory) or views of a held pack
         for e in self._entries:
             if e.slice is not None and (e.parameter not in bases or bases[e.parameter].shape != e.full_shape):
                 raise ArtifactError(f"{where}: needs an initializer {e.parameter!r} of shape {list(e.full_shape or ())} "
@@ -301,6 +294,7 @@ class Trainer:
             binding.bind_cpu_input(name, a)
         binding.bind_cpu_input(self._labels.name, y)
         binding.bind_cpu_input(self.manifest.lr.name, np.array(rate, np.float32))
+        self._check_files()
         self._train.run_with_iobinding(binding)
         return float(self._loss_view)
 
@@ -404,6 +398,7 @@ class Trainer:
         out = self.manifest.outputs.prediction
         names = list(given)
         parts = []
+        self._check_files()
         for chunks in zip(*(data.padded_batches(a, self.batch_size) for a in given.values())):
             feeds = weights | {n: chunk for n, (chunk, _) in zip(names, chunks)}
             parts.append(self._infer.run([out], feeds)[0][:chunks[0][1]])
@@ -469,19 +464,35 @@ class Trainer:
 
     # -- export ----------------------------------------------------------------------------------
     def export_inference(self, path: str) -> str:
-        """Write one self-contained ONNX model with the trained weights baked in; returns `path`."""
-        raw, where, external = self._infer_file()
+        """Write a self-contained ONNX model with the trained weights baked in; returns `path`. A model
+        whose initializers exceed the external-data threshold keeps them in one file beside it
+        (`<path>.data`, ONNX external data: runtime/export.py)."""
         full = self.full_parameters()
-        # the trained parameters and the data of external files are embedded: one self-contained model
-        values = external | {e.parameter: np.ascontiguousarray(full[e.parameter]) for e in self._infer_params}
+        trained = {e.parameter: full[e.parameter] for e in self._infer_params}
         meta = {"pockprop.model": str(self.manifest.model or ""), "pockprop.steps": str(self.steps),
                 "pockprop.artifact_sha256": self.digest}
-        try:
-            model = onnx_wire.replace_initializers(raw, values, drop_inputs=True, metadata=meta)
-        except onnx_wire.WireError as ex:
-            raise ArtifactError(f"{where}: {ex}") from None
-        write_atomic(path, model)
-        return path
+        return export.write(path, self._bundle(), self.manifest.graphs.infer, trained, meta)
+
+
+def _graph_session(bundle: Bundle, name: str, threads: int | None, providers: list[str],
+                   watched: list[Watched]) -> ort.InferenceSession:
+    """A session of the bundle's graph file `name` with its external data (every reference checked first:
+    listed, plain file names only). From a directory onnxruntime reads the graph and those files itself,
+    relative to the directory, and their sha256 is checked again after that read, so what it read is what
+    was verified; that takes about half the peak memory of handing it their values, which it copies
+    (docs/benchmarks.md, "Large models"). It maps the external files and keeps reading them, so they are
+    added to `watched` (see Watched). Otherwise the values come from the verified bytes."""
+    raw = bundle.files[name]  # read once (a directory's file is read on each lookup)
+    where = bundle.where(name)
+    if isinstance(bundle.files, DirectoryFiles):
+        used = dict.fromkeys(ref.location for ref in bundle.external_refs(name, raw))
+        del raw
+        sess = _session(bundle.files.local_path(name), where, threads, None, providers)
+        watched += [bundle.files.watch(fname) for fname in used]  # opened before the check below
+        for fname in (name, *used):
+            bundle.files.verify(fname)
+        return sess
+    return _session(raw, where, threads, bundle.external_data(name, raw), providers)
 
 
 def _check_state(state: dict[str, np.ndarray], entries: list[StateSpec], where: str) -> None:
