@@ -26,6 +26,11 @@ STATE_FILE = "state.safetensors"
 MANIFEST_FILE = "manifest.json"
 REPORT_FILE = "report.json"  # the compile report (optional), hashed like every other file
 
+
+def weights_file(k: int) -> str:
+    """The k-th file of ONNX external data that a large model's graphs share (artifact/external.py)."""
+    return f"weights-{k}.bin"
+
 # -- names of the training step's inputs and outputs ----------------------------------------------
 LOSS = "loss"  # the training step's scalar loss output
 LABELS = "labels"  # its labels input
@@ -93,17 +98,20 @@ def _is_shape(value: Any) -> bool:
 # -- the manifest's parts -------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TensorSpec:
-    """A graph input the runtime feeds: name, shape (batch first), dtype; data inputs may say how raw
-    samples become that input (`preprocess`, see check_preprocess)."""
+    """A graph input the runtime feeds: name, shape (batch first), dtype. A float data input may say how
+    raw samples become it (`preprocess`, see check_preprocess); an integer data input used as indices
+    says which values the graph can take (`range`, inclusive [lowest, highest])."""
 
     name: str
     shape: tuple[int, ...]
     dtype: str
     preprocess: dict[str, Any] | None = None
+    range: tuple[int, int] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype} | (
-            {"preprocess": self.preprocess} if self.preprocess else {})
+            {"preprocess": self.preprocess} if self.preprocess else {}) | (
+            {"range": list(self.range)} if self.range is not None else {})
 
     @classmethod
     def from_json(cls, spec: Any, what: str, where: str) -> "TensorSpec":
@@ -112,6 +120,48 @@ class TensorSpec:
         if not _is_shape(spec.get("shape")) or spec.get("dtype") not in BY_NAME:
             raise _fail(where, f"{what} {spec['name']!r}: bad shape {spec.get('shape')!r} or dtype {spec.get('dtype')!r}")
         return cls(spec["name"], tuple(spec["shape"]), spec["dtype"])
+
+
+def is_integer(dtype: str) -> bool:
+    """An integer dtype of the table (bool is not one)."""
+    return dtype.startswith(("int", "uint"))
+
+
+def _data_input(d: Any, where: str) -> TensorSpec:
+    """One entry of the manifest's `data`: a TensorSpec with a positive batch, `preprocess` only on a float
+    input, `range` only on an integer one."""
+    spec = TensorSpec.from_json(d, "data", where)
+    what = f"data {spec.name!r}"
+    if not spec.shape or spec.shape[0] < 1:
+        raise _fail(where, f"{what}: the first dimension (batch size) must be positive")
+    preprocess = check_preprocess(d.get("preprocess") or {}, where)
+    if preprocess and not spec.dtype.startswith("float"):
+        raise _fail(where, f"{what}: preprocess applies to float inputs, this one is {spec.dtype}")
+    valid = d.get("range")
+    if valid is not None:
+        if not (isinstance(valid, list) and len(valid) == 2 and all(isinstance(v, int) and not isinstance(v, bool)
+                                                                   for v in valid) and valid[0] <= valid[1]):
+            raise _fail(where, f"{what}: range must be [lowest, highest] integers, got {valid!r}")
+        if not is_integer(spec.dtype):
+            raise _fail(where, f"{what}: range applies to integer inputs, this one is {spec.dtype}")
+    return TensorSpec(spec.name, spec.shape, spec.dtype, preprocess or None, None if valid is None else tuple(valid))
+
+
+def _data_inputs(data: Any, reserved: set[str], where: str) -> list[TensorSpec]:
+    """The manifest's `data`: one or more inputs with distinct names (none of them `reserved`, the
+    labels' and lr's names) and one batch size."""
+    if not isinstance(data, list) or not data:
+        raise _fail(where, "data: expected a non-empty list of inputs")
+    specs = [_data_input(d, where) for d in data]
+    names = [s.name for s in specs]
+    twice = sorted({n for n in names if names.count(n) > 1} | (set(names) & reserved))
+    if twice:
+        raise _fail(where, f"data: input names must be distinct from each other, the labels and the lr; "
+                           f"{', '.join(map(repr, twice))} repeat")
+    batches = {s.shape[0] for s in specs}
+    if len(batches) > 1:
+        raise _fail(where, f"data: the inputs have different batch sizes {sorted(batches)}")
+    return specs
 
 
 def check_preprocess(p: Any, where: str) -> dict[str, Any]:
@@ -295,7 +345,7 @@ class Manifest:
     the artifact, external-data files included, to its sha256: nothing unlisted is ever read."""
 
     model: str | None
-    data: list[TensorSpec]  # exactly one (what this runtime feeds)
+    data: list[TensorSpec]  # the model's inputs, in the order of its forward's arguments
     labels: TensorSpec
     lr: LearningRate
     outputs: Outputs
@@ -313,7 +363,7 @@ class Manifest:
 
     @property
     def input(self) -> TensorSpec:
-        """The one data input."""
+        """The first data input (the one `preprocess` describes)."""
         return self.data[0]
 
     def to_json(self) -> dict[str, Any]:
@@ -379,18 +429,13 @@ class Manifest:
         for name in (graphs["train_step"], graphs["infer"], m["state_file"]):
             if name not in files:
                 raise _fail(where, f"{name!r} is not listed in files (no hash to check it against)")
-        if not isinstance(m["data"], list) or len(m["data"]) != 1:
-            raise _fail(where, "data: this runtime feeds exactly one data input")
-        data = TensorSpec.from_json(m["data"][0], "data", where)
-        if not data.shape or data.shape[0] < 1:
-            raise _fail(where, "data: the first dimension (batch size) must be positive")
-        preprocess = check_preprocess(m["data"][0].get("preprocess") or {}, where)
         labels = TensorSpec.from_json(m["labels"], "labels", where)
         lr = m["lr"]
         if not isinstance(lr, dict) or not isinstance(lr.get("name"), str) or not isinstance(lr.get("initial"), (int, float)):
             raise _fail(where, "lr: expected {name, initial}")
         if isinstance(lr["initial"], bool) or not 0 <= lr["initial"] < float("inf"):  # NaN fails both
             raise _fail(where, f"lr: initial must be a finite number >= 0, got {lr['initial']!r}")
+        data = _data_inputs(m["data"], {labels.name, lr["name"]}, where)
         outputs = m["outputs"]
         if not isinstance(outputs, dict) or not all(isinstance(outputs.get(k), str) for k in ("loss", "prediction")):
             raise _fail(where, "outputs: expected {loss, prediction}")
@@ -406,7 +451,7 @@ class Manifest:
             if m.get(key) is not None and not isinstance(m[key], str):
                 raise _fail(where, f"{key}: expected a string, got {m[key]!r}")
         return cls(
-            model=m.get("model"), data=[TensorSpec(data.name, data.shape, data.dtype, preprocess or None)],
+            model=m.get("model"), data=data,
             labels=labels, lr=LearningRate(lr["name"], lr["initial"]),
             outputs=Outputs(outputs["loss"], outputs["prediction"]), state=state, files=dict(files),
             graphs=Graphs(graphs["train_step"], graphs["infer"]), state_file=m["state_file"],

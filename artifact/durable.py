@@ -2,16 +2,19 @@
 
 A reader sees either the old file or the complete new one, never a torn write, whatever moment the
 process is killed or the machine loses power (on file systems with atomic rename, i.e. all POSIX
-ones). A failed write (disk full, quota, file-size limit) removes the temp file and leaves the old
-file untouched. The temp file is created exclusively under a random name, never through an existing
-file or symbolic link, so nobody who can write to the folder can make a write land elsewhere.
+ones). A failed write (disk full, quota, file-size limit), or an exception raised while the data is
+being produced, removes the temp file and leaves the old file untouched. The data may be given as
+chunks, so a file of several GB is written without ever being held whole in memory. The temp file is
+created exclusively under a random name, never through an existing file or symbolic link, so nobody who
+can write to the folder can make a write land elsewhere.
 """
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import secrets
-from typing import BinaryIO
+from typing import BinaryIO, Iterable, Iterator, Union
 
 TMP_MARK = ".tmp-"
 _REASONS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded",
@@ -55,26 +58,56 @@ def _create_temp(path: str) -> tuple[BinaryIO, str]:
     raise OSError(errno.EEXIST, "no free temp file name")
 
 
-def write_atomic(path: str, data: bytes) -> None:
-    """Replace `path` with `data` durably; OSError (with the path and reason) if it cannot be written."""
+Data = Union[bytes, Iterable[Union[bytes, bytearray, memoryview]]]
+
+
+class _ProducerError(Exception):
+    """An exception raised by the iterable of chunks (not by the write): re-raised as it was."""
+
+
+def _chunks(data: Data) -> Iterator[Union[bytes, bytearray, memoryview]]:
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        yield data
+        return
+    it = iter(data)
+    while True:
+        try:
+            chunk = next(it)
+        except StopIteration:
+            return
+        except BaseException as ex:
+            raise _ProducerError() from ex
+        yield chunk
+
+
+def write_atomic(path: str, data: Data) -> str:
+    """Replace `path` with `data` (bytes, or an iterable of byte chunks written in order) durably; returns
+    the sha256 (hex) of what was written. OSError (with the path and reason) if it cannot be written; an
+    exception raised by the iterable propagates unchanged, and in both cases the old file stays."""
     directory = os.path.dirname(os.path.abspath(path))
     tmp = None
+    digest = hashlib.sha256()
     try:
         f, tmp = _create_temp(path)
         with f:
-            f.write(data)
+            for chunk in _chunks(data):
+                digest.update(chunk)
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as ex:
+    except (OSError, _ProducerError) as ex:
         if tmp is not None:  # ours: remove it (a name we could not create is not ours to touch)
             try:
                 os.unlink(tmp)
             except OSError:
                 pass
+        if isinstance(ex, _ProducerError):
+            raise ex.__cause__ from None  # type: ignore[misc]
         reason = _REASONS.get(ex.errno or 0, ex.strerror or str(ex))
         raise OSError(ex.errno, f"{path}: cannot write ({reason}); the previous file, if any, is unchanged") from None
     fsync_dir(directory)
+    return digest.hexdigest()
 
 
 def check_writable(path: str) -> None:

@@ -3,9 +3,11 @@
 An artifact is a directory, or the same files packed into one uncompressed tar (`pockprop pack`) for
 copying to a device. Loading checks the sha256 of every file the manifest lists (artifact/contract.py
 defines the manifest) and reads nothing it does not list. A packed artifact's files are kept as the
-bytes that were checked. A directory's are not held at all: each is read when used and its sha256
-checked again on that read, so what is validated is still exactly what gets used, while a trainer does
-not keep every file's bytes alive (the weights are in both ONNX files).
+bytes that were checked (a pack is held in memory: large models are better loaded from a directory). A
+directory's are not held at all: each is read when used and its sha256 checked again on that read (or,
+for a file onnxruntime reads itself, right after that read), so what is validated is still exactly what
+gets used, while a trainer does not keep every file's bytes alive (the weights may take GBs). `pack`
+streams: no file is held whole, and each member is at most 8 GiB (what a ustar header can state).
 
 Hostile input ends in an ArtifactError, never in a hang or an unbounded allocation: only regular files
 are opened (no symbolic link, FIFO or device; opening never blocks), the manifest's size is bounded,
@@ -16,7 +18,6 @@ refused without reading them.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import stat
 import tarfile
@@ -53,31 +54,50 @@ class Bundle:
         """How to name one of its files in a message."""
         return os.path.join(self.path, name) if os.path.isdir(self.path) else f"{self.path}:{name}"
 
-    def external_data(self, graph: str, model: bytes, names: set[str] | None = None) -> dict[str, np.ndarray]:
-        """The values of the initializers (those in `names`, or all) that the graph file `graph` (bytes
-        `model`) keeps in external files, read from those files' verified bytes. Every reference is
-        checked, read or not: ArtifactError unless it names a file the manifest lists (so nothing
-        unhashed is used, and nothing is resolved against the working directory)."""
+    def external_refs(self, graph: str, model: bytes) -> list[onnx_wire.ExternalTensor]:
+        """The initializers that the graph file `graph` (bytes `model`) keeps in external files. Every
+        reference is checked: ArtifactError unless it names a file the manifest lists (so nothing unhashed
+        is used, and nothing is resolved against the working directory) and lies within that file."""
         where = self.where(graph)
         try:
             refs = onnx_wire.external_tensors(model)
         except onnx_wire.WireError as ex:
             raise _fail(where, f"not a readable ONNX model ({ex})") from None
+        sizes: dict[str, int] = {}
         for ref in refs:
             if not is_plain_name(ref.location) or ref.location not in self.manifest.files:
                 raise _fail(where, f"initializer {ref.name!r} keeps its data in {ref.location!r}, which is not a file "
                                    "the manifest lists (external data must be a listed, hashed file of the artifact)")
-        blobs: dict[str, bytes] = {}
-        out = {}
+            if ref.location not in sizes:
+                files = self.files
+                sizes[ref.location] = files.size(ref.location) if isinstance(files, DirectoryFiles) \
+                    else len(files[ref.location])
+            try:
+                ref.check(sizes[ref.location])
+            except onnx_wire.WireError as ex:
+                raise _fail(where, str(ex)) from None
+        return refs
+
+    def external_data(self, graph: str, model: bytes, names: set[str] | None = None) -> dict[str, np.ndarray]:
+        """The values of the initializers (those in `names`, or all) that the graph file `graph` (bytes
+        `model`) keeps in external files, read from those files' verified bytes; every reference is checked,
+        read or not (`external_refs`). A pack's values are views of its bytes; a directory's files are read
+        one at a time, whole (files are bounded, see artifact/external.py), and the values copied out of
+        each, so at most one file's bytes are held beside the values."""
+        refs = sorted(self.external_refs(graph, model), key=lambda r: (r.location, r.offset))
+        copy = isinstance(self.files, DirectoryFiles)
+        location, blob, out = None, b"", {}
         for ref in refs:
             if names is not None and ref.name not in names:
                 continue
-            if ref.location not in blobs:
-                blobs[ref.location] = self.files[ref.location]
+            if ref.location != location:
+                blob = b""  # the previous file's bytes go before the next is read
+                blob, location = self.files[ref.location], ref.location
             try:
-                out[ref.name] = ref.array(blobs[ref.location])
+                value = ref.array(blob)
             except onnx_wire.WireError as ex:
-                raise _fail(where, str(ex)) from None
+                raise _fail(self.where(graph), str(ex)) from None
+            out[ref.name] = np.array(value) if copy else value
         return out
 
 
@@ -136,15 +156,32 @@ class DirectoryFiles(Mapping[str, bytes]):
     def verify(self, only: str | None = None) -> None:
         """Check every file's sha256 (or just `only`'s), streaming: nothing is kept."""
         for fname in [only] if only is not None else self.digests:
-            h = hashlib.sha256()
-            with open_regular(os.path.join(self.path, fname)) as f:
-                while chunk := f.read(self.CHUNK):
-                    h.update(chunk)
-            self._check(fname, h.hexdigest())
+            for _ in self.stream(fname):
+                pass
+
+    def stream(self, fname: str) -> Iterator[bytes]:
+        """The file's bytes in chunks; ArtifactError after the last one if its sha256 is not the listed one
+        (a consumer commits what it wrote only once the stream has ended)."""
+        h = hashlib.sha256()
+        with open_regular(os.path.join(self.path, fname)) as f:
+            while chunk := f.read(self.CHUNK):
+                h.update(chunk)
+                yield chunk
+        self._check(fname, h.hexdigest())
+
+    def size(self, fname: str) -> int:
+        """The file's size in bytes (its sha256 is checked when it is read or verified)."""
+        with open_regular(os.path.join(self.path, fname)) as f:
+            return os.fstat(f.fileno()).st_size
 
     def local_path(self, fname: str) -> str:
         """Where the file is, for a reader (onnxruntime) that loads it itself; verify(fname) after that read."""
         return os.path.join(self.path, fname)
+
+    def watch(self, fname: str) -> "Watched":
+        """Keep the file open to see whether it changes in place from now on (call before verify(fname))."""
+        return Watched(os.path.join(self.path, fname))
+
 
     def __getitem__(self, fname: str) -> bytes:
         if fname not in self.digests:
@@ -159,6 +196,30 @@ class DirectoryFiles(Mapping[str, bytes]):
 
     def __len__(self) -> int:
         return len(self.digests)
+
+
+class Watched:
+    """A file that a reader keeps using after it was verified: onnxruntime maps a directory's external data
+    files and reads the weights from them as it runs. The file is kept open, so what is watched is the file
+    that was mapped, whatever its name is now: one replaced by a new file (a rename, as durable writes do)
+    or removed stays mapped and intact, but one written in place changes what the session computes.
+    `check` sees that (its size or modification time differs) and refuses. (A writer that also sets the
+    time back is not seen: the check is against accidents such as copying an artifact over a running one.)"""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._file = open_regular(path)
+        self._stamp = self._now()
+
+    def _now(self) -> tuple[int, int]:
+        st = os.fstat(self._file.fileno())
+        return st.st_size, st.st_mtime_ns  # not the change time: a rename sets it, and leaves the mapping intact
+
+    def check(self) -> None:
+        """ArtifactError if the file changed in place since it was opened."""
+        if self._now() != self._stamp:
+            raise _fail(self.path, "changed in place since the artifact was loaded (onnxruntime reads the weights from "
+                                   "it while it runs); load the artifact again")
 
 
 def _read_directory(path: str) -> Bundle:
@@ -262,15 +323,43 @@ def read_manifest(path: str) -> Manifest:
     return open_artifact(path).manifest
 
 
+USTAR_MAX = 8 ** 11 - 1  # the largest member a ustar header can state (11 octal digits): 8 GiB - 1
+
+
+def _tar_member(name: str, size: int) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = size, 0o644, 0
+    return info.tobuf(tarfile.USTAR_FORMAT)
+
+
+def _tar_chunks(bundle: Bundle, sizes: dict[str, int]) -> Iterator[bytes]:
+    """The pack's bytes: each member's header, data (streamed from a directory, checked as it is read) and
+    padding, then the end-of-archive blocks padded to a whole record, as tarfile writes them."""
+    total = 0
+    for name, size in sizes.items():  # manifest first: a reader streaming the tar meets it before the rest
+        yield _tar_member(name, size)
+        if name == MANIFEST_FILE:
+            yield bundle.manifest_bytes
+        elif isinstance(bundle.files, DirectoryFiles):
+            yield from bundle.files.stream(name)
+        else:
+            yield bundle.files[name]
+        yield bytes(-size % BLOCK)
+        total += BLOCK + size + -size % BLOCK
+    end = 2 * BLOCK
+    yield bytes(end + -(total + end) % tarfile.RECORDSIZE)
+
+
 def pack(directory: str, output: str) -> str:
-    """Pack a verified artifact (directory or pack) into one uncompressed tar file (written atomically)."""
+    """Pack a verified artifact (directory or pack) into one uncompressed tar file, written atomically and
+    streamed: a directory's files are copied in chunks (checked against their sha256 again as they are read),
+    never held whole."""
     bundle = open_artifact(directory)
-    blobs = {MANIFEST_FILE: bundle.manifest_bytes} | dict(bundle.files)
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:", format=tarfile.USTAR_FORMAT) as tar:
-        for name in blobs:  # manifest first: a reader streaming the tar meets it before the rest
-            info = tarfile.TarInfo(name)
-            info.size, info.mode, info.mtime = len(blobs[name]), 0o644, 0
-            tar.addfile(info, io.BytesIO(blobs[name]))
-    write_atomic(output, buf.getvalue())
+    sizes = {MANIFEST_FILE: len(bundle.manifest_bytes)}
+    for name in bundle.manifest.files:
+        sizes[name] = bundle.files.size(name) if isinstance(bundle.files, DirectoryFiles) else len(bundle.files[name])
+        if sizes[name] > USTAR_MAX:
+            raise _fail(bundle.where(name), f"{sizes[name]} bytes: a packed artifact's files are smaller than 8 GiB "
+                                            "each (ustar); copy the artifact directory instead")
+    write_atomic(output, _tar_chunks(bundle, sizes))
     return output

@@ -24,6 +24,7 @@ from typing import Iterator
 import numpy as np
 
 from pockprop.artifact.contract import BY_ONNX
+from pockprop.artifact.external import Placement, raw_bytes
 
 MODEL_GRAPH, MODEL_METADATA = 7, 14
 GRAPH_INITIALIZER, GRAPH_INPUT = 5, 11
@@ -181,18 +182,25 @@ def _values(info: dict[str, object]) -> np.ndarray:
     return arr.astype(dtype.newbyteorder("=")).reshape(dims)
 
 
-def _encode_tensor(original: bytes, new: np.ndarray) -> bytes:
-    """The TensorProto with its data fields replaced by raw_data holding `new` (little-endian)."""
+def _encode_tensor(original: bytes, new: np.ndarray | Placement) -> bytes:
+    """The TensorProto with its data fields replaced by raw_data holding `new` (little-endian), or by a
+    reference to external data (`new` a Placement of its bytes)."""
     info = _tensor(original)
     name, code, dims = info["name"], int(info["code"]), list(info["dims"])  # type: ignore[arg-type]
+    # the data fields go, and with them any external file reference
+    kept = b"".join(original[s:e] for n, _, _, s, e in fields(original) if n not in _DATA_FIELDS | {T_LOCATION})
+    if isinstance(new, Placement):
+        nbytes = int(np.prod(dims, dtype=np.int64)) * (DTYPES[code].itemsize if code in DTYPES else 0)
+        if code not in DTYPES or new.length != nbytes:
+            raise WireError(f"initializer {name!r}: {new.length} bytes of external data for {list(dims)} of type {code}")
+        entries = (("location", new.location), ("offset", str(new.offset)), ("length", str(new.length)))
+        refs = b"".join(_len_field(T_EXTERNAL, _len_field(1, k.encode()) + _len_field(2, v.encode())) for k, v in entries)
+        return kept + refs + _encode_varint(T_LOCATION << 3 | VARINT) + _encode_varint(EXTERNAL)
     if list(new.shape) != dims:
         raise WireError(f"initializer {name!r}: shape {dims}, new value has shape {list(new.shape)}")
     if CODES.get(new.dtype.name) != code:
         raise WireError(f"initializer {name!r}: ONNX data type {code}, new value is {new.dtype}")
-    # the data fields go, and with them an external file reference: the new data is embedded
-    kept = b"".join(original[s:e] for n, _, _, s, e in fields(original) if n not in _DATA_FIELDS | {T_LOCATION})
-    raw = np.ascontiguousarray(new, new.dtype.newbyteorder("<")).tobytes()
-    return kept + _len_field(T_RAW, raw)
+    return kept + _len_field(T_RAW, raw_bytes(new))
 
 
 # -- models ---------------------------------------------------------------------------------------
@@ -208,9 +216,10 @@ def initializers(model: bytes, names: set[str] | None = None) -> dict[str, np.nd
     return out
 
 
-def replace_initializers(model: bytes, values: dict[str, np.ndarray], drop_inputs: bool = True,
+def replace_initializers(model: bytes, values: dict[str, np.ndarray | Placement], drop_inputs: bool = True,
                          metadata: dict[str, str] | None = None) -> bytes:
-    """The model with the named initializers' data replaced.
+    """The model with the named initializers' data replaced (by a value, or by a reference to its bytes in
+    an external file).
 
     drop_inputs: also remove those names from graph.input, so they become constants rather than
     overridable inputs (a self-contained model; onnxruntime can then constant-fold them).
@@ -316,18 +325,26 @@ class ExternalTensor:
     code: int
     dims: tuple[int, ...]
 
-    def array(self, blob: bytes) -> np.ndarray:
-        """Its value, read from the bytes of its file (a view of them, where their alignment allows)."""
+    @property
+    def nbytes(self) -> int:
+        """The size of its value (WireError for a data type this runtime does not handle)."""
         if self.code not in DTYPES:
             raise WireError(f"initializer {self.name!r}: ONNX data type {self.code} is not supported")
-        dtype = DTYPES[self.code].newbyteorder("<")
-        count = int(np.prod(self.dims, dtype=np.int64))
-        nbytes = count * dtype.itemsize
-        length = len(blob) - self.offset if self.length is None else self.length
-        if length != nbytes or not 0 <= self.offset <= len(blob) - nbytes:
+        return int(np.prod(self.dims, dtype=np.int64)) * DTYPES[self.code].itemsize
+
+    def check(self, size: int) -> None:
+        """WireError unless its file, of `size` bytes, holds exactly its value's bytes where it says."""
+        nbytes = self.nbytes
+        length = size - self.offset if self.length is None else self.length
+        if length != nbytes or not 0 <= self.offset <= size - nbytes:
             raise WireError(f"initializer {self.name!r}: {length} bytes at offset {self.offset} of {self.location!r} "
-                            f"({len(blob)} bytes) do not hold its {nbytes} bytes of {dtype.name}{list(self.dims)}")
-        arr = np.frombuffer(blob, dtype, count, self.offset).reshape(self.dims)
+                            f"({size} bytes) do not hold its {nbytes} bytes of {DTYPES[self.code]}{list(self.dims)}")
+
+    def array(self, blob: bytes) -> np.ndarray:
+        """Its value, read from the bytes of its file (a view of them, where their alignment allows)."""
+        self.check(len(blob))
+        dtype = DTYPES[self.code].newbyteorder("<")
+        arr = np.frombuffer(blob, dtype, self.nbytes // dtype.itemsize, self.offset).reshape(self.dims)
         arr = arr.astype(dtype.newbyteorder("="), copy=False)
         return arr if arr.flags.aligned else arr.copy()
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import struct
-from typing import IO
+from typing import IO, Iterator
 
 import numpy as np
 
 from pockprop.artifact.contract import BY_NAME, BY_SAFETENSORS
+from pockprop.artifact.external import raw_bytes
 
 _TO_ST = {name: d.safetensors for name, d in BY_NAME.items()}
 _FROM_ST = {code: d.name for code, d in BY_SAFETENSORS.items()}
@@ -22,20 +23,26 @@ class SafetensorsError(ValueError):
     """The bytes are not a valid safetensors file."""
 
 
-def dumps(tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> bytes:
+def chunks(tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> Iterator[bytes | memoryview]:
+    """The file's bytes in order: its header, then each tensor's bytes (no copy of a C-ordered
+    little-endian array), so a large state is written without being held twice."""
     header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
-    blobs, offset = [], 0
-    for name in sorted(tensors):
+    names, offset = sorted(tensors), 0
+    for name in names:
         a = np.asarray(tensors[name])
         if a.dtype.name not in _TO_ST:
             raise TypeError(f"tensor {name!r}: dtype {a.dtype} not supported")
-        raw = np.array(a, order="C").astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
-        header[name] = {"dtype": _TO_ST[a.dtype.name], "shape": list(a.shape), "data_offsets": [offset, offset + len(raw)]}
-        blobs.append(raw)
-        offset += len(raw)
+        header[name] = {"dtype": _TO_ST[a.dtype.name], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # keep the data 8-byte aligned, as the reference writer does
-    return struct.pack("<Q", len(head)) + head + b"".join(blobs)
+    yield struct.pack("<Q", len(head)) + head
+    for name in names:
+        yield raw_bytes(tensors[name])
+
+
+def dumps(tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> bytes:
+    return b"".join(chunks(tensors, metadata))
 
 
 def loads(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -78,4 +85,5 @@ def load(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
 
 
 def write_to(f: IO[bytes], tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
-    f.write(dumps(tensors, metadata))
+    for chunk in chunks(tensors, metadata):
+        f.write(chunk)

@@ -3,6 +3,11 @@
 A directory: train_step.onnx, infer.onnx, state.safetensors (trainable tensors + optimizer state),
 manifest.json (what every graph input/output is, with shapes, dtypes and sha256 of each file).
 No pickle anywhere.
+
+A large model's graphs keep their initializers in shared external-data files (weights-K.bin, see
+artifact/external.py) when their distinct initializers take more than `external.threshold()` bytes;
+smaller artifacts are single-file graphs. `save` streams every file to disk, hashing as it writes: a
+tensor is never copied into a message or a buffer on the way.
 """
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import onnx
@@ -18,6 +23,7 @@ import onnx
 from pockprop.artifact import contract, safetensors
 from pockprop.artifact.contract import Graphs, LearningRate, Manifest, Outputs, Role, SliceSpec, StateSpec, TensorSpec
 from pockprop.artifact.durable import write_atomic
+from pockprop.artifact.external import ExternalArrays
 
 from pockprop.emit.onnx import IR_VERSION, OPSET
 from pockprop.ir import Graph, TensorType
@@ -76,8 +82,9 @@ class StateEntry:
         self.spec = replace(self.spec, output=value)
 
 
-def _io(name: str, t: TensorType, preprocess: dict[str, Any] | None = None) -> TensorSpec:
-    return TensorSpec(name, tuple(t.shape), t.dtype, preprocess or None)
+def _io(name: str, t: TensorType, preprocess: dict[str, Any] | None = None,
+        valid: tuple[int, int] | None = None) -> TensorSpec:
+    return TensorSpec(name, tuple(t.shape), t.dtype, preprocess or None, valid)
 
 
 @dataclass
@@ -98,6 +105,8 @@ class Artifact:
     scheme: Any = None  # the ResolvedScheme the artifact was compiled with, if any
     report: dict[str, Any] | None = None  # the compile report (compiler/report.py), saved as report.json
     source: dict[str, Any] | None = None  # how to rebuild the model (manifest "source", optional; pockprop search)
+    input_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)  # integer inputs used as indices
+    external: ExternalArrays | None = None  # the graphs' initializers kept in external files (large models)
 
     @property
     def trainable_count(self) -> int:
@@ -116,7 +125,8 @@ class Artifact:
             model=self.name,
             graphs=Graphs(contract.TRAIN_STEP_FILE, contract.INFER_FILE),
             state_file=contract.STATE_FILE,
-            data=[_io(n, t, self.preprocess) for n, t in self.data_inputs],
+            data=[_io(n, t, self.preprocess if i == 0 else None, self.input_ranges.get(n))
+                  for i, (n, t) in enumerate(self.data_inputs)],
             labels=_io(*self.labels),
             lr=LearningRate(contract.LR, self.optimizer.lr),
             outputs=Outputs(contract.LOSS, self.output),
@@ -131,22 +141,32 @@ class Artifact:
             source=self.source or None,
         )
 
-    def files(self) -> dict[str, bytes]:
-        """Every file of the artifact directory by name, manifest.json (with the others' sha256) last."""
-        blobs = {
-            contract.TRAIN_STEP_FILE: self.train_model.SerializeToString(),
-            contract.INFER_FILE: self.infer_model.SerializeToString(),
-            contract.STATE_FILE: safetensors.dumps(self.initial_state()),
+    def contents(self) -> dict[str, Callable[[], Iterable[bytes | memoryview]]]:
+        """Every file but manifest.json, by name, as a function giving its bytes in chunks (in order)."""
+        out: dict[str, Callable[[], Iterable[bytes | memoryview]]] = {
+            contract.TRAIN_STEP_FILE: lambda: [self.train_model.SerializeToString()],
+            contract.INFER_FILE: lambda: [self.infer_model.SerializeToString()],
         }
+        external = self.external
+        for location in external.files if external is not None else ():
+            out[location] = lambda location=location: external.file_chunks(location)  # type: ignore[union-attr]
+        out[contract.STATE_FILE] = lambda: safetensors.chunks(self.initial_state())
         if self.report is not None:
-            blobs[contract.REPORT_FILE] = (json.dumps(self.report, indent=1) + "\n").encode()
+            out[contract.REPORT_FILE] = lambda: [(json.dumps(self.report, indent=1) + "\n").encode()]
+        return out
+
+    def files(self) -> dict[str, bytes]:
+        """Every file of the artifact directory by name, manifest.json (with the others' sha256) last; in
+        memory (`save` writes a large artifact without holding its files)."""
+        blobs = {n: b"".join(chunks()) for n, chunks in self.contents().items()}
         manifest = replace(self.manifest(), files={n: hashlib.sha256(data).hexdigest() for n, data in blobs.items()})
         blobs[contract.MANIFEST_FILE] = manifest.dumps()
         return blobs
 
     def save(self, directory: str) -> str:
-        """Write the artifact directory (created if missing); returns its path."""
+        """Write the artifact directory (created if missing), file by file, each streamed and hashed as it is
+        written, manifest.json last (a directory with a manifest is complete); returns its path."""
         os.makedirs(directory, exist_ok=True)
-        for fname, data in self.files().items():  # manifest last: a directory with a manifest is complete
-            write_atomic(os.path.join(directory, fname), data)
+        digests = {n: write_atomic(os.path.join(directory, n), chunks()) for n, chunks in self.contents().items()}
+        write_atomic(os.path.join(directory, contract.MANIFEST_FILE), replace(self.manifest(), files=digests).dumps())
         return directory

@@ -10,7 +10,8 @@ import time
 
 from pockprop import args as cli_args
 from pockprop.compiler.preprocess import HELP as PREPROCESS_HELP  # torch-free
-from pockprop.errors import EXIT_OK, CompileError
+from pockprop.artifact.contract import BY_NAME
+from pockprop.errors import EXIT_OK, CompileError, UsageError
 from pockprop.tracing.loader import spec_of
 
 
@@ -38,6 +39,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--report", action="store_true",
                    help="print per-layer update kinds, MACs and memory beside full backprop; write report.json")
     p.add_argument("--preprocess", metavar="PRESET_OR_JSON", help=PREPROCESS_HELP)
+    p.add_argument("--input", dest="inputs", action="append", type=input_decl, metavar="NAME:DTYPE:SHAPE",
+                   help="a data input, passed to forward as keyword NAME, e.g. input_ids:int64:8,128; repeat it "
+                        "for each input (instead of --input-shape, which declares one float32 input)")
+    p.add_argument("--model-output", metavar="NAME", help="the returned tensor to train on when the model returns "
+                                                          "several, e.g. logits (a ModelOutput's field)")
     p.add_argument("-o", "--output", required=True, help="artifact directory to write")
     p.set_defaults(func=compile_command)
 
@@ -63,25 +69,34 @@ def compile_command(args: argparse.Namespace) -> int:
     from pockprop.compiler.preprocess import describe as describe_preprocess, resolve as resolve_preprocess
 
     cli_args.check_output_dir(args.output, "-o")  # before the compile, not after it
+    if args.inputs and args.input_shape:
+        raise UsageError("give either --input (one per data input) or --input-shape, not both")
     spec = spec_of(args)
     model, default_shape = spec.build()
-    shape = args.input_shape or default_shape
+    declared = args.inputs or [("x", spec.input_dtype(), args.input_shape or default_shape)]
+    shape = declared[0][2]
     if shape is None:
-        raise CompileError(f"{args.model} has no default input shape; pass --input-shape")
-    preprocess = resolve_preprocess(args.preprocess, shape, args.model)
-    # token ids (a builder whose default_input_dtype is int64): zeros are valid ids, and values do not matter to tracing
-    example = torch.zeros(shape, dtype=torch.int64) if spec.input_dtype() == "int64" else torch.randn(*shape)
+        raise CompileError(f"{args.model} has no default input shape; pass --input-shape or --input")
+    float_first = declared[0][1].startswith("float")
+    preprocess = resolve_preprocess(args.preprocess, shape, args.model) if float_first or args.preprocess else {}
     t0 = time.perf_counter()
-    print(f"compiling {args.model} for input {','.join(map(str, shape))} ...", file=sys.stderr)
-    print(f"preprocess: {describe_preprocess(preprocess, shape)}", file=sys.stderr)
-    art = compile(model, (example,), loss=args.loss, optimizer=_optimizer(args),
+    what = ", ".join(f"{n}:{d}:{','.join(map(str, s))}" for n, d, s in declared) if args.inputs \
+        else ",".join(map(str, shape))
+    print(f"compiling {args.model} for input {what} ...", file=sys.stderr)
+    print(f"preprocess: {describe_preprocess(preprocess, shape) if float_first else 'none'}", file=sys.stderr)
+    # one input (no --input): features or pixels, or token ids where the builder says so (default_input_dtype;
+    # zeros are valid ids, and values do not matter to the trace)
+    examples = _examples(declared) if args.inputs else (
+        torch.randn(*shape) if float_first else torch.zeros(shape, dtype=torch.int64),)
+    art = compile(model, examples, loss=args.loss, optimizer=_optimizer(args),
                   trainable=args.trainable, scheme=args.scheme, label_smoothing=args.label_smoothing,
-                  name=args.model.split(":")[-1], preprocess=preprocess)
+                  name=args.model.split(":")[-1], preprocess=preprocess, output=args.model_output)
     art.source = spec.source()
     if args.report:
         from pockprop.compiler.report import compile_report, format_report
 
-        full = compile(model, (example,), loss=args.loss, optimizer=_optimizer(args), scheme="full")
+        full = compile(model, examples, loss=args.loss, optimizer=_optimizer(args), scheme="full",
+                       output=args.model_output)
         art.report = compile_report(art, full)
     art.save(args.output)
     if art.scheme is not None:
@@ -93,6 +108,30 @@ def compile_command(args: argparse.Namespace) -> int:
           f"{art.trainable_count:,} of {total:,} parameters ({100 * art.trainable_count / max(total, 1):.2f}%), "
           f"train_step.onnx {len(art.train_model.graph.node)} nodes")
     return EXIT_OK
+
+
+def input_decl(text: str) -> tuple[str, str, tuple[int, ...]]:
+    """An argparse type: NAME:DTYPE:SHAPE, a forward keyword argument with its dtype (from the artifact's
+    dtype table) and shape incl. batch."""
+    parts = text.split(":")
+    if len(parts) != 3 or not parts[0].isidentifier():
+        raise argparse.ArgumentTypeError(f"expected NAME:DTYPE:SHAPE like input_ids:int64:8,128, got {text!r}")
+    if parts[1] not in BY_NAME:
+        raise argparse.ArgumentTypeError(f"dtype {parts[1]!r}: choose one of {', '.join(BY_NAME)}, got {text!r}")
+    return parts[0], parts[1], cli_args.shape(parts[2])
+
+
+def _examples(declared: list[tuple[str, str, tuple[int, ...]]]) -> dict[str, object]:
+    """Example tensors for --input declarations, as keyword inputs: only their shapes and dtypes matter to
+    the trace; integers are 1 (a valid token id of any vocabulary, and 'attend' in a mask)."""
+    import torch
+
+    names = [n for n, _, _ in declared]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise UsageError(f"--input {', '.join(twice)} declared twice")
+    return {n: torch.randn(*s).to(getattr(torch, d)) if d.startswith("float")
+            else torch.ones(*s, dtype=getattr(torch, d)) for n, d, s in declared}
 
 
 def supported_ops() -> tuple[list[str], dict[str, str]]:

@@ -7,18 +7,21 @@ constants; the backward graph only reaches what the trainable tensors need.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 import numpy as np
 import torch
 
-from pockprop.artifact.contract import LABELS, LOSS, LR, STEP, optimizer_slot, updated
+from pockprop.artifact.contract import LABELS, LOSS, LR, STEP, optimizer_slot, updated, weights_file
+from pockprop.artifact import external as external_data
+from pockprop.artifact.external import ExternalArrays
 from pockprop.autodiff.backward import backward
 from pockprop.compiler import preprocess as preprocess_steps
 from pockprop.compiler.artifact import Artifact, StateEntry
 from pockprop.compiler.optim import build_update, initial_state, parse_optimizer
 from pockprop.compiler.blocks import module_tree
 from pockprop.compiler.scheme import Layer, Scheme, discover_layers, load_scheme, resolve_scheme
+from pockprop.compiler.signature import example_args, index_ranges, pick_output
 from pockprop.compiler.trainable import select, split_patterns
 from pockprop.emit.onnx import to_onnx
 from pockprop.errors import CompileError
@@ -68,13 +71,12 @@ class TracedModel:
         return {p: self.traced.graph.types[p].shape for p in self.traced.parameters}
 
 
-def trace_model(model: torch.nn.Module, example_inputs: tuple[Any, ...] | torch.Tensor) -> TracedModel:
-    """Trace `model` once for `compile_traced` (puts it in eval form, as `compile` does)."""
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    traced = trace(model, tuple(example_inputs))
-    if len(traced.graph.outputs) != 1:
-        raise CompileError(f"the model must return one tensor, it returns {len(traced.graph.outputs)}")
+def trace_model(model: torch.nn.Module, example_inputs: Any, output: str | None = None) -> TracedModel:
+    """Trace `model` once for `compile_traced` (puts it in eval form, as `compile` does); `example_inputs`
+    and `output` as in `compile`."""
+    args, kwargs = example_args(example_inputs)
+    traced = trace(model, args, kwargs)
+    pick_output(traced, output)
     return TracedModel(traced, module_tree(model), type(model).__name__)
 
 
@@ -91,14 +93,19 @@ def _check_options(loss: str, label_smoothing: float, trainable: Any, scheme: An
     return loss_op
 
 
-def compile(model: torch.nn.Module, example_inputs: tuple[Any, ...] | torch.Tensor, labels: Any = None,
+def compile(model: torch.nn.Module, example_inputs: Any, labels: Any = None,
             loss: str = "cross_entropy", optimizer: str | dict[str, Any] = "sgd",
             trainable: str | Iterable[str] | None = None, *, scheme: str | Scheme | dict[str, Any] | None = None,
             label_smoothing: float = 0.0, name: str | None = None,
-            preprocess: str | dict[str, Any] | None = None, optimize: bool = True) -> Artifact:
+            preprocess: str | dict[str, Any] | None = None, optimize: bool = True,
+            output: str | None = None) -> Artifact:
     """Compile `model` into one ONNX training step (forward, loss, backward, update) + inference graph.
 
-    example_inputs: a tensor or tuple of tensors fixing the input shapes (batch size included).
+    example_inputs: a tensor, a tuple of positional tensors, or a dict of keyword tensors
+    ({"input_ids": ids, "attention_mask": mask} for a Hugging Face model), fixing the inputs' shapes
+    (batch size included) and dtypes; every tensor is a data input of both graphs, named by its forward
+    argument. output: which returned tensor to train on when the model returns several (a ModelOutput's
+    `logits`; see compiler/signature.py); a model returning one tensor needs none.
     labels: example labels fixing their shape/dtype (default: for cross_entropy int64 class indices
     shaped like the output without its last axis, (N,) for (N, C) logits and (N, T) for (N, T, V); else
     like the model output). cross_entropy takes classes on the last axis and ignores labels equal to
@@ -109,6 +116,7 @@ def compile(model: torch.nn.Module, example_inputs: tuple[Any, ...] | torch.Tens
     with neither, every parameter is trained. preprocess: how raw device data becomes the model
     input, recorded in the manifest for the runtime (e.g. {"resize": [32, 32], "mean": [...], "std": [...]}),
     or a preset name ("imagenet", "unit", "none"; compiler/preprocess.py); none is recorded by default.
+    With several inputs it describes the first one, which must then be a float input.
     optimize=False skips the optimization passes (BatchNorm folding, constant folding, saving slices
     and masks for backward, update reordering): the same step, as autodiff built it; for debugging.
 
@@ -119,7 +127,7 @@ def compile(model: torch.nn.Module, example_inputs: tuple[Any, ...] | torch.Tens
     parse_optimizer(optimizer)
     if scheme is not None:
         scheme = load_scheme(scheme)  # a bad scheme fails before the slow trace
-    return compile_traced(trace_model(model, example_inputs), labels, loss, optimizer, trainable, scheme=scheme,
+    return compile_traced(trace_model(model, example_inputs, output), labels, loss, optimizer, trainable, scheme=scheme,
                           label_smoothing=label_smoothing, name=name, preprocess=preprocess, optimize=optimize)
 
 
@@ -152,12 +160,16 @@ def compile_traced(tm: TracedModel, labels: Any = None, loss: str = "cross_entro
     train, state = _training_graph(train_fwd, wants, full_values, loss_op, labels, opt, label_smoothing, optimize)
 
     model_name = name or tm.name
+    external = _external_data(train, infer, full_values)
     return Artifact(
         name=model_name,
-        train_model=to_onnx(train, f"{model_name}.train_step", doc="pockprop training step"),
-        infer_model=to_onnx(infer, f"{model_name}.infer", input_defaults=full_values, doc="pockprop inference"),
+        train_model=to_onnx(train, f"{model_name}.train_step", doc="pockprop training step", external=external),
+        infer_model=to_onnx(infer, f"{model_name}.infer", input_defaults=full_values, doc="pockprop inference",
+                            external=external),
+        external=external,
         state=state,
         data_inputs=[(n, traced.graph.types[n]) for n in traced.user_inputs],
+        input_ranges=index_ranges(traced.graph, traced.user_inputs),
         labels=(LABELS, train.types[LABELS]),
         output=traced.graph.outputs[0],
         loss={"name": loss_op, **({"label_smoothing": label_smoothing} if label_smoothing else {}),
@@ -166,16 +178,33 @@ def compile_traced(tm: TracedModel, labels: Any = None, loss: str = "cross_entro
         trainable=chosen,
         parameter_count={p: int(traced.graph.types[p].numel) for p in traced.parameters},
         train_graph=train,
-        preprocess=_preprocess(preprocess, traced.graph.types[traced.user_inputs[0]].shape),
+        preprocess=_preprocess(preprocess, traced),
         scheme=resolved,
     )
 
 
-def _preprocess(spec: str | dict[str, Any] | None, shape: Sequence[int]) -> dict[str, Any]:
-    """The manifest's data preprocess: a checked dict, or a preset name resolved for `shape`."""
+def _external_data(train: Graph, infer: Graph, defaults: dict[str, np.ndarray]) -> ExternalArrays | None:
+    """The layout of the graphs' shared external data if their distinct initializers (each array counted
+    once: both graphs read the same frozen weights) exceed `artifact.external.threshold()`, else None."""
+    arrays = {id(a): a for g in (train, infer) for a in g.constants.values()} | {id(a): a for a in defaults.values()}
+    if sum(a.nbytes for a in arrays.values()) <= external_data.threshold():
+        return None
+    return ExternalArrays(weights_file)
+
+
+def _preprocess(spec: str | dict[str, Any] | None, traced: Traced) -> dict[str, Any]:
+    """The first data input's preprocess: a checked dict, or a preset name resolved for its shape."""
+    if not traced.user_inputs:
+        raise CompileError("the model takes no tensor input")
+    name = traced.user_inputs[0]
+    t = traced.graph.types[name]
     if isinstance(spec, str):
-        return preprocess_steps.resolve(spec, shape, flag="preprocess")
-    return preprocess_steps.check(dict(spec), shape) if spec else {}
+        steps = preprocess_steps.resolve(spec, t.shape, flag="preprocess")
+    else:
+        steps = preprocess_steps.check(dict(spec), t.shape) if spec else {}
+    if steps and not t.dtype.startswith("float"):
+        raise CompileError(f"preprocess applies to float inputs; the first input {name!r} is {t.dtype}")
+    return steps
 
 
 def _select(trainable: str | Iterable[str] | None, traced: Traced) -> list[str]:

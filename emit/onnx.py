@@ -14,6 +14,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from pockprop.artifact.contract import BY_NAME
+from pockprop.artifact.external import MIN_BYTES, ExternalArrays
 from pockprop.errors import CompileError
 from pockprop.ir import Graph, Node, Phase, TensorType
 from pockprop.ops.registry import get_op
@@ -127,15 +128,26 @@ class Emitter:
         return name
 
 
-def _tensor(array: np.ndarray, name: str) -> onnx.TensorProto:
-    # np.ascontiguousarray would turn a rank-0 array into rank 1; np.array(order="C") keeps the rank
-    return numpy_helper.from_array(np.array(array, order="C"), name)
+def _tensor(array: np.ndarray, name: str, external: ExternalArrays | None) -> onnx.TensorProto:
+    if external is not None and array.nbytes >= MIN_BYTES:
+        t = onnx.TensorProto(name=name, dims=array.shape, data_type=onnx_dtype(array.dtype.name),
+                             data_location=onnx.TensorProto.EXTERNAL)
+        where = external.add(array)
+        for key, value in (("location", where.location), ("offset", where.offset), ("length", where.length)):
+            t.external_data.add(key=key, value=str(value))
+        return t
+    # np.ascontiguousarray would turn a rank-0 array into rank 1; np.asarray(order="C") keeps the rank and
+    # copies only an array that is not C-contiguous (from_array copies the bytes into the message anyway)
+    return numpy_helper.from_array(np.asarray(array, order="C"), name)
 
 
 def to_onnx(graph: Graph, name: str = "pockprop", input_defaults: dict[str, np.ndarray] | None = None,
-            doc: str = "") -> onnx.ModelProto:
+            doc: str = "", external: ExternalArrays | None = None) -> onnx.ModelProto:
     """Lower `graph` to an ONNX model. `input_defaults` become initializers of same-named inputs
-    (overridable at run time), which is how infer.onnx takes fine-tuned weights optionally."""
+    (overridable at run time), which is how infer.onnx takes fine-tuned weights optionally.
+
+    external: where initializers of MIN_BYTES and more go instead of the message (ONNX external data;
+    artifact/external.py): the model then refers to the arrays (held by `external`) without copying them."""
     e = Emitter(graph)
     for node in graph.nodes:
         e.current = node
@@ -143,10 +155,10 @@ def to_onnx(graph: Graph, name: str = "pockprop", input_defaults: dict[str, np.n
     e.current = None
 
     used = {i for n in e.nodes for i in n.input} | set(graph.outputs)
-    inits = [_tensor(a, n) for n, a in graph.constants.items() if n in used]
-    inits += [_tensor(a, n) for n, a in e.initializers.items()]
+    inits = [_tensor(a, n, external) for n, a in graph.constants.items() if n in used]
+    inits += [_tensor(a, n, external) for n, a in e.initializers.items()]
     for n, a in (input_defaults or {}).items():
-        inits.append(_tensor(a, n))
+        inits.append(_tensor(a, n, external))
 
     def vi(v: str) -> onnx.ValueInfoProto:
         t = graph.types[v]

@@ -269,7 +269,7 @@ def figure(runs: dict[str, Run], clean: float, path: str) -> str:
     axes[0].legend()
     names = list(runs)
     first = next(iter(runs.values()))
-    labels = ["pre-trained\nclean", "pre-trained\ndrifted", *names]
+    labels = ["before\n(clean)", "before\n(drifted)", *names]
     accs = [100 * clean, 100 * first.before, *[100 * runs[n].after for n in names]]
     bars = axes[1].bar(labels, accs, color=["silver", "tab:gray", *[colors.get(n) for n in names]])
     axes[1].bar_label(bars, fmt="%.1f")

@@ -20,8 +20,8 @@ from pockprop.ops.registry import Lowering, Need, Op, Tag, aten, register
 
 @register
 class Linear(Op):
-    """y = x W^T + b;  dx = g W,  dW = g2^T x2 (rows of g and x flattened),  db = sum(g2, 0).  With
-    `weight_in_out` the weight is stored (in, out), as Hugging Face's Conv1D (GPT-2) keeps it: y = x W + b."""
+    """y = x W^T + b;  dx = g W,  dW = g2^T x2 (rows of g and x flattened),  db = sum(g2, 0).
+    With `weight_in_out` the weight is stored (in, out), as Hugging Face's Conv1D (GPT-2) keeps it: y = x W + b."""
     name = "linear"
     sliceable = frozenset({1})
     tags = frozenset({Tag.LAYER})

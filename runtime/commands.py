@@ -18,11 +18,13 @@ from typing import Any, Iterator
 import numpy as np
 
 from pockprop import args as cli_args
+from pockprop.artifact import onnx_wire
 from pockprop.artifact.contract import FORMAT_VERSION, REPORT_FILE
 from pockprop.runtime import checkpoint, guard
 from pockprop.errors import ArtifactError, CheckpointError, DataError, Interrupted
 from pockprop.runtime.loop import fit
 from pockprop.artifact.manifest import open_artifact, pack
+from pockprop.runtime.inputs import example as example_inputs
 from pockprop.runtime.progress import Progress
 from pockprop.runtime.runlog import RunLog
 from pockprop.runtime.schedule import Schedule
@@ -52,7 +54,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                               "130 Ctrl-C (the state at the next batch boundary is checkpointed first; a second "
                               "Ctrl-C stops at once, leaving the last complete checkpoint); 1 internal error.")
     common(t, checkpoint=False)
-    t.add_argument("--data", required=True, help=".npz (x, y), .csv (features + label column) or a folder of class folders")
+    t.add_argument("--data", required=True, help=".npz (x or one array per input name; y or labels), .csv (features + "
+                                                 "label column) or a folder of class folders")
     t.add_argument("--epochs", type=cli_args.positive_int, default=1, help="passes over --data")
     t.add_argument("--batch", type=cli_args.positive_int,
                    help="must equal the compiled batch size (the graph's shapes are fixed)")
@@ -246,22 +249,26 @@ def eval_command(args: argparse.Namespace) -> int:
         m = trainer.evaluate(trainer.pipeline.load(args.data, args.label_column))
     loss = f"loss {m['loss']:.4f}" if "loss" in m else "loss n/a"
     return _emit(args, {"data": args.data, "steps": trainer.steps, **m},
-                 [f"{loss}, accuracy {_pct(m)} on {m['samples']} samples of {args.data} (after {trainer.steps} steps)"])
+                 [f"{loss}, accuracy {_pct(m)} on {m['samples']} samples"
+                  + (f" ({m['tokens']} labelled tokens)" if "tokens" in m else "")
+                  + f" of {args.data} (after {trainer.steps} steps)"])
 
 
 def export_command(args: argparse.Namespace) -> int:
     _check_output(args.output, args.artifact, "-o")
     trainer = _trainer(args)
     path = trainer.export_inference(args.output)
-    # Self-check: any ONNX runtime must give what `predict` gives; run the file on a seeded batch.
-    spec = trainer.manifest.input
-    x = np.random.default_rng(0).standard_normal(spec.shape).astype(spec.dtype)
+    # Self-check: any ONNX runtime must give what `predict` gives; run the file on a seeded valid batch.
+    x = example_inputs(trainer.manifest.data, seed=0)
     sess = session(path, args.threads, providers=trainer.providers)
-    got = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    got = sess.run(None, x)[0]
     diff = float(np.max(np.abs(got - trainer.predict(x)))) if got.size else 0.0
-    size = os.path.getsize(path)
-    return _emit(args, {"output": path, "bytes": size, "steps": trainer.steps, "max_abs_diff_vs_predict": diff},
-                 [f"wrote {path} ({size:,} bytes, weights after {trainer.steps} steps); "
+    with open(path, "rb") as f:  # a large model's initializers are in one external file beside it
+        data = path + ".data" if onnx_wire.external_tensors(f.read()) else None
+    size = os.path.getsize(path) + (os.path.getsize(data) if data else 0)
+    return _emit(args, {"output": path, "data": data, "bytes": size, "steps": trainer.steps,
+                        "max_abs_diff_vs_predict": diff},
+                 [f"wrote {path}{f' and {data}' if data else ''} ({size:,} bytes, weights after {trainer.steps} steps); "
                   f"self-check vs predict: max |diff| {diff:.2e}"])
 
 
@@ -283,10 +290,11 @@ def inspect_command(args: argparse.Namespace) -> int:
         doc["checkpoint"] = {"path": checkpoint.path_of(args.checkpoint_dir), "steps": trainer.steps,
                              "rejected": trainer.rejected, "schedule": trainer.schedule.to_json(),
                              "rounds": trainer.rounds}
-    d, t = m.input, m.trainable or {}
+    t = m.trainable or {}
     lines = [f"{args.artifact}: {m.model} (format {FORMAT_VERSION}, pockprop {m.pockprop_version}, "
              f"ONNX opset {(m.onnx or {}).get('opset')}) - all {len(bundle.files)} file hashes verified",
-             f"  input  {d.name}: {d.dtype}{list(d.shape)}",
+             *(f"  input  {d.name}: {d.dtype}{list(d.shape)}"
+               + (f", values {d.range[0]}..{d.range[1]}" if d.range else "") for d in m.data),
              f"  preprocessing of raw data: {doc['preprocessing']}",
              f"  labels {m.labels.name}: {m.labels.dtype}{list(m.labels.shape)}",
              f"  loss {m.loss}; optimizer {m.optimizer}; lr {m.lr.initial}",

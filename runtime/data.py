@@ -20,13 +20,15 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from pockprop.artifact.contract import TensorSpec
 from pockprop.errors import DataError
 from pockprop.runtime.images import ImageFiles, index_folder, to_channels
+from pockprop.runtime.inputs import Columns, arrange, check_range, label as input_label
+from pockprop.runtime.inputs import check as check_input
 
 LABEL_COLUMNS = ("label", "labels", "y", "target", "class")
 LAST_BATCH = ("drop", "wrap")
@@ -36,19 +38,20 @@ LAST_BATCH = ("drop", "wrap")
 class Dataset:
     """Raw samples x (N, ...) and optional labels y (N, ...), with where they came from.
 
-    x is an array, or for an image folder `ImageFiles`: `x[idx]` decodes just those samples.
+    x is an array; for an image folder `ImageFiles` (`x[idx]` decodes just those samples); for a model
+    with several inputs `Columns` (one array per input name).
     """
 
-    x: np.ndarray | ImageFiles
+    x: np.ndarray | ImageFiles | Columns
     y: np.ndarray | None = None
     source: str = "<arrays>"
     classes: list[str] | None = None  # image folders: the class name of each label index
     _fingerprint: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.x, ImageFiles):
+        if not isinstance(self.x, (ImageFiles, Columns)):
             self.x = np.asarray(self.x)
-        if self.x.ndim == 0:
+        if isinstance(self.x, np.ndarray) and self.x.ndim == 0:
             raise DataError(f"{self.source}: x must have a sample axis, got a scalar")
         if self.y is not None:
             self.y = np.asarray(self.y)
@@ -65,7 +68,7 @@ class Dataset:
         if self._fingerprint is None:
             h = hashlib.sha256()
             arrays = (self.x, self.y)
-            if isinstance(self.x, ImageFiles):
+            if isinstance(self.x, (ImageFiles, Columns)):
                 h.update(self.x.digest().encode())
                 arrays = (self.y,)
             for a in arrays:
@@ -91,32 +94,54 @@ class Dataset:
 
 # -- loading --------------------------------------------------------------------------------------
 def load(path: str, label_column: str | None = None, channels: int = 3, size: tuple[int, int] | None = None,
-         antialias: bool = False) -> Dataset:
-    """A Dataset from an .npz (arrays x, y), a .csv (features + a label column) or an image folder.
+         antialias: bool = False, inputs: Sequence[str] = ("x",)) -> Dataset:
+    """A Dataset from an .npz (arrays x, y; see load_npz), a .csv (features + a label column) or an image folder.
 
     channels/size/antialias apply to image folders: images are decoded as grey (1) or RGB (3) and
-    resized to `size` (height, width) when given (`Pipeline.load` passes the manifest's).
+    resized to `size` (height, width) when given (`Pipeline.load` passes the manifest's). `inputs`: the
+    model's input names (the manifest's); a CSV or an image folder holds one input only.
     """
+    ext = os.path.splitext(path)[1].lower()
+    if len(inputs) > 1 and ext != ".npz" and (os.path.isdir(path) or os.path.isfile(path)):
+        raise DataError(f"{path}: the model takes {len(inputs)} inputs ({', '.join(inputs)}); give an .npz "
+                        "with one array per input name")
     if os.path.isdir(path):
         return load_image_folder(path, channels, size, antialias)
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file or folder")
-    ext = os.path.splitext(path)[1].lower()
     if ext == ".npz":
-        return load_npz(path)
+        return load_npz(path, inputs)
     if ext == ".csv":
         return load_csv(path, label_column)
     raise DataError(f"{path}: unknown data format {ext!r}; use .npz (x, y), .csv or a folder of class folders")
 
 
-def load_npz(path: str) -> Dataset:
-    """Arrays 'x' (samples) and optionally 'y' (labels); pickled object arrays are refused."""
+def load_npz(path: str, inputs: Sequence[str] = ("x",)) -> Dataset:
+    """One array per model input, named by `inputs` (a one-input model's may also be 'x'), and optionally
+    the labels, 'y' or 'labels'; with several inputs any other array is refused, and so are pickled
+    object arrays."""
     try:
         with np.load(path, allow_pickle=False) as f:
             names = list(f.files)
-            if "x" not in names:
-                raise DataError(f"{path}: expected an array named 'x' (and 'y' for labels), found {names}")
-            return Dataset(f["x"], f["y"] if "y" in names else None, path)
+            found = [k for k in ("y", "labels") if k in names and k not in inputs]
+            if len(found) > 1:
+                raise DataError(f"{path}: both 'y' and 'labels' are there; keep one array of labels")
+            y = f[found[0]] if found else None
+            if len(inputs) == 1:
+                keys = [k for k in dict.fromkeys([inputs[0], "x"]) if k in names]
+                if not keys:
+                    want = " or ".join(repr(k) for k in dict.fromkeys([inputs[0], "x"]))
+                    raise DataError(f"{path}: expected an array named {want} (and 'y' for labels), found {names}")
+                return Dataset(f[keys[0]], y, path)
+            missing = [k for k in inputs if k not in names]
+            if missing:
+                raise DataError(f"{path}: the model's inputs are {', '.join(inputs)}; no array named "
+                                f"{', '.join(missing)} (found {', '.join(names)})")
+            unknown = [k for k in names if k not in inputs and k not in found]
+            if unknown:  # an input the model does not take (token_type_ids, say) must not be dropped unseen
+                raise DataError(f"{path}: the model's inputs are {', '.join(inputs)}; it takes no "
+                                f"{', '.join(unknown)} (labels are 'y' or 'labels')")
+            return Dataset(Columns({k: f[k] for k in inputs}, path), y, path)
     except DataError:
         raise
     except Exception as ex:  # numpy and zipfile raise many types for a broken file; the file is what is wrong
@@ -253,15 +278,20 @@ def _sum_taps(x: np.ndarray, idx: np.ndarray, wts: np.ndarray, axis: int) -> np.
 
 
 class Pipeline:
-    """Turns raw Dataset batches into model input (per the manifest's data spec) and checks labels.
+    """Turns raw Dataset batches into model input (per the manifest's data specs) and checks labels.
 
-    Image models (C, H, W): samples in (C, H, W), (H, W, C) or grey (H, W) layout, RGB (or grey) channel
-    order, become the model's channel count (images.to_channels), are resized if a `resize` step is
-    recorded, reordered to BGR if `channel_order` says so, then scaled and normalized.
+    The first input, if it is a float input, is preprocessed as its spec records. Image models (C, H, W):
+    samples in (C, H, W), (H, W, C) or grey (H, W) layout, RGB (or grey) channel order, become the
+    model's channel count (images.to_channels), are resized if a `resize` step is recorded, reordered to
+    BGR if `channel_order` says so, then scaled and normalized. Every other input (token ids, masks) is
+    model-ready as it comes and only checked (runtime/inputs.py).
     """
 
-    def __init__(self, data_spec: TensorSpec, label_spec: TensorSpec, num_classes: int | None = None,
-                 loss: dict[str, Any] | None = None):
+    def __init__(self, data_spec: TensorSpec | Sequence[TensorSpec], label_spec: TensorSpec,
+                 num_classes: int | None = None, loss: dict[str, Any] | None = None):
+        self.specs = [data_spec] if isinstance(data_spec, TensorSpec) else list(data_spec)
+        data_spec = self.specs[0]
+        self._preprocesses = data_spec.dtype.startswith("float")
         self.sample_shape = tuple(data_spec.shape[1:])
         self.dtype = np.dtype(data_spec.dtype)
         self.batch_size = int(data_spec.shape[0])
@@ -293,12 +323,16 @@ class Pipeline:
         return v.reshape((-1,) + (1,) * max(len(self.sample_shape) - 1, 0))
 
     def load(self, path: str, label_column: str | None = None) -> Dataset:
-        """`load(path)` with this model's image channels, size and resize rule."""
+        """`load(path)` with this model's input names, image channels, size and resize rule."""
         channels = self.sample_shape[0] if len(self.sample_shape) == 3 else 3
-        return load(path, label_column, channels, self.resize, self.antialias)
+        return load(path, label_column, channels, self.resize, self.antialias, [s.name for s in self.specs])
 
     def describe(self) -> str:
         """What `inputs` does to a raw sample, in words (shown by inspect, compile and train)."""
+        if len(self.specs) > 1 or not self._preprocesses:
+            return "none: the inputs go into the model as they are (" + ", ".join(
+                f"{s.name} {s.dtype}" + (f" in {s.range[0]}..{s.range[1]}" if s.range else "")
+                for s in self.specs) + ")"
         steps = []
         if len(self.sample_shape) == 3:
             c, h, w = self.sample_shape
@@ -358,8 +392,16 @@ class Pipeline:
         self.warned = True
         warnings.warn(f"{source}: {say}", PreprocessWarning, stacklevel=3)
 
-    def inputs(self, raw: np.ndarray, source: str = "data") -> np.ndarray:
-        """Model input for a batch of raw samples."""
+    def inputs(self, raw: Any, source: str = "data") -> np.ndarray | dict[str, np.ndarray]:
+        """Model input for a batch of raw samples: an array for a one-input model, else a dict by input
+        name (from `Columns`, a tuple in manifest order or a dict)."""
+        if len(self.specs) == 1:
+            return self._input(self.specs[0], raw, source)
+        return {s.name: self._input(s, a, source) for s, a in zip(self.specs, arrange(raw, self.specs, source))}
+
+    def _input(self, spec: TensorSpec, raw: Any, source: str) -> np.ndarray:
+        if spec is not self.specs[0] or not self._preprocesses:
+            return check_input(raw, spec, None, input_label(self.specs, spec, source))
         x = np.asarray(raw)
         if x.dtype.kind not in "fiub":
             raise DataError(f"{source}: samples of dtype {x.dtype}; expected numbers")
@@ -381,7 +423,7 @@ class Pipeline:
     def labels(self, y: np.ndarray | None, source: str = "data") -> np.ndarray:
         """Labels in the graph's dtype; class indices are checked against the number of classes."""
         if y is None:
-            raise DataError(f"{source}: no labels (an .npz needs an array 'y')")
+            raise DataError(f"{source}: no labels (an .npz needs an array 'y' or 'labels')")
         y = np.asarray(y)
         if y.shape[1:] != self.label_shape:
             raise DataError(f"{source}: labels of shape {y.shape[1:]} per sample; expected {self.label_shape}")
@@ -413,7 +455,7 @@ class Pipeline:
             ignore = self.loss.get("ignore_index") if self.loss.get("name") == "cross_entropy" else None
             if ignore is not None:
                 ok |= y == ignore
-            what = f"outside 0..{self.num_classes - 1}" + (f" (and not {ignore}, ignored)" if ignore is not None else "")
+            what = f"outside 0..{self.num_classes - 1}" + (f" ({ignore} is ignored)" if ignore is not None else "")
         elif self.loss.get("name") == "bce_with_logits":
             ok = ~((y < 0) | (y > 1))
             what = "outside [0, 1]"
@@ -430,6 +472,9 @@ class Pipeline:
         if len(data) == 0:
             raise DataError(f"{data.source}: no samples")
         self.inputs(data.x[:1], data.source)
+        for spec, x in zip(self.specs, arrange(data.x, self.specs, data.source)):
+            if spec.range is not None:  # every sample now: a bad id must not stop a round half way
+                check_range(np.asarray(x), spec, input_label(self.specs, spec, data.source))
         if need_labels:
             self.labels(data.y, data.source)
 

@@ -81,9 +81,9 @@ def session(model: bytes | str, threads: int | None = None, *, optimize: bool = 
     """A session of `model` (serialized bytes or a file path) on `providers` (a list from `providers_for`).
 
     external: the values of initializers whose data the model keeps in external files; onnxruntime then
-    reads no file for them. The session refers to these arrays (no copy): they must outlive it, which the
-    session guarantees by keeping them as `session.pockprop_external`. Inputs and outputs stay in CPU
-    memory whatever the provider (onnxruntime copies them to the device and back).
+    reads no file for them. It copies them into the session (AddExternalInitializers: "the user provided
+    buffers can then be deallocated" once the session is made), so they need not outlive it. Inputs and
+    outputs stay in CPU memory whatever the provider (onnxruntime copies them to the device and back).
 
     mem_pattern: onnxruntime's memory pattern (its default). After the first run it plans every intermediate
     into one block, which later runs allocate on top of the arena chunks the first run still holds (the arena
@@ -93,7 +93,6 @@ def session(model: bytes | str, threads: int | None = None, *, optimize: bool = 
     trainer turns it off for its step session.
     """
     opts = options(threads, optimize=optimize, mem_pattern=mem_pattern)
-    values = []
     if external:
         values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in external.values()]
         opts.add_external_initializers(list(external), values)
@@ -102,5 +101,4 @@ def session(model: bytes | str, threads: int | None = None, *, optimize: bool = 
         sess = ort.InferenceSession(model, opts, providers=list(providers))
     if providers[0] not in sess.get_providers():  # available in the build, but it did not start here
         _fallback(f"onnxruntime could not start {providers[0]}")
-    sess.pockprop_external = values  # type: ignore[attr-defined]  # keep the buffers alive with the session
     return sess

@@ -123,9 +123,7 @@ def test_device_side_imports_only_numpy_onnxruntime_and_itself() -> None:
     """runtime/ and artifact/ (what the device install runs) import the stdlib, numpy, onnxruntime, optional
     extras where they are used, and only these parts of pockprop."""
     allowed_own = ("pockprop.runtime", "pockprop.artifact", "pockprop.errors", "pockprop.args")
-    # optional extras, each imported where it is used: Pillow (images), tokenizers, flwr, tqdm, matplotlib
-    # (`pockprop plot`, runtime/plot.py)
-    allowed_third = {"numpy", "onnxruntime", "PIL", "tokenizers", "flwr", "tqdm", "matplotlib"}
+    allowed_third = {"numpy", "onnxruntime", "PIL", "tokenizers", "flwr", "tqdm", "matplotlib"}  # extras: images, text, plot
     mods = _modules()
     bad = []
     for name, path in mods.items():

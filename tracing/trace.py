@@ -42,6 +42,7 @@ class Traced:
     buffers: list[str]
     module_types: dict[str, str] = field(default_factory=dict)  # module path -> class name
     aliases: dict[str, str] = field(default_factory=dict)  # other name of a shared parameter -> its FQN above
+    output_names: list[str] = field(default_factory=list)  # per graph output, its path in what forward returns
 
 
 def torch_dtype_name(dtype: torch.dtype) -> str:
@@ -88,16 +89,21 @@ def _views_as_reshapes(ep: torch.export.ExportedProgram) -> None:
         ep.graph_module.recompile()
 
 
-def export(model: torch.nn.Module, example_inputs: tuple[Any, ...]) -> torch.export.ExportedProgram:
-    """torch.export in eval form (frozen BatchNorm statistics, dropout off), then core ATen.
+def export(model: torch.nn.Module, example_inputs: tuple[Any, ...],
+           kwargs: dict[str, Any] | None = None) -> torch.export.ExportedProgram:
+    """torch.export of `model(*example_inputs, **kwargs)` in eval form (frozen BatchNorm statistics,
+    dropout off), then core ATen.
 
     Any failure of torch here is one CompileError naming torch's first line, never torch's traceback.
     """
     model.eval()
     try:
-        ep = torch.export.export(model, tuple(example_inputs), strict=False)
+        ep = torch.export.export(model, tuple(example_inputs), kwargs or None, strict=False)
     except Exception as ex:  # torch raises many types here; the user needs the first line, not a trace
-        raise CompileError(f"torch.export could not trace the model: {_first_line(ex)}") from None
+        hint = ""
+        if "Cache" in str(ex) and "in output" in str(ex):  # HF models return a KV cache unless told not to
+            hint = " (a Hugging Face model returns its key/value cache unless its config says use_cache=False)"
+        raise CompileError(f"torch.export could not trace the model: {_first_line(ex)}{hint}") from None
     try:
         _views_as_reshapes(ep)
         return ep.run_decompositions(_decomposition_table())
@@ -120,10 +126,21 @@ def _shared(sig: Any, state: dict[str, torch.Tensor]) -> dict[str, str]:
     return aliases
 
 
-def trace(model: torch.nn.Module, example_inputs: tuple[Any, ...]) -> Traced:
-    """The model's forward graph: parameters (each shared one once) and buffers as named constants, what
-    does not depend on the inputs or parameters folded (tracing/fold.py), everything else imported."""
-    ep = export(model, example_inputs)
+def output_paths(spec: Any, prefix: str = "") -> list[str]:
+    """The path of each leaf of a pytree spec, as a user names it: a ModelOutput's or dict's keys, a
+    tuple's positions, joined by dots (`logits`, `hidden_states.1`); a bare tensor is ''."""
+    if spec.is_leaf():
+        return [prefix]
+    keys = spec.context if isinstance(spec.context, (list, tuple)) else range(spec.num_children)
+    return [path for key, child in zip(keys, spec.children())
+            for path in output_paths(child, f"{prefix}.{key}" if prefix else str(key))]
+
+
+def trace(model: torch.nn.Module, example_inputs: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> Traced:
+    """The graph of `model(*example_inputs, **kwargs)`: the tensors among them are the graph's inputs,
+    named as forward names them; parameters (each shared one once) and buffers are named constants; what
+    does not depend on the inputs or parameters is folded (tracing/fold.py), everything else imported."""
+    ep = export(model, example_inputs, kwargs)
     sig = ep.graph_signature
     fx_graph = ep.graph_module.graph
     state = dict(ep.state_dict)
@@ -192,6 +209,7 @@ def trace(model: torch.nn.Module, example_inputs: tuple[Any, ...]) -> Traced:
         elif node.op == "output":
             outs = node.args[0]
             g.outputs = [arg(o) for o in (outs if isinstance(outs, (list, tuple)) else [outs])]
+    traced.output_names = output_paths(ep.call_spec.out_spec)
     for fqn in traced.buffers:  # a buffer no imported node reads (folded nodes only, or none) is not stored
         if not g.uses(fqn) and fqn not in g.outputs:
             del g.constants[fqn], g.types[fqn], g.param_names[fqn]

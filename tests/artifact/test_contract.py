@@ -79,3 +79,39 @@ def test_optional_fields_may_be_absent() -> None:
            if k not in ("pockprop_version", "onnx", "model", "scheme", "loss")}
     m = Manifest.from_json(doc, "m.json")
     assert m.model is None and m.loss == {} and dataclasses.replace(m, loss={"name": "cross_entropy"}).loss
+
+
+def _two_inputs() -> dict:
+    doc = _manifest().to_json()
+    doc["data"] = [{"name": "input_ids", "shape": [4, 6], "dtype": "int64", "range": [0, 99]},
+                   {"name": "attention_mask", "shape": [4, 6], "dtype": "int64"}]
+    return doc
+
+
+def test_several_inputs_round_trip_with_their_ranges() -> None:
+    m = Manifest.from_json(_two_inputs(), "m.json")
+    assert [(d.name, d.dtype, d.range, d.preprocess) for d in m.data] == [
+        ("input_ids", "int64", (0, 99), None), ("attention_mask", "int64", None, None)]
+    assert Manifest.loads(m.dumps(), "m.json") == m and m.input.name == "input_ids"
+
+
+@pytest.mark.parametrize("change, needle", [
+    (lambda d: d.update(data=[]), "data: expected a non-empty list of inputs"),
+    (lambda d: d["data"][1].update(name="input_ids"), "data: input names must be distinct from each other, the "
+                                                      "labels and the lr; 'input_ids' repeat"),
+    (lambda d: d["data"][1].update(name="lr"), "data: input names must be distinct from each other, the labels "
+                                               "and the lr; 'lr' repeat"),
+    (lambda d: d["data"][1].update(shape=[3, 6]), "data: the inputs have different batch sizes [3, 4]"),
+    (lambda d: d["data"][0].update(preprocess={"scale": 0.5}),
+     "data 'input_ids': preprocess applies to float inputs, this one is int64"),
+    (lambda d: d["data"][0].update(range=[5, 2]), "data 'input_ids': range must be [lowest, highest] integers"),
+    (lambda d: d["data"][0].update(range=[0, 1.5]), "data 'input_ids': range must be [lowest, highest] integers"),
+    (lambda d: d["data"][1].update(dtype="float32", range=[0, 1]),
+     "data 'attention_mask': range applies to integer inputs, this one is float32"),
+    (lambda d: d["data"][1].update(shape=[0, 6]), "data 'attention_mask': the first dimension (batch size) must be"),
+])
+def test_malformed_inputs_are_artifact_errors(change, needle: str) -> None:
+    doc = _two_inputs()
+    change(doc)
+    with pytest.raises(ArtifactError, match=f"^m.json: {re.escape(needle)}"):
+        Manifest.from_json(doc, "m.json")

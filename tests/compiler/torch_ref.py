@@ -15,7 +15,18 @@ from pockprop.compiler.compile import TracedModel, compile, compile_traced
 from pockprop.runtime.trainer import Trainer
 from tests.compiler.zoo_cases import torch_optimizer
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+Batch = tuple[Any, torch.Tensor]  # (inputs: a tensor, a tuple or a dict of keyword tensors; labels)
+
+
+def _numpy(x: Any) -> Any:
+    """A batch's inputs as the runtime takes them (arrays, a tuple of them or a dict by name)."""
+    if isinstance(x, dict):
+        return {k: v.numpy() for k, v in x.items()}
+    return tuple(v.numpy() for v in x) if isinstance(x, tuple) else x.numpy()
+
+
+def _call(model: torch.nn.Module, x: Any) -> Any:
+    return model(**x) if isinstance(x, dict) else model(*x) if isinstance(x, tuple) else model(x)
 
 
 def _masks(art: Any, params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
@@ -39,15 +50,18 @@ def assert_trains_like_torch(build: Callable[[], torch.nn.Module], batches: Sequ
                              traced: TracedModel | None = None, **compile_kw: Any) -> Any:
     """Compile build() on the first batch (or compile `traced`, the same model traced once already), take a step
     per batch on the runtime and in torch, and check the losses, every trained tensor (its slice) and that torch
-    left every other value alone. Returns the artifact; its `errors` attribute holds the largest relative loss
-    difference and the largest absolute difference of a trained tensor."""
+    left every other value alone. A batch's inputs are a tensor, a tuple of positional tensors or a dict of
+    keyword tensors; loss_fn takes what the model returns (a ModelOutput, say) and the labels. Returns the
+    artifact; its `errors` attribute holds the largest relative loss difference and the largest absolute
+    difference of a trained tensor."""
     x0, y0 = batches[0]
     if traced is None:
-        art = compile(build(), (x0,), labels=y0, optimizer=optimizer, **compile_kw)
+        art = compile(build(), x0 if isinstance(x0, (tuple, dict)) else (x0,), labels=y0, optimizer=optimizer,
+                      **compile_kw)
     else:
         art = compile_traced(traced, labels=y0, optimizer=optimizer, **compile_kw)
     trainer = Trainer.load(art.save(str(tmp_path / "art")), threads=1)
-    losses = [trainer.step(x.numpy(), y.numpy()) for x, y in batches]
+    losses = [trainer.step(_numpy(x), y.numpy()) for x, y in batches]
 
     ref = build()
     params = dict(ref.named_parameters())
@@ -59,7 +73,7 @@ def assert_trains_like_torch(build: Callable[[], torch.nn.Module], batches: Sequ
     ref_losses = []
     for x, y in batches:
         opt.zero_grad()
-        loss = loss_fn(ref(x), y)
+        loss = loss_fn(_call(ref, x), y)
         loss.backward()
         for n, m in masks.items():
             params[n].grad *= m

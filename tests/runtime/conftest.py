@@ -50,6 +50,18 @@ def _build(name: str, out: Path) -> Path:
         art = compile(model, (torch.randn(4, 6),), optimizer={"name": "sgd", "lr": 0.1, "momentum": 0.9}, name="sliced",
                       scheme={"rules": [{"match": "2", "update": "weight", "ratio": 0.5, "bias": True},
                                         {"match": "4", "update": "full"}]})
+    elif name == "tagger":  # token ids + attention mask (int64, keyword inputs), per-token labels with -100
+        from tests.compiler.token_models import padded_batch, tagger
+
+        ids, mask, y = padded_batch(0)
+        art = compile(tagger(), {"ids": ids, "mask": mask}, labels=y, optimizer={"name": "sgd", "lr": 0.2},
+                      name="tagger")
+    elif name == "token_lm":  # next-token logits over a vocabulary of 32, 8 tokens per sequence (runtime.text)
+        from tests.compiler.token_models import tagger
+
+        ids, mask = torch.ones(4, 8, dtype=torch.int64), torch.ones(4, 8, dtype=torch.int64)
+        art = compile(tagger(vocab=32, dim=16, classes=32), {"ids": ids, "mask": mask},
+                      optimizer={"name": "adamw", "lr": 3e-2}, name="token_lm")
     else:
         raise KeyError(name)
     return Path(art.save(str(out / name)))

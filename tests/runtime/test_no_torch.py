@@ -51,6 +51,8 @@ def test_runtime_imports_only_numpy_and_onnxruntime() -> None:
         import pockprop.runtime.loop
         import pockprop.runtime.data
         import pockprop.runtime.images
+        import pockprop.runtime.inputs
+        import pockprop.runtime.text
         import pockprop.artifact.onnx_wire
         third = sorted({m.split(".")[0] for m in sys.modules} - set(sys.stdlib_module_names) - {"runtime", "__main__"})
         print(" ".join(third))

@@ -133,7 +133,7 @@ def test_step_checks_labels_and_names_the_sample(artifact, tmp_path) -> None:
     trainer = Trainer.load(str(artifact()))  # 3 classes, cross-entropy with ignore_index -100
     x, y = batch(0)
     before = trainer.state
-    for label, message in ((-1, "label -1 at sample 2 is outside 0..2 (and not -100, ignored)"),
+    for label, message in ((-1, "label -1 at sample 2 is outside 0..2 (-100 is ignored)"),
                            (3, "label 3 at sample 2 is outside 0..2"), (-7, "label -7 at sample 2")):
         bad = y.copy()
         bad[2] = label
