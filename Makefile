@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
 JOBS    ?= 2
 
-.PHONY: test demo venv clean test-fast arm-check peers bench accuracy
+.PHONY: test demo venv clean test-fast arm-check peers bench bench-transformers accuracy text
 
 $(STAMP):
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -58,6 +58,21 @@ bench: $(STAMP)
 	for m in mobilenet_v2 resnet18; do for s in classifier last-k:2 tbft-front tbft-middle tbft-rear; do \
 	  $(BENCH) --model $$m --scheme $$s --batch 8 --rounds 6 --no-peers --configs ort-infer pockprop torch-train \
 	  torch-infer --json out/bench/$$m-b8-$$s.json || exit 1; done; done
+
+# The transformer rows of docs/benchmarks.md: tokens/s of a training step of the Llama-shaped LM and the
+# BERT-base-shaped classifier (4 layers), schemes full, sparse and last-k:1 against PyTorch, interleaved.
+# onnxruntime-training's loss takes no (N, T, V) logits, so its rows are left out (--no-peers).
+TBENCH := $(BIN)/python -m pockprop bench --threads 2 --warmup 1 --no-peers --scheme sparse,last-k:1
+bench-transformers: $(STAMP)
+	mkdir -p out/bench
+	$(TBENCH) --model llama_small --batch 4 --seq-len 128 --rounds 10 --steps 3 --json out/bench/llama_small-b4-t128.json
+	$(TBENCH) --model bert_base4 --batch 4 --seq-len 128 --rounds 6 --steps 2 --json out/bench/bert_base4-b4-t128.json
+
+# Text fine-tuning through the device runtime (docs/accuracy.md, "Text"): a tiny Llama pre-trained in PyTorch on
+# pydoc_data.topics' Language Reference, fine-tuned on its Library Reference with full, sparse and last-k:1.
+# ARGS=--quick: a smoke run (out/text-quick, doc untouched).
+text: $(STAMP)
+	$(BIN)/python -m experiments.text $(ARGS)
 
 # Sparse schemes vs full backprop on three digits drift tasks (docs/accuracy.md): pre-train, search, fine-tune
 # every scheme with 3 seeds; writes out/accuracy/*.json and the tables of docs/accuracy.md. About 20 minutes

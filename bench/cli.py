@@ -14,14 +14,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                      "onnxruntime-training (needs the [compile] extra)",
                        description="Each configuration in its own worker process; interleaved rounds; medians and "
                                    "medians of per-round ratios; peak RSS from VmHWM. See docs/benchmarks.md.")
-    cli_args.add_model_spec(b, option=True, default="mobilenet_v2", input_shape=None, num_classes=10,
-                            help="zoo NAME (models:NAME) or package.module:function")
-    b.add_argument("--scheme", default="sparse", help="scheme preset or YAML file (see docs/schemes.md)")
+    cli_args.add_model_spec(b, option=True, default="mobilenet_v2", input_shape=None,
+                            help="zoo NAME (models:NAME; llama_small and bert_base4 take token ids) or "
+                                 "package.module:function (default --num-classes: 10 for a model of images or "
+                                 "features, the builder's own for one of token ids)")
+    b.add_argument("--scheme", default="sparse", help="scheme preset or YAML file (see docs/schemes.md); several, "
+                                                      "comma-separated, are measured in one interleaved run")
     b.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"], help="optimizer of every training row")
     b.add_argument("--lr", type=cli_args.learning_rate, help="learning rate (default: the optimizer's)")
     b.add_argument("--batch", type=cli_args.positive_int, default=8, help="batch size")
     b.add_argument("--resolution", type=cli_args.positive_int, default=128, help="input height and width (image models)")
+    b.add_argument("--seq-len", type=cli_args.positive_int, help="token ids of (batch, SEQ_LEN) in [0, the vocabulary "
+                   "of the model's input embedding), and tokens/s reported (default: the zoo model's length for a "
+                   "model of token ids; given for any other model, it makes the input token ids)")
     cli_args.add_threads(b, default=2, help="intra-op threads for every configuration")
+    b.add_argument("--spin", action="store_true", help="let idle threads spin-wait between ops, as onnxruntime and "
+                   "OpenMP do unless told otherwise, instead of sleeping as pockprop's runtime does "
+                   "(OMP_WAIT_POLICY=PASSIVE)")
     b.add_argument("--rounds", type=cli_args.positive_int, default=10, help="interleaved measured rounds")
     b.add_argument("--warmup", type=cli_args.non_negative_int, default=2, help="unmeasured rounds first")
     b.add_argument("--steps", type=cli_args.positive_int, default=3, help="steps per round per configuration "

@@ -7,8 +7,9 @@ imported from the spec's "root" (the folder holding the package), put first on t
 
 Protocol: one JSON object per line. The parent writes the spec line first; the worker builds its thing and
 answers {"ready": true, "build_s": ...} or {"error": "..."}. Then {"cmd": "run", "steps": k} answers
-{"times": [seconds per step]}, and {"cmd": "stop"} answers {"vmhwm_kb": peak RSS} and exits. Anything the
-libraries print goes to stderr: the protocol has its own copy of the original stdout.
+{"times": [wall seconds per step], "cpu": [CPU seconds of the process, every thread, per step]}, and
+{"cmd": "stop"} answers {"vmhwm_kb": peak RSS} and exits. Anything the libraries print goes to stderr: the
+protocol has its own copy of the original stdout.
 """
 from __future__ import annotations
 
@@ -36,10 +37,16 @@ def vmhwm_kb() -> int | None:
 
 
 def _data(spec: dict):
+    """The step's input and labels: token ids in [0, vocab) when the model takes them, else normal floats;
+    class labels shaped like the model's output without its class axis."""
     import numpy as np
     rng = np.random.default_rng(spec.get("seed", 0))
-    x = rng.standard_normal(spec["input_shape"]).astype(np.float32)
-    y = rng.integers(0, spec["num_classes"], size=(spec["input_shape"][0],)).astype(np.int64)
+    if spec.get("vocab"):
+        x = rng.integers(0, spec["vocab"], size=spec["input_shape"]).astype(np.int64)
+    else:
+        x = rng.standard_normal(spec["input_shape"]).astype(np.float32)
+    label_shape = spec.get("label_shape", spec["input_shape"][:1])
+    y = rng.integers(0, spec["num_classes"], size=label_shape).astype(np.int64)
     return x, y
 
 
@@ -112,7 +119,8 @@ def build_torch_train(spec: dict):
 
     def step():
         optim.zero_grad(set_to_none=True)
-        loss = loss_fn(model(xt), yt)
+        out = model(xt)
+        loss = loss_fn(out.reshape(-1, out.shape[-1]), yt.reshape(-1))  # (N, T, V) logits: the mean over tokens
         loss.backward()
         optim.step()
     return step
@@ -176,6 +184,9 @@ def main() -> int:
 
     spec = json.loads(sys.stdin.readline())
     try:
+        _use_root(spec)
+        from pockprop.runtime import session  # numpy + onnxruntime only, as under the peers' interpreter
+        session.SPINNING = bool(spec.get("spin", False))  # every onnxruntime session of this worker
         t0 = time.perf_counter()
         step = BUILDERS[spec["kind"]](spec)
         say({"ready": True, "build_s": time.perf_counter() - t0, "vmhwm_build_kb": vmhwm_kb()})
@@ -186,12 +197,13 @@ def main() -> int:
     for line in sys.stdin:
         msg = json.loads(line)
         if msg["cmd"] == "run":
-            times = []
+            times, cpu = [], []
             for _ in range(msg["steps"]):
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 step()
                 times.append(time.perf_counter() - t)
-            say({"times": times})
+                cpu.append(time.process_time() - c)
+            say({"times": times, "cpu": cpu})
         elif msg["cmd"] == "stop":
             say({"vmhwm_kb": vmhwm_kb()})
             return 0

@@ -73,7 +73,7 @@ def compile_command(args: argparse.Namespace) -> int:
         raise UsageError("give either --input (one per data input) or --input-shape, not both")
     spec = spec_of(args)
     model, default_shape = spec.build()
-    declared = args.inputs or [("x", "float32", args.input_shape or default_shape)]
+    declared = args.inputs or [("x", spec.input_dtype(), args.input_shape or default_shape)]
     shape = declared[0][2]
     if shape is None:
         raise CompileError(f"{args.model} has no default input shape; pass --input-shape or --input")
@@ -84,7 +84,10 @@ def compile_command(args: argparse.Namespace) -> int:
         else ",".join(map(str, shape))
     print(f"compiling {args.model} for input {what} ...", file=sys.stderr)
     print(f"preprocess: {describe_preprocess(preprocess, shape) if float_first else 'none'}", file=sys.stderr)
-    examples = _examples(declared) if args.inputs else (torch.randn(*shape),)
+    # one input (no --input): features or pixels, or token ids where the builder says so (default_input_dtype;
+    # zeros are valid ids, and values do not matter to the trace)
+    examples = _examples(declared) if args.inputs else (
+        torch.randn(*shape) if float_first else torch.zeros(shape, dtype=torch.int64),)
     art = compile(model, examples, loss=args.loss, optimizer=_optimizer(args),
                   trainable=args.trainable, scheme=args.scheme, label_smoothing=args.label_smoothing,
                   name=args.model.split(":")[-1], preprocess=preprocess, output=args.model_output)

@@ -186,8 +186,9 @@ def compile_scheme(state: dict[str, np.ndarray], scheme: Any, cfg: Config, direc
 
 
 def finetune(art_dir: str, train: tuple[np.ndarray, np.ndarray], cfg: Config, seed: int, lr: float) -> tuple[dict[str, Any], Any]:
-    """The one fine-tuning recipe: cfg.epochs epochs of full shuffled batches (order seeded by `seed`),
-    SGD momentum, cosine lr from `lr` to 0 over all steps. Returns the run's record and its Trainer."""
+    """The one fine-tuning recipe: cfg.epochs epochs of full shuffled batches (order seeded by `seed`), the
+    artifact's optimizer (here SGD momentum; text.py's: AdamW), cosine lr from `lr` to 0 over all steps.
+    Returns the run's record and its Trainer."""
     from pockprop.runtime.trainer import Trainer
 
     trainer = Trainer.load(art_dir, threads=cfg.threads)
@@ -430,39 +431,54 @@ def targets(results: dict[str, dict[str, Any]]) -> list[str]:
     return out
 
 
-def update_doc(path: str, text: str) -> bool:
-    """Replace what lies between the markers of `path` with `text`; False if the doc has no markers."""
+def update_doc(path: str, text: str, begin: str = BEGIN, end: str = END) -> bool:
+    """Replace what lies between the markers `begin` and `end` of `path` with `text`; False if the doc has
+    no such markers."""
     if not os.path.exists(path):
         return False
     with open(path) as f:
         doc = f.read()
-    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
     if not pattern.search(doc):
         return False
     with open(path, "w") as f:
-        f.write(pattern.sub(lambda _: f"{BEGIN}\n{text}\n{END}", doc))
+        f.write(pattern.sub(lambda _: f"{begin}\n{text}\n{end}", doc))
     return True
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m experiments.accuracy", description=__doc__.splitlines()[0])
-    p.add_argument("--task", action="append", choices=TASKS, help="run only this task (repeatable; default all)")
-    p.add_argument("--quick", action="store_true", help="a smoke run: tiny model, 1 seed, 1 epoch, out/accuracy-quick")
-    p.add_argument("--schemes", help="comma-separated schemes (default: all; 'searched' runs the search)")
+def experiment_parser(prog: str, description: str, name: str, doc: str, quick: str,
+                      schemes: str) -> argparse.ArgumentParser:
+    """The options every experiment shares: --quick, --schemes, --seeds, --epochs, --tables-only, --out, --doc
+    (`name`: the folder under out/; `quick`: what a smoke run is; `schemes`: the default list, in words)."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--quick", action="store_true", help=f"a smoke run: {quick}, out/{name}-quick")
+    p.add_argument("--schemes", help=f"comma-separated schemes (default: {schemes})")
     p.add_argument("--seeds", help="comma-separated seeds")
     p.add_argument("--epochs", type=int)
-    p.add_argument("--no-probe", action="store_true")
-    p.add_argument("--tables-only", action="store_true", help="run nothing: rebuild the tables from the JSON files")
-    p.add_argument("--out", help="output folder (default out/accuracy, --quick: out/accuracy-quick)")
-    p.add_argument("--doc", help=f"markdown file to write the tables into (default {DOC}; never with --quick)")
-    args = p.parse_args(argv)
-    cfg = QUICK if args.quick else Config()
+    p.add_argument("--tables-only", action="store_true", help="run nothing: rebuild the tables from the results")
+    p.add_argument("--out", help=f"output folder (default out/{name}, --quick: out/{name}-quick)")
+    p.add_argument("--doc", help=f"markdown file to write the tables into (default {doc}; never with --quick)")
+    return p
+
+
+def experiment_config(cfg: Any, args: argparse.Namespace) -> Any:
+    """`cfg` (a dataclass with schemes, seeds, epochs) with what --schemes, --seeds and --epochs override."""
     if args.schemes:
         cfg = replace(cfg, schemes=tuple(s.strip() for s in args.schemes.split(",") if s.strip()))
     if args.seeds:
         cfg = replace(cfg, seeds=tuple(int(s) for s in args.seeds.split(",")))
     if args.epochs:
         cfg = replace(cfg, epochs=args.epochs)
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = experiment_parser("python -m experiments.accuracy", __doc__.splitlines()[0], "accuracy", DOC,
+                          "tiny model, 1 seed, 1 epoch", "all; 'searched' runs the search")
+    p.add_argument("--task", action="append", choices=TASKS, help="run only this task (repeatable; default all)")
+    p.add_argument("--no-probe", action="store_true")
+    args = p.parse_args(argv)
+    cfg = experiment_config(QUICK if args.quick else Config(), args)
     if args.no_probe:
         cfg = replace(cfg, probe=False)
     out = args.out or ("out/accuracy-quick" if args.quick else "out/accuracy")

@@ -1,9 +1,11 @@
 """pockprop's model zoo: small, self-contained PyTorch definitions.
 
-No downloads and no torchvision: every network is defined here, randomly
-initialised, and built only from ops the compiler supports (Conv2d incl.
-depthwise, BatchNorm2d, Linear, ReLU/ReLU6, Dropout, MaxPool2d,
-AdaptiveAvgPool2d, add, flatten). Activations are out-of-place (unlike
+No downloads and no torchvision: every network is defined here (the CNNs and
+the MLP, built from Conv2d incl. depthwise, BatchNorm2d, Linear, ReLU/ReLU6,
+Dropout, MaxPool2d, AdaptiveAvgPool2d, add, flatten) or built from a
+transformers config (``hf.py``: the Llama-shaped LM and the BERT-base-shaped
+classifier, token ids in; transformers is imported only when one is built),
+randomly initialised. Activations are out-of-place (unlike
 torchvision's ``inplace=True``): the exported graph then holds functional
 ``aten.relu`` / ``aten.hardtanh`` rather than ``relu_`` / ``hardtanh_``, which
 the training-graph compiler need not special-case. Module names, parameters
@@ -12,14 +14,16 @@ and state dicts are unaffected.
 Public API:
 
 * builders ``mobilenet_v2``, ``resnet18``, ``resnet26``, ``resnet50``,
-  ``mcunet``, ``mlp`` -- all accept ``num_classes``;
-* ``ZOO``: name -> :class:`ModelInfo` (builder, default input shape, description);
+  ``mcunet``, ``mlp``, ``bert_base4`` -- all accept ``num_classes`` -- and
+  ``llama_small`` (its classes are its vocabulary: ``vocab_size``);
+* ``ZOO``: name -> :class:`ModelInfo` (builder, default input shape and dtype, description);
 * specs (``"models:NAME"``) are resolved by :mod:`pockprop.tracing.loader`,
   which looks names up in ``ZOO`` only;
 * :mod:`models.data`: the offline digits dataset (numpy + scikit-learn).
 
 Files: ``mobilenetv2.py``, ``resnet.py`` (ResNet-18/26/50),
-``proxyless.py`` (MCUNet-style CNN), ``perceptron.py`` (MLP), ``data.py``.
+``proxyless.py`` (MCUNet-style CNN), ``perceptron.py`` (MLP), ``hf.py``
+(transformers), ``data.py``.
 
 Builders and ``ZOO`` are loaded lazily (PEP 562) so that ``import
 models.data`` does not import torch: the data helpers must also work on a
@@ -37,9 +41,10 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from pockprop.models.perceptron import mlp
     from pockprop.models.proxyless import mcunet
     from pockprop.models.resnet import resnet18, resnet26, resnet50
+    from pockprop.models.hf import bert_base4, llama_small
 
 __all__ = ["ModelInfo", "ZOO",
-           "mobilenet_v2", "resnet18", "resnet26", "resnet50", "mcunet", "mlp"]
+           "mobilenet_v2", "resnet18", "resnet26", "resnet50", "mcunet", "mlp", "llama_small", "bert_base4"]
 
 # Zoo name -> (submodule, one-line description). The builder in each submodule
 # carries its own ``default_input_shape``, so shapes live next to the model.
@@ -53,17 +58,23 @@ _ENTRIES: dict[str, tuple[str, str]] = {
     "resnet50": ("resnet", "ResNet-50, Bottleneck [3,4,6,3], torchvision names (25.6M params)"),
     "mcunet": ("proxyless", "MCUNet/ProxylessNAS-style mobile CNN, mixed kernels (0.97M params)"),
     "mlp": ("perceptron", "Multi-layer perceptron for 64-feature inputs (digits_flat)"),
+    "llama_small": ("hf", "Llama-shaped causal LM, transformers' LlamaForCausalLM: 8 layers, width 256, "
+                          "vocabulary 2,048 (7.9M params); token ids in"),
+    "bert_base4": ("hf", "BERT-base-shaped classifier, transformers' BertForSequenceClassification at 4 of "
+                         "BERT-base's 12 layers (52M params); token ids in"),
 }
 
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """One zoo entry. ``input_shape`` is the default full input shape, batch first."""
+    """One zoo entry. ``input_shape`` is the default full input shape, batch first; ``input_dtype`` its
+    dtype: float32 (images, features) or int64 (token ids)."""
 
     name: str
     builder: Callable[..., Any]
     input_shape: tuple[int, ...]
     description: str
+    input_dtype: str = "float32"
 
 
 def _builder(name: str) -> Callable[..., Any]:
@@ -75,7 +86,8 @@ def _build_zoo() -> dict[str, ModelInfo]:
     zoo = {}
     for name, (_, description) in _ENTRIES.items():
         builder = _builder(name)
-        zoo[name] = ModelInfo(name, builder, tuple(builder.default_input_shape), description)
+        zoo[name] = ModelInfo(name, builder, tuple(builder.default_input_shape), description,
+                              getattr(builder, "default_input_dtype", "float32"))
     return zoo
 
 

@@ -1,5 +1,13 @@
-"""The one way pockprop makes an onnxruntime session: execution provider, thread counts, optimization level,
-quiet log.
+"""The one way pockprop makes an onnxruntime session: execution provider, thread counts, spin-waiting,
+optimization level, quiet log.
+
+Spin-waiting is off: onnxruntime's intra-op threads sleep between ops instead of busy-waiting for the next one
+(its default). A device trains beside other work (the app, its inference, other processes); threads that
+spin take the cores that work needs, and when the cores are busy they take them from each other: 2 threads
+on a loaded 2-core machine took 30-36 ms with spinning for an attention step that runs in 12 ms without it
+(docs/benchmarks.md, "Spin-waiting"). `SPINNING = True` before sessions are made (or `options(spin=True)`)
+restores onnxruntime's default, which can save the wake-up latency of each parallel op on cores nothing else
+uses.
 
 Imports onnxruntime and numpy only (nothing of pockprop): bench/worker.py imports it under the peers'
 interpreter too, where pockprop's other dependencies are absent.
@@ -21,6 +29,7 @@ PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"
 CPU = [PROVIDER_NAMES["cpu"]]
 PROVIDERS = CPU  # the default
 QUIET = 3  # onnxruntime's log severity: errors only (its warnings and info would flood stderr)
+SPINNING = False  # whether intra-op threads spin-wait between ops, for options(spin=None); see the module docstring
 
 
 class ProviderFallback(UserWarning):
@@ -45,11 +54,17 @@ def _fallback(why: str) -> None:
     warnings.warn(f"{why}: running on the CPU", ProviderFallback, stacklevel=3)
 
 
-def options(threads: int | None = None, *, optimize: bool = True) -> ort.SessionOptions:
+def options(threads: int | None = None, *, optimize: bool = True, spin: bool | None = None,
+            mem_pattern: bool = True) -> ort.SessionOptions:
     """Session options: `threads` intra-op threads (None: onnxruntime's default, all cores), one inter-op
     thread, sequential execution, full graph optimization (optimize=False: the kernels exactly as the
-    graph lowers them), errors-only logging."""
+    graph lowers them), errors-only logging; intra-op threads spin-wait between ops only if `spin`
+    (None: the module's SPINNING, False unless a caller set it); onnxruntime's memory pattern only if
+    `mem_pattern` (see `session`)."""
     opts = ort.SessionOptions()
+    opts.enable_mem_pattern = mem_pattern
+    if not (SPINNING if spin is None else spin):
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
@@ -60,7 +75,7 @@ def options(threads: int | None = None, *, optimize: bool = True) -> ort.Session
     return opts
 
 
-def session(model: bytes | str, threads: int | None = None, *, optimize: bool = True,
+def session(model: bytes | str, threads: int | None = None, *, optimize: bool = True, mem_pattern: bool = True,
             external: Mapping[str, np.ndarray] | None = None,
             providers: Sequence[str] = PROVIDERS) -> ort.InferenceSession:
     """A session of `model` (serialized bytes or a file path) on `providers` (a list from `providers_for`).
@@ -69,8 +84,15 @@ def session(model: bytes | str, threads: int | None = None, *, optimize: bool = 
     reads no file for them. It copies them into the session (AddExternalInitializers: "the user provided
     buffers can then be deallocated" once the session is made), so they need not outlive it. Inputs and
     outputs stay in CPU memory whatever the provider (onnxruntime copies them to the device and back).
+
+    mem_pattern: onnxruntime's memory pattern (its default). After the first run it plans every intermediate
+    into one block, which later runs allocate on top of the arena chunks the first run still holds (the arena
+    never shrinks). For a training step, whose intermediates (saved activations, gradients) are most of its
+    memory, that doubles them: the Llama-shaped model's `sparse` step peaked 116 MB above its loaded session
+    with the pattern and 57 MB without it, at the same speed (docs/benchmarks.md, "Transformers"); the
+    trainer turns it off for its step session.
     """
-    opts = options(threads, optimize=optimize)
+    opts = options(threads, optimize=optimize, mem_pattern=mem_pattern)
     if external:
         values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in external.values()]
         opts.add_external_initializers(list(external), values)

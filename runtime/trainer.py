@@ -28,10 +28,11 @@ from pockprop.runtime.schedule import Schedule
 
 
 def _session(model: bytes | str, where: str, threads: int | None,
-             external: Mapping[str, np.ndarray] | None = None, providers: list[str] = CPU) -> ort.InferenceSession:
+             external: Mapping[str, np.ndarray] | None = None, providers: list[str] = CPU,
+             mem_pattern: bool = True) -> ort.InferenceSession:
     """An onnxruntime session of the model (bytes, or a file path), or ArtifactError naming `where`."""
     try:
-        return session(model, threads, external=external, providers=providers)
+        return session(model, threads, external=external, providers=providers, mem_pattern=mem_pattern)
     except Exception as ex:  # onnxruntime raises its own exception types; the file is what is wrong
         raise ArtifactError(f"{where}: onnxruntime cannot load it ({str(ex).splitlines()[0]})") from None
 
@@ -88,7 +89,8 @@ class Trainer:
         del infer_raw
         train_name = m.graphs.train_step
         self._watched: list[Watched] = []  # the files the sessions keep reading (external data, mapped)
-        self._train = _graph_session(bundle, train_name, threads, self.providers, self._watched)
+        # the step without onnxruntime's memory pattern, which would double its intermediates (runtime.session)
+        self._train = _graph_session(bundle, train_name, threads, self.providers, self._watched, mem_pattern=False)
         self._check_train(bundle)
         self._check_infer(bundle, *infer)
         infer_params = {a.name for a in infer[2]}
@@ -475,7 +477,7 @@ class Trainer:
 
 
 def _graph_session(bundle: Bundle, name: str, threads: int | None, providers: list[str],
-                   watched: list[Watched]) -> ort.InferenceSession:
+                   watched: list[Watched], mem_pattern: bool = True) -> ort.InferenceSession:
     """A session of the bundle's graph file `name` with its external data (every reference checked first:
     listed, plain file names only). From a directory onnxruntime reads the graph and those files itself,
     relative to the directory, and their sha256 is checked again after that read, so what it read is what
@@ -487,12 +489,12 @@ def _graph_session(bundle: Bundle, name: str, threads: int | None, providers: li
     if isinstance(bundle.files, DirectoryFiles):
         used = dict.fromkeys(ref.location for ref in bundle.external_refs(name, raw))
         del raw
-        sess = _session(bundle.files.local_path(name), where, threads, None, providers)
+        sess = _session(bundle.files.local_path(name), where, threads, None, providers, mem_pattern)
         watched += [bundle.files.watch(fname) for fname in used]  # opened before the check below
         for fname in (name, *used):
             bundle.files.verify(fname)
         return sess
-    return _session(raw, where, threads, bundle.external_data(name, raw), providers)
+    return _session(raw, where, threads, bundle.external_data(name, raw), providers, mem_pattern)
 
 
 def _check_state(state: dict[str, np.ndarray], entries: list[StateSpec], where: str) -> None:

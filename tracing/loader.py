@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
 ZOO_PREFIX = "models"
+INPUT_DTYPES = ("float32", "int64")  # a builder's default_input_dtype: features or pixels, or token ids
 Shape = tuple[int, ...]
 
 
@@ -149,6 +150,14 @@ class ModelSpec:
         if self.weights:
             load_weights(model, self.weights)
         return model, shape
+
+    def input_dtype(self) -> str:
+        """The dtype of the model's input: its builder's `default_input_dtype` ("int64": token ids), else
+        "float32"."""
+        dtype = getattr(_builder(self.spec)[0], "default_input_dtype", "float32")
+        if dtype not in INPUT_DTYPES:
+            raise CompileError(f"{self.spec}.default_input_dtype must be one of {', '.join(INPUT_DTYPES)}, got {dtype!r}")
+        return dtype
 
     def source(self) -> dict[str, Any]:
         """What an artifact's manifest records to rebuild the model (`source`; read back by from_source)."""

@@ -5,8 +5,10 @@ import json
 
 import pytest
 
-from pockprop.bench.harness import PEERS_ENV, input_shape, markdown_table, peers_python, peers_status
+from pockprop.bench.harness import (PEERS_ENV, input_shape, markdown_table, peers_python, peers_status, schemes_of,
+                                    targets_lines, vocabulary)
 from pockprop.cli import build_parser, main
+from pockprop.errors import UsageError
 
 EXPECTED = {"ort-infer", "pockprop-sparse", "pockprop-full", "torch-infer", "torch-full", "torch-sparse",
             "ortt-infer", "ortt-full", "ortt-sparse", "pockprop-sparse@peer-ort"}
@@ -85,3 +87,64 @@ def test_bench_input_is_bounded_before_compiling(capsys):
     err = capsys.readouterr().err
     assert err == ("pockprop bench: error: --batch 10000000: an input of [10000000, 64] has more than 268,435,456 "
                    "elements\n")
+
+
+TINY_LLAMA = '{"vocab_size": 64, "hidden": 16, "layers": 2, "heads": 2, "max_positions": 16}'
+
+
+def test_token_input_shape_and_schemes():
+    assert input_shape((4, 128), 8, 32, None, tokens=True) == [8, 128]  # the zoo model's length
+    assert input_shape((4, 128), 2, 32, 16, tokens=True) == [2, 16]
+    with pytest.raises(UsageError, match="--seq-len"):
+        input_shape((8, 3, 32, 32), 2, 32, None, tokens=True)
+    with pytest.raises(UsageError, match="--seq-len 100000000"):
+        input_shape((4, 128), 8, 32, 100_000_000, tokens=True)
+    assert schemes_of("sparse, full,sparse,last-k:1") == ["sparse", "full", "last-k:1"]
+    with pytest.raises(UsageError, match="empty scheme"):
+        schemes_of("sparse,,full")
+
+
+def test_vocabulary_is_the_input_embedding():
+    import torch.nn as nn
+
+    assert vocabulary(nn.Sequential(nn.Embedding(37, 4), nn.Linear(4, 2))) == 37
+    with pytest.raises(UsageError, match="no nn.Embedding"):
+        vocabulary(nn.Linear(4, 2))
+
+
+def test_bench_transformer_rows(tmp_path):
+    """A tiny Llama-shaped model through the transformer rows: token ids in, (N, T, V) logits, tokens/s, several
+    schemes in one interleaved run, and the Llama targets (at-least speed-ups, extra-memory ratio)."""
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--model", "llama_small", "--model-kwargs", TINY_LLAMA, "--scheme", "sparse,last-k:1",
+               "--batch", "2", "--seq-len", "8", "--rounds", "2", "--warmup", "0", "--steps", "1", "--threads", "1",
+               "--no-peers", "--quiet", "--json", str(out), "--workdir", str(tmp_path / "work"),
+               "--configs", "ort-infer", "pockprop-sparse", "pockprop-last-k:1", "pockprop-full", "torch-infer",
+               "torch-full", "torch-sparse"])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert result["input_shape"] == [2, 8] and result["input"] == "token ids" and result["vocabulary"] == 64
+    assert result["tokens_per_step"] == 16 and result["seq_len"] == 8 and result["output_shape"] == [2, 8, 64]
+    assert result["schemes"] == ["sparse", "last-k:1"]
+    rows = {r["name"]: r for r in result["configs"]}
+    ok = {"ort-infer", "pockprop-sparse", "pockprop-last-k:1", "pockprop-full", "torch-infer", "torch-full",
+          "torch-sparse"}
+    assert {n for n, r in rows.items() if r["status"] == "ok"} == ok
+    assert rows["torch-last-k:1"]["reason"] == "not selected (--configs)"
+    for name in ok:
+        r = rows[name]
+        assert r["tokens_per_s"] == pytest.approx(16 / (r["median_ms"] / 1000)) and len(r["rounds_ms"]) == 2
+        assert r["cpu_ms"] > 0
+    # sparse trains fewer tensors than last-k:1 here, and PyTorch's same-scheme row trains exactly those
+    assert 0 < result["scheme_tensors"]["sparse"] < result["scheme_tensors"]["last-k:1"] < result["parameters"]
+    assert f"({result['scheme_tensors']['sparse']} tensors)" in rows["torch-sparse"]["what"]
+    tg = {(t["row"], t["baseline"], t["what"]): t for t in result["targets"]}
+    assert set(tg) == {("pockprop-sparse", "torch-full", "tokens/s"), ("pockprop-sparse", "torch-sparse", "tokens/s"),
+                       ("pockprop-sparse", "pockprop-full", "extra memory")}
+    t = tg[("pockprop-sparse", "torch-full", "tokens/s")]
+    speedups = [b / a for a, b in zip(rows["pockprop-sparse"]["rounds_ms"], rows["torch-full"]["rounds_ms"])]
+    assert t["at_least"] and t["ratio"] == pytest.approx(sorted(speedups)[0] / 2 + sorted(speedups)[1] / 2)
+    assert t["met"] == (t["ratio"] >= 4.0)
+    assert "tokens/s" in markdown_table(result).splitlines()[0]
+    assert any(line.startswith("pockprop-sparse vs torch-full (tokens/s):") and "target >= 4x" in line
+               for line in targets_lines(result))

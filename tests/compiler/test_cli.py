@@ -72,3 +72,22 @@ def test_compile_output_is_checked_before_compiling(tmp_path: Path, capsys: pyte
     assert (tmp_path / "taken").read_text() == "a file"
     assert main(["compile", "models:mlp", "-o", str(tmp_path / "taken" / "art")]) == 2
     assert "is not a folder" in capsys.readouterr().err
+
+
+def test_compile_a_zoo_model_of_token_ids(tmp_path: Path) -> None:
+    """A zoo builder whose default_input_dtype is int64 (models/hf.py) is traced with token ids, and the artifact
+    declares an int64 input that the device runtime trains on."""
+    import numpy as np
+
+    from pockprop.runtime.trainer import Trainer
+
+    out = tmp_path / "llama"
+    kwargs = '{"vocab_size": 32, "hidden": 16, "layers": 1, "heads": 2, "max_positions": 8}'
+    assert main(["compile", "models:llama_small", "--model-kwargs", kwargs, "--input-shape", "2,8", "--scheme",
+                 "last-k:1", "-o", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (manifest["data"][0]["shape"], manifest["data"][0]["dtype"]) == ([2, 8], "int64")
+    assert manifest["labels"]["shape"] == [2, 8]
+    rng = np.random.default_rng(0)
+    loss = Trainer.load(str(out)).step(rng.integers(0, 32, (2, 8)), rng.integers(0, 32, (2, 8)))
+    assert loss is not None and np.isfinite(loss)

@@ -34,6 +34,14 @@ TINY = {
 }
 
 
+# The transformers (models/hf.py, token ids in): tiny configs, and (classes, full-size parameter count).
+TINY_TOKENS = {
+    "llama_small": (dict(vocab_size=64, hidden=16, layers=2, heads=2, max_positions=16), 64, 7_868_672),
+    "bert_base4": (dict(num_classes=3, vocab_size=64, hidden=16, layers=2, heads=2, intermediate=32,
+                        max_positions=16), 3, 52_780_802),
+}
+
+
 def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -132,13 +140,15 @@ def test_tiny_forward_and_export(name):
 # --- ZOO ---
 
 def test_zoo_entries():
-    assert set(ZOO) == {"mobilenet_v2", "resnet18", "resnet26", "resnet50", "mcunet", "mlp"}
-    assert set(TINY) == set(ZOO)
+    assert set(ZOO) == {"mobilenet_v2", "resnet18", "resnet26", "resnet50", "mcunet", "mlp", "llama_small",
+                        "bert_base4"}
+    assert set(TINY) | set(TINY_TOKENS) == set(ZOO)
     for name, info in ZOO.items():
         assert isinstance(info, ModelInfo) and info.name == name and info.description
         assert info.builder is getattr(models, name)
-        expected = (8, 64) if name == "mlp" else (8, 3, 128, 128)
+        expected = (4, 128) if name in TINY_TOKENS else (8, 64) if name == "mlp" else (8, 3, 128, 128)
         assert info.input_shape == expected
+        assert info.input_dtype == ("int64" if name in TINY_TOKENS else "float32")
     with pytest.raises(dataclasses.FrozenInstanceError):
         ZOO["mlp"].input_shape = (1, 64)
 
@@ -147,7 +157,7 @@ def test_builders_importable_as_plain_spec():
     import importlib
 
     # Importing every submodule must not replace a builder attribute of the package.
-    for sub in ("mobilenetv2", "resnet", "proxyless", "perceptron", "data"):
+    for sub in ("mobilenetv2", "resnet", "proxyless", "perceptron", "hf", "data"):
         importlib.import_module(f"pockprop.models.{sub}")
     package = importlib.import_module("pockprop.models")
     for name, info in ZOO.items():
@@ -220,3 +230,19 @@ def test_data_module_does_not_import_torch():
     code = ("import sys, pockprop.models.data as d; d.digits(resolution=8); d.digits_flat(); "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True)
+
+
+@pytest.mark.parametrize("name", sorted(TINY_TOKENS))
+def test_transformers_take_token_ids(name):
+    kwargs, classes, full_size = TINY_TOKENS[name]
+    torch.manual_seed(0)
+    model = ZOO[name].builder(**kwargs).eval()
+    ids = torch.randint(0, 64, (2, 8))
+    with torch.no_grad():
+        out = model(ids)  # forward(input_ids) returns the logits tensor, not a ModelOutput
+    assert isinstance(out, torch.Tensor) and torch.isfinite(out).all()
+    assert tuple(out.shape) == ((2, 8, classes) if name == "llama_small" else (2, classes))
+    names = {n for n, _ in model.named_parameters()}  # transformers' own names, which schemes match
+    assert ("model.layers.1.mlp.gate_proj.weight" in names if name == "llama_small"
+            else "bert.encoder.layer.1.intermediate.dense.weight" in names)
+    assert n_params(ZOO[name].builder()) == full_size  # the sizes the zoo and docs/benchmarks.md state
