@@ -1,7 +1,9 @@
 """`pockprop search`: its parser (`add_parser`) and run function; torch loads inside `search_command` only.
 
 MODEL_OR_ARTIFACT is a model spec (as for `pockprop compile`: --num-classes, --model-kwargs, --weights,
---seed, --input-shape, --preprocess) or an artifact compiled by `pockprop compile`. An artifact's manifest
+--seed, --input-shape or one --input NAME:DTYPE:SHAPE, --preprocess) or an artifact compiled by `pockprop
+compile`. Search handles a model with one data input of any dtype (token ids stay int64; models with several
+inputs are refused) and one class label per sample. An artifact's manifest
 records how its model was built (`source`: spec, kwargs, seed, weights file), its input shape and its
 preprocessing; tracing.loader.from_source rebuilds it without letting the file choose code to import (a
 zoo model is rebuilt as recorded, any other needs --model naming the same spec), and its trained
@@ -19,13 +21,15 @@ import sys
 from typing import Any
 
 from pockprop import args as cli_args
+from pockprop.compiler.cli import input_decl  # torch-free
 from pockprop.compiler.preprocess import HELP as PREPROCESS_HELP  # torch-free
 from pockprop.errors import EXIT_OK, DataError, UsageError
 from pockprop.search.options import SearchError, parse_ratios
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
           "g": 2**30, "gb": 2**30, "gib": 2**30}
-_SPEC_ONLY = ("num_classes", "model_kwargs", "input_shape", "preprocess")  # an artifact records its own
+_SPEC_ONLY = {"num_classes": "--num-classes", "model_kwargs": "--model-kwargs", "input_shape": "--input-shape",
+              "preprocess": "--preprocess", "inputs": "--input"}  # an artifact records its own
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -47,6 +51,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="artifact only: the package.module:function its model was compiled from, when it is not a "
                         "zoo model (an artifact never makes pockprop import code by itself); must equal the "
                         "manifest's source")
+    s.add_argument("--input", dest="inputs", action="append", type=input_decl, metavar="NAME:DTYPE:SHAPE",
+                   help="model only: its one data input, passed to forward as keyword NAME, e.g. "
+                        "input_ids:int64:32,128 (instead of --input-shape, which declares one float32 input; "
+                        "models with several inputs cannot be searched yet)")
     s.add_argument("--data", required=True, help=".npz (x, y), .csv or a folder of class folders: raw training data, "
                                                  "preprocessed like the runtime does; a part is held out for validation")
     s.add_argument("--budget-memory", help="training-memory budget, e.g. 2MB, 512KB, 1.5GB or bytes "
@@ -128,8 +136,12 @@ def _check(args: argparse.Namespace, is_artifact: bool) -> None:
     parse_ratios(args.ratios)
     if not os.path.exists(args.data):
         raise DataError(f"--data {args.data}: no such file or folder")
+    if args.inputs:
+        _one_input([name for name, _, _ in args.inputs], "--input")
+        if args.input_shape:
+            raise SearchError("give either --input or --input-shape, not both")
     if is_artifact:
-        given = [f"--{k.replace('_', '-')}" for k in _SPEC_ONLY if getattr(args, k) is not None]
+        given = [flag for k, flag in _SPEC_ONLY.items() if getattr(args, k) is not None]
         if given:
             raise SearchError(f"{' '.join(given)}: apply to a model spec; the artifact {args.model} records its own")
     else:
@@ -141,6 +153,14 @@ def _check(args: argparse.Namespace, is_artifact: bool) -> None:
             cli_args.check_output_file(path, flag)
     if args.cache:
         cli_args.check_output_dir(args.cache, "--cache")
+
+
+def _one_input(names: list[str], where: str) -> None:
+    """SearchError unless there is exactly one data input: the probes' data split, batches and tracing hold one
+    array."""
+    if len(names) != 1:
+        raise SearchError(f"{where} declares {len(names)} data inputs ({', '.join(names)}); pockprop search supports "
+                          "models with one data input only")
 
 
 def _from_artifact(args: argparse.Namespace) -> tuple[Any, tuple[int, ...], dict[str, Any], dict[str, Any], Any]:
@@ -155,6 +175,7 @@ def _from_artifact(args: argparse.Namespace) -> tuple[Any, tuple[int, ...], dict
     if args.checkpoint_dir:
         trainer.resume(args.checkpoint_dir)
     m = trainer.manifest
+    _one_input([d.name for d in m.data], f"{args.model}'s manifest")
     spec = from_source(m.source, args.model, model=args.named_model, weights=args.weights)
     model, _ = spec.build()
     state = model.state_dict()
@@ -166,30 +187,42 @@ def _from_artifact(args: argparse.Namespace) -> tuple[Any, tuple[int, ...], dict
     return model, m.input.shape, dict(m.input.preprocess or {}), dict(m.optimizer or {}), trainer.pipeline
 
 
-def _from_spec(args: argparse.Namespace, batch: int) -> tuple[Any, tuple[int, ...], dict[str, Any], dict[str, Any], Any]:
+def _from_spec(args: argparse.Namespace, batch: int) -> tuple[Any, tuple[int, ...], dict[str, Any], Any, Any]:
+    """(model, input shape, preprocess, its trace, pipeline): the model built and traced as `pockprop compile`
+    would (a named --input goes in as that keyword), the pipeline with the input's name, dtype and index range."""
     from pockprop.artifact.contract import LABELS, TensorSpec
+    from pockprop.compiler.compile import trace_model
     from pockprop.compiler.preprocess import resolve as resolve_preprocess
+    from pockprop.compiler.signature import index_ranges
     from pockprop.runtime import data as rdata
+    from pockprop.search.select import zeros_input
     from pockprop.tracing.loader import spec_of
 
     model, default_shape = spec_of(args).build()
-    shape = args.input_shape or default_shape
+    name, dtype, shape = args.inputs[0] if args.inputs else ("input", "float32", args.input_shape or default_shape)
     if shape is None:
-        raise SearchError(f"{args.model} has no default input shape; pass --input-shape")
-    pre = resolve_preprocess(args.preprocess, shape, args.model)  # as `pockprop compile` records it
-    spec = TensorSpec("input", (batch, *shape[1:]), "float32", pre)
+        raise SearchError(f"{args.model} has no default input shape; pass --input-shape or --input")
+    # as `pockprop compile` records it: a float input is preprocessed, any other only when asked (and refused)
+    pre = resolve_preprocess(args.preprocess, shape, args.model) if dtype.startswith("float") or args.preprocess else {}
+    example = zeros_input(batch, shape[1:], dtype)
+    tm = trace_model(model, {name: example} if args.inputs else (example,))
+    index = index_ranges(tm.traced.graph, tm.traced.user_inputs)
+    spec = TensorSpec(name, (batch, *shape[1:]), dtype, pre, next(iter(index.values()), None))
     pipeline = rdata.Pipeline(spec, TensorSpec(LABELS, (batch,), "int64"), getattr(model, "num_classes", None))
-    return model, tuple(shape), pre, {}, pipeline
+    return model, tuple(shape), pre, tm, pipeline
 
 
 def _load_data(args: argparse.Namespace, pipeline: Any) -> Any:
     import numpy as np
 
     from pockprop.search import SearchData
+    from pockprop.search.contribution import LABELS_PER_SAMPLE
 
     ds = pipeline.load(args.data, args.label_column)
     if ds.y is None:
         raise DataError(f"{args.data}: no labels (an .npz needs an array 'y')")
+    if ds.y.ndim != 1:
+        raise SearchError(f"{args.data}: {LABELS_PER_SAMPLE.format(shape=list(ds.y.shape[1:]))}")
     x = np.concatenate([pipeline.inputs(ds.x[i:i + 512], ds.source) for i in range(0, len(ds), 512)])
     return SearchData.split(x, pipeline.labels(ds.y, ds.source), args.val_fraction, args.seed)
 
@@ -205,10 +238,11 @@ def search_command(args: argparse.Namespace) -> int:
 
     is_artifact = os.path.exists(args.model) and ":" not in os.path.basename(args.model)
     _check(args, is_artifact)
+    tm = None
     if is_artifact:
         model, shape, pre, opt, pipeline = _from_artifact(args)
     else:
-        model, shape, pre, opt, pipeline = _from_spec(args, args.batch or 32)
+        (model, shape, pre, tm, pipeline), opt = _from_spec(args, args.batch or 32), {}
     batch = args.batch or (int(shape[0]) if is_artifact else 32)
     optimizer = {"name": args.optimizer or opt.get("name", "sgd")}
     optimizer["lr"] = args.lr if args.lr is not None else float(opt.get("lr", 0.01))
@@ -220,12 +254,12 @@ def search_command(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     print(f"pockprop search: {args.model}: {len(data.y_train)} training / {len(data.y_val)} validation samples, "
           f"input {list(shape[1:])}, batch {batch}", file=sys.stderr)
-    if args.drift:
-        import torch
-
+    if tm is None:  # an artifact's model: its one input, positionally, in the manifest's dtype
         from pockprop.compiler.compile import trace_model
+        from pockprop.search.select import zeros_input
 
-        tm = trace_model(model, (torch.zeros((batch, *shape[1:])),))
+        tm = trace_model(model, (zeros_input(batch, shape[1:], pipeline.dtype),))
+    if args.drift:
         drift = drift_probe(model, shape, data, config=config, progress=progress, cache_dir=args.cache,
                             preprocess=pre, traced=tm, metric=args.metric)
         print(drift.table())
@@ -238,7 +272,7 @@ def search_command(args: argparse.Namespace) -> int:
     result = search(model, shape, data, budget_memory=parse_bytes(args.budget_memory), budget_ms=args.budget_ms,
                     ratios=args.ratios, config=config, cache_dir=args.cache, progress=progress, preprocess=pre,
                     candidates=args.candidates, max_layers=args.max_layers, metric=args.metric,
-                    memory=args.memory, name=None, budget_params=parse_params(args.budget_params))
+                    memory=args.memory, name=None, budget_params=parse_params(args.budget_params), traced=tm)
     result.model = args.model
     print(result.table())
     if args.output:

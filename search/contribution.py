@@ -43,11 +43,14 @@ from pockprop.search.options import SearchError, scheme_dict
 
 CACHE_VERSION = 1
 METRICS = ("accuracy", "loss")
+LABELS_PER_SAMPLE = ("search needs one class label per sample (classification), got labels of shape {shape} per "
+                     "sample: per-token labels are not supported by search yet")
 
 
 @dataclass
 class SearchData:
-    """Model-ready arrays (preprocessed as the model expects; float32) and int64 labels.
+    """Model-ready arrays of one data input (preprocessed as the model expects; float inputs as float32,
+    integer ones, such as token ids, as int64) and int64 labels, one per sample.
 
     The validation part is held out from the *training* data: the search must never see the test set.
     """
@@ -65,8 +68,8 @@ class SearchData:
                 raise SearchError(f"{what} data: no samples")
         if self.x_train.shape[1:] != self.x_val.shape[1:]:
             raise SearchError(f"train samples are {self.x_train.shape[1:]}, validation samples {self.x_val.shape[1:]}")
-        self.x_train = np.ascontiguousarray(self.x_train, np.float32)
-        self.x_val = np.ascontiguousarray(self.x_val, np.float32)
+        _one_per_sample(self.y_train)
+        self.x_train, self.x_val = _model_ready(self.x_train), _model_ready(self.x_val)
         self.y_train = np.asarray(self.y_train).astype(np.int64)
         self.y_val = np.asarray(self.y_val).astype(np.int64)
 
@@ -79,6 +82,7 @@ class SearchData:
         x, y = np.asarray(x), np.asarray(y)
         if len(x) != len(y):
             raise SearchError(f"{len(x)} samples but {len(y)} labels")
+        _one_per_sample(y)
         rng = np.random.default_rng([seed, 0x5EA4C4])
         val = []
         for c in np.unique(y):
@@ -96,6 +100,17 @@ class SearchData:
             h.update(f"{a.dtype.str}{a.shape}".encode())
             h.update(np.ascontiguousarray(a).data)
         return h.hexdigest()
+
+
+def _one_per_sample(y: Any) -> None:
+    if np.ndim(y) != 1:
+        raise SearchError(LABELS_PER_SAMPLE.format(shape=list(np.shape(y)[1:])))
+
+
+def _model_ready(x: np.ndarray) -> np.ndarray:
+    """Float inputs as float32, integer inputs as int64 (the runtime casts to the graph's dtype), bools as is."""
+    x = np.asarray(x)
+    return np.ascontiguousarray(x, np.int64 if x.dtype.kind in "iu" else bool if x.dtype.kind == "b" else np.float32)
 
 
 def _default_optimizer() -> dict[str, Any]:

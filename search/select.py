@@ -32,6 +32,7 @@ from __future__ import annotations
 import time
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from pockprop.runtime.progress import Progress
@@ -65,12 +66,17 @@ def sample_shape(input_shape: Sequence[int], data: SearchData) -> tuple[int, ...
     return shape
 
 
+def zeros_input(batch: int, shape: Sequence[int], dtype: Any) -> torch.Tensor:
+    """A tracing example: zeros of the input's dtype (only shape and dtype matter; id 0 is a valid token)."""
+    return torch.from_numpy(np.zeros((batch, *shape), np.dtype(dtype)))
+
+
 def prepare(model: torch.nn.Module, input_shape: Sequence[int], data: SearchData, config: FinetuneConfig,
             traced: TracedModel | None, loss: str, cache_dir: str | None) -> tuple[TracedModel, ProbeCache]:
     """The trace (batch = config.batch) and the probe cache keyed by model, data, config and loss."""
     shape = sample_shape(input_shape, data)
     config.total_steps(len(data.x_train))  # fail early on a batch larger than the data
-    tm = traced if traced is not None else trace_model(model, (torch.zeros((config.batch, *shape)),))
+    tm = traced if traced is not None else trace_model(model, (zeros_input(config.batch, shape, data.x_train.dtype),))
     context = {"model": model_fingerprint(model, tm), "data": data.fingerprint(), "config": config.key(),
                "loss": loss, "input": [config.batch, *shape]}
     return tm, ProbeCache(cache_dir, context)
