@@ -211,7 +211,7 @@ class SliceSpec:
         return tuple(idx)
 
 
-class Role(str, Enum):
+class StateRole(str, Enum):
     """What a state tensor is: a trainable tensor, or optimizer state (slots, the step counter)."""
 
     PARAM = "param"
@@ -227,7 +227,7 @@ class StateSpec:
     """
 
     name: str
-    role: Role
+    role: StateRole
     input: str
     output: str
     shape: tuple[int, ...]
@@ -263,19 +263,19 @@ class StateSpec:
     def from_json(cls, s: Any, where: str) -> "StateSpec":
         t = TensorSpec.from_json(s, "state", where)
         what = f"state {t.name!r}"
-        if s.get("role") not in [r.value for r in Role] or not isinstance(s.get("input"), str) \
+        if s.get("role") not in [r.value for r in StateRole] or not isinstance(s.get("input"), str) \
                 or not isinstance(s.get("output"), str):
             raise _fail(where, f"{what}: needs role param|optimizer, input and output")
         for k in ("param", "slot"):
             if s.get(k) is not None and not isinstance(s[k], str):
                 raise _fail(where, f"{what}: {k} must be a name, got {s[k]!r}")
-        spec = cls(t.name, Role(s["role"]), s["input"], s["output"], t.shape, t.dtype, s.get("param"), s.get("slot"))
+        spec = cls(t.name, StateRole(s["role"]), s["input"], s["output"], t.shape, t.dtype, s.get("param"), s.get("slot"))
         return spec if "slice" not in s else spec._sliced(s["slice"], s.get("full_shape"), where)
 
     def _sliced(self, sl: Any, full: Any, where: str) -> "StateSpec":
         """A param entry that is part of a parameter: full_shape, and `shape` = full_shape cut on one axis."""
         what = f"state {self.name!r}"
-        if self.role != Role.PARAM or self.param is None:
+        if self.role != StateRole.PARAM or self.param is None:
             raise _fail(where, f"{what}: a slice belongs to a param entry naming its full parameter ('param')")
         if not isinstance(sl, dict) or not all(isinstance(sl.get(k), int) for k in ("axis", "start", "stop")):
             raise _fail(where, f"{what}: slice must be {{axis, start, stop}}")

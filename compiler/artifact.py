@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 
 from pockprop.artifact import contract, safetensors
-from pockprop.artifact.contract import Graphs, LearningRate, Manifest, Outputs, Role, SliceSpec, StateSpec, TensorSpec
+from pockprop.artifact.contract import Graphs, LearningRate, Manifest, Outputs, StateRole, SliceSpec, StateSpec, TensorSpec
 from pockprop.artifact.durable import write_atomic
 from pockprop.artifact.external import ExternalArrays
 
@@ -44,7 +44,7 @@ class StateEntry:
     def param(cls, name: str, output: str, initial: np.ndarray, need: Need, full_shape: tuple[int, ...]) -> "StateEntry":
         """A trainable tensor, fed as input `name`; `need` says which part of the full parameter it is."""
         sliced = None if need.is_full else SliceSpec(int(need.axis), need.start, need.stop)  # type: ignore[arg-type]
-        return cls(StateSpec(name, Role.PARAM, name, output, tuple(initial.shape), initial.dtype.name,
+        return cls(StateSpec(name, StateRole.PARAM, name, output, tuple(initial.shape), initial.dtype.name,
                              param=None if sliced is None else name, slice=sliced,
                              full_shape=None if sliced is None else tuple(full_shape)), initial)
 
@@ -52,13 +52,13 @@ class StateEntry:
     def slot(cls, param: str, slot: str, output: str, initial: np.ndarray) -> "StateEntry":
         """Optimizer slot `slot` (e.g. momentum) of parameter `param`."""
         name = contract.optimizer_slot(slot, param)
-        return cls(StateSpec(name, Role.OPTIMIZER, name, output, tuple(initial.shape), initial.dtype.name,
+        return cls(StateSpec(name, StateRole.OPTIMIZER, name, output, tuple(initial.shape), initial.dtype.name,
                              param=param, slot=slot), initial)
 
     @classmethod
     def step(cls, output: str) -> "StateEntry":
         """The optimizer's step counter (a float32 scalar, 0 at first)."""
-        return cls(StateSpec(contract.STEP, Role.OPTIMIZER, contract.STEP, output, (), "float32", slot="step"),
+        return cls(StateSpec(contract.STEP, StateRole.OPTIMIZER, contract.STEP, output, (), "float32", slot="step"),
                    np.zeros((), np.float32))
 
     @property
@@ -66,7 +66,7 @@ class StateEntry:
         return self.spec.name
 
     @property
-    def role(self) -> Role:
+    def role(self) -> StateRole:
         return self.spec.role
 
     @property
@@ -111,7 +111,14 @@ class Artifact:
     @property
     def trainable_count(self) -> int:
         """Trainable elements: a parameter updated on a slice counts the slice only."""
-        return sum(int(s.initial.size) for s in self.state if s.role == Role.PARAM)
+        return sum(int(s.initial.size) for s in self.state if s.role == StateRole.PARAM)
+
+    def state_bytes(self) -> tuple[int, int]:
+        """(bytes of the trainable tensors, bytes of the optimizer's per-tensor slots): what training holds
+        beside inference, before gradients and activations (the scalar step counter is not counted)."""
+        params = sum(int(s.initial.nbytes) for s in self.state if s.role == StateRole.PARAM)
+        optim = sum(int(s.initial.nbytes) for s in self.state if s.role == StateRole.OPTIMIZER and s.initial.ndim)
+        return params, optim
 
     def initial_state(self) -> dict[str, np.ndarray]:
         return {s.name: s.initial for s in self.state}

@@ -17,7 +17,7 @@ from pockprop.ir import Phase, module_of
 from pockprop.passes.base import nbytes
 from pockprop.passes.memory_plan import kept_for_backward, plan_memory
 
-from pockprop.artifact.contract import Role as StateRole
+from pockprop.artifact.contract import StateRole
 
 def _layer_of(module: str, layers: list[str]) -> str | None:
     """The layer a node's module path belongs to (the longest layer path that prefixes it)."""

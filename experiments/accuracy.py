@@ -28,7 +28,6 @@ from typing import Any
 import numpy as np
 
 from pockprop.artifact import safetensors
-from pockprop.artifact.contract import Role
 from pockprop.runtime.data import batches
 from pockprop.runtime.schedule import Schedule
 
@@ -163,8 +162,7 @@ def calibrate_batchnorm(model: Any, x: np.ndarray, batch: int = 64) -> None:
 def training_bytes(art: Any, summary: dict[str, Any]) -> int:
     """What training adds to inference (pockprop.search.costs' definition): the trainable tensors, their
     gradients, the optimizer state and the activations kept for backward."""
-    params = sum(int(e.initial.nbytes) for e in art.state if e.role == Role.PARAM)
-    optim = sum(int(e.initial.nbytes) for e in art.state if e.role == Role.OPTIMIZER and e.initial.ndim)
+    params, optim = art.state_bytes()
     return int(2 * params + optim + summary["kept_bytes"])
 
 

@@ -21,7 +21,7 @@ import onnxruntime as ort
 from pockprop.runtime import checkpoint, data, export, guard, inputs
 from pockprop.runtime.session import CPU, providers_for, session
 from pockprop.artifact import onnx_wire, safetensors
-from pockprop.artifact.contract import BY_ORT, Manifest, Role, StateSpec, TensorSpec
+from pockprop.artifact.contract import BY_ORT, Manifest, StateRole, StateSpec, TensorSpec
 from pockprop.errors import ArtifactError, CheckpointError, DataError, TrainingFailed
 from pockprop.artifact.manifest import Bundle, DirectoryFiles, Watched, open_artifact
 from pockprop.runtime.schedule import Schedule
@@ -94,7 +94,7 @@ class Trainer:
         self._check_train(bundle)
         self._check_infer(bundle, *infer)
         infer_params = {a.name for a in infer[2]}
-        self._infer_params = [e for e in self._entries if e.role == Role.PARAM and e.parameter in infer_params]
+        self._infer_params = [e for e in self._entries if e.role == StateRole.PARAM and e.parameter in infer_params]
         pred = next(o for o in infer[1] if o.name == m.outputs.prediction)
         self._infer_session: ort.InferenceSession | None = None
         # class indices are checked against the classes axis (the last): of (N, C) logits, and of (N, T, V)
@@ -111,7 +111,7 @@ class Trainer:
         self.last_rejection: str | None = None
         self.guard = "full"  # a mode of runtime.guard.MODES
         self.loss_floor = guard.loss_floor(m.loss, classes, self.batch_size)
-        self._params = [i for i, e in enumerate(self._entries) if e.role == Role.PARAM]
+        self._params = [i for i, e in enumerate(self._entries) if e.role == StateRole.PARAM]
         self._last_batch: tuple[dict[str, np.ndarray], np.ndarray] | None = None  # the last accepted step's batch
         self._state_loss: float | None = None  # the current state's loss on a batch, once found sane
         self._state_spikes = 0  # steps rejected because the current state's loss exploded on their batch
@@ -156,7 +156,7 @@ class Trainer:
         if len(inputs) != len(self._inputs):
             raise ArtifactError(f"{where}: the graph needs inputs {[a.name for a in inputs]}; "
                                 f"the manifest feeds only {[d.name for d in self._inputs]}")
-        full = {e.parameter: (e.parameter_shape, e.dtype) for e in self._entries if e.role == Role.PARAM}
+        full = {e.parameter: (e.parameter_shape, e.dtype) for e in self._entries if e.role == StateRole.PARAM}
         have = {a.name for a in overridable}
         _check_io(where, overridable, {k: v for k, v in full.items() if k in have}, "parameter")
         if m.outputs.prediction not in {o.name for o in outputs}:
@@ -347,7 +347,7 @@ class Trainer:
         if reason is not None:
             return reason
         for e, view in zip(self._entries, new):
-            if e.role != Role.PARAM and not _finite(view):
+            if e.role != StateRole.PARAM and not _finite(view):
                 return f"the update made {e.name!r} non-finite"
         return None
 
@@ -380,7 +380,7 @@ class Trainer:
         """Each trainable parameter's full current value (slices written into their frozen tensor)."""
         out = {}
         for e, view in zip(self._entries, self._views[self._cur]):
-            if e.role != Role.PARAM:
+            if e.role != StateRole.PARAM:
                 continue
             if e.slice is not None:
                 full = out.get(e.parameter)

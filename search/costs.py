@@ -25,7 +25,6 @@ import numpy as np
 
 from pockprop.passes.base import nbytes
 
-from pockprop.artifact.contract import Role
 from pockprop.compiler.artifact import Artifact
 from pockprop.compiler.report import summarize
 from pockprop.search.energy import bytes_moved, energy
@@ -36,8 +35,7 @@ MEMORY_METRICS = ("training", "peak")
 def figures(art: Artifact) -> dict[str, Any]:
     """One compiled scheme's costs (JSON-able numbers)."""
     s = summarize(art)
-    params = sum(int(e.initial.nbytes) for e in art.state if e.role == Role.PARAM)
-    optim = sum(int(e.initial.nbytes) for e in art.state if e.role == Role.OPTIMIZER and e.initial.ndim)
+    params, optim = art.state_bytes()
     g = art.train_graph
     assert g is not None
     moved = bytes_moved(g)

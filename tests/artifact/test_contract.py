@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from pockprop.artifact import contract
-from pockprop.artifact.contract import DTYPES, Manifest, Role, SliceSpec, StateSpec, TensorSpec
+from pockprop.artifact.contract import DTYPES, Manifest, StateRole, SliceSpec, StateSpec, TensorSpec
 from pockprop.errors import ArtifactError
 
 
@@ -34,9 +34,9 @@ def test_dtype_table_matches_onnxruntime() -> None:
 
 
 def _manifest() -> Manifest:
-    w = StateSpec("fc.weight", Role.PARAM, "fc.weight", contract.updated("fc.weight"), (2, 3), "float32",
+    w = StateSpec("fc.weight", StateRole.PARAM, "fc.weight", contract.updated("fc.weight"), (2, 3), "float32",
                   param="fc.weight", slice=SliceSpec(1, 0, 3), full_shape=(2, 6))
-    m = StateSpec(contract.optimizer_slot("momentum", "fc.weight"), Role.OPTIMIZER,
+    m = StateSpec(contract.optimizer_slot("momentum", "fc.weight"), StateRole.OPTIMIZER,
                   contract.optimizer_slot("momentum", "fc.weight"), "new/optimizer.momentum.fc.weight", (2, 3),
                   "float32", param="fc.weight", slot="momentum")
     return Manifest(model="m", data=[TensorSpec("x", (4, 6), "float32", {"scale": 0.5})],

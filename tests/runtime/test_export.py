@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from pockprop.artifact import onnx_wire
-from pockprop.artifact.contract import Role
+from pockprop.artifact.contract import StateRole
 from pockprop.runtime.trainer import Trainer
 
 
@@ -52,7 +52,7 @@ def test_exported_model_equals_predict(artifact, tmp_path: Path, name: str) -> N
     assert (art / "infer.onnx").read_bytes() == before  # the artifact itself is untouched
     weights = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     for e in trainer.manifest.state:
-        if e.role == Role.PARAM and e.slice is None:
+        if e.role == StateRole.PARAM and e.slice is None:
             np.testing.assert_array_equal(weights[e.name], trainer.state[e.name])
 
 
