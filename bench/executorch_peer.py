@@ -1,0 +1,148 @@
+"""The ExecuTorch training peer of `pockprop bench` (rows et-full and et-SCHEME).
+
+ExecuTorch trains through a joint forward/backward program: torch.export -> _export_forward_backward ->
+to_edge -> to_executorch (a .pte buffer), stepped by executorch.extension.training's TrainingModule and its
+C++ SGD. executorch 1.5.1 needs numpy >= 2 and onnxruntime-training 1.19.2 needs numpy < 2, so it has its own
+venv (`make peers` builds .venv-et; --et-python). The worker side (`build_et_train`) runs there and imports
+torch and executorch inside; the parent side (`et_status`, `et_train_skip`) is stdlib only.
+
+Two pitfalls of the executorch 1.5.1 API, kept here on purpose: TrainingModule.named_parameters() fails until
+forward_backward has run once, and the module reads the program buffer in place, so the buffer is kept alive
+as long as the module (freeing it first segfaults).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from typing import Any
+
+ET_ENV = "POCKPROP_ET_PYTHON"
+IMPORT_CHECK = ("import executorch.extension.training, executorch.exir; "
+                "from torch.export.experimental import _export_forward_backward")
+
+
+def et_python(given: str | None = None) -> str:
+    """--et-python, else $POCKPROP_ET_PYTHON, else .venv-et/bin/python of the current folder."""
+    return os.path.abspath(given or os.environ.get(ET_ENV) or os.path.join(".venv-et", "bin", "python"))
+
+
+def et_status(python: str) -> str | None:
+    """None when executorch's training API imports under `python`, else why not and how to get one."""
+    if not os.path.exists(python):
+        return (f"no {python}: run `make peers` in a pockprop checkout to build the ExecuTorch venv, "
+                f"or name one with --et-python (or ${ET_ENV})")
+    try:
+        r = subprocess.run([python, "-c", IMPORT_CHECK], capture_output=True, text=True, timeout=120, check=False)
+    except (OSError, subprocess.TimeoutExpired) as ex:
+        return f"{python} does not run: {ex}"
+    if r.returncode != 0:
+        return f"executorch's training API does not import in {python}: " + (r.stderr.strip().splitlines() or ["?"])[-1]
+    return None
+
+
+def et_train_skip(optimizer: dict[str, Any]) -> str | None:
+    """Why the ExecuTorch rows cannot run this optimizer (None: they can). Its only optimizer is SGD."""
+    if optimizer.get("name") != "sgd":
+        return f"ExecuTorch training has no {optimizer.get('name')} optimizer (SGD only)"
+    return None
+
+
+def _sgd_args(opt: dict[str, Any]) -> tuple[float, float, float, float, bool]:
+    """(lr, momentum, dampening, weight_decay, nesterov): get_sgd_optimizer's and torch.optim.SGD's order."""
+    return (float(opt["lr"]), float(opt.get("momentum", 0.0)), 0.0, float(opt.get("weight_decay", 0.0)),
+            bool(opt.get("nesterov", False)))
+
+
+def _export(torch: Any, model: Any, xt: Any, yt: Any, label_smoothing: float) -> Any:
+    """The joint forward/backward .pte of model + cross-entropy, as an ExecutorchProgramManager."""
+    from executorch.exir import to_edge
+    from torch.export.experimental import _export_forward_backward
+
+    class WithLoss(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+            self.loss = torch.nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+
+        def forward(self, x, y):
+            out = self.net(x)
+            return (self.loss(out.reshape(-1, out.shape[-1]), y.reshape(-1)),)  # the loss must come first
+
+    ep = torch.export.export(WithLoss(model), (xt, yt), strict=False)
+    return to_edge(_export_forward_backward(ep)).to_executorch()
+
+
+def build_et_infer(spec: dict[str, Any], model: Any, x: Any):
+    """The forward-only .pte of `model` (to_edge -> to_executorch, the same kernels as training) and a step
+    that runs it: the memory baseline of the et rows, and the forward's share of their step time."""
+    import torch
+    from executorch.exir import to_edge
+    from executorch.extension.pybindings.portable_lib import _load_for_executorch_from_buffer
+
+    xt = torch.from_numpy(x)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    t0 = time.perf_counter()
+    buffer = to_edge(torch.export.export(model, (xt,), strict=False)).to_executorch().buffer
+    module = _load_for_executorch_from_buffer(buffer)
+    info = {"export_s": time.perf_counter() - t0}
+
+    def step():
+        module.forward((xt,))
+    step.buffer = buffer  # type: ignore[attr-defined] - kept alive with the module, as for training
+    return step, info
+
+
+def build_et_train(spec: dict[str, Any], model: Any, x: Any, y: Any):
+    """Export `model` (eval mode, the spec's trainable tensors requiring grad, the rest frozen), load it with
+    executorch's TrainingModule and SGD, check one step against torch.optim.SGD on a copy, and return
+    (step, info): info has export_s (export and lowering) and check_max_abs_err / check_max_abs_step."""
+    import copy
+
+    import torch
+    from executorch.extension.training import _load_for_executorch_for_training_from_buffer, get_sgd_optimizer
+
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    want = spec.get("trainable")  # None: every parameter
+    for name, p in model.named_parameters():
+        p.requires_grad_(want is None or name in want)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if not trainable:
+        raise RuntimeError("no trainable parameters")
+    sgd = _sgd_args(spec["optimizer"])
+    label_smoothing = spec.get("label_smoothing", 0.0)
+    reference = copy.deepcopy(model)  # before export: the step below is checked against this copy
+
+    t0 = time.perf_counter()
+    program = _export(torch, model, xt, yt, label_smoothing)
+    buffer = program.buffer  # read in place by the module: it must outlive it (held by the closure below)
+    module = _load_for_executorch_for_training_from_buffer(buffer)
+    export_s = time.perf_counter() - t0
+
+    module.forward_backward("forward", (xt, yt))  # named_parameters() works only after a first run
+    params = module.named_parameters()
+    names = {k.removeprefix("net."): k for k in params}
+    if set(names) != trainable:
+        raise RuntimeError(f"ExecuTorch's trainable tensors differ from the scheme's: "
+                           f"{sorted(set(names) ^ trainable)[:5]}")
+    before = {n: params[k].clone() for n, k in names.items()}
+    optimizer = get_sgd_optimizer(params, *sgd)
+    optimizer.step(module.named_gradients())
+
+    ref_params = [p for n, p in reference.named_parameters() if n in trainable]
+    ref_opt = torch.optim.SGD(ref_params, lr=sgd[0], momentum=sgd[1], dampening=sgd[2], weight_decay=sgd[3],
+                              nesterov=sgd[4])
+    out = reference(xt)
+    torch.nn.CrossEntropyLoss(label_smoothing=label_smoothing)(out.reshape(-1, out.shape[-1]), yt.reshape(-1)).backward()
+    ref_opt.step()
+    ref = dict(reference.named_parameters())
+    err = max(float((params[k] - ref[n]).abs().max()) for n, k in names.items())
+    moved = max(float((ref[n].detach() - before[n]).abs().max()) for n in names)
+    info = {"export_s": export_s, "check_max_abs_err": err, "check_max_abs_step": moved}
+
+    def step():
+        module.forward_backward("forward", (xt, yt))
+        optimizer.step(module.named_gradients())
+    step.buffer = buffer  # type: ignore[attr-defined] - the module reads it in place: it lives as long as step
+    return step, info
