@@ -11,13 +11,13 @@ from pockprop.cli import build_parser, main
 from pockprop.errors import UsageError
 
 EXPECTED = {"ort-infer", "pockprop-sparse", "pockprop-full", "torch-infer", "torch-full", "torch-sparse",
-            "ortt-infer", "ortt-full", "ortt-sparse", "pockprop-sparse@peer-ort"}
+            "ortt-infer", "ortt-full", "ortt-sparse", "pockprop-sparse@peer-ort", "et-infer", "et-full", "et-sparse"}
 
 
 def test_bench_parser_defaults():
     args = build_parser().parse_args(["bench"])
     assert (args.model, args.scheme, args.batch, args.resolution, args.threads) == ("mobilenet_v2", "sparse", 8, 128, 2)
-    assert args.peers is True
+    assert args.peers is True and args.et is True and args.et_python is None
 
 
 def test_input_shape():
@@ -45,7 +45,8 @@ def test_bench_end_to_end(tmp_path, capsys):
             assert r["peak_rss_mb"] is None or r["peak_rss_mb"] > 0
     for name in ("ort-infer", "pockprop-sparse", "pockprop-full", "torch-infer", "torch-full", "torch-sparse"):
         assert rows[name]["status"] == "ok", rows[name]
-    for name in ("ortt-infer", "ortt-full", "ortt-sparse", "pockprop-sparse@peer-ort"):
+    for name in ("ortt-infer", "ortt-full", "ortt-sparse", "pockprop-sparse@peer-ort", "et-infer", "et-full",
+                 "et-sparse"):
         assert rows[name]["status"] == "skipped" and "no-peers" in rows[name]["reason"]
     assert rows["pockprop-sparse"]["memory_baseline"] == "ort-infer"
     assert rows["torch-full"]["memory_baseline"] == "torch-infer"

@@ -1,0 +1,56 @@
+"""The ExecuTorch rows of `pockprop bench` where no ExecuTorch venv exists (CI): skipped with the reason. The rows
+themselves need executorch (`make peers` builds .venv-et); nothing here imports it."""
+from __future__ import annotations
+
+import json
+import sys
+
+from pockprop.bench.executorch_peer import ET_ENV, et_python, et_status, et_train_skip
+from pockprop.bench.harness import build_note
+from pockprop.cli import main
+
+
+def test_et_python_is_an_option_then_the_environment_then_the_current_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(ET_ENV, raising=False)
+    assert et_python() == str(tmp_path / ".venv-et" / "bin" / "python")
+    monkeypatch.setenv(ET_ENV, "/opt/et/bin/python")
+    assert et_python() == "/opt/et/bin/python"
+    assert et_python("/x/python") == "/x/python"
+
+
+def test_et_status_explains_a_missing_venv_and_a_missing_executorch(tmp_path):
+    missing = str(tmp_path / "nope" / "python")
+    why = et_status(missing)
+    assert why and "make peers" in why and "--et-python" in why and missing in why
+    why = et_status(sys.executable)  # the test venv has torch but no executorch
+    assert why and "does not import" in why and "executorch" in why
+
+
+def test_et_rows_train_with_sgd_only():
+    assert et_train_skip({"name": "sgd", "lr": 0.1, "momentum": 0.9}) is None
+    assert "no adamw optimizer" in et_train_skip({"name": "adamw", "lr": 1e-3})
+
+
+def test_build_note():
+    assert build_note(None) == "" and build_note({}) == ""
+    assert build_note({"export_s": 12.34}) == " (export 12.3 s)"
+    note = build_note({"export_s": 2.0, "check_max_abs_err": 1.5e-7, "check_max_abs_step": 0.004})
+    assert note == " (export 2.0 s; step vs torch SGD: max abs err 1.5e-07 (update 4.0e-03))"
+
+
+def test_bench_skips_the_et_rows_with_the_reason(tmp_path):
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--model", "mlp", "--batch", "2", "--rounds", "1", "--warmup", "0", "--steps", "1",
+               "--threads", "1", "--quiet", "--json", str(out), "--et-python", str(tmp_path / "none" / "python"),
+               "--configs", "ort-infer", "et-infer", "et-full", "et-sparse"])
+    assert rc == 0
+    rows = {r["name"]: r for r in json.loads(out.read_text())["configs"]}
+    assert rows["ort-infer"]["status"] == "ok"
+    for name, kind in (("et-infer", "et-infer"), ("et-full", "et-train"), ("et-sparse", "et-train")):
+        assert rows[name]["status"] == "skipped" and rows[name]["kind"] == kind
+        assert "make peers" in rows[name]["reason"] and "--et-python" in rows[name]["reason"]
+    rc = main(["bench", "--model", "mlp", "--batch", "2", "--rounds", "1", "--warmup", "0", "--steps", "1",
+               "--threads", "1", "--quiet", "--json", str(out), "--no-et", "--configs", "ort-infer", "et-full"])
+    rows = {r["name"]: r for r in json.loads(out.read_text())["configs"]}
+    assert rc == 0 and rows["et-full"]["reason"] == "disabled (--no-et)"
