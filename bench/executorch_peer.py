@@ -146,3 +146,50 @@ def build_et_train(spec: dict[str, Any], model: Any, x: Any, y: Any):
         optimizer.step(module.named_gradients())
     step.buffer = buffer  # type: ignore[attr-defined] - the module reads it in place: it lives as long as step
     return step, info
+
+
+# Bookkeeping events of an ETDump run: the whole method and the wrapper around every kernel call.
+NOT_KERNELS = ("Method::execute", "OPERATOR_CALL", "Program::load_method")
+
+
+def op_times(events: Any) -> list[tuple[str, int, float, float]]:
+    """Per kernel of one ETDump run's events (profile_event name, start_time, end_time in ns): (name, calls, ms,
+    share of all kernels' time), slowest first."""
+    total: dict[str, float] = {}
+    calls: dict[str, int] = {}
+    for ev in events:
+        p = getattr(ev, "profile_event", None)
+        if p is None or p.name in NOT_KERNELS:
+            continue
+        total[p.name] = total.get(p.name, 0.0) + (p.end_time - p.start_time) / 1e6
+        calls[p.name] = calls.get(p.name, 0) + 1
+    whole = sum(total.values()) or 1.0
+    return sorted(((n, calls[n], ms, ms / whole) for n, ms in total.items()), key=lambda r: -r[2])
+
+
+def profile(model_name: str, resolution: int, batch: int, etdump: str) -> list[tuple[str, int, float, float]]:
+    """Where one full ExecuTorch training step of zoo model `model_name` spends its time: ETDump's per-kernel
+    times of the second forward_backward (the first warms up), as op_times gives them."""
+    import torch
+    from executorch.devtools.etdump.serialize import deserialize_from_etdump_flatcc
+    from executorch.extension.pybindings.portable_lib import _load_for_executorch_from_buffer
+    from executorch.extension.training.pybindings._training_module import TrainingModule
+
+    from pockprop.tracing.loader import ModelSpec
+    model, _ = ModelSpec(spec=f"models:{model_name}", kwargs={"num_classes": 10}).build()
+    model.eval()
+    x, y = torch.randn(batch, 3, resolution, resolution), torch.randint(0, 10, (batch,))
+    buffer = _export(torch, model, x, y, 0.0).buffer
+    module = TrainingModule(_load_for_executorch_from_buffer(buffer, enable_etdump=True))
+    for _ in range(2):
+        module.forward_backward("forward", (x, y))
+    module.model.write_etdump_result_to_file(etdump)
+    with open(etdump, "rb") as f:
+        runs = deserialize_from_etdump_flatcc(f.read()).run_data
+    return op_times(max(reversed(runs), key=lambda r: len(r.events)).events)  # the last training run
+
+
+if __name__ == "__main__":  # under the ExecuTorch venv, from the repository root: MODEL RESOLUTION BATCH ETDUMP
+    import sys
+    for name, n, ms, share in profile(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])[:8]:
+        print(f"{name:50s} {n:5d} calls {ms:10.1f} ms {100 * share:5.1f}%")

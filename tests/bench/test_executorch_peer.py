@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import sys
+from types import SimpleNamespace
 
-from pockprop.bench.executorch_peer import ET_ENV, et_python, et_status, et_train_skip
+from pockprop.bench.executorch_peer import ET_ENV, et_python, et_status, et_train_skip, op_times
 from pockprop.bench.harness import build_note
 from pockprop.cli import main
 
@@ -54,3 +55,13 @@ def test_bench_skips_the_et_rows_with_the_reason(tmp_path):
                "--threads", "1", "--quiet", "--json", str(out), "--no-et", "--configs", "ort-infer", "et-full"])
     rows = {r["name"]: r for r in json.loads(out.read_text())["configs"]}
     assert rc == 0 and rows["et-full"]["reason"] == "disabled (--no-et)"
+
+
+def test_op_times_sums_each_kernel_without_the_bookkeeping_events():
+    def ev(name, start, end):
+        return SimpleNamespace(profile_event=SimpleNamespace(name=name, start_time=start, end_time=end))
+    events = [ev("Method::execute", 0, 10_000_000), ev("OPERATOR_CALL", 0, 4_000_000),
+              ev("native_call_convolution.out", 0, 1_000_000), ev("native_call_add.out", 0, 2_000_000),
+              ev("native_call_convolution.out", 0, 3_000_000), SimpleNamespace(profile_event=None)]
+    assert op_times(events) == [("native_call_convolution.out", 2, 4.0, 4 / 6), ("native_call_add.out", 1, 2.0, 2 / 6)]
+    assert op_times([]) == []
