@@ -3,8 +3,8 @@
 ExecuTorch trains through a joint forward/backward program: torch.export -> _export_forward_backward ->
 to_edge -> to_executorch (a .pte buffer), stepped by executorch.extension.training's TrainingModule and its
 C++ SGD. executorch 1.5.1 needs numpy >= 2 and onnxruntime-training 1.19.2 needs numpy < 2, so it has its own
-venv (`make peers` builds .venv-et; --et-python). The worker side (`build_et_train`) runs there and imports
-torch and executorch inside; the parent side (`et_status`, `et_train_skip`) is stdlib only.
+venv (`make peers` builds .venv-et; --et-python, bench/peers.py). Everything here runs under it, from
+bench/worker.py; torch and executorch are imported inside the functions.
 
 Two pitfalls of the executorch 1.5.1 API, kept here on purpose: TrainingModule.named_parameters() fails until
 forward_backward has run once, and the module reads the program buffer in place, so the buffer is kept alive
@@ -12,40 +12,8 @@ as long as the module (freeing it first segfaults).
 """
 from __future__ import annotations
 
-import os
-import subprocess
 import time
 from typing import Any
-
-ET_ENV = "POCKPROP_ET_PYTHON"
-IMPORT_CHECK = ("import executorch.extension.training, executorch.exir; "
-                "from torch.export.experimental import _export_forward_backward")
-
-
-def et_python(given: str | None = None) -> str:
-    """--et-python, else $POCKPROP_ET_PYTHON, else .venv-et/bin/python of the current folder."""
-    return os.path.abspath(given or os.environ.get(ET_ENV) or os.path.join(".venv-et", "bin", "python"))
-
-
-def et_status(python: str) -> str | None:
-    """None when executorch's training API imports under `python`, else why not and how to get one."""
-    if not os.path.exists(python):
-        return (f"no {python}: run `make peers` in a pockprop checkout to build the ExecuTorch venv, "
-                f"or name one with --et-python (or ${ET_ENV})")
-    try:
-        r = subprocess.run([python, "-c", IMPORT_CHECK], capture_output=True, text=True, timeout=120, check=False)
-    except (OSError, subprocess.TimeoutExpired) as ex:
-        return f"{python} does not run: {ex}"
-    if r.returncode != 0:
-        return f"executorch's training API does not import in {python}: " + (r.stderr.strip().splitlines() or ["?"])[-1]
-    return None
-
-
-def et_train_skip(optimizer: dict[str, Any]) -> str | None:
-    """Why the ExecuTorch rows cannot run this optimizer (None: they can). Its only optimizer is SGD."""
-    if optimizer.get("name") != "sgd":
-        return f"ExecuTorch training has no {optimizer.get('name')} optimizer (SGD only)"
-    return None
 
 
 def _sgd_args(opt: dict[str, Any]) -> tuple[float, float, float, float, bool]:

@@ -17,7 +17,9 @@ tokens per second, and the transformer targets (TOKEN_TARGETS).
 The onnxruntime-training rows run under another interpreter (--peers-python: a venv with
 onnxruntime-training, which conflicts with onnxruntime; `make peers` builds one). Every worker gets the
 folder holding the `pockprop` package first on its path, so the peers' interpreter imports this
-pockprop's runtime (numpy + onnxruntime only) beside its own onnxruntime.
+pockprop's runtime (numpy + onnxruntime only) beside its own onnxruntime. The ExecuTorch rows run under a third
+(--et-python, .venv-et: executorch needs numpy >= 2, onnxruntime-training numpy < 2); bench/peers.py finds
+both interpreters, bench/executorch_peer.py builds the ExecuTorch programs in its worker.
 """
 from __future__ import annotations
 
@@ -37,19 +39,13 @@ from typing import Any
 import pockprop
 from pockprop.errors import UsageError
 from pockprop.args import MAX_INPUT_ELEMENTS
-from pockprop.bench.executorch_peer import et_python, et_status, et_train_skip
+from pockprop.bench.peers import PEERS_ENV, et_python, et_status, et_train_skip, peers_python, peers_status
 
 # The folder that holds the pockprop package: the repository in a checkout (pockprop/__init__ then maps
 # the stage folders in), site-packages in an install.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(pockprop.__file__)))
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "worker.py")
-PEERS_ENV = "POCKPROP_PEERS_PYTHON"
 REPLY_TIMEOUT_S = 900.0
-
-
-def peers_python(given: str | None = None) -> str:
-    """--peers-python, else $POCKPROP_PEERS_PYTHON, else .venv-peers/bin/python of the current folder."""
-    return os.path.abspath(given or os.environ.get(PEERS_ENV) or os.path.join(".venv-peers", "bin", "python"))
 
 
 @dataclass
@@ -100,23 +96,6 @@ def vocabulary(model: Any) -> int:
     if emb is None:
         raise UsageError("--seq-len: the model has no nn.Embedding to take token ids")
     return int(emb.num_embeddings)
-
-
-def peers_status(python: str | None = None) -> str | None:
-    """None when the onnxruntime-training peer interpreter (default: peers_python()) works, else why not and
-    how to get one."""
-    python = python or peers_python()
-    if not os.path.exists(python):
-        return (f"no {python}: run `make peers` in a pockprop checkout to build the onnxruntime-training venv, "
-                f"or name one with --peers-python (or ${PEERS_ENV})")
-    try:
-        code = "import onnxruntime.training.api, onnxruntime.training.artifacts"
-        r = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120, check=False)
-    except (OSError, subprocess.TimeoutExpired) as ex:
-        return f"{python} does not run: {ex}"
-    if r.returncode != 0:
-        return f"onnxruntime-training does not import in {python}: " + (r.stderr.strip().splitlines() or ["?"])[-1]
-    return None
 
 
 def schemes_of(text: str) -> list[str]:

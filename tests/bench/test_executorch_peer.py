@@ -6,18 +6,10 @@ import json
 import sys
 from types import SimpleNamespace
 
-from pockprop.bench.executorch_peer import ET_ENV, et_python, et_status, et_train_skip, op_times
+from pockprop.bench.executorch_peer import op_times
+from pockprop.bench.peers import et_status, et_train_skip
 from pockprop.bench.harness import build_note
 from pockprop.cli import main
-
-
-def test_et_python_is_an_option_then_the_environment_then_the_current_folder(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv(ET_ENV, raising=False)
-    assert et_python() == str(tmp_path / ".venv-et" / "bin" / "python")
-    monkeypatch.setenv(ET_ENV, "/opt/et/bin/python")
-    assert et_python() == "/opt/et/bin/python"
-    assert et_python("/x/python") == "/x/python"
 
 
 def test_et_status_explains_a_missing_venv_and_a_missing_executorch(tmp_path):
