@@ -16,6 +16,9 @@ import time
 from typing import Any
 
 
+CHECK_RTOL = 1e-3  # largest weight difference from torch's SGD step, relative to the largest weight update
+
+
 def _sgd_args(opt: dict[str, Any]) -> tuple[float, float, float, float, bool]:
     """(lr, momentum, dampening, weight_decay, nesterov): get_sgd_optimizer's and torch.optim.SGD's order."""
     return (float(opt["lr"]), float(opt.get("momentum", 0.0)), 0.0, float(opt.get("weight_decay", 0.0)),
@@ -65,7 +68,8 @@ def build_et_infer(spec: dict[str, Any], model: Any, x: Any):
 def build_et_train(spec: dict[str, Any], model: Any, x: Any, y: Any):
     """Export `model` (eval mode, the spec's trainable tensors requiring grad, the rest frozen), load it with
     executorch's TrainingModule and SGD, check one step against torch.optim.SGD on a copy, and return
-    (step, info): info has export_s (export and lowering) and check_max_abs_err / check_max_abs_step."""
+    (step, info): info has export_s (export and lowering), check_max_abs_err (on tensor check_worst),
+    check_max_abs_step (the largest update) and check_ok (err <= CHECK_RTOL * update)."""
     import copy
 
     import torch
@@ -105,9 +109,13 @@ def build_et_train(spec: dict[str, Any], model: Any, x: Any, y: Any):
     torch.nn.CrossEntropyLoss(label_smoothing=label_smoothing)(out.reshape(-1, out.shape[-1]), yt.reshape(-1)).backward()
     ref_opt.step()
     ref = dict(reference.named_parameters())
-    err = max(float((params[k] - ref[n]).abs().max()) for n, k in names.items())
+    errs = {n: float((params[k] - ref[n]).abs().max()) for n, k in names.items()}
+    worst = max(errs, key=errs.__getitem__)
     moved = max(float((ref[n].detach() - before[n]).abs().max()) for n in names)
-    info = {"export_s": export_s, "check_max_abs_err": err, "check_max_abs_step": moved}
+    # Not an error that stops the row: the step still runs ExecuTorch's whole program (its time is real), but
+    # the table says the check failed and on which tensor (max_pool2d's backward in executorch 1.5.1).
+    info = {"export_s": export_s, "check_max_abs_err": errs[worst], "check_max_abs_step": moved,
+            "check_worst": worst, "check_ok": errs[worst] <= CHECK_RTOL * moved}
 
     def step():
         module.forward_backward("forward", (xt, yt))

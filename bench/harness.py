@@ -447,7 +447,8 @@ def build_note(info: dict[str, Any] | None) -> str:
         return ""
     parts = [f"export {info['export_s']:.1f} s"] if info.get("export_s") is not None else []
     if info.get("check_max_abs_err") is not None:
-        parts.append(f"step vs torch SGD: max abs err {info['check_max_abs_err']:.1e} "
+        failed = "" if info.get("check_ok", True) else f"CHECK FAILED on {info.get('check_worst')}: "
+        parts.append(f"{failed}step vs torch SGD: max abs err {info['check_max_abs_err']:.1e} "
                      f"(update {info.get('check_max_abs_step', 0):.1e})")
     return f" ({'; '.join(parts)})" if parts else ""
 

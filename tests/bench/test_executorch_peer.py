@@ -30,6 +30,9 @@ def test_build_note():
     assert build_note({"export_s": 12.34}) == " (export 12.3 s)"
     note = build_note({"export_s": 2.0, "check_max_abs_err": 1.5e-7, "check_max_abs_step": 0.004})
     assert note == " (export 2.0 s; step vs torch SGD: max abs err 1.5e-07 (update 4.0e-03))"
+    note = build_note({"export_s": 2.0, "check_max_abs_err": 32.0, "check_max_abs_step": 0.05, "check_ok": False,
+                       "check_worst": "conv1.weight"})
+    assert "CHECK FAILED on conv1.weight: step vs torch SGD: max abs err 3.2e+01" in note
 
 
 def test_bench_skips_the_et_rows_with_the_reason(tmp_path):
