@@ -2,7 +2,8 @@
 
 Run as a script (`python bench/worker.py`), not as a package module: the onnxruntime-training peer
 runs it with the peers' interpreter (--peers-python), which has no pockprop dependencies beyond
-numpy/onnxruntime, so nothing here is imported at top level except the standard library. pockprop is
+numpy/onnxruntime, and the ExecuTorch rows with .venv-et's (torch + executorch, no onnxruntime), so nothing
+here is imported at top level except the standard library. pockprop is
 imported from the spec's "root" (the folder holding the package), put first on the path.
 
 Protocol: one JSON object per line. The parent writes the spec line first; the worker builds its thing and
