@@ -34,8 +34,18 @@ arm-check: $(STAMP)
 # Peer runtime for `pockprop bench`: onnxruntime-training 1.19.2 (deprecated on-device training API) conflicts
 # with onnxruntime and needs onnx 1.16.x, so it lives in its own venv. torch is there only because
 # `import onnxruntime.training` imports it; the bench hands the forward model over as ONNX (pockprop's infer.onnx).
+# ExecuTorch 1.5.1 (the `et-*` rows; it pairs with torch 2.13) needs numpy >= 2, onnxruntime-training 1.19.2
+# numpy < 2: it gets a venv of its own, .venv-et (the CPU torch first, as above).
 PEERS := .venv-peers
-peers: $(PEERS)/.installed
+ET    := .venv-et
+peers: $(PEERS)/.installed $(ET)/.installed
+$(ET)/.installed:
+	test -x $(ET)/bin/python || $(PY) -m venv $(ET)
+	$(ET)/bin/python -m pip install -q --upgrade pip
+	$(ET)/bin/python -m pip install -q torch==2.13.0
+	$(ET)/bin/python -m pip install -q executorch==1.5.1
+	$(ET)/bin/python -c "import executorch.extension.training, executorch.exir; print('executorch ok')"
+	touch $@
 $(PEERS)/.installed:
 	test -x $(PEERS)/bin/python || $(PY) -m venv $(PEERS)
 	$(PEERS)/bin/python -m pip install -q --upgrade pip
@@ -47,14 +57,19 @@ $(PEERS)/.installed:
 # The benchmarks of docs/benchmarks.md (about 20 minutes on 2 cores; out/bench/*.json, *.png): MobileNetV2 and
 # ResNet-18 at batch 8 with `sparse` and `bias-only` (every row, PyTorch and onnxruntime-training included), the
 # MCUNet-style model at batch 8 and 1, and the other presets (pockprop and PyTorch rows). Run `make peers` first
-# for the onnxruntime-training rows. A quiet machine matters: see the doc's caveats.
+# for the onnxruntime-training and ExecuTorch rows; a full ExecuTorch step takes seconds, so its rows have runs
+# of their own with 3 rounds of 1 step (ETBENCH). A quiet machine matters: see the doc's caveats.
 BENCH := $(BIN)/python -m pockprop bench --threads 2 --warmup 2 --steps 3 --resolution 128
+ETBENCH := $(BIN)/python -m pockprop bench --threads 2 --warmup 0 --steps 1 --rounds 3 --resolution 128 --batch 8 \
+	--scheme sparse --configs ort-infer pockprop-sparse pockprop-full torch-infer torch-full torch-sparse et-infer \
+	et-full et-sparse
 bench: $(STAMP)
 	mkdir -p out/bench
 	for m in mobilenet_v2 resnet18; do for s in sparse bias-only; do $(BENCH) --model $$m --scheme $$s --batch 8 \
-	  --rounds 10 --json out/bench/$$m-b8-$$s.json --png out/bench/$$m-b8-$$s.png || exit 1; done; done
+	  --rounds 10 --no-et --json out/bench/$$m-b8-$$s.json --png out/bench/$$m-b8-$$s.png || exit 1; done; done
 	for b in 8 1; do for s in sparse bias-only; do $(BENCH) --model mcunet --scheme $$s --batch $$b --rounds 10 \
-	  --json out/bench/mcunet-b$$b-$$s.json --png out/bench/mcunet-b$$b-$$s.png || exit 1; done; done
+	  --no-et --json out/bench/mcunet-b$$b-$$s.json --png out/bench/mcunet-b$$b-$$s.png || exit 1; done; done
+	for m in mobilenet_v2 mcunet resnet18; do $(ETBENCH) --model $$m --json out/bench/$$m-b8-et.json || exit 1; done
 	for m in mobilenet_v2 resnet18; do for s in classifier last-k:2 tbft-front tbft-middle tbft-rear; do \
 	  $(BENCH) --model $$m --scheme $$s --batch 8 --rounds 6 --no-peers --configs ort-infer pockprop torch-train \
 	  torch-infer --json out/bench/$$m-b8-$$s.json || exit 1; done; done

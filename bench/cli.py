@@ -36,10 +36,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--steps", type=cli_args.positive_int, default=3, help="steps per round per configuration "
                                                                           "(median taken)")
     b.add_argument("--configs", nargs="+", help="only these configurations (names or kinds; default: all)")
-    b.add_argument("--no-peers", dest="peers", action="store_false", help="skip the onnxruntime-training rows")
+    b.add_argument("--no-peers", dest="peers", action="store_false", help="skip the onnxruntime-training and ExecuTorch rows")
+    b.add_argument("--no-et", dest="et", action="store_false", help="skip the ExecuTorch rows (a full ExecuTorch "
+                   "step takes seconds: docs/benchmarks.md)")
     b.add_argument("--peers-python", metavar="PYTHON",
                    help="the interpreter of the onnxruntime-training venv (default: $POCKPROP_PEERS_PYTHON, else "
                         ".venv-peers/bin/python of the current folder, which `make peers` builds)")
+    b.add_argument("--et-python", metavar="PYTHON",
+                   help="the interpreter of the ExecuTorch venv (default: $POCKPROP_ET_PYTHON, else "
+                        ".venv-et/bin/python of the current folder, which `make peers` builds)")
     b.add_argument("--workdir", help="keep compiled artifacts here (default: a temporary directory)")
     b.add_argument("--json", help="write the results here")
     b.add_argument("--png", help="write a bar chart here (needs matplotlib)")

@@ -17,7 +17,9 @@ tokens per second, and the transformer targets (TOKEN_TARGETS).
 The onnxruntime-training rows run under another interpreter (--peers-python: a venv with
 onnxruntime-training, which conflicts with onnxruntime; `make peers` builds one). Every worker gets the
 folder holding the `pockprop` package first on its path, so the peers' interpreter imports this
-pockprop's runtime (numpy + onnxruntime only) beside its own onnxruntime.
+pockprop's runtime (numpy + onnxruntime only) beside its own onnxruntime. The ExecuTorch rows run under a third
+(--et-python, .venv-et: executorch needs numpy >= 2, onnxruntime-training numpy < 2); bench/peers.py finds
+both interpreters, bench/executorch_peer.py builds the ExecuTorch programs in its worker.
 """
 from __future__ import annotations
 
@@ -37,18 +39,13 @@ from typing import Any
 import pockprop
 from pockprop.errors import UsageError
 from pockprop.args import MAX_INPUT_ELEMENTS
+from pockprop.bench.peers import PEERS_ENV, et_python, et_status, et_train_skip, peers_python, peers_status
 
 # The folder that holds the pockprop package: the repository in a checkout (pockprop/__init__ then maps
 # the stage folders in), site-packages in an install.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(pockprop.__file__)))
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "worker.py")
-PEERS_ENV = "POCKPROP_PEERS_PYTHON"
 REPLY_TIMEOUT_S = 900.0
-
-
-def peers_python(given: str | None = None) -> str:
-    """--peers-python, else $POCKPROP_PEERS_PYTHON, else .venv-peers/bin/python of the current folder."""
-    return os.path.abspath(given or os.environ.get(PEERS_ENV) or os.path.join(".venv-peers", "bin", "python"))
 
 
 @dataclass
@@ -64,6 +61,7 @@ class Config:
     rounds: list[float] = field(default_factory=list)
     cpu_rounds: list[float] = field(default_factory=list)  # the same rounds' CPU time per step, all threads
     build_s: float | None = None
+    info: dict[str, Any] | None = None  # what the worker reports of its build (the ExecuTorch rows: export, check)
     vmhwm_kb: int | None = None
 
 
@@ -98,23 +96,6 @@ def vocabulary(model: Any) -> int:
     if emb is None:
         raise UsageError("--seq-len: the model has no nn.Embedding to take token ids")
     return int(emb.num_embeddings)
-
-
-def peers_status(python: str | None = None) -> str | None:
-    """None when the onnxruntime-training peer interpreter (default: peers_python()) works, else why not and
-    how to get one."""
-    python = python or peers_python()
-    if not os.path.exists(python):
-        return (f"no {python}: run `make peers` in a pockprop checkout to build the onnxruntime-training venv, "
-                f"or name one with --peers-python (or ${PEERS_ENV})")
-    try:
-        code = "import onnxruntime.training.api, onnxruntime.training.artifacts"
-        r = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120, check=False)
-    except (OSError, subprocess.TimeoutExpired) as ex:
-        return f"{python} does not run: {ex}"
-    if r.returncode != 0:
-        return f"onnxruntime-training does not import in {python}: " + (r.stderr.strip().splitlines() or ["?"])[-1]
-    return None
 
 
 def schemes_of(text: str) -> list[str]:
@@ -225,6 +206,7 @@ def _prepare(args: Any, workdir: str) -> tuple[list[Config], dict[str, Any]]:
                            f"the pockprop-{s} artifact on the peers' onnxruntime 1.19.2 (runtime.Trainer)",
                            {**base, "artifact": dirs[s]}, python=python, memory_baseline="ortt-infer",
                            skip=peer_skip))
+    cfgs += _et_configs(args, base, arts, schemes, optimizer)
     for c in cfgs:
         c.spec["kind"] = c.kind
     meta = {"input_shape": shape, "input": "token ids" if tokens else "float32", "vocabulary": vocab,
@@ -234,6 +216,23 @@ def _prepare(args: Any, workdir: str) -> tuple[list[Config], dict[str, Any]]:
             "scheme_tensors": {s: len(arts[s].trainable) for s in schemes},
             "scheme_trainable_count": {s: arts[s].trainable_count for s in schemes}}
     return cfgs, meta
+
+
+def _et_configs(args: Any, base: dict[str, Any], arts: dict[str, Any], schemes: list[str],
+                optimizer: dict[str, Any]) -> list[Config]:
+    """ExecuTorch's rows (bench/executorch_peer.py), under its own venv's interpreter: forward only, then
+    training with every tensor, then each scheme's whole tensors trainable and the rest frozen."""
+    python = et_python(getattr(args, "et_python", None))
+    skip = None if args.peers else "disabled (--no-peers)"
+    skip = skip or (None if getattr(args, "et", True) else "disabled (--no-et)") or et_status(python)
+    cfgs = [Config("et-infer", "et-infer", "ExecuTorch 1.5.1 forward-only .pte (same kernels as et-full)",
+                   dict(base), python=python, skip=skip)]
+    for s in dict.fromkeys(["full"] + schemes):
+        what = "every tensor trainable" if s == "full" else f"whole tensors scheme {s} touches"
+        cfgs.append(Config(f"et-{s}", "et-train", f"ExecuTorch 1.5.1 training .pte + its SGD, {what}",
+                           {**base, "trainable": None if s == "full" else list(arts[s].trainable)},
+                           python=python, memory_baseline="et-infer", skip=skip or et_train_skip(optimizer)))
+    return cfgs
 
 
 def _ask(c: Config, msg: dict[str, Any] | None) -> dict[str, Any]:
@@ -293,7 +292,7 @@ def run(args: Any, log=print) -> dict[str, Any]:
             if "error" in r:
                 _skip(c, f"build failed: {r['error']}")
             else:
-                c.build_s = r.get("build_s")
+                c.build_s, c.info = r.get("build_s"), r.get("info")
         live = [c for c in live if c.skip is None]
         log(f"{len(live)} workers ready; warmup {args.warmup} x {args.steps} steps, {args.rounds} interleaved rounds")
 
@@ -400,6 +399,8 @@ def _result(args: Any, cfgs: list[Config], meta: dict[str, Any]) -> dict[str, An
                        vs_infer=_ratio(c, by.get("ort-infer")), vs_torch_full=_ratio(c, by.get("torch-full")),
                        peak_rss_mb=c.vmhwm_kb / 1024 if c.vmhwm_kb is not None else None,
                        extra_train_mb=extra, memory_baseline=c.memory_baseline, build_s=c.build_s)
+            if c.info:
+                row["build_info"] = c.info
             if tokens:
                 row["tokens_per_s"] = tokens / median_s
         rows.append(row)
@@ -436,8 +437,20 @@ def table_rows(result: dict[str, Any]) -> list[list[str]]:
             out.append([r["name"], _fmt(r["median_ms"], ".1f"), *speed, _fmt(r.get("cpu_ms"), ".1f"),
                         _fmt(r["vs_infer"], ".2f"),
                         _fmt(r["vs_torch_full"], ".2f"), _fmt(r["peak_rss_mb"], ".0f"),
-                        _fmt(r["extra_train_mb"], ".0f"), r["what"]])
+                        _fmt(r["extra_train_mb"], ".0f"), r["what"] + build_note(r.get("build_info"))])
     return out
+
+
+def build_note(info: dict[str, Any] | None) -> str:
+    """The table's note on a row's build: export time and the one-step check (the ExecuTorch rows)."""
+    if not info:
+        return ""
+    parts = [f"export {info['export_s']:.1f} s"] if info.get("export_s") is not None else []
+    if info.get("check_max_abs_err") is not None:
+        failed = "" if info.get("check_ok", True) else f"CHECK FAILED on {info.get('check_worst')}: "
+        parts.append(f"{failed}step vs torch SGD: max abs err {info['check_max_abs_err']:.1e} "
+                     f"(update {info.get('check_max_abs_step', 0):.1e})")
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def _title(result: dict[str, Any]) -> str:

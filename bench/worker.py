@@ -2,7 +2,8 @@
 
 Run as a script (`python bench/worker.py`), not as a package module: the onnxruntime-training peer
 runs it with the peers' interpreter (--peers-python), which has no pockprop dependencies beyond
-numpy/onnxruntime, so nothing here is imported at top level except the standard library. pockprop is
+numpy/onnxruntime, and the ExecuTorch rows with .venv-et's (torch + executorch, no onnxruntime), so nothing
+here is imported at top level except the standard library. pockprop is
 imported from the spec's "root" (the folder holding the package), put first on the path.
 
 Protocol: one JSON object per line. The parent writes the spec line first; the worker builds its thing and
@@ -168,9 +169,22 @@ def build_ortt_train(spec: dict):
     return step
 
 
+def build_et(spec: dict):
+    """ExecuTorch training or its forward only (bench/executorch_peer.py), under the ExecuTorch venv."""
+    _, model = _torch_model(spec)
+    from pockprop.bench import executorch_peer
+    x, y = _data(spec)
+    if spec["kind"] == "et-infer":
+        step, info = executorch_peer.build_et_infer(spec, model, x)
+    else:
+        step, info = executorch_peer.build_et_train(spec, model, x, y)
+    spec["info"] = info  # sent with the ready line
+    return step
+
+
 BUILDERS = {"ort-infer": build_ort_infer, "pockprop": build_pockprop, "pockprop-peer-ort": build_pockprop,
             "torch-infer": build_torch_infer, "torch-train": build_torch_train, "ortt-infer": build_ort_infer,
-            "ortt-train": build_ortt_train}
+            "ortt-train": build_ortt_train, "et-infer": build_et, "et-train": build_et}
 
 
 def main() -> int:
@@ -185,11 +199,13 @@ def main() -> int:
     spec = json.loads(sys.stdin.readline())
     try:
         _use_root(spec)
-        from pockprop.runtime import session  # numpy + onnxruntime only, as under the peers' interpreter
-        session.SPINNING = bool(spec.get("spin", False))  # every onnxruntime session of this worker
+        if not spec["kind"].startswith("et-"):  # the ExecuTorch venv has no onnxruntime
+            from pockprop.runtime import session  # numpy + onnxruntime only, as under the peers' interpreter
+            session.SPINNING = bool(spec.get("spin", False))  # every onnxruntime session of this worker
         t0 = time.perf_counter()
         step = BUILDERS[spec["kind"]](spec)
-        say({"ready": True, "build_s": time.perf_counter() - t0, "vmhwm_build_kb": vmhwm_kb()})
+        say({"ready": True, "build_s": time.perf_counter() - t0, "vmhwm_build_kb": vmhwm_kb(),
+             "info": spec.get("info")})
     except BaseException as ex:  # noqa: BLE001 - any failure becomes a skipped row with its reason
         traceback.print_exc()
         say({"error": f"{type(ex).__name__}: {ex}".strip()[:500]})

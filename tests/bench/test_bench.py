@@ -7,17 +7,18 @@ import pytest
 
 from pockprop.bench.harness import (PEERS_ENV, input_shape, markdown_table, peers_python, peers_status, schemes_of,
                                     targets_lines, vocabulary)
+from pockprop.bench.peers import ET_ENV, et_python
 from pockprop.cli import build_parser, main
 from pockprop.errors import UsageError
 
 EXPECTED = {"ort-infer", "pockprop-sparse", "pockprop-full", "torch-infer", "torch-full", "torch-sparse",
-            "ortt-infer", "ortt-full", "ortt-sparse", "pockprop-sparse@peer-ort"}
+            "ortt-infer", "ortt-full", "ortt-sparse", "pockprop-sparse@peer-ort", "et-infer", "et-full", "et-sparse"}
 
 
 def test_bench_parser_defaults():
     args = build_parser().parse_args(["bench"])
     assert (args.model, args.scheme, args.batch, args.resolution, args.threads) == ("mobilenet_v2", "sparse", 8, 128, 2)
-    assert args.peers is True
+    assert args.peers is True and args.et is True and args.et_python is None
 
 
 def test_input_shape():
@@ -45,7 +46,8 @@ def test_bench_end_to_end(tmp_path, capsys):
             assert r["peak_rss_mb"] is None or r["peak_rss_mb"] > 0
     for name in ("ort-infer", "pockprop-sparse", "pockprop-full", "torch-infer", "torch-full", "torch-sparse"):
         assert rows[name]["status"] == "ok", rows[name]
-    for name in ("ortt-infer", "ortt-full", "ortt-sparse", "pockprop-sparse@peer-ort"):
+    for name in ("ortt-infer", "ortt-full", "ortt-sparse", "pockprop-sparse@peer-ort", "et-infer", "et-full",
+                 "et-sparse"):
         assert rows[name]["status"] == "skipped" and "no-peers" in rows[name]["reason"]
     assert rows["pockprop-sparse"]["memory_baseline"] == "ort-infer"
     assert rows["torch-full"]["memory_baseline"] == "torch-infer"
@@ -72,14 +74,17 @@ def test_peers_status_explains_a_missing_venv(tmp_path):
     assert why and "make peers" in why and "--peers-python" in why and str(tmp_path / "nope" / "python") in why
 
 
-def test_peers_python_is_an_option_then_the_environment_then_the_current_folder(tmp_path, monkeypatch):
+@pytest.mark.parametrize("which, env, venv", [(peers_python, PEERS_ENV, ".venv-peers"), (et_python, ET_ENV, ".venv-et")])
+def test_peers_python_is_an_option_then_the_environment_then_the_current_folder(tmp_path, monkeypatch, which, env,
+                                                                                venv):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv(PEERS_ENV, raising=False)
-    assert peers_python() == str(tmp_path / ".venv-peers" / "bin" / "python")
-    monkeypatch.setenv(PEERS_ENV, "/opt/peers/bin/python")
-    assert peers_python() == "/opt/peers/bin/python"
-    assert peers_python("/x/python") == "/x/python"
-    assert build_parser().parse_args(["bench", "--peers-python", "/x/python"]).peers_python == "/x/python"
+    monkeypatch.delenv(env, raising=False)
+    assert which() == str(tmp_path / venv / "bin" / "python")
+    monkeypatch.setenv(env, "/opt/peers/bin/python")
+    assert which() == "/opt/peers/bin/python"
+    assert which("/x/python") == "/x/python"
+    option = "--peers-python" if which is peers_python else "--et-python"
+    assert getattr(build_parser().parse_args(["bench", option, "/x/python"]), option[2:].replace("-", "_")) == "/x/python"
 
 
 def test_bench_input_is_bounded_before_compiling(capsys):
