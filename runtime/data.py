@@ -299,6 +299,8 @@ class Pipeline:
         self.label_dtype = np.dtype(label_spec.dtype)
         self.num_classes = num_classes
         self.loss = dict(loss or {})  # the manifest's loss: its name and, for cross-entropy, ignore_index
+        # the label value that counts as padding, not a class (cross-entropy only)
+        self.ignore_index = self.loss.get("ignore_index") if self.loss.get("name") == "cross_entropy" else None
         p = self.preprocess = dict(data_spec.preprocess or {})
         self.resize = tuple(int(v) for v in p["resize"]) if "resize" in p else None
         if self.resize and (len(self.sample_shape) != 3 or self.resize != self.sample_shape[1:]):
@@ -443,7 +445,7 @@ class Pipeline:
 
     def all_ignored(self, y: np.ndarray) -> bool:
         """Every label is the cross-entropy's ignore_index: a batch with nothing to learn (its loss is 0/0)."""
-        ignore = self.loss.get("ignore_index") if self.loss.get("name") == "cross_entropy" else None
+        ignore = self.ignore_index
         return ignore is not None and y.size > 0 and bool(np.all(y == ignore))
 
     def bad_label(self, y: np.ndarray) -> str | None:
@@ -452,7 +454,7 @@ class Pipeline:
         guard's to reject, like NaN data)."""
         if self.label_dtype.kind in "iu" and self.num_classes:
             ok = (y >= 0) & (y < self.num_classes)
-            ignore = self.loss.get("ignore_index") if self.loss.get("name") == "cross_entropy" else None
+            ignore = self.ignore_index
             if ignore is not None:
                 ok |= y == ignore
             what = f"outside 0..{self.num_classes - 1}" + (f" ({ignore} is ignored)" if ignore is not None else "")
