@@ -24,13 +24,17 @@ import sys
 import time
 from typing import Any
 
+from pockprop.bench.worker import vmhwm_kb
+
 SHAPES = ((5e8, 2048, 32, 5504), (1.5e8, 1024, 16, 2752), (0.0, 512, 8, 1376))  # (from params, hidden, heads, FFN)
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far (VmHWM), in MiB."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    """Peak resident set size of this process so far (VmHWM, as the bench workers read it), in MiB."""
+    kb = vmhwm_kb()
+    if kb is None:
+        raise SystemExit("peak RSS: neither /proc/self/status nor getrusage is available here")
+    return kb / 1024
 
 
 def llama_params(hidden: int, layers: int, ffn: int, vocab: int) -> int:
