@@ -29,6 +29,7 @@ from pockprop.ir import Graph, Node, Phase, Role, TensorType, module_of
 from pockprop.ops.builder import Builder
 from pockprop.ops.loss import IGNORE_INDEX, LOSSES
 from pockprop.ops.registry import FULL, Need
+from pockprop.passes.lowerings import Chooser, choose_lowerings, default_lowering
 from pockprop.passes.pipeline import INFERENCE, TRAINING, TRAINING_FORWARD, UNOPTIMIZED
 from pockprop.tracing.trace import Traced, trace
 
@@ -135,8 +136,11 @@ def compile_traced(tm: TracedModel, labels: Any = None, loss: str = "cross_entro
                    optimizer: str | dict[str, Any] = "sgd", trainable: str | Iterable[str] | None = None, *,
                    scheme: str | Scheme | dict[str, Any] | None = None, label_smoothing: float = 0.0,
                    name: str | None = None, preprocess: str | dict[str, Any] | None = None,
-                   optimize: bool = True) -> Artifact:
-    """`compile` of an already traced model (see `trace_model`); the arguments mean the same."""
+                   optimize: bool = True, choose_lowering: Chooser = default_lowering) -> Artifact:
+    """`compile` of an already traced model (see `trace_model`); the arguments mean the same.
+
+    choose_lowering: picks each node's lowering among those its op offers (passes/lowerings.py); the
+    default keeps every op's default lowering."""
     loss_op = _check_options(loss, label_smoothing, trainable, scheme)
     opt = parse_optimizer(optimizer)
     spec = load_scheme(scheme) if scheme is not None else None
@@ -153,11 +157,12 @@ def compile_traced(tm: TracedModel, labels: Any = None, loss: str = "cross_entro
 
     full_values = {p: traced.graph.constants[p] for p in chosen}
     infer, _ = _lift(traced.graph.copy(), {p: FULL for p in chosen})
-    infer = (INFERENCE if optimize else UNOPTIMIZED)(infer).graph
+    infer = choose_lowerings((INFERENCE if optimize else UNOPTIMIZED)(infer).graph, choose_lowering).graph
     train_fwd, wants = _lift(traced.graph.copy(), {p: needs[p] for p in chosen})
     if optimize:
         train_fwd = TRAINING_FORWARD(train_fwd).graph
     train, state = _training_graph(train_fwd, wants, full_values, loss_op, labels, opt, label_smoothing, optimize)
+    train = choose_lowerings(train, choose_lowering).graph
 
     model_name = name or tm.name
     external = _external_data(train, infer, full_values)

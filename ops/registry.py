@@ -89,6 +89,15 @@ class Op:
     differentiable: ClassVar[bool] = True  # False: outputs carry no gradient (indices, masks, labels)
     tags: ClassVar[frozenset[Tag]] = frozenset()
     bn_fold_rank: ClassVar[int | None] = None
+    # Alternative standard-ONNX lowerings of this op, by name, the first being the default. Every one
+    # computes the same values (tests check each against the default); a node picks one with
+    # attrs["lowering"] (passes/lowerings.py sets it, from a target profile or the cost model), and the
+    # op's `lower` reads `lowering_of(node)`. Empty: the op has one lowering.
+    lowerings: ClassVar[tuple[str, ...]] = ()
+
+    def lowering_options(self, types: Mapping[str, TensorType], node: Node) -> tuple[str, ...]:
+        """The lowerings valid for this node's shapes and attributes (a subset of `lowerings`, default first)."""
+        return self.lowerings
 
     def shape(self, ins: list[TensorType | None], attrs: dict[str, Any]) -> list[TensorType]:
         raise NotImplementedError(f"op {self.name!r} has no shape rule")
@@ -118,6 +127,22 @@ class InputGradOp(Op):
     def shape(self, ins: list[TensorType | None], attrs: dict[str, Any]) -> list[TensorType]:
         assert ins[0] is not None
         return [TensorType(tuple(attrs["input_shape"]), ins[0].dtype)]
+
+
+LOWERING = "lowering"  # the node attribute naming the chosen lowering
+
+
+def lowering_of(node: Node) -> str | None:
+    """The lowering chosen for `node`, None for its op's default."""
+    return node.attrs.get(LOWERING)
+
+
+def lowering_key(types: Mapping[str, TensorType], node: Node) -> str:
+    """What a lowering's speed depends on, as a stable string: the op, its input types and its attributes
+    (not the chosen lowering). Target profiles and the tuning cache are keyed by it."""
+    ins = ",".join("-" if i is None else f"{types[i].dtype}{list(types[i].shape)}" for i in node.inputs)
+    attrs = ",".join(f"{k}={node.attrs[k]}" for k in sorted(node.attrs) if k != LOWERING)
+    return f"{node.op}({ins};{attrs})"
 
 
 _OPS: dict[str, Op] = {}
