@@ -7,10 +7,10 @@ device runtime (runtime.Trainer: onnxruntime), 3 seeds each, with one recipe for
 searched scheme comes from pockprop.search under a memory budget of 1/4 of full's training memory and
 a trainable-parameter budget of 10 % of the model (the issue's targets, given to the search as budgets),
 and the drift probe's block choice is recorded beside the drift kind. Results go to
-out/accuracy/<task>.json and, regenerated from those files, to the tables of docs/accuracy.md.
+out/accuracy/<task>.json and, each task from its own file, to that task's section of docs/accuracy.md.
 
     python -m experiments.accuracy                 # everything (the documented run)
-    python -m experiments.accuracy --task input    # one task (the doc is rebuilt from every task's JSON)
+    python -m experiments.accuracy --task input    # one task: only its own section of the doc changes
     python -m experiments.accuracy --quick         # a smoke run: tiny model, 1 seed, out/accuracy-quick
 """
 from __future__ import annotations
@@ -35,7 +35,6 @@ from experiments.drift import EXPECTED_BLOCK, TASKS, DriftTask, make_task
 
 SCHEMES = ("full", "classifier", "bias-only", "last-k:2", "tbft-front", "tbft-middle", "tbft-rear", "searched")
 DOC = "docs/accuracy.md"
-BEGIN, END = "<!-- accuracy-results:begin (make accuracy writes this part) -->", "<!-- accuracy-results:end -->"
 
 
 @dataclass
@@ -363,73 +362,69 @@ def _jsonable(obj: Any) -> Any:
 # -- the report -----------------------------------------------------------------------------------
 
 def markdown(results: dict[str, dict[str, Any]]) -> str:
-    """The results tables of docs/accuracy.md, from the per-task JSON records."""
+    """Every task's section of docs/accuracy.md, in task order (out/<...>/results.md holds this)."""
+    return "\n".join(task_markdown(t, results[t]) for t in TASKS if t in results)
+
+
+def task_markdown(name: str, r: dict[str, Any]) -> str:
+    """One task's section of docs/accuracy.md from its JSON record: its table, the searched scheme, the
+    drift probe's pick and the targets. A task's section depends on nothing but its own record, so running
+    one task rewrites only its own section."""
     mb = lambda b: f"{b / 2**20:.2f}"  # noqa: E731
-    lines: list[str] = []
-    for name in [t for t in TASKS if t in results]:
-        r = results[name]
-        rows = {row["scheme"]: row for row in r["rows"]}
-        full = rows.get("full")
-        n = r["images"]
-        lines += [f"### {name}: {r['kind']} drift", "",
-                  f"{n['source']} pre-training / {n['fine-tune']} fine-tuning (+{n['validation']} validation) / "
-                  f"{n['test']} test images; {len(r['config']['seeds'])} seeds; {r['seconds']:.0f} s.", "",
-                  "| scheme | test acc. % (mean ± std) | vs full | val. acc. % | lr | trainable % "
-                  "| training memory MiB (/ full) | est. peak MiB (/ full) | step ms |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-                  f"| pre-trained, no fine-tuning | {100 * r['pretrained']['test_accuracy']:.1f} | | "
-                  f"{100 * r['pretrained']['val_accuracy']:.1f} | | 0 | | | |"]
-        for s, row in rows.items():
-            delta = f"{row['test_mean'] - full['test_mean']:+.1f}" if full and s != "full" else ""
-            lines.append(f"| {s} | {row['test_mean']:.1f} ± {row['test_std']:.1f} | {delta} | {row['val_mean']:.1f} | "
-                         f"{row.get('lr', '')} | {row['trainable_percent']:.2f} | {mb(row['training_bytes'])} ({row['memory_ratio']:.3f}) | "
-                         f"{mb(row['peak_bytes'])} ({row['peak_ratio']:.3f}) | {row['step_ms']:.1f} |")
-        if "search" in r:
-            bp = r["search"].get("budget_params")
-            lines += ["", f"Searched scheme (budget {mb(r['search']['budget_bytes'])} MiB of training memory"
-                      + (f" and {bp:,} trainable parameters" if bp else "")
-                      + f"; search took {r['search']['seconds']:.0f} s):", ""]
-            if r["search"].get("fallback"):
-                lines += [f"Validation fallback: {r['search']['fallback']}.", ""]
-            lines += ["```yaml", r["search"]["yaml"].rstrip(), "```"]
-        lines.append("")
-    probes = [(t, results[t]["probe"], results[t]["kind"]) for t in TASKS if t in results and "probe" in results[t]]
-    if probes:
-        lines += ["### Drift probe", "", "| task | drift kind | TBFT block for it | probe picks | gains | match |",
-                  "| --- | --- | --- | --- | --- | --- |"]
-        for t, p, kind in probes:
-            gains = p["result"].get("gains", {})
-            g = ", ".join(f"{k} {100 * v:+.1f}" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in gains.items()) \
-                if isinstance(gains, dict) else str(gains)
-            lines.append(f"| {t} | {kind} | {p['expected']} | {p['block']} | {g} | {'yes' if p['match'] else 'no'} |")
-        lines += ["", f"The probe picks the matching block in {sum(p['match'] for _, p, _ in probes)} of {len(probes)} tasks.", ""]
-    lines += ["### Targets", "", *targets(results), ""]
+    rows = {row["scheme"]: row for row in r["rows"]}
+    full = rows.get("full")
+    n = r["images"]
+    lines = [f"### {name}: {r['kind']} drift", "",
+             f"{n['source']} pre-training / {n['fine-tune']} fine-tuning (+{n['validation']} validation) / "
+             f"{n['test']} test images; {len(r['config']['seeds'])} seeds; {r['seconds']:.0f} s.", "",
+             "| scheme | test acc. % (mean ± std) | vs full | val. acc. % | lr | trainable % "
+             "| training memory MiB (/ full) | est. peak MiB (/ full) | step ms |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+             f"| pre-trained, no fine-tuning | {100 * r['pretrained']['test_accuracy']:.1f} | | "
+             f"{100 * r['pretrained']['val_accuracy']:.1f} | | 0 | | | |"]
+    for s, row in rows.items():
+        delta = f"{row['test_mean'] - full['test_mean']:+.1f}" if full and s != "full" else ""
+        lines.append(f"| {s} | {row['test_mean']:.1f} ± {row['test_std']:.1f} | {delta} | {row['val_mean']:.1f} | "
+                     f"{row.get('lr', '')} | {row['trainable_percent']:.2f} | {mb(row['training_bytes'])} ({row['memory_ratio']:.3f}) | "
+                     f"{mb(row['peak_bytes'])} ({row['peak_ratio']:.3f}) | {row['step_ms']:.1f} |")
+    if "search" in r:
+        bp = r["search"].get("budget_params")
+        lines += ["", f"Searched scheme (budget {mb(r['search']['budget_bytes'])} MiB of training memory"
+                  + (f" and {bp:,} trainable parameters" if bp else "")
+                  + f"; search took {r['search']['seconds']:.0f} s):", ""]
+        if r["search"].get("fallback"):
+            lines += [f"Validation fallback: {r['search']['fallback']}.", ""]
+        lines += ["```yaml", r["search"]["yaml"].rstrip(), "```"]
+    if "probe" in r:
+        p = r["probe"]
+        gains = p["result"].get("gains", {})
+        g = ", ".join(f"{k} {100 * v:+.1f}" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in gains.items()) \
+            if isinstance(gains, dict) else str(gains)
+        lines += ["", f"Drift probe: picks **{p['block']}** (the TBFT block for {r['kind']} drift is {p['expected']}: "
+                  f"{'match' if p['match'] else 'no match'}); gains {g}."]
+    lines += ["", "Targets: " + target_line(rows), ""]
     return "\n".join(lines)
 
 
-def targets(results: dict[str, dict[str, Any]]) -> list[str]:
-    """One line per target and task: met or missed, with the numbers."""
-    out = []
-    for name in [t for t in TASKS if t in results]:
-        rows = {row["scheme"]: row for row in results[name]["rows"]}
-        s, f = rows.get("searched"), rows.get("full")
-        if not (s and f):
-            out.append(f"- {name}: no searched scheme in this run")
-            continue
-        gap = s["test_mean"] - f["test_mean"]
-        checks = [("within 1 point of full", gap >= -1.0, f"{gap:+.1f} points"),
-                  ("≤ 10 % of the weights trained", s["trainable_percent"] <= 10.0, f"{s['trainable_percent']:.2f} %"),
-                  ("≤ 1/4 of full's training memory", s["memory_ratio"] <= 0.25, f"{s['memory_ratio']:.3f} x full")]
-        out.append(f"- {name}: " + "; ".join(f"{what}: **{'met' if ok else 'MISSED'}** ({num})" for what, ok, num in checks))
-    probes = [results[t]["probe"]["match"] for t in TASKS if t in results and "probe" in results[t]]
-    if probes:
-        k = sum(probes)
-        verdict = "met" if k >= 2 else "MISSED" if len(probes) - k >= 2 else "open (not every task ran)"
-        out.append(f"- drift probe matches the drift kind in ≥ 2 of 3 tasks: **{verdict}** ({k} of {len(probes)})")
-    return out
+def target_line(rows: dict[str, dict[str, Any]]) -> str:
+    """The targets for one task's rows: met or missed, with the numbers."""
+    s, f = rows.get("searched"), rows.get("full")
+    if not (s and f):
+        return "no searched scheme in this run"
+    gap = s["test_mean"] - f["test_mean"]
+    checks = [("within 1 point of full", gap >= -1.0, f"{gap:+.1f} points"),
+              ("≤ 10 % of the weights trained", s["trainable_percent"] <= 10.0, f"{s['trainable_percent']:.2f} %"),
+              ("≤ 1/4 of full's training memory", s["memory_ratio"] <= 0.25, f"{s['memory_ratio']:.3f} x full")]
+    return "; ".join(f"{what}: **{'met' if ok else 'MISSED'}** ({num})" for what, ok, num in checks)
 
 
-def update_doc(path: str, text: str, begin: str = BEGIN, end: str = END) -> bool:
+def markers(task: str) -> tuple[str, str]:
+    """The begin and end markers of one task's section in docs/accuracy.md."""
+    return (f"<!-- accuracy-results:{task}:begin (make accuracy ARGS='--task {task}' writes this part) -->",
+            f"<!-- accuracy-results:{task}:end -->")
+
+
+def update_doc(path: str, text: str, begin: str, end: str) -> bool:
     """Replace what lies between the markers `begin` and `end` of `path` with `text`; False if the doc has
     no such markers."""
     if not os.path.exists(path):
@@ -494,9 +489,11 @@ def main(argv: list[str] | None = None) -> int:
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(text)
     doc = args.doc or (None if args.quick else DOC)
-    if doc and update_doc(doc, text):
-        log(f"tables written into {doc}")
-    else:
+    # each task's own section only: a task that did not run here keeps what the doc says of it
+    written = [t for t in results if doc and update_doc(doc, task_markdown(t, results[t]), *markers(t))]
+    if written:
+        log(f"tables of {', '.join(written)} written into {doc}")
+    if set(written) != set(results):
         log(text)
     log(f"total {time.perf_counter() - t0:.0f}s; results in {out}/")
     return 0

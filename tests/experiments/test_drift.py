@@ -106,7 +106,8 @@ def test_accuracy_runs_end_to_end(tmp_path, monkeypatch):
                       search_max_layers=2, lrs=(0.01,), threads=1)
     monkeypatch.setattr(acc, "QUICK", tiny)
     doc = tmp_path / "doc.md"
-    doc.write_text(f"intro\n{acc.BEGIN}\nold\n{acc.END}\noutro\n")
+    (ib, ie), (ob, oe) = acc.markers("input"), acc.markers("output")
+    doc.write_text(f"intro\n{ib}\ninput tables\n{ie}\n{ob}\nold\n{oe}\noutro\n")
     out = tmp_path / "out"
     assert acc.main(["--quick", "--task", "output", "--out", str(out), "--doc", str(doc)]) == 0
     result = json.loads((out / "output.json").read_text())
@@ -120,5 +121,6 @@ def test_accuracy_runs_end_to_end(tmp_path, monkeypatch):
         assert 0.0 <= r["test_mean"] <= 100.0 and r["runs"][0]["steps"] > 0 and r["step_ms"] > 0
     text = doc.read_text()
     assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text
-    assert "| full |" in text and "### Drift probe" in text and "### Targets" in text
+    assert f"{ib}\ninput tables\n{ie}" in text  # the task that did not run keeps its section
+    assert "| full |" in text and "Drift probe: picks" in text and "Targets: within 1 point" in text
     assert any(f.startswith("pretrained-") and f.endswith(".safetensors") for f in os.listdir(out))
