@@ -1,7 +1,8 @@
 """Standalone time of every lowering of conv2d's backward ops at ResNet-18 and MobileNetV2 layer shapes.
 
 Each (layer, op, lowering) is a one-node ONNX graph (the node the VJP builds, attrs["lowering"] set),
-run by onnxruntime with 2 threads on random inputs: the median of `--runs` runs after 2 warm-up runs.
+run by onnxruntime with 2 threads on random inputs: the median of `--runs` runs after 2 warm-up runs, the
+lowerings of one node interleaved run by run.
 The shapes are the models' at batch 8 and a 128x128 input. The weight of the input gradient is fed
 (a trained layer's kernel, not a constant). The table in docs/benchmarks.md ("Backward-op lowerings")
 and the rule of compiler/lowering_cost.py come from this.
@@ -41,6 +42,7 @@ LAYERS = [
     ("mobilenet_v2", "dw 144 @32", 144, 144, 32, 3, 1, 144),
     ("mobilenet_v2", "dw 144 @32 /2", 144, 144, 32, 3, 2, 144),
     ("mobilenet_v2", "dw 192 @16 /2", 192, 192, 16, 3, 2, 192),
+    ("mobilenet_v2", "dw 192 @16", 192, 192, 16, 3, 1, 192),
     ("mobilenet_v2", "dw 384 @8", 384, 384, 8, 3, 1, 384),
     ("mobilenet_v2", "dw 960 @4", 960, 960, 4, 3, 1, 960),
     ("mobilenet_v2", "pw 144->24 @32", 144, 24, 32, 1, 1, 1),
@@ -68,36 +70,43 @@ def backward_nodes(c_in: int, c_out: int, size: int, k: int, stride: int, groups
     return graphs
 
 
-def time_lowering(graph: Graph, how: str, runs: int, threads: int = 2) -> float:
-    """Median milliseconds of one run of `graph` lowered the `how` way."""
+def time_lowerings(graph: Graph, options: tuple[str, ...], runs: int, threads: int = 2) -> dict[str, float]:
+    """Median milliseconds of one run of `graph` per lowering, the lowerings interleaved run by run (so a
+    neighbour's load on a shared machine hits all of them alike)."""
     node = graph.nodes[0]
-    g = graph.copy()
-    g.replace_node(g.nodes[0], node.replace(attrs={**node.attrs, LOWERING: how}))
-    sess = session(to_onnx(g).SerializeToString(), threads=threads)
+    sessions = {}
+    for how in options:
+        g = graph.copy()
+        g.replace_node(g.nodes[0], node.replace(attrs={**node.attrs, LOWERING: how}))
+        sessions[how] = session(to_onnx(g).SerializeToString(), threads=threads)
     rng = np.random.default_rng(0)
-    feeds = {i: rng.standard_normal(g.types[i].shape).astype(np.float32) for i in g.inputs}
-    times = []
+    feeds = {i: rng.standard_normal(graph.types[i].shape).astype(np.float32) for i in graph.inputs}
+    times: dict[str, list[float]] = {how: [] for how in options}
     for k in range(runs + 2):
-        t = time.perf_counter()
-        sess.run(None, feeds)
-        if k >= 2:
-            times.append((time.perf_counter() - t) * 1e3)
-    return float(np.median(times))
+        for how, sess in sessions.items():
+            t = time.perf_counter()
+            sess.run(None, feeds)
+            if k >= 2:
+                times[how].append((time.perf_counter() - t) * 1e3)
+    return {how: float(np.median(ts)) for how, ts in times.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--json", default="out/lowering_times.json")
+    ap.add_argument("--only", default="", help="only layers whose name contains this")
     args = ap.parse_args(argv)
     rows = []
-    print("| model | layer | op | " + " | ".join(["ms per lowering (fastest first)"]) + " |")
+    print("| model | layer | op | ms per lowering (fastest first) |")
     print("|---|---|---|---|")
     for model, layer, c_in, c_out, size, k, stride, groups in LAYERS:
+        if args.only not in layer:
+            continue
         for graph in backward_nodes(c_in, c_out, size, k, stride, groups):
             node = graph.nodes[0]
             options = get_op(node.op).lowering_options(graph.types, node)
-            ms = {how: time_lowering(graph, how, args.runs) for how in options}
+            ms = time_lowerings(graph, options, args.runs)
             rows.append(dict(model=model, layer=layer, op=node.op, ms=ms))
             cells = ", ".join(f"{how} {t:.2f}" for how, t in sorted(ms.items(), key=lambda kv: kv[1]))
             print(f"| {model} | {layer} | {node.op.replace('conv2d_', '')} | {cells or 'one lowering'} |", flush=True)
