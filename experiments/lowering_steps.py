@@ -5,7 +5,8 @@ compiler/lowering_cost.py's choices (one trace), load both artifacts in the devi
 threads), then run rounds A B A B ...: each round times `--steps` steps of each and keeps their median;
 the result is the median over rounds of cost/default (wall time and process CPU time, which other load
 on a shared machine disturbs less). With --profile, onnxruntime's profiler also runs on the default
-artifact's step and the kernel time per ONNX op type is printed (layout reorders included).
+and the cost model's artifacts' steps and the kernel time per ONNX op type is printed (layout reorders
+included).
 
     python -m experiments.lowering_steps [--models resnet18,mobilenet_v2] [--schemes sparse,full] [--rounds 8]
 """
@@ -87,10 +88,10 @@ def main(argv: list[str] | None = None) -> None:
                     kw = {"choose_lowering": chooser} if chooser else {}
                     art = compile_traced(tm, optimizer=OPTIMIZER, scheme=scheme, **kw)
                     trainers.append(Trainer.load(art.save(f"{tmp}/{k}"), threads=2))
-                if args.profile:
-                    top = profile(f"{tmp}/0", x, y)
+                for k, which in enumerate(("default", "cost model") if args.profile else ()):
+                    top = profile(f"{tmp}/{k}", x, y)
                     total = sum(ms for _, ms in top)
-                    print(f"{name} {scheme} default: {total:.1f} ms kernel time per step; top op types: "
+                    print(f"{name} {scheme} {which}: {total:.1f} ms kernel time per step; top op types: "
                           + ", ".join(f"{op} {ms:.1f}" for op, ms in top[:12]), flush=True)
                 for tr in trainers:
                     _step_times(tr, x, y, 2)  # warm up

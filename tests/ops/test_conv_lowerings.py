@@ -11,6 +11,8 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pockprop.autodiff.gradcheck import check_vjp, run_onnx
 from pockprop.emit.onnx import to_onnx
@@ -79,7 +81,7 @@ def _graphs(case):  # type: ignore[no-untyped-def]
     dw = torch.nn.grad.conv2d_weight(x, w.shape, g, **kw)
     ig = _one_node("conv2d_input_grad", {"g": g, "w": w}, tuple(x.shape), {**attrs, "input_shape": list(x.shape)})
     wg = _one_node("conv2d_weight_grad", {"x": x, "g": g}, tuple(w.shape),
-                   {**{k: v for k, v in attrs.items()}, "weight_shape": list(w.shape)})
+                   {**attrs, "weight_shape": list(w.shape)})
     return [(ig, {"g": g.numpy(), "w": w.numpy()}, dx.numpy()), (wg, {"x": x.numpy(), "g": g.numpy()}, dw.numpy())]
 
 
@@ -97,6 +99,10 @@ def _lowered(graph: Graph, how: str) -> onnx.ModelProto:
 
 @pytest.mark.parametrize("case", CASES, ids=_ids)
 def test_every_lowering_matches_torch_and_the_default(case):  # type: ignore[no-untyped-def]
+    _check_every_lowering(case)
+
+
+def _check_every_lowering(case):  # type: ignore[no-untyped-def]
     for graph, feeds, want in _graphs(case):
         (default,) = run_onnx(to_onnx(graph), feeds)
         np.testing.assert_allclose(default, want, rtol=1e-4, atol=1e-4)
@@ -104,6 +110,21 @@ def test_every_lowering_matches_torch_and_the_default(case):  # type: ignore[no-
             (got,) = run_onnx(_lowered(graph, how), feeds)
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=f"{graph.nodes[0].op} {how}")
             np.testing.assert_allclose(got, default, rtol=1e-4, atol=1e-4, err_msg=f"{graph.nodes[0].op} {how}")
+
+
+@settings(max_examples=20, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_every_lowering_on_random_configurations(data):  # type: ignore[no-untyped-def]
+    groups = data.draw(st.sampled_from([1, 2, 3]))
+    depthwise = groups > 1 and data.draw(st.booleans())
+    cig = 1 if depthwise else data.draw(st.integers(1, 3))
+    cog = data.draw(st.integers(1, 2))
+    k = (data.draw(st.sampled_from([1, 2, 3, 4])), data.draw(st.sampled_from([1, 3])))
+    s = data.draw(st.sampled_from([(1, 1), (2, 2), (3, 3), (2, 1)]))
+    p = (data.draw(st.integers(0, 2)), data.draw(st.integers(0, 2)))
+    d = data.draw(st.sampled_from([(1, 1), (2, 2), (1, 2)]))
+    hw = tuple(data.draw(st.integers(max(1, d[i] * (k[i] - 1) + 1 - 2 * p[i]), 9)) for i in range(2))
+    _check_every_lowering((data.draw(st.integers(1, 2)), groups * cig, groups * cog, hw, k, s, p, d, groups))
 
 
 def test_the_cases_cover_every_lowering():
