@@ -2,7 +2,7 @@
 
 For each model and scheme: compile once with each op's default lowering and once with
 compiler/lowering_cost.py's choices (one trace), load both artifacts in the device runtime (Trainer, 2
-threads), then run rounds A B A B ...: each round times `--steps` steps of each and keeps their median;
+threads), then run rounds A B, B A, A B ...: each round times `--steps` steps of each and keeps their median;
 the result is the median over rounds of cost/default (wall time and process CPU time, which other load
 on a shared machine disturbs less). With --profile, onnxruntime's profiler also runs on the default
 and the cost model's artifacts' steps and the kernel time per ONNX op type is printed (layout reorders
@@ -82,9 +82,16 @@ def main(argv: list[str] | None = None) -> None:
         model, _ = loader.resolve(f"models:{name}", num_classes=10)
         tm = trace_model(model, (torch.from_numpy(x),))
         for scheme in args.schemes.split(","):
-            trainers = []
+            trainers, changed = [], collections.Counter()
+
+            def cost_model(key, node, options, types):  # type: ignore[no-untyped-def]
+                pick = cost_model_lowering(key, node, options, types)
+                if pick != options[0]:
+                    changed[f"{node.op} {pick}"] += 1
+                return pick
+
             with tempfile.TemporaryDirectory() as tmp:
-                for k, chooser in enumerate((None, cost_model_lowering)):
+                for k, chooser in enumerate((None, cost_model)):
                     kw = {"choose_lowering": chooser} if chooser else {}
                     art = compile_traced(tm, optimizer=OPTIMIZER, scheme=scheme, **kw)
                     trainers.append(Trainer.load(art.save(f"{tmp}/{k}"), threads=2))
@@ -96,12 +103,16 @@ def main(argv: list[str] | None = None) -> None:
                 for tr in trainers:
                     _step_times(tr, x, y, 2)  # warm up
                 ratios_wall, ratios_cpu, base = [], [], []
-                for _ in range(args.rounds):
-                    (w0, c0), (w1, c1) = (_step_times(tr, x, y, args.steps) for tr in trainers)
+                for r in range(args.rounds):  # A B, B A, ...: neither artifact always runs second
+                    order = trainers if r % 2 == 0 else trainers[::-1]
+                    times = dict(zip(map(id, order), (_step_times(tr, x, y, args.steps) for tr in order)))
+                    (w0, c0), (w1, c1) = times[id(trainers[0])], times[id(trainers[1])]
                     ratios_wall.append(w1 / w0)
                     ratios_cpu.append(c1 / c0)
                     base.append(w0)
-            print(f"{name} {scheme}: default {statistics.median(base):.1f} ms/step; cost model / default: wall "
+            what = ", ".join(f"{n} {k}" for k, n in sorted(changed.items())) or "nothing (the noise floor)"
+            print(f"{name} {scheme}, cost model changed {what}: default {statistics.median(base):.1f} ms/step; "
+                  f"cost model / default: wall "
                   f"{statistics.median(ratios_wall):.3f} (rounds {min(ratios_wall):.2f}-{max(ratios_wall):.2f}), "
                   f"cpu {statistics.median(ratios_cpu):.3f}", flush=True)
 

@@ -4,7 +4,8 @@ Each (layer, op, lowering) is a one-node ONNX graph (the node the VJP builds, at
 run by onnxruntime with 2 threads on random inputs: the median of `--runs` runs after 2 warm-up runs, the
 lowerings of one node interleaved run by run.
 The shapes are the models' at batch 8 and a 128x128 input. The weight of the input gradient is fed
-(a trained layer's kernel, not a constant). The table in docs/benchmarks.md ("Backward-op lowerings")
+(a trained layer's kernel), or with --frozen a constant (a frozen layer's, whose transforms onnxruntime
+folds at load). The table in docs/benchmarks.md ("Backward-op lowerings")
 and the rule of compiler/lowering_cost.py come from this.
 
     python -m experiments.lowering_times [--runs 10] [--json out/lowering_times.json]
@@ -52,17 +53,24 @@ LAYERS = [
 BATCH = 8
 
 
-def backward_nodes(c_in: int, c_out: int, size: int, k: int, stride: int, groups: int) -> list[Graph]:
-    """One-node graphs of the layer's conv2d_input_grad (inputs g, w) and conv2d_weight_grad (inputs x, g)."""
+def backward_nodes(c_in: int, c_out: int, size: int, k: int, stride: int, groups: int,
+                   frozen: bool = False) -> list[Graph]:
+    """One-node graphs of the layer's conv2d_input_grad (inputs g, w) and conv2d_weight_grad (inputs x, g);
+    frozen: only the input gradient, its kernel a constant (a frozen layer's: onnxruntime folds its transforms)."""
     conv = dict(stride=[stride] * 2, padding=[k // 2] * 2, dilation=[1, 1], groups=groups)
     out = conv_out_size(size, k, stride, k // 2, 1)
     x, w, g = (BATCH, c_in, size, size), (c_out, c_in // groups, k, k), (BATCH, c_out, out, out)
     graphs = []
     for op, ins, result, extra in (("conv2d_input_grad", {"g": g, "w": w}, x, {"input_shape": list(x)}),
                                    ("conv2d_weight_grad", {"x": x, "g": g}, w, {"weight_shape": list(w)})):
+        if frozen and op == "conv2d_weight_grad":
+            continue
         graph = Graph()
         for name, shape in ins.items():
-            graph.add_input(name, TensorType(shape, "float32"))
+            if frozen and name == "w":
+                graph.add_constant(np.random.default_rng(1).standard_normal(shape).astype(np.float32), name=name)
+            else:
+                graph.add_input(name, TensorType(shape, "float32"))
         graph.add_value("out", TensorType(result, "float32"))
         graph.append(Node(op, tuple(ins), ("out",), {**conv, **extra}))
         graph.outputs = ["out"]
@@ -96,6 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--json", default="out/lowering_times.json")
     ap.add_argument("--only", default="", help="only layers whose name contains this")
+    ap.add_argument("--frozen", action="store_true", help="input gradients of frozen layers (constant kernels)")
     args = ap.parse_args(argv)
     rows = []
     print("| model | layer | op | ms per lowering (fastest first) |")
@@ -103,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     for model, layer, c_in, c_out, size, k, stride, groups in LAYERS:
         if args.only not in layer:
             continue
-        for graph in backward_nodes(c_in, c_out, size, k, stride, groups):
+        for graph in backward_nodes(c_in, c_out, size, k, stride, groups, args.frozen):
             node = graph.nodes[0]
             options = get_op(node.op).lowering_options(graph.types, node)
             ms = time_lowerings(graph, options, args.runs)

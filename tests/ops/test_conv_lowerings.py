@@ -6,6 +6,8 @@ a few cases go end to end through check_vjp (trace, VJP, a forced Chooser) as we
 """
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import onnx
 import pytest
@@ -63,7 +65,7 @@ def _conv(case):  # type: ignore[no-untyped-def]
     return x, w, g, attrs
 
 
-def _one_node(op: str, inputs: dict[str, torch.Tensor], out_shape: tuple[int, ...], attrs: dict) -> Graph:  # type: ignore[type-arg]
+def _one_node(op: str, inputs: dict[str, torch.Tensor], out_shape: tuple[int, ...], attrs: dict[str, Any]) -> Graph:
     graph = Graph()
     for name, t in inputs.items():
         graph.add_input(name, TensorType(tuple(t.shape), "float32"))
