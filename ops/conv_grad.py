@@ -19,6 +19,8 @@ conv2d_weight_grad, dW[o,i,a,b] = sum_{n,u,v} g[n,o,u,v] * xpad[n,i,u*s+a*d,v*s+
   GEMM (per group a batched MatMul) with g.
 - "taps" (groups 1, up to 25 taps): one GEMM per tap of g with that shifted view of x.
 - "depthwise_taps" (one input channel per group): per tap Slice, Mul with g, ReduceSum: no GEMM at all.
+- "batched_gemm" (unpadded 1x1, groups 1, batch > 1): sum over samples of G_n X_n^T, one batched MatMul
+  and a ReduceSum, where the default moves both operands to (channels, samples * pixels) first.
 """
 from __future__ import annotations
 
@@ -147,14 +149,14 @@ class Conv2dWeightGrad(Op):
     """Backward helper of conv2d: dW[o,i,a,b] = sum_{n,u,v} g[n,o,u,v] * xpad[n,i,u*s+a*d,v*s+b*d] (per group)."""
     name = "conv2d_weight_grad"
     differentiable = False
-    lowerings = ("auto", "im2col", "taps", "depthwise_taps")
+    lowerings = ("auto", "im2col", "taps", "depthwise_taps", "batched_gemm")
 
     def lowering_options(self, types: Mapping[str, TensorType], node: Node) -> tuple[str, ...]:
         c_out, cig, kh, kw = node.attrs["weight_shape"]
         groups = node.attrs["groups"]
         pointwise = (kh, kw) == (1, 1) and list(node.attrs["padding"]) == [0, 0]
         if pointwise and groups == 1:  # the default is already one GEMM, which "im2col" and "taps" would repeat
-            return ()
+            return ("auto", "batched_gemm") if types[node.inputs[0]].shape[0] > 1 else ()
         return ("auto", "im2col") + (("taps",) if groups == 1 and kh * kw <= 25 else ()) \
             + (("depthwise_taps",) if cig == 1 else ())
 
@@ -182,6 +184,8 @@ class Conv2dWeightGrad(Op):
             _taps(e, node)
         elif how == "depthwise_taps":
             _depthwise_taps(e, node)
+        elif how == "batched_gemm":
+            _batched_gemm(e, node)
         else:
             _swapped_conv(e, node)
 
@@ -198,9 +202,7 @@ def _swapped_conv(e: Lowering, node: Node) -> None:
 
     if (kh, kw) == (1, 1) and p == [0, 0] and groups == 1:
         # pointwise: dW = G X^T over all (sample, pixel) columns, one GEMM
-        if s != [1, 1]:
-            x = e.node("Slice", [x, e.ints([0, 0]), e.ints([(ho - 1) * s[0] + 1, (wo - 1) * s[1] + 1]),
-                                 e.ints([2, 3]), e.ints(s)])
+        x = _pixels_read(e, x, s, ho, wo)
         cols = [_columns(e, g, n, c_out, ho * wo), _columns(e, x, n, c_in, ho * wo)]
         dw = e.node("Gemm", cols, transB=1)
         e.node("Reshape", [dw, e.ints([c_out, c_in, 1, 1])], node.outputs)
@@ -231,6 +233,28 @@ def _swapped_conv(e: Lowering, node: Node) -> None:
         e.node("Reshape", [dw, e.ints([c_out, 1, kh, kw])], node.outputs)
     else:
         e.node("Transpose", [dw], node.outputs, perm=[1, 0, 2, 3])
+
+
+def _pixels_read(e: Lowering, x: str, s: list[int], ho: int, wo: int) -> str:
+    """The pixels of x an unpadded pointwise conv of stride s reads: (n, c, ho, wo)."""
+    if s == [1, 1]:
+        return x
+    return e.node("Slice", [x, e.ints([0, 0]), e.ints([(ho - 1) * s[0] + 1, (wo - 1) * s[1] + 1]), e.ints([2, 3]),
+                            e.ints(s)])
+
+
+def _batched_gemm(e: Lowering, node: Node) -> None:
+    """Pointwise unpadded, groups 1: dW = sum_n G_n X_n^T, one MatMul batched over the samples (x's pixels
+    and channels swapped per sample) and a ReduceSum, instead of moving both operands to (c, n * pixels)."""
+    x, g = node.inputs
+    c_out, c_in = node.attrs["weight_shape"][:2]
+    n = e.type(x).shape[0]
+    ho, wo = e.type(g).shape[2:]
+    x = _pixels_read(e, x, list(node.attrs["stride"]), ho, wo)
+    xt = e.node("Transpose", [e.node("Reshape", [x, e.ints([n, c_in, ho * wo])])], perm=[0, 2, 1])
+    per_sample = e.node("MatMul", [e.node("Reshape", [g, e.ints([n, c_out, ho * wo])]), xt])  # (n, c_out, c_in)
+    dw = e.node("ReduceSum", [per_sample, e.ints([0])], keepdims=0)
+    e.node("Reshape", [dw, e.ints([c_out, c_in, 1, 1])], node.outputs)
 
 
 def _columns(e: Lowering, v: str, n: int, c: int, pixels: int) -> str:

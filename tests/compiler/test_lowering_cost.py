@@ -43,7 +43,9 @@ def _backward_graph(c_in: int, c_out: int, size: int, k: int, stride: int, group
     ((8, 16, 16, 3, 1, 8), "depthwise_taps"),         # depthwise with channel multiplier 2
     ((8, 8, 8, 3, 1, 8), "auto"),                     # depthwise on a small map
     ((8, 8, 32, 3, 2, 8), "auto"),                    # depthwise strided
-    ((8, 16, 16, 1, 1, 1), None),                     # pointwise: one weight-gradient lowering, no choice
+    ((8, 16, 16, 1, 1, 1), "batched_gemm"),           # pointwise on a 16x16 map
+    ((8, 16, 8, 1, 1, 1), "auto"),                    # pointwise on a small map
+    ((8, 16, 32, 1, 2, 1), "batched_gemm"),           # strided pointwise, 16x16 output
 ])
 def test_rule_per_layer(layer, want_dw):  # type: ignore[no-untyped-def]
     g = choose_lowerings(_backward_graph(*layer), cost_model_lowering).graph

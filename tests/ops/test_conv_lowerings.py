@@ -33,6 +33,7 @@ CASES = [
     (2, 3, 4, (8, 9), 3, 2, 0, 1, 1),       # stride 2 unpadded, even/odd
     (1, 3, 4, (9, 9), 3, 2, 1, 2, 1),       # stride 2 + dilation 2
     (2, 4, 6, (7, 8), 1, 2, 0, 1, 1),       # 1x1 stride 2 (a ResNet downsample)
+    (3, 5, 4, (6, 5), 1, 1, 0, 1, 1),       # pointwise
     (2, 4, 4, (7, 7), 3, 2, 1, 1, 2),       # groups 2
     (2, 4, 6, (8, 7), 3, 1, 1, 2, 2),       # groups 2, dilated
     (2, 6, 6, (7, 7), 3, 1, 1, 1, 6),       # depthwise
@@ -142,8 +143,10 @@ def test_the_cases_cover_every_lowering():
     ((2, 3, 4, (7, 6), 3, 1, 1, 1, 1), ("auto", "conv", "conv_transpose"), ("auto", "im2col", "taps")),
     # stride 2, dilation 2: no subpixel
     ((1, 3, 4, (9, 9), 3, 2, 1, 2, 1), ("auto", "conv_transpose", "zero_interleave"), ("auto", "im2col", "taps")),
-    # 1x1 stride 2: kernel smaller than the stride, no subpixel; weight gradient is one GEMM, no choice
-    ((2, 4, 6, (7, 8), 1, 2, 0, 1, 1), ("auto", "conv_transpose", "zero_interleave"), ()),
+    # 1x1 stride 2: kernel smaller than the stride, no subpixel; the weight gradient one GEMM or batched
+    ((2, 4, 6, (7, 8), 1, 2, 0, 1, 1), ("auto", "conv_transpose", "zero_interleave"), ("auto", "batched_gemm")),
+    # pointwise at batch 1: nothing to batch, the weight gradient has one lowering
+    ((1, 4, 6, (7, 8), 1, 1, 0, 1, 1), ("auto", "conv", "conv_transpose"), ()),
     # depthwise stride 2: subpixel, and the depthwise taps instead of per-tap GEMMs
     ((1, 4, 4, (7, 9), 3, 2, 1, 1, 4), ("auto", "conv_transpose", "subpixel", "zero_interleave"),
      ("auto", "im2col", "depthwise_taps")),
@@ -164,9 +167,11 @@ def test_lowering_options_lists_only_valid_variants(case, want_in, want_w):  # t
     ("conv2d_input_grad", "zero_interleave", "Pad"),
     ("conv2d_weight_grad", "im2col", "Gemm"),
     ("conv2d_weight_grad", "taps", "Gemm"),
+    ("conv2d_weight_grad", "batched_gemm", "MatMul"),
 ])
 def test_a_lowering_emits_its_own_form(op, how, onnx_op):  # type: ignore[no-untyped-def]
-    graph = next(gr for gr, _, _ in _graphs((2, 3, 4, (9, 7), 3, 2, 1, 1, 1)) if gr.nodes[0].op == op)
+    k = 1 if how == "batched_gemm" else 3
+    graph = next(gr for gr, _, _ in _graphs((2, 3, 4, (9, 7), k, 2, k // 2, 1, 1)) if gr.nodes[0].op == op)
     ops = [n.op_type for n in _lowered(graph, how).graph.node]
     assert onnx_op in ops
     if how != "zero_interleave":
