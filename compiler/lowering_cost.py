@@ -1,22 +1,22 @@
 """The cost model: a Chooser (passes/lowerings.py) that picks each node's lowering from its shapes alone.
 
-It stands in where no profile measured on the target exists. Its rule, fitted to standalone timings of
-every lowering at ResNet-18 and MobileNetV2 layer shapes (batch 8, 128x128, onnxruntime on 2 x86-64
-threads; experiments/lowering_times.py, table in docs/benchmarks.md, "Backward-op lowerings"):
+It stands in where no profile measured on the target exists. Its rule was fitted to standalone timings
+of every lowering at ResNet-18 and MobileNetV2 layer shapes (batch 8, 128x128, onnxruntime on 2 x86-64
+threads: experiments/lowering_times.py; the numbers are in docs/benchmarks.md, "Backward-op lowerings"),
+keeping the default wherever an alternative did not win clearly and repeatedly:
 
-- conv2d_weight_grad of a dense (groups 1) conv with a k x k kernel other than an unpadded 1x1:
-  "taps" (one GEMM per tap) with at least MIN_TAPS_CHANNELS input channels and up to 25 taps, else
-  "im2col". Both ran 1.3-2x faster than the swapped-axes Conv at every such ResNet-18 shape; "taps"
-  never holds the k*k-times-x patch matrix, so it is the choice where both apply, except on a stem (3
-  input channels), where its per-tap GEMMs are too thin (2x slower than "im2col").
+- conv2d_weight_grad of a dense (groups 1) conv with a k x k kernel other than an unpadded 1x1: "taps"
+  (one GEMM per tap) from MIN_TAPS_CHANNELS input channels and up to 25 taps, else "im2col". Both beat
+  the swapped-axes Conv at every dense 3x3 shape measured; "taps" never holds the k*k-times-x patch
+  matrix, so it is the choice where both apply, except on a stem (3 input channels), where its per-tap
+  GEMMs are too thin.
 - conv2d_weight_grad of a depthwise conv (one input channel per group) at stride 1 with an output of at
-  least 16x16: "depthwise_taps" (1.5-4x faster); strided (1.3x slower to 2x slower), or on maps of 8x8
-  and less (from 1.3x faster to 3x slower), the default.
-- conv2d_weight_grad of an unpadded 1x1 conv (groups 1) with an output of at least 16x16: "batched_gemm"
-  (1.2-1.8x faster at MobileNetV2's and ResNet-18's shapes); on smaller maps the (samples, c_out, c_in)
-  products it sums outweigh the moves it saves (even at 8x8, 2-3x slower at 4x4), so the default.
-- everything else, conv2d_input_grad included: the op's default ("subpixel" and "zero_interleave" were
-  slower than ConvTranspose at every shape measured, "conv" vs "conv_transpose" within noise of the
+  least MIN_DEPTHWISE_PIXELS pixels: "depthwise_taps"; strided, or on smaller maps, the default.
+- conv2d_weight_grad of an unpadded 1x1 conv (groups 1) with an output of at least MIN_BATCHED_PIXELS
+  pixels: "batched_gemm"; on smaller maps the (samples, c_out, c_in) products it sums outweigh the moves
+  it saves, so the default.
+- everything else, conv2d_input_grad included: the op's default ("subpixel" and "zero_interleave" lost
+  to ConvTranspose at every shape measured; "conv" vs "conv_transpose" stayed within noise of the
   default's own pick).
 """
 from __future__ import annotations

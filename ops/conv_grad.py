@@ -25,7 +25,7 @@ conv2d_weight_grad, dW[o,i,a,b] = sum_{n,u,v} g[n,o,u,v] * xpad[n,i,u*s+a*d,v*s+
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Mapping
 
 from pockprop.ir import Node, TensorType
 from pockprop.ops.conv import conv_out_size
@@ -71,13 +71,13 @@ class Conv2dInputGrad(InputGradOp):
             fits = all(p[i] <= d[i] * (k[i] - 1) for i in range(2))
             how = "conv" if list(s) == [1, 1] and fits and cheap_kernel else "conv_transpose"
         if how == "conv":
-            _flipped_conv(e, g, ho_wo, w, node, node.outputs)
+            _flipped_conv(e, g, ho_wo, w, node)
         elif how == "zero_interleave":
             n, c = e.type(g).shape[:2]
             z = e.node("Reshape", [g, e.ints([n, c, ho_wo[0], 1, ho_wo[1], 1])])
             z = e.node("Pad", [z, e.ints([0] * 9 + [s[0] - 1, 0, s[1] - 1])])
             z = e.node("Reshape", [z, e.ints([n, c, ho_wo[0] * s[0], ho_wo[1] * s[1]])])
-            _flipped_conv(e, z, (ho_wo[0] * s[0], ho_wo[1] * s[1]), w, node, node.outputs)
+            _flipped_conv(e, z, (ho_wo[0] * s[0], ho_wo[1] * s[1]), w, node)
         elif how == "subpixel":
             _subpixel(e, g, w, node)
         else:
@@ -87,7 +87,7 @@ class Conv2dInputGrad(InputGradOp):
                    group=a["groups"], output_padding=out_pad if any(out_pad) else None)
 
 
-def _flipped_conv(e: Lowering, g: str, g_size: tuple[int, ...], w: str, node: Node, outputs: Any) -> None:
+def _flipped_conv(e: Lowering, g: str, g_size: tuple[int, ...], w: str, node: Node) -> None:
     """The stride-1 transposed conv of g (spatial size g_size) with W, cropped to input_shape: a Conv with the
     flipped, swapped kernel, padded d*(k-1) - p in front and whatever makes the length right at the end
     (a negative pad crops g instead)."""
@@ -100,7 +100,7 @@ def _flipped_conv(e: Lowering, g: str, g_size: tuple[int, ...], w: str, node: No
         g = e.node("Slice", [g, e.ints([max(-b, 0) for b in begin]),
                              e.ints([g_size[i] - max(-end[i], 0) for i in range(2)]), e.ints([2, 3])])
         begin, end = [max(b, 0) for b in begin], [max(v, 0) for v in end]
-    e.node("Conv", [g, _transposed_kernel(e, w, a["groups"])], outputs, strides=[1, 1], pads=begin + end,
+    e.node("Conv", [g, _transposed_kernel(e, w, a["groups"])], node.outputs, strides=[1, 1], pads=begin + end,
            dilations=list(d), group=a["groups"])
 
 
