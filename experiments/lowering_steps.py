@@ -46,19 +46,22 @@ def profile(path: str, x: np.ndarray, y: np.ndarray, steps: int = 5) -> list[tup
     """Kernel milliseconds per step by ONNX op type in the training session of the artifact at `path`."""
     made = sessions.options
 
-    def profiled(*a: Any, **k: Any) -> Any:
-        opts = made(*a, **k)
-        opts.enable_profiling = True
-        return opts
+    with tempfile.TemporaryDirectory() as tmp:  # onnxruntime writes the profile there, not into the cwd
 
-    sessions.options = profiled  # type: ignore[assignment]
-    try:
-        tr = Trainer.load(path, threads=2)
-        for _ in range(steps + 2):
-            tr.step(x, y)
-        events = json.load(open(tr._train.end_profiling()))
-    finally:
-        sessions.options = made  # type: ignore[assignment]
+        def profiled(*a: Any, **k: Any) -> Any:
+            opts = made(*a, **k)
+            opts.enable_profiling, opts.profile_file_prefix = True, f"{tmp}/profile"
+            return opts
+
+        sessions.options = profiled  # type: ignore[assignment]
+        try:
+            tr = Trainer.load(path, threads=2)
+            for _ in range(steps + 2):
+                tr.step(x, y)
+            with open(tr._train.end_profiling()) as f:
+                events = json.load(f)
+        finally:
+            sessions.options = made  # type: ignore[assignment]
     per_op: dict[str, float] = collections.Counter()
     for ev in events:
         if ev.get("cat") == "Node" and ev["name"].endswith("_kernel_time"):
