@@ -8,7 +8,7 @@ the per-op tests and the quickest way to validate a new rule.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -19,6 +19,7 @@ from pockprop.emit.onnx import to_onnx
 from pockprop.ir import Role
 from pockprop.ops.builder import Builder
 from pockprop.ops.registry import FULL, Need
+from pockprop.passes.lowerings import Chooser, choose_lowerings, default_lowering
 from pockprop.runtime.session import session
 from pockprop.tracing.trace import trace
 
@@ -47,6 +48,7 @@ class _Wrap(torch.nn.Module):
 class GradCheckResult:
     max_abs_err: float
     max_rel_err: float
+    values: list[np.ndarray] = field(default_factory=list)  # what onnxruntime gave: output, then gradients
 
 
 def run_onnx(model: Any, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -54,11 +56,13 @@ def run_onnx(model: Any, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
 
 
 def check_vjp(fn: Callable[..., torch.Tensor], *tensors: torch.Tensor, rtol: float = 1e-4, atol: float = 1e-5,
-              seed: int = 0, needs: dict[int, Need] | None = None, **consts: Any) -> GradCheckResult:
+              seed: int = 0, needs: dict[int, Need] | None = None, choose_lowering: Chooser = default_lowering,
+              **consts: Any) -> GradCheckResult:
     """Raise AssertionError if our output or gradients differ from torch's; return the worst errors.
 
     `needs` maps an argument position to a sliced Need, to check sliced-gradient rules. Gradients are
-    checked for the float arguments only; the others (indices, masks) are fed as data.
+    checked for the float arguments only; the others (indices, masks) are fed as data. `choose_lowering`
+    picks the lowering of each op that offers several (passes/lowerings.py), to check each of them.
     """
     gen = torch.Generator().manual_seed(seed)
     module = _Wrap(fn, list(tensors), consts)
@@ -80,7 +84,7 @@ def check_vjp(fn: Callable[..., torch.Tensor], *tensors: torch.Tensor, rtol: flo
     wants = {n: (needs or {}).get(k, FULL) for k, n in zip(floats, names)}
     grads = backward(g, loss, wants)
     g.outputs = [y] + [grads[n] for n in names]
-    model = to_onnx(g, "gradcheck")
+    model = to_onnx(choose_lowerings(g, choose_lowering).graph, "gradcheck")
     feeds = {n: tensors[k].detach().numpy().astype(np.float32) for n, k in zip(names, floats)}
     feeds.update(zip(traced.user_inputs, [t.numpy() for t in (dummy, *data)]))
     got = run_onnx(model, feeds)
@@ -105,4 +109,4 @@ def check_vjp(fn: Callable[..., torch.Tensor], *tensors: torch.Tensor, rtol: flo
         err = np.abs(a - w)
         worst_abs = max(worst_abs, float(err.max(initial=0)))
         worst_rel = max(worst_rel, float((err / (np.abs(w) + atol)).max(initial=0)))
-    return GradCheckResult(worst_abs, worst_rel)
+    return GradCheckResult(worst_abs, worst_rel, got)

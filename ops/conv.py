@@ -1,13 +1,14 @@
-"""Convolutions: 2-D conv (any stride, padding, dilation, groups) and its two backward ops.
+"""Convolutions: 2-D conv (any stride, padding, dilation, groups); its two backward ops live in conv_grad.py.
 
 `conv2d` lowers to ONNX Conv. Its input gradient is a transposed conv of the cotangent with the same
-weight (`conv2d_input_grad`): at stride 1 an ONNX Conv with the flipped, in/out-swapped kernel (fast
-in onnxruntime, and for a frozen layer the kernel transform folds away), otherwise ONNX ConvTranspose
-with output_padding picked so the result is exactly the input's shape. Its weight gradient (`conv2d_weight_grad`) is itself a convolution, in the
+weight (`conv2d_input_grad`): by default at stride 1 an ONNX Conv with the flipped, in/out-swapped kernel
+(fast in onnxruntime, and for a frozen layer the kernel transform folds away), otherwise ONNX
+ConvTranspose with output_padding picked so the result is exactly the input's shape. Its weight gradient
+(`conv2d_weight_grad`) is by default itself a convolution, in the
 formulation of the Tiny Training Engine: batch and channel axes swap roles, the cotangent g becomes
 the kernel, stride and dilation trade places. Grouped and depthwise convs do the same in one Conv with
 group = groups (each group's kernel spans the batch), and a 1x1 unpadded conv's weight gradient is a
-single GEMM over all (sample, pixel) rows.
+single GEMM over all (sample, pixel) rows. Both backward ops have alternative lowerings (conv_grad.py).
 
 The weight gradient honours a sliced need directly (sparse training updates only part of a layer):
 on axis 1 (input channels of each group) only that slice of the kept activation x takes part, so
@@ -22,7 +23,7 @@ from typing import Any
 
 from pockprop.ops.builder import Builder
 from pockprop.ir import Node, TensorType
-from pockprop.ops.registry import InputGradOp, Lowering, Need, Op, Tag, aten, register
+from pockprop.ops.registry import Lowering, Need, Op, Tag, aten, register
 
 _CONV_ATTRS = ("stride", "padding", "dilation", "groups")
 
@@ -132,132 +133,6 @@ def _weight_grad(b: Builder, x: str, g: str, wshape: tuple[int, ...], conv: dict
         return _slice(b, dw, 0, lo - g0 * cog, hi - g0 * cog)
     # kernel rows or columns: nothing to save, slice the whole gradient
     return _slice(b, wgrad(x, g, groups, wshape), axis, lo, hi)
-
-
-@register
-class Conv2dInputGrad(InputGradOp):
-    """Backward helper of conv2d: dx = conv_transpose(g, W) with output_padding so dx has exactly input_shape."""
-    name = "conv2d_input_grad"
-
-    def macs(self, types, node):  # type: ignore[no-untyped-def]
-        """What the forward conv costs: every (output position, tap) pair once."""
-        return math.prod(types[node.inputs[0]].shape) * math.prod(types[node.inputs[1]].shape[1:])
-
-    def lower(self, e: Lowering, node: Node) -> None:
-        g, w = node.inputs
-        a = node.attrs
-        s, p, d = a["stride"], list(a["padding"]), a["dilation"]
-        ho_wo, k = e.type(g).shape[2:], e.type(w).shape[2:]
-        size = a["input_shape"][2:]
-        # The Conv form needs the kernel flipped and transposed. A trained kernel pays that every step: worth
-        # it while the kernel is no bigger than the cotangent (a deep layer's kernel dwarfs its cotangent
-        # and took longer than ConvTranspose). A frozen kernel is transformed once, at load, but the copy
-        # stays in memory beside the original: allowed up to 4x the cotangent, so deep layers with big
-        # kernels keep ConvTranspose. The measurements behind both limits: docs/benchmarks.md.
-        limit = 4 if e.is_constant(w) else 1
-        cheap_kernel = e.type(w).numel <= limit * e.type(g).numel
-        if list(s) == [1, 1] and all(p[i] <= d[i] * (k[i] - 1) for i in range(2)) and cheap_kernel:
-            # At stride 1 the transposed conv is a plain conv of g with the flipped, in/out-swapped kernel
-            # and padding d*(k-1) - p. onnxruntime's Conv runs in its blocked (NCHWc) kernels and, for a
-            # frozen layer, folds the kernel transform into a constant at load; its ConvTranspose does
-            # neither and is several times slower on depthwise and pointwise layers (docs/benchmarks.md).
-            e.node("Conv", [g, _transposed_kernel(e, w, a["groups"])], node.outputs, strides=[1, 1],
-                   pads=[d[i] * (k[i] - 1) - p[i] for i in range(2)] * 2, dilations=list(d), group=a["groups"])
-            return
-        # ConvTranspose gives s*(ho-1) + out_pad + d*(k-1) + 1 - 2p; out_pad is the remainder (< s)
-        out_pad = [size[i] - (s[i] * (ho_wo[i] - 1) + d[i] * (k[i] - 1) + 1 - 2 * p[i]) for i in range(2)]
-        e.node("ConvTranspose", [g, w], node.outputs, strides=list(s), pads=p + p, dilations=list(d),
-               group=a["groups"], output_padding=out_pad if any(out_pad) else None)
-
-
-def _transposed_kernel(e: Lowering, w: str, groups: int) -> str:
-    """W (C_out, C_in/G, kh, kw) -> W' (C_in, C_out/G, kh, kw), per group in/out swapped, taps flipped."""
-    c_out, cig, kh, kw = e.type(w).shape
-    cog = c_out // groups
-    if cog > 1 and cig > 1:
-        if groups == 1:
-            w = e.node("Transpose", [w], perm=[1, 0, 2, 3])
-        else:
-            w5 = e.node("Transpose", [e.node("Reshape", [w, e.ints([groups, cog, cig, kh, kw])])], perm=[0, 2, 1, 3, 4])
-            w = e.node("Reshape", [w5, e.ints([groups * cig, cog, kh, kw])])
-    elif cog != cig:  # one side is 1 per group: a reshape swaps the two axes
-        w = e.node("Reshape", [w, e.ints([groups * cig, cog, kh, kw])])
-    if (kh, kw) == (1, 1):
-        return w
-    big = -(2 ** 62)  # Slice with step -1 from the end to before the start: the taps reversed
-    return e.node("Slice", [w, e.ints([-1, -1]), e.ints([big, big]), e.ints([2, 3]), e.ints([-1, -1])])
-
-
-@register
-class Conv2dWeightGrad(Op):
-    """Backward helper of conv2d: dW[o,i,a,b] = sum_{n,u,v} g[n,o,u,v] * xpad[n,i,u*s+a*d,v*s+b*d] (per group)."""
-    name = "conv2d_weight_grad"
-    differentiable = False
-
-    def macs(self, types, node):  # type: ignore[no-untyped-def]
-        """(Possibly sliced) weight-gradient shape times the forward conv's output positions."""
-        g = types[node.inputs[1]].shape  # (N, Cout_slice, Ho, Wo)
-        return g[0] * g[2] * g[3] * math.prod(node.attrs["weight_shape"])
-
-    def shape(self, ins, attrs):  # type: ignore[no-untyped-def]
-        x, g = ins
-        c_out, cig, kh, kw = attrs["weight_shape"]
-        groups = attrs["groups"]
-        s, p, d = attrs["stride"], attrs["padding"], attrs["dilation"]
-        want = (x.shape[0], c_out) + tuple(conv_out_size(x.shape[2 + i], (kh, kw)[i], s[i], p[i], d[i]) for i in range(2))
-        if x.shape[1] != cig * groups or c_out % groups or g.shape != want:
-            raise ValueError(f"conv2d_weight_grad: x {x.shape}, g {g.shape} do not fit weight "
-                             f"{tuple(attrs['weight_shape'])} with groups={groups}")
-        return [TensorType(tuple(attrs["weight_shape"]), x.dtype)]
-
-    def lower(self, e: Lowering, node: Node) -> None:
-        x, g = node.inputs
-        a = node.attrs
-        c_out, cig, kh, kw = a["weight_shape"]
-        groups = a["groups"]
-        s, p, d = list(a["stride"]), list(a["padding"]), list(a["dilation"])
-        n, c_in, h, w = e.type(x).shape
-        ho, wo = e.type(g).shape[2:]
-
-        if (kh, kw) == (1, 1) and p == [0, 0] and groups == 1:
-            # pointwise: dW = G X^T over all (sample, pixel) columns, one GEMM
-            if s != [1, 1]:
-                x = e.node("Slice", [x, e.ints([0, 0]), e.ints([(ho - 1) * s[0] + 1, (wo - 1) * s[1] + 1]),
-                                     e.ints([2, 3]), e.ints(s)])
-            cols = []
-            for v, c in ((g, c_out), (x, c_in)):
-                if n > 1:
-                    v = e.node("Transpose", [e.node("Reshape", [v, e.ints([n, c, ho * wo])])], perm=[1, 0, 2])
-                cols.append(e.node("Reshape", [v, e.ints([c, n * ho * wo])]))
-            dw = e.node("Gemm", cols, transB=1)
-            e.node("Reshape", [dw, e.ints([c_out, c_in, 1, 1])], node.outputs)
-            return
-
-        # x -> (cig, groups*n, h, w): the batch becomes the channel axis, inside each group
-        if groups == 1:
-            xt = e.node("Transpose", [x], perm=[1, 0, 2, 3])
-        else:
-            x5 = e.node("Reshape", [x, e.ints([n, groups, cig, h, w])])
-            xt = e.node("Reshape", [e.node("Transpose", [x5], perm=[2, 1, 0, 3, 4]), e.ints([cig, groups * n, h, w])])
-        gt = e.node("Transpose", [g], perm=[1, 0, 2, 3])  # (c_out, n, ho, wo): the kernel, n in-channels per group
-        # In padded coordinates the forward reads [0, L) with L = s*(out-1) + d*(k-1) + 1. Feed the Conv
-        # exactly that: crop x's end when it is longer, pad its end when shorter. The sweep of g then
-        # yields exactly k taps (no extra taps computed and thrown away).
-        pads_end, crop, k_out = [], [], []
-        for i, (size, k, out) in enumerate(((h, kh, ho), (w, kw, wo))):
-            content = max(s[i] * (out - 1) + d[i] * (k - 1) + 1 - p[i], 1)  # rows of x the taps read
-            crop.append(min(content, size))
-            pads_end.append(max(content - size, 0))
-            k_out.append((p[i] + content - s[i] * (out - 1) - 1) // d[i] + 1)
-        if crop != [h, w]:
-            xt = e.node("Slice", [xt, e.ints([0, 0]), e.ints(crop), e.ints([2, 3])])
-        dw = e.node("Conv", [xt, gt], strides=d, dilations=s, pads=p + pads_end, group=groups)  # (cig, c_out, k', k')
-        if k_out != [kh, kw]:
-            dw = e.node("Slice", [dw, e.ints([0, 0]), e.ints([kh, kw]), e.ints([2, 3])])
-        if cig == 1:
-            e.node("Reshape", [dw, e.ints([c_out, 1, kh, kw])], node.outputs)
-        else:
-            e.node("Transpose", [dw], node.outputs, perm=[1, 0, 2, 3])
 
 
 # -- ATen importers -------------------------------------------------------------------------------
