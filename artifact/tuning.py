@@ -200,6 +200,25 @@ def _document(raw: bytes, where: str, fmt: str) -> dict[str, Any]:
     return _checked(_parse(raw, where), where, fmt)
 
 
+class TuningMismatch(UserWarning):
+    """The artifact's lowerings were chosen from times measured elsewhere: it trains the same, maybe slower."""
+
+
+def mismatch(lowerings: Any, threads: int | None, onnxruntime: str) -> str | None:
+    """One line saying how this machine differs from where the artifact's target profile was measured
+    (architecture, onnxruntime version, threads), or None: the same, or no profile (manifest "lowerings")."""
+    profile = lowerings.get("profile") if isinstance(lowerings, dict) else None
+    if not isinstance(profile, dict):
+        return None
+    here = {"machine": machine(), "onnxruntime": onnxruntime, "threads": threads}
+    differ = [f"{k} {profile.get(k) or 'default'} there, {v or 'default'} here" for k, v in here.items()
+              if profile.get(k) != v]
+    if not differ:
+        return None
+    return (f"the lowerings were tuned with another setup ({'; '.join(differ)}): training is the same, its speed "
+            f"may not be; `pockprop tune` here gives a profile for this machine")
+
+
 def kit_path(path: str) -> str:
     """The kit folder's kit.json, given the folder or the file itself."""
     return os.path.join(path, KIT_FILE) if os.path.isdir(path) else path

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 
+import numpy as np
 import onnx
 
 from pockprop.artifact.contract import BY_ONNX
@@ -41,19 +42,29 @@ def choices(graph: Graph) -> dict[str, tuple[Node, tuple[str, ...], list[str]]]:
 
 def one_node_graph(graph: Graph, node: Node, lowering: str | None) -> Graph:
     """`node` alone, with its lowering set (None: the op's default): the step's constants it reads stay
-    constants, its other inputs become graph inputs, its outputs the step reads become graph outputs."""
+    constants, its other inputs become graph inputs, its outputs the step reads become graph outputs.
+    Values are renamed in0, in1..., out0..., the module to "tune", and float constants hold fixed noise
+    (their values do not change a kernel's speed), so one key's candidate is the same file (the same
+    sha256, which the device's cache keys by) whatever model and layer it came from."""
     g = Graph()
-    for v in dict.fromkeys(i for i in node.inputs if i is not None):
+    rng = np.random.default_rng(0)
+    names = {v: f"in{i}" for i, v in enumerate(dict.fromkeys(i for i in node.inputs if i is not None))}
+    for v, name in names.items():
         if v in graph.constants and v not in graph.inputs:
-            g.add_constant(graph.constants[v], name=v)
+            value = graph.constants[v]
+            if value.dtype.kind == "f":
+                value = rng.standard_normal(value.shape).astype(value.dtype)
+            g.add_constant(value, name=name)
         else:
-            g.add_input(v, graph.types[v])
+            g.add_input(name, graph.types[v])
+    names |= {v: f"out{i}" for i, v in enumerate(node.outputs)}
     for v in node.outputs:
-        g.add_value(v, graph.types[v])
+        g.add_value(names[v], graph.types[v])
     attrs = {k: a for k, a in node.attrs.items() if k != LOWERING} | ({LOWERING: lowering} if lowering else {})
-    g.append(node.replace(attrs=attrs))
-    read = [v for v in node.outputs if graph.uses(v) or v in graph.outputs]
-    g.outputs = read or list(node.outputs)
+    g.append(node.replace(inputs=tuple(None if i is None else names[i] for i in node.inputs),
+                          outputs=tuple(names[v] for v in node.outputs), attrs=attrs, module="tune"))
+    read = [names[v] for v in node.outputs if graph.uses(v) or v in graph.outputs]
+    g.outputs = read or [names[v] for v in node.outputs]
     return g
 
 
@@ -83,7 +94,7 @@ def build_kit(graph: Graph, directory: str, model: str = "") -> Kit:
     for i, (key, (node, options, modules)) in enumerate(choices(graph).items()):
         cands = []
         for j, name in enumerate(options):
-            m = to_onnx(one_node_graph(graph, node, None if j == 0 else name), f"tune.{node.op}.{name}")
+            m = to_onnx(one_node_graph(graph, node, None if j == 0 else name), f"{node.op}.{name}")
             random = _noise_out(m)
             file = _file_name(i, name)
             digest = write_atomic(os.path.join(directory, file), m.SerializeToString())

@@ -23,7 +23,7 @@ import statistics
 import sys
 import time
 import warnings
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -129,20 +129,31 @@ def winner(times: dict[str, float], default: str, margin: float = MARGIN) -> str
     return default if times[default] <= times[fastest] * (1 + margin) else fastest
 
 
-def pending(kit: Kit, cache: Cache, threads: int | None) -> list[tuple[KitEntry, list[Candidate]]]:
-    """Each entry of `kit` with its candidates that `cache` has no time for."""
-    return [(e, [c for c in e.candidates if Cache.key(e.key, c, threads) not in cache.times]) for e in kit.entries]
+def entries(kits: Sequence[tuple[Kit, str]]) -> list[tuple[KitEntry, str]]:
+    """The entries of several kits with the folder each came from, a key met again kept once (its first)."""
+    seen: dict[str, tuple[KitEntry, str]] = {}
+    for kit, folder in kits:
+        for e in kit.entries:
+            seen.setdefault(e.key, (e, folder))
+    return list(seen.values())
 
 
-def tune(kit: Kit, folder: str, threads: int | None = None, repeat: int = REPEAT, cache: Cache | None = None,
+def pending(kits: Sequence[tuple[Kit, str]], cache: Cache, threads: int | None) -> list[tuple[KitEntry, str, list[Candidate]]]:
+    """Each entry of `kits` with its folder and its candidates that `cache` has no time for."""
+    return [(e, folder, [c for c in e.candidates if Cache.key(e.key, c, threads) not in cache.times])
+            for e, folder in entries(kits)]
+
+
+def tune(kits: Sequence[tuple[Kit, str]], threads: int | None = None, repeat: int = REPEAT, cache: Cache | None = None,
          runner: Runner = ort_runner, show_progress: bool = False) -> Profile:
-    """Measure every candidate of `kit` not in `cache` (median of `repeat` interleaved runs) and return the
-    profile; the cache gains the new medians (saved after each key, so an interrupted tune keeps them)."""
+    """Measure every candidate of `kits` ((kit, its folder) pairs, as `load_kit` gives them) not in `cache`
+    (median of `repeat` interleaved runs) and return the profile of all their keys; the cache gains the new
+    medians (saved after each key, so an interrupted tune keeps them)."""
     cache = cache or Cache(None)
-    todo = pending(kit, cache, threads)
-    progress = Progress(sum(len(cs) for _, cs in todo) * repeat, "tune ", enabled=show_progress)
+    todo = pending(kits, cache, threads)
+    progress = Progress(sum(len(cs) for _, _, cs in todo) * repeat, "tune ", enabled=show_progress)
     done, keys = 0, {}
-    for entry, missing in todo:
+    for entry, folder, missing in todo:
         if missing:
             runs = {c.lowering: runner(read_candidate(folder, c), c, threads) for c in missing}
             samples: dict[str, list[float]] = {name: [] for name in runs}
@@ -158,8 +169,9 @@ def tune(kit: Kit, folder: str, threads: int | None = None, repeat: int = REPEAT
         times = {c.lowering: cache.times[Cache.key(entry.key, c, threads)] for c in entry.candidates}
         keys[entry.key] = Measured(times, winner(times, entry.candidates[0].lowering))
     progress.close()
+    models = ", ".join(dict.fromkeys(k.model for k, _ in kits if k.model))
     return Profile(machine(), ort.__version__, threads, keys, repeat,
-                   note=f"measured by pockprop tune on the kit of {kit.model}" if kit.model else "")
+                   note=f"measured by pockprop tune on the kits of {models}" if models else "")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -171,7 +183,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "interleaved runs; a cache makes a second tune of the same shapes time nothing.",
                        epilog="Exit codes: 0 written; 2 bad input (arguments, a kit that is not one or was "
                               "changed, an output path); 1 internal error.")
-    p.add_argument("kit", help="tuning kit folder (or its kit.json)")
+    p.add_argument("kits", nargs="+", metavar="KIT", help="tuning kit folders (or their kit.json): one profile of "
+                                                          "all their keys")
     p.add_argument("--out", required=True, help="profile to write (JSON)")
     cli_args.add_threads(p, help="onnxruntime intra-op threads, as many as training will use")
     p.add_argument("--repeat", type=cli_args.positive_int, default=REPEAT, help="interleaved timed runs per candidate")
@@ -183,21 +196,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def tune_command(args: argparse.Namespace) -> int:
     cli_args.check_output_file(args.out, "--out")
     check_writable(args.out)
-    kit, folder = load_kit(args.kit)
+    kits = [load_kit(path) for path in args.kits]
     cache = Cache(None if args.no_cache else (args.cache or default_cache_path()))
-    total = sum(len(e.candidates) for e in kit.entries)
-    timed = sum(len(cs) for _, cs in pending(kit, cache, args.threads))
-    profile = tune(kit, folder, args.threads, args.repeat, cache, ort_runner, show_progress=True)
+    every = [e for e, _ in entries(kits)]
+    total = sum(len(e.candidates) for e in every)
+    timed = sum(len(cs) for _, _, cs in pending(kits, cache, args.threads))
+    profile = tune(kits, args.threads, args.repeat, cache, ort_runner, show_progress=True)
     write_atomic(args.out, profile.dumps())
     changed = 0
-    for e in kit.entries:
+    for e in every:
         m = profile.keys[e.key]
         default = e.candidates[0].lowering
         if m.winner != default:
             changed += 1
             print(f"{e.key}: {m.winner} {m.times_ms[m.winner]:.3f} ms, default {default} "
                   f"{m.times_ms[default]:.3f} ms ({', '.join(e.modules[:3])}{', ...' if len(e.modules) > 3 else ''})")
-    print(f"wrote {args.out}: {len(kit.entries)} keys, {changed} with a faster lowering than the default; "
+    print(f"wrote {args.out}: {len(every)} keys, {changed} with a faster lowering than the default; "
           f"{timed} of {total} candidates timed, {total - timed} from the cache "
           f"(onnxruntime {ort.__version__}, {args.threads or 'default'} threads, {machine()})", file=sys.stderr)
     return EXIT_OK

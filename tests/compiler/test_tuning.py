@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -161,3 +162,16 @@ def test_default_profile_is_this_machines(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(target_mod, "machine", lambda: "riscv64")
     with pytest.raises(CompileError, match="no shipped target profile for this machine"):
         load_target_profile("default")
+
+
+def test_training_with_another_setup_than_the_profiles_warns(tmp_path: Path) -> None:
+    from pockprop.artifact.tuning import TuningMismatch
+    from pockprop.runtime.trainer import Trainer
+
+    tiny(target_profile=profile({})).save(str(tmp_path / "same"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TuningMismatch)
+        Trainer.load(str(tmp_path / "same"), threads=2)
+    tiny(target_profile=profile({}, machine="riscv64")).save(str(tmp_path / "other"))
+    with pytest.warns(TuningMismatch, match="machine riscv64 there, .* here; threads 2 there, default here"):
+        Trainer.load(str(tmp_path / "other"))
