@@ -11,7 +11,7 @@ and the default is the lowering every artifact was tested with longest.
 A cache (CACHE_ENV, else ~/.cache/pockprop/tune.json) keeps each median by lowering key, candidate, the
 candidate file's sha256, onnxruntime version, threads and machine, so tuning a model again, or another
 model with the same layer shapes, times nothing already timed. It is only a cache: an unreadable one is
-ignored (with a warning) and rewritten.
+ignored (with a warning line) and rewritten.
 """
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ import os
 import statistics
 import sys
 import time
-import warnings
 from typing import Callable, Sequence
 
 import numpy as np
@@ -102,6 +101,7 @@ class Cache:
 
     def __init__(self, path: str | None) -> None:
         self.path, self.times = path, {}
+        self.problem: str | None = None  # why an existing cache file was not read (then it is rewritten)
         if path is None or not os.path.exists(path):
             return
         try:
@@ -111,7 +111,7 @@ class Cache:
                 raise ValueError("not a tuning cache")
             self.times = {k: float(v) for k, v in doc["times"].items()}
         except (OSError, ValueError, TypeError) as ex:
-            warnings.warn(f"tuning cache {path} unreadable ({ex}); starting a new one", stacklevel=2)
+            self.problem = f"tuning cache {path} unreadable ({ex}); starting a new one"
 
     @staticmethod
     def key(key: str, c: Candidate, threads: int | None) -> str:
@@ -188,8 +188,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="profile to write (JSON)")
     cli_args.add_threads(p, help="onnxruntime intra-op threads, as many as training will use")
     p.add_argument("--repeat", type=cli_args.positive_int, default=REPEAT, help="interleaved timed runs per candidate")
-    p.add_argument("--cache", help=f"tuning cache file (default: ${CACHE_ENV}, else ~/.cache/pockprop/tune.json)")
-    p.add_argument("--no-cache", action="store_true", help="time everything and keep no cache")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--cache", help=f"tuning cache file (default: ${CACHE_ENV}, else ~/.cache/pockprop/tune.json)")
+    where.add_argument("--no-cache", action="store_true", help="time everything and keep no cache")
     p.set_defaults(func=tune_command)
 
 
@@ -198,6 +199,8 @@ def tune_command(args: argparse.Namespace) -> int:
     check_writable(args.out)
     kits = [load_kit(path) for path in args.kits]
     cache = Cache(None if args.no_cache else (args.cache or default_cache_path()))
+    if cache.problem:
+        print(f"pockprop tune: warning: {cache.problem}", file=sys.stderr)
     every = [e for e, _ in entries(kits)]
     total = sum(len(e.candidates) for e in every)
     timed = sum(len(cs) for _, _, cs in pending(kits, cache, args.threads))

@@ -200,3 +200,33 @@ def test_one_key_is_one_file_whatever_the_model(two_ways: None, kit_dir: Path, t
     both = tune([load_kit(str(kit_dir)), load_kit(str(tmp_path / "other"))], repeat=1, cache=cache,
                 runner=fake_runner({"plain": 1.0, "fancy": 2.0}, calls))
     assert calls == [] and set(both.keys) == {e.key for e in mine.entries}
+
+
+def test_tune_runs_where_torch_and_onnx_cannot_be_imported(kit_dir: Path, tmp_path: Path) -> None:
+    """The real runner on the device install: numpy + onnxruntime only (one repeat; nothing about its times)."""
+    import subprocess
+    import textwrap
+
+    from tests.runtime.conftest import BLOCKER, PY, ROOT
+
+    out = tmp_path / "p.json"
+    script = textwrap.dedent(f"""
+        from pockprop.cli import main
+        assert main(["tune", {str(kit_dir)!r}, "--out", {str(out)!r}, "--threads", "1", "--repeat", "1",
+                     "--no-cache"]) == 0
+        banned = sorted(m for m in sys.modules if m.split(".")[0] in {{"torch", "onnx", "yaml"}})
+        assert banned == [], banned
+    """)
+    run = subprocess.run([PY, "-c", BLOCKER + script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert len(Profile.loads(out.read_bytes(), str(out)).keys) == 2
+
+
+def test_an_unreadable_cache_is_a_warning_and_rewritten(kit_dir: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "c.json"
+    bad.write_text("{")
+    cache = Cache(str(bad))
+    assert cache.problem and "unreadable" in cache.problem and cache.times == {}
+    kit, folder = load_kit(str(kit_dir))
+    tune([(kit, folder)], repeat=1, cache=cache, runner=fake_runner({"plain": 1.0, "fancy": 2.0}, []))
+    assert len(Cache(str(bad)).times) == 4 and Cache(str(bad)).problem is None
