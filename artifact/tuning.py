@@ -219,6 +219,19 @@ def mismatch(lowerings: Any, threads: int | None, onnxruntime: str) -> str | Non
             f"may not be; `pockprop tune` here gives a profile for this machine")
 
 
+def describe_lowerings(record: Any) -> str:
+    """A manifest's "lowerings" in one line: how many nodes had a choice, and who decided them."""
+    nodes = record.get("nodes") if isinstance(record, dict) else None
+    if not isinstance(nodes, list):
+        return "not recorded"
+    profile = record.get("profile")
+    by_profile = sum(1 for n in nodes if isinstance(n, dict) and n.get("by") == "profile")
+    where = "no target profile" if not isinstance(profile, dict) else (
+        f"target profile {profile.get('source')} (sha256 {str(profile.get('sha256'))[:12]}, {profile.get('machine')}, "
+        f"onnxruntime {profile.get('onnxruntime')}, {profile.get('threads') or 'default'} threads)")
+    return f"{len(nodes)} nodes with a choice, {by_profile} chosen by {where}, {len(nodes) - by_profile} by the fallback"
+
+
 def kit_path(path: str) -> str:
     """The kit folder's kit.json, given the folder or the file itself."""
     return os.path.join(path, KIT_FILE) if os.path.isdir(path) else path

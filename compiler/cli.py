@@ -11,6 +11,7 @@ import time
 from pockprop import args as cli_args
 from pockprop.compiler.preprocess import HELP as PREPROCESS_HELP  # torch-free
 from pockprop.artifact.contract import BY_NAME
+from pockprop.artifact.tuning import describe_lowerings
 from pockprop.errors import EXIT_OK, CompileError, UsageError
 from pockprop.tracing.loader import spec_of
 
@@ -119,7 +120,7 @@ def compile_command(args: argparse.Namespace) -> int:
     if art.report is not None:
         print(format_report(art.report, args.model))
     if art.lowerings is not None:
-        print(_lowerings_line(art.lowerings), file=sys.stderr)
+        print(f"lowerings: {describe_lowerings(art.lowerings)}", file=sys.stderr)
     if args.tune_kit:
         from pockprop.compiler.tunekit import build_kit
 
@@ -132,18 +133,6 @@ def compile_command(args: argparse.Namespace) -> int:
           f"{art.trainable_count:,} of {total:,} parameters ({100 * art.trainable_count / max(total, 1):.2f}%), "
           f"train_step.onnx {len(art.train_model.graph.node)} nodes")
     return EXIT_OK
-
-
-def _lowerings_line(record: dict[str, object]) -> str:
-    nodes = record["nodes"]
-    profile = record["profile"]
-    assert isinstance(nodes, list)
-    by_profile = sum(1 for n in nodes if n["by"] == "profile")
-    where = "no target profile" if not isinstance(profile, dict) else (
-        f"target profile {profile['source']} (sha256 {str(profile['sha256'])[:12]}, {profile['machine']}, "
-        f"onnxruntime {profile['onnxruntime']}, {profile['threads'] or 'default'} threads)")
-    return (f"lowerings: {len(nodes)} nodes with a choice, {by_profile} chosen by {where}, "
-            f"{len(nodes) - by_profile} by the fallback")
 
 
 def input_decl(text: str) -> tuple[str, str, tuple[int, ...]]:

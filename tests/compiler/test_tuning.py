@@ -147,6 +147,8 @@ def test_compile_cli_with_profile_and_kit(two_ways: None, tmp_path: Path, capsys
     kit = Kit.loads((tmp_path / "kit" / KIT_FILE).read_bytes(), "kit")
     assert {n["key"] for n in manifest["lowerings"]["nodes"]} == {e.key for e in kit.entries}
     assert "lowering per layer" in captured.out and "wrote tuning kit" in captured.err
+    assert main(["inspect", str(tmp_path / "out")]) == 0
+    assert f"chosen by target profile shipped:{machine()}" in capsys.readouterr().out
 
 
 def test_shipped_profiles_load_and_hold_only_measurements() -> None:
