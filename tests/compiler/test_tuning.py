@@ -24,18 +24,23 @@ from pockprop.compiler.tunekit import build_kit
 from pockprop.errors import CompileError
 from pockprop.ops import get_op
 from pockprop.ops.registry import LOWERING, lowering_key, lowering_of
+from pockprop.runtime.tune import ort_runner, read_candidate
 
 OP = "conv2d_weight_grad"
 
 
-@pytest.fixture()
-def two_ways(monkeypatch: pytest.MonkeyPatch) -> None:
-    cls = type(get_op(OP))
+def offer_two(monkeypatch: pytest.MonkeyPatch, op: str) -> None:
+    cls = type(get_op(op))
     lower = cls.lower
     monkeypatch.setattr(cls, "lowerings", ("plain", "alt"))
     monkeypatch.setattr(cls, "lowering_options", lambda self, types, node: ("plain", "alt"))
     monkeypatch.setattr(cls, "lower", lambda self, e, node: lower(
         self, e, node.replace(attrs={k: v for k, v in node.attrs.items() if k != LOWERING})))
+
+
+@pytest.fixture()
+def two_ways(monkeypatch: pytest.MonkeyPatch) -> None:
+    offer_two(monkeypatch, OP)
 
 
 class Tiny(torch.nn.Module):
@@ -136,7 +141,10 @@ def test_compile_cli_bad_profile_exits_2_writing_nothing(tmp_path: Path, capsys:
     assert not (tmp_path / "out").exists() and not (tmp_path / "kit").exists()
 
 
-def test_compile_cli_with_profile_and_kit(two_ways: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_compile_cli_with_profile_and_kit(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    offer_two(monkeypatch, OP)
+    offer_two(monkeypatch, "conv2d_input_grad")  # reads frozen weights: constants the device fills with noise
     code = main(["compile", "models:mcunet", "--model-kwargs", '{"width_mult": 0.25}', "--num-classes", "3", "--input-shape", "2,3,32,32",
                  "--scheme", "sparse", "--target-profile", "default", "--report",
                  "--tune-kit", str(tmp_path / "kit"), "-o", str(tmp_path / "out")])
@@ -149,6 +157,18 @@ def test_compile_cli_with_profile_and_kit(two_ways: None, tmp_path: Path, capsys
     assert "lowering per layer" in captured.out and "wrote tuning kit" in captured.err
     assert main(["inspect", str(tmp_path / "out")]) == 0
     assert f"chosen by target profile shipped:{machine()}" in capsys.readouterr().out
+    assert any(c.random for e in kit.entries for c in e.candidates)
+    for e in kit.entries:  # every candidate runs as the device runs it (nothing about its time)
+        for c in e.candidates:
+            assert ort_runner(read_candidate(str(tmp_path / "kit"), c), c, 1)() >= 0
+
+
+def test_compile_help_names_the_tuning_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as ex:
+        main(["compile", "--help"])
+    assert ex.value.code == 0
+    out = capsys.readouterr().out
+    assert "--target-profile" in out and "--tune-kit" in out
 
 
 def test_shipped_profiles_load_and_hold_only_measurements() -> None:
