@@ -21,7 +21,7 @@ from pockprop.compiler.artifact import Artifact, StateEntry
 from pockprop.compiler.optim import build_update, initial_state, parse_optimizer
 from pockprop.compiler.blocks import module_tree
 from pockprop.compiler.scheme import Layer, Scheme, discover_layers, load_scheme, resolve_scheme
-from pockprop.compiler.target import ProfileChooser, TargetProfile, fallback_chooser, load_target_profile
+from pockprop.compiler.target import TargetProfile, chooser_for, load_target_profile
 from pockprop.compiler.target import record as record_lowerings
 from pockprop.compiler.signature import example_args, index_ranges, pick_output
 from pockprop.compiler.trainable import select, split_patterns
@@ -153,7 +153,7 @@ def compile_traced(tm: TracedModel, labels: Any = None, loss: str = "cross_entro
     loss_op = _check_options(loss, label_smoothing, trainable, scheme)
     target = None if target_profile is None else load_target_profile(target_profile)
     if choose_lowering is None:
-        choose_lowering = ProfileChooser(target) if target is not None else fallback_chooser()
+        choose_lowering = chooser_for(target)
     opt = parse_optimizer(optimizer)
     spec = load_scheme(scheme) if scheme is not None else None
     traced = tm.traced

@@ -100,6 +100,11 @@ class ProfileChooser:
         return self.fallback(key, node, options, types)
 
 
+def chooser_for(target: TargetProfile | None) -> Chooser:
+    """The profile's chooser, or with no profile the fallback alone."""
+    return ProfileChooser(target) if target is not None else fallback_chooser()
+
+
 def record(graph: Graph, target: TargetProfile | None) -> dict[str, Any] | None:
     """What the manifest records: the profile used (None: none) and, per node with a choice, its lowering and
     whether the profile or the fallback decided it. None when there was neither a profile nor a choice."""

@@ -14,16 +14,17 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from pockprop.artifact.tuning import KIT_FILE, Kit, machine
+from pockprop.artifact.tuning import KIT_FILE, Kit, machine, op_of
 from pockprop.cli import main
 from pockprop.compiler import target as target_mod
 from pockprop.compiler.compile import compile
 from pockprop.compiler.report import compile_report, format_report
-from pockprop.compiler.target import fallback_chooser, load_target_profile, shipped
+from pockprop.compiler.target import load_target_profile, shipped
 from pockprop.compiler.tunekit import build_kit
 from pockprop.errors import CompileError
 from pockprop.ops import get_op
 from pockprop.ops.registry import LOWERING, lowering_key, lowering_of
+from pockprop.passes.lowerings import with_choice
 from pockprop.runtime.tune import ort_runner, read_candidate
 
 OP = "conv2d_weight_grad"
@@ -75,13 +76,16 @@ def profile(winners: dict[str, str], **over: Any) -> dict[str, Any]:
 def test_kit_has_one_hashed_file_per_candidate_of_each_key(two_ways: None, tmp_path: Path) -> None:
     art = tiny()
     kit = build_kit(art.train_graph, str(tmp_path), model="tiny")
-    assert {e.key for e in kit.entries} == set(keys_of(art).values()) and len(kit.entries) == 2
-    shared = next(e for e in kit.entries if len(e.modules) == 2)
+    g = art.train_graph
+    assert {e.key for e in kit.entries} == {k for _, _, k in with_choice(g)}  # other ops may offer choices too
+    mine = [e for e in kit.entries if op_of(e.key) == OP]
+    assert {e.key for e in mine} == set(keys_of(art).values()) and len(mine) == 2
+    shared = next(e for e in mine if len(e.modules) == 2)
     assert set(shared.modules) == {"b", "c"}
     assert Kit.loads((tmp_path / KIT_FILE).read_bytes(), "kit") == kit
     files = sorted(p.name for p in tmp_path.iterdir())
     assert files == sorted([KIT_FILE] + [c.file for e in kit.entries for c in e.candidates])
-    for e in kit.entries:
+    for e in mine:
         assert [c.lowering for c in e.candidates] == ["plain", "alt"]
         for c in e.candidates:
             raw = (tmp_path / c.file).read_bytes()
@@ -99,19 +103,25 @@ def test_compile_takes_the_profiles_choice_and_falls_back_for_a_missing_key(two_
     assert got == {"a": "plain", "b": "alt", "c": "alt"}  # a: missing from the profile -> fallback (default)
     rec = art.manifest().to_json()["lowerings"]
     assert rec["profile"]["machine"] == machine() and len(rec["profile"]["sha256"]) == 64
-    assert {(n["module"], n["lowering"], n["by"]) for n in rec["nodes"]} == {
+    assert {(n["module"], n["lowering"], n["by"]) for n in rec["nodes"] if n["op"] == OP} == {
         ("a", "plain", "fallback"), ("b", "alt", "profile"), ("c", "alt", "profile")}
     report = compile_report(art, tiny())
-    assert report["scheme"]["layers"]["b"]["lowerings"] == {OP: "alt"}
-    assert "b  conv2d_weight_grad=alt" in format_report(report)
+    assert report["scheme"]["layers"]["b"]["lowerings"][OP] == "alt"
+    assert "conv2d_weight_grad=alt" in format_report(report).split("lowering per layer")[1]
 
 
-def test_fallback_is_the_default_lowering_until_a_cost_model_exists() -> None:
-    assert fallback_chooser()("k", None, ("plain", "alt"), {}) == "plain"  # type: ignore[arg-type]
+def test_without_a_profile_the_fallback_decides_every_key(two_ways: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(target_mod, "fallback_chooser", lambda: lambda key, node, options, types: options[-1])
+    art = tiny()
+    assert {lowering_of(n) for n in art.train_graph.nodes if n.op == OP} == {"alt"}
+    rec = art.manifest().to_json()["lowerings"]
+    assert rec["profile"] is None and {n["by"] for n in rec["nodes"]} == {"fallback"}
 
 
 def test_without_a_choice_artifacts_are_unchanged() -> None:
-    assert "lowerings" not in tiny().manifest().to_json()
+    torch.manual_seed(0)
+    art = compile(torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3)), torch.randn(2, 4))
+    assert "lowerings" not in art.manifest().to_json()
 
 
 @pytest.mark.parametrize("doc,needle", [
