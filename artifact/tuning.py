@@ -225,10 +225,11 @@ def describe_lowerings(record: Any) -> str:
     if not isinstance(nodes, list):
         return "not recorded"
     profile = record.get("profile")
+    if not isinstance(profile, dict):
+        return f"{len(nodes)} nodes with a choice, all chosen by the fallback (no target profile)"
     by_profile = sum(1 for n in nodes if isinstance(n, dict) and n.get("by") == "profile")
-    where = "no target profile" if not isinstance(profile, dict) else (
-        f"target profile {profile.get('source')} (sha256 {str(profile.get('sha256'))[:12]}, {profile.get('machine')}, "
-        f"onnxruntime {profile.get('onnxruntime')}, {profile.get('threads') or 'default'} threads)")
+    where = (f"target profile {profile.get('source')} (sha256 {str(profile.get('sha256'))[:12]}, {profile.get('machine')}, "
+             f"onnxruntime {profile.get('onnxruntime')}, {profile.get('threads') or 'default'} threads)")
     return f"{len(nodes)} nodes with a choice, {by_profile} chosen by {where}, {len(nodes) - by_profile} by the fallback"
 
 
