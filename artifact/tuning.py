@@ -141,7 +141,8 @@ class Profile:
                                "onnxruntime": self.onnxruntime, "threads": self.threads, "repeat": self.repeat}
         if self.note:
             doc["note"] = self.note
-        doc["keys"] = {k: {"times_ms": m.times_ms, "winner": m.winner} for k, m in sorted(self.keys.items())}
+        doc["keys"] = {k: {"times_ms": {n: round(t, 4) for n, t in m.times_ms.items()}, "winner": m.winner}
+                       for k, m in sorted(self.keys.items())}
         return doc
 
     def dumps(self) -> bytes:
