@@ -126,7 +126,7 @@ class Cache:
 def winner(times: dict[str, float], default: str, margin: float = MARGIN) -> str:
     """The fastest candidate, or `default` unless something beats it by more than `margin` of its time."""
     fastest = min(times, key=lambda n: times[n])
-    return default if times[default] <= times[fastest] * (1 + margin) else fastest
+    return default if default in times and times[default] <= times[fastest] * (1 + margin) else fastest
 
 
 def entries(kits: Sequence[tuple[Kit, str]]) -> list[tuple[KitEntry, str]]:
@@ -145,29 +145,43 @@ def pending(kits: Sequence[tuple[Kit, str]], cache: Cache, threads: int | None) 
 
 
 def tune(kits: Sequence[tuple[Kit, str]], threads: int | None = None, repeat: int = REPEAT, cache: Cache | None = None,
-         runner: Runner = ort_runner, show_progress: bool = False) -> Profile:
+         runner: Runner = ort_runner, show_progress: bool = False, failed: list[str] | None = None) -> Profile:
     """Measure every candidate of `kits` ((kit, its folder) pairs, as `load_kit` gives them) not in `cache`
     (median of `repeat` interleaved runs) and return the profile of all their keys; the cache gains the new
-    medians (saved after each key, so an interrupted tune keeps them)."""
+    medians (saved after each key, so an interrupted tune keeps them).
+
+    A candidate this onnxruntime cannot load or run is left out of its key's times (it cannot win) and
+    named in `failed`; a key none of whose candidates ran is left out of the profile (the fallback decides)."""
     cache = cache or Cache(None)
     todo = pending(kits, cache, threads)
     progress = Progress(sum(len(cs) for _, _, cs in todo) * repeat, "tune ", enabled=show_progress)
     done, keys = 0, {}
     for entry, folder, missing in todo:
-        if missing:
-            runs = {c.lowering: runner(read_candidate(folder, c), c, threads) for c in missing}
-            samples: dict[str, list[float]] = {name: [] for name in runs}
-            names = list(runs)
-            for r in range(repeat):
-                for name in names[r % len(names):] + names[:r % len(names)]:  # each round starts elsewhere
-                    samples[name].append(runs[name]())
-                    done += 1
-                    progress.update(done)
-            for c in missing:
-                cache.times[Cache.key(entry.key, c, threads)] = 1e3 * statistics.median(samples[c.lowering])
+        runs = {}
+        for c in missing:
+            raw = read_candidate(folder, c)  # a changed kit is refused, not skipped
+            try:
+                runs[c.lowering] = runner(raw, c, threads)
+            except Exception as ex:  # noqa: BLE001 - onnxruntime's errors have no common public base
+                (failed if failed is not None else []).append(f"{entry.key}: {c.lowering}: {type(ex).__name__}: "
+                                                              f"{(str(ex).splitlines() or [''])[0]}")
+                done += repeat
+        samples: dict[str, list[float]] = {name: [] for name in runs}
+        names = list(runs)
+        for r in range(repeat if names else 0):
+            for name in names[r % len(names):] + names[:r % len(names)]:  # each round starts elsewhere
+                samples[name].append(runs[name]())
+                done += 1
+                progress.update(done)
+        for name, values in samples.items():
+            cache.times[Cache.key(entry.key, next(c for c in missing if c.lowering == name), threads)] = \
+                1e3 * statistics.median(values)
+        if runs:
             cache.save()
-        times = {c.lowering: cache.times[Cache.key(entry.key, c, threads)] for c in entry.candidates}
-        keys[entry.key] = Measured(times, winner(times, entry.candidates[0].lowering))
+        times = {c.lowering: cache.times[k] for c in entry.candidates
+                 if (k := Cache.key(entry.key, c, threads)) in cache.times}
+        if times:
+            keys[entry.key] = Measured(times, winner(times, entry.candidates[0].lowering))
     progress.close()
     models = ", ".join(dict.fromkeys(k.model for k, _ in kits if k.model))
     return Profile(machine(), ort.__version__, threads, keys, repeat,
@@ -204,17 +218,22 @@ def tune_command(args: argparse.Namespace) -> int:
     every = [e for e, _ in entries(kits)]
     total = sum(len(e.candidates) for e in every)
     timed = sum(len(cs) for _, _, cs in pending(kits, cache, args.threads))
-    profile = tune(kits, args.threads, args.repeat, cache, ort_runner, show_progress=True)
+    failed: list[str] = []
+    profile = tune(kits, args.threads, args.repeat, cache, ort_runner, show_progress=True, failed=failed)
     write_atomic(args.out, profile.dumps())
+    for line in failed:
+        print(f"pockprop tune: warning: left out, onnxruntime {ort.__version__} cannot run it: {line}", file=sys.stderr)
     changed = 0
     for e in every:
-        m = profile.keys[e.key]
+        m = profile.keys.get(e.key)
+        if m is None:
+            continue
         default = e.candidates[0].lowering
         if m.winner != default:
             changed += 1
             print(f"{e.key}: {m.winner} {m.times_ms[m.winner]:.3f} ms, default {default} "
                   f"{m.times_ms[default]:.3f} ms ({', '.join(e.modules[:3])}{', ...' if len(e.modules) > 3 else ''})")
-    print(f"wrote {args.out}: {len(every)} keys, {changed} with a faster lowering than the default; "
-          f"{timed} of {total} candidates timed, {total - timed} from the cache "
+    print(f"wrote {args.out}: {len(profile.keys)} keys, {changed} with a faster lowering than the default; "
+          f"{timed - len(failed)} of {total} candidates timed, {total - timed} from the cache, {len(failed)} failed "
           f"(onnxruntime {ort.__version__}, {args.threads or 'default'} threads, {machine()})", file=sys.stderr)
     return EXIT_OK

@@ -230,3 +230,21 @@ def test_an_unreadable_cache_is_a_warning_and_rewritten(kit_dir: Path, tmp_path:
     kit, folder = load_kit(str(kit_dir))
     tune([(kit, folder)], repeat=1, cache=cache, runner=fake_runner({"plain": 1.0, "fancy": 2.0}, []))
     assert len(Cache(str(bad)).times) == 4 and Cache(str(bad)).problem is None
+
+
+def test_a_candidate_onnxruntime_cannot_run_is_left_out(kit_dir: Path) -> None:
+    kit, folder = load_kit(str(kit_dir))
+    ok = fake_runner({"plain": 2.0, "fancy": 1.0}, [])
+
+    def runner(model: bytes, c: Candidate, threads: int | None) -> Callable[[], float]:
+        if c.lowering == "fancy":
+            raise RuntimeError("[ONNXRuntimeError] : 9 : NOT_IMPLEMENTED : Could not find an implementation\nmore")
+        return ok(model, c, threads)
+
+    failed: list[str] = []
+    profile = tune([(kit, folder)], repeat=2, runner=runner, failed=failed)
+    assert {m.winner for m in profile.keys.values()} == {"plain"}
+    assert all(set(m.times_ms) == {"plain"} for m in profile.keys.values())
+    assert len(failed) == 2 and "fancy: RuntimeError: [ONNXRuntimeError] : 9 : NOT_IMPLEMENTED" in failed[0]
+    assert "\n" not in failed[0]
+    assert tuning.winner({"fancy": 1.0}, "plain") == "fancy"
