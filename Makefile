@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
 JOBS    ?= 2
 
-.PHONY: test demo venv clean test-fast arm-check peers bench bench-transformers accuracy text
+.PHONY: test demo venv clean test-fast arm-check peers bench bench-transformers accuracy text profiles
 
 $(STAMP):
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -94,6 +94,18 @@ text: $(STAMP)
 # on 2 cores. ARGS="--task input" runs one task, ARGS=--quick a smoke run (out/accuracy-quick, doc untouched).
 accuracy: $(STAMP)
 	$(BIN)/python -m experiments.accuracy $(ARGS)
+
+# A shipped target profile (compiler/profiles/ARCH.json, docs/tuning.md): the tuning kits of the zoo's MobileNetV2,
+# ResNet-18 and MCUNet steps (batch 8, 128x128; full, sparse, bias-only) timed here with 2 threads. Run it on a
+# quiet machine of that architecture, never under emulation (emulated timings are not timings).
+PROFILE_ARCH ?= $(shell uname -m)
+profiles: $(STAMP)
+	mkdir -p out/tune
+	for m in mobilenet_v2 resnet18 mcunet; do for s in full sparse bias-only; do \
+	  $(BIN)/python -m pockprop compile models:$$m --input-shape 8,3,128,128 --scheme $$s -o out/tune/$$m-$$s \
+	  --tune-kit out/tune/$$m-$$s.kit || exit 1; done; done
+	$(BIN)/python -m pockprop tune out/tune/*.kit --threads 2 --repeat 10 --no-cache \
+	  --out compiler/profiles/$(PROFILE_ARCH).json
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -360,6 +360,7 @@ class Manifest:
     loss: dict[str, Any] = field(default_factory=dict)  # {"name", "label_smoothing"?}
     optimizer: dict[str, Any] | None = None  # the optimizer's settings: displayed only
     source: dict[str, Any] | None = None  # how to rebuild the model (pockprop search); never executed
+    lowerings: dict[str, Any] | None = None  # target profile used, lowering per node (docs/tuning.md): displayed only
 
     @property
     def input(self) -> TensorSpec:
@@ -387,6 +388,8 @@ class Manifest:
             doc["optimizer"] = self.optimizer
         if self.source:
             doc["source"] = self.source
+        if self.lowerings is not None:
+            doc["lowerings"] = self.lowerings
         doc["files"] = dict(self.files)
         return doc
 
@@ -458,4 +461,4 @@ class Manifest:
             pockprop_version=m.get("pockprop_version"), onnx=_object(m, "onnx", where),
             trainable=_object(m, "trainable", where), scheme=_object(m, "scheme", where),
             loss=check_loss(m.get("loss"), where), optimizer=_object(m, "optimizer", where),
-            source=_object(m, "source", where))
+            source=_object(m, "source", where), lowerings=_object(m, "lowerings", where))

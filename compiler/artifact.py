@@ -107,6 +107,7 @@ class Artifact:
     source: dict[str, Any] | None = None  # how to rebuild the model (manifest "source", optional; pockprop search)
     input_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)  # integer inputs used as indices
     external: ExternalArrays | None = None  # the graphs' initializers kept in external files (large models)
+    lowerings: dict[str, Any] | None = None  # the target profile used and each node's lowering (compiler/target.py)
 
     @property
     def trainable_count(self) -> int:
@@ -146,6 +147,7 @@ class Artifact:
             loss=self.loss,
             optimizer=self.optimizer.to_json(),
             source=self.source or None,
+            lowerings=self.lowerings,
         )
 
     def contents(self) -> dict[str, Callable[[], Iterable[bytes | memoryview]]]:

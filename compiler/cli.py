@@ -11,6 +11,7 @@ import time
 from pockprop import args as cli_args
 from pockprop.compiler.preprocess import HELP as PREPROCESS_HELP  # torch-free
 from pockprop.artifact.contract import BY_NAME
+from pockprop.artifact.tuning import describe_lowerings
 from pockprop.errors import EXIT_OK, CompileError, UsageError
 from pockprop.tracing.loader import spec_of
 
@@ -44,6 +45,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "for each input (instead of --input-shape, which declares one float32 input)")
     p.add_argument("--model-output", metavar="NAME", help="the returned tensor to train on when the model returns "
                                                           "several, e.g. logits (a ModelOutput's field)")
+    p.add_argument("--target-profile", metavar="PROFILE",
+                   help="choose each op's lowering from a profile measured on the target with `pockprop tune` (a "
+                        "JSON file), or a shipped one: default (this machine's architecture), x86_64, aarch64; "
+                        "without one the cost model chooses (docs/tuning.md)")
+    p.add_argument("--tune-kit", metavar="DIR", help="also write the tuning kit of the training step to DIR, for "
+                                                     "`pockprop tune` on the target")
     p.add_argument("-o", "--output", required=True, help="artifact directory to write")
     p.set_defaults(func=compile_command)
 
@@ -69,6 +76,14 @@ def compile_command(args: argparse.Namespace) -> int:
     from pockprop.compiler.preprocess import describe as describe_preprocess, resolve as resolve_preprocess
 
     cli_args.check_output_dir(args.output, "-o")  # before the compile, not after it
+    if args.tune_kit:
+        cli_args.check_output_dir(args.tune_kit, "--tune-kit")
+        cli_args.check_not_inside(args.tune_kit, args.output, "--tune-kit")
+    target = None
+    if args.target_profile:  # a bad profile fails before the trace, writing nothing
+        from pockprop.compiler.target import load_target_profile
+
+        target = load_target_profile(args.target_profile)
     if args.inputs and args.input_shape:
         raise UsageError("give either --input (one per data input) or --input-shape, not both")
     spec = spec_of(args)
@@ -90,7 +105,8 @@ def compile_command(args: argparse.Namespace) -> int:
         torch.randn(*shape) if float_first else torch.zeros(shape, dtype=torch.int64),)
     art = compile(model, examples, loss=args.loss, optimizer=_optimizer(args),
                   trainable=args.trainable, scheme=args.scheme, label_smoothing=args.label_smoothing,
-                  name=args.model.split(":")[-1], preprocess=preprocess, output=args.model_output)
+                  name=args.model.split(":")[-1], preprocess=preprocess, output=args.model_output,
+                  target_profile=target)
     art.source = spec.source()
     if args.report:
         from pockprop.compiler.report import compile_report, format_report
@@ -103,6 +119,15 @@ def compile_command(args: argparse.Namespace) -> int:
         print(art.scheme.table())
     if art.report is not None:
         print(format_report(art.report, args.model))
+    if art.lowerings is not None:
+        print(f"lowerings: {describe_lowerings(art.lowerings)}", file=sys.stderr)
+    if args.tune_kit:
+        from pockprop.compiler.tunekit import build_kit
+
+        assert art.train_graph is not None
+        kit = build_kit(art.train_graph, args.tune_kit, model=art.name)
+        print(f"wrote tuning kit {args.tune_kit}: {len(kit.entries)} lowering keys, "
+              f"{sum(len(e.candidates) for e in kit.entries)} candidates", file=sys.stderr)
     total = sum(art.parameter_count.values())
     print(f"wrote {args.output} in {time.perf_counter() - t0:.1f}s: {len(art.trainable)} trainable tensors, "
           f"{art.trainable_count:,} of {total:,} parameters ({100 * art.trainable_count / max(total, 1):.2f}%), "

@@ -21,6 +21,8 @@ from pockprop.compiler.artifact import Artifact, StateEntry
 from pockprop.compiler.optim import build_update, initial_state, parse_optimizer
 from pockprop.compiler.blocks import module_tree
 from pockprop.compiler.scheme import Layer, Scheme, discover_layers, load_scheme, resolve_scheme
+from pockprop.compiler.target import TargetProfile, chooser_for, load_target_profile
+from pockprop.compiler.target import record as record_lowerings
 from pockprop.compiler.signature import example_args, index_ranges, pick_output
 from pockprop.compiler.trainable import select, split_patterns
 from pockprop.emit.onnx import to_onnx
@@ -29,7 +31,7 @@ from pockprop.ir import Graph, Node, Phase, Role, TensorType, module_of
 from pockprop.ops.builder import Builder
 from pockprop.ops.loss import IGNORE_INDEX, LOSSES
 from pockprop.ops.registry import FULL, Need
-from pockprop.passes.lowerings import Chooser, choose_lowerings, default_lowering
+from pockprop.passes.lowerings import Chooser, choose_lowerings
 from pockprop.passes.pipeline import INFERENCE, TRAINING, TRAINING_FORWARD, UNOPTIMIZED
 from pockprop.tracing.trace import Traced, trace
 
@@ -99,7 +101,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, labels: Any = None,
             trainable: str | Iterable[str] | None = None, *, scheme: str | Scheme | dict[str, Any] | None = None,
             label_smoothing: float = 0.0, name: str | None = None,
             preprocess: str | dict[str, Any] | None = None, optimize: bool = True,
-            output: str | None = None) -> Artifact:
+            output: str | None = None, target_profile: str | dict[str, Any] | TargetProfile | None = None) -> Artifact:
     """Compile `model` into one ONNX training step (forward, loss, backward, update) + inference graph.
 
     example_inputs: a tensor, a tuple of positional tensors, or a dict of keyword tensors
@@ -120,6 +122,9 @@ def compile(model: torch.nn.Module, example_inputs: Any, labels: Any = None,
     With several inputs it describes the first one, which must then be a float input.
     optimize=False skips the optimization passes (BatchNorm folding, constant folding, saving slices
     and masks for backward, update reordering): the same step, as autodiff built it; for debugging.
+    target_profile: the lowering of each op that offers several, from a profile measured on the target with
+    `pockprop tune` (a path, `default` or a shipped architecture's name, or the parsed JSON;
+    pockprop.compiler.target); keys it lacks, and every key without one, go to the fallback chooser.
 
     The same as `compile_traced(trace_model(model, example_inputs), ...)`; use those two to compile
     one model with several schemes while tracing it once.
@@ -128,20 +133,27 @@ def compile(model: torch.nn.Module, example_inputs: Any, labels: Any = None,
     parse_optimizer(optimizer)
     if scheme is not None:
         scheme = load_scheme(scheme)  # a bad scheme fails before the slow trace
+    if target_profile is not None:
+        target_profile = load_target_profile(target_profile)  # so does a bad profile
     return compile_traced(trace_model(model, example_inputs, output), labels, loss, optimizer, trainable, scheme=scheme,
-                          label_smoothing=label_smoothing, name=name, preprocess=preprocess, optimize=optimize)
+                          label_smoothing=label_smoothing, name=name, preprocess=preprocess, optimize=optimize,
+                          target_profile=target_profile)
 
 
 def compile_traced(tm: TracedModel, labels: Any = None, loss: str = "cross_entropy",
                    optimizer: str | dict[str, Any] = "sgd", trainable: str | Iterable[str] | None = None, *,
                    scheme: str | Scheme | dict[str, Any] | None = None, label_smoothing: float = 0.0,
                    name: str | None = None, preprocess: str | dict[str, Any] | None = None,
-                   optimize: bool = True, choose_lowering: Chooser = default_lowering) -> Artifact:
+                   optimize: bool = True, choose_lowering: Chooser | None = None,
+                   target_profile: str | dict[str, Any] | TargetProfile | None = None) -> Artifact:
     """`compile` of an already traced model (see `trace_model`); the arguments mean the same.
 
-    choose_lowering: picks each node's lowering among those its op offers (passes/lowerings.py); the
-    default keeps every op's default lowering."""
+    choose_lowering: picks each node's lowering among those its op offers (passes/lowerings.py); by
+    default the target profile's choice, else `pockprop.compiler.target.fallback_chooser()`'s."""
     loss_op = _check_options(loss, label_smoothing, trainable, scheme)
+    target = None if target_profile is None else load_target_profile(target_profile)
+    if choose_lowering is None:
+        choose_lowering = chooser_for(target)
     opt = parse_optimizer(optimizer)
     spec = load_scheme(scheme) if scheme is not None else None
     traced = tm.traced
@@ -185,6 +197,7 @@ def compile_traced(tm: TracedModel, labels: Any = None, loss: str = "cross_entro
         train_graph=train,
         preprocess=_preprocess(preprocess, traced),
         scheme=resolved,
+        lowerings=record_lowerings(train, target),
     )
 
 

@@ -14,7 +14,9 @@ from pockprop.compiler.artifact import Artifact
 from pockprop.compiler.cost import node_macs
 from pockprop.emit.onnx import TOP as TOP_MODULE
 from pockprop.ir import Phase, module_of
+from pockprop.ops.registry import lowering_of
 from pockprop.passes.base import nbytes
+from pockprop.passes.lowerings import with_choice
 from pockprop.passes.memory_plan import kept_for_backward, plan_memory
 
 from pockprop.artifact.contract import StateRole
@@ -65,6 +67,10 @@ def summarize(art: Artifact) -> dict[str, Any]:
                 per[u.layer.path]["update"] = u.kind
     for layer, row in per.items():
         row.setdefault("update", "trained" if row["trainable_params"] else "frozen")
+    for node, options, _ in with_choice(g):  # only where an op had a choice
+        layer = _layer_of(node.module, layer_paths)
+        if layer is not None:
+            per[layer].setdefault("lowerings", {})[node.op] = lowering_of(node) or options[0]
     plan = plan_memory(g)
     total = sum(art.parameter_count.values())
     return {
@@ -103,6 +109,12 @@ def format_report(report: dict[str, Any], name: str = "") -> str:
     lines = [f"compile report{' for ' + name if name else ''}:"]
     lines += ["  " + "  ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(x, widths)))
               for x in rows]
+    chosen = {layer: row["lowerings"] for layer, row in s["layers"].items() if row.get("lowerings")}
+    if chosen:
+        lines.append("  lowering per layer (where an op had a choice):")
+        width = max(map(len, chosen))
+        lines += [f"    {layer.ljust(width)}  " + "  ".join(f"{op}={name}" for op, name in ops.items())
+                  for layer, ops in chosen.items()]
     lines.append(f"  trainable  {s['trainable_params']:,} / {s['total_params']:,} ({s['trainable_percent']:.2f}%)"
                  f"   full: {f['trainable_params']:,}   ratio {r['trainable_params']:.3f}")
     lines.append(f"  backward MACs  {gm(s['backward_macs'])}   full: {gm(f['backward_macs'])}"

@@ -6,7 +6,7 @@ The pass only records the choice in the node's attrs["lowering"]; values are the
 """
 from __future__ import annotations
 
-from typing import Mapping, Protocol
+from typing import Iterator, Mapping, Protocol
 
 from pockprop.ir import Graph, Node, TensorType
 from pockprop.ops import get_op
@@ -25,15 +25,20 @@ def default_lowering(key: str, node: Node, options: tuple[str, ...], types: Mapp
     return options[0]
 
 
+def with_choice(graph: Graph) -> Iterator[tuple[Node, tuple[str, ...], str]]:
+    """Each node with more than one valid lowering, its options (default first) and its lowering key."""
+    for node in list(graph.nodes):
+        options = get_op(node.op).lowering_options(graph.types, node)
+        if len(options) >= 2:
+            yield node, tuple(options), lowering_key(graph.types, node)
+
+
 def choose_lowerings(graph: Graph, choose: Chooser = default_lowering) -> PassResult:
     """Set attrs["lowering"] on each node with more than one valid lowering, as `choose` decides."""
     g = graph.copy()
     changed = False
-    for node in list(g.nodes):
-        options = get_op(node.op).lowering_options(g.types, node)
-        if len(options) < 2:
-            continue
-        pick = choose(lowering_key(g.types, node), node, options, g.types)
+    for node, options, key in with_choice(g):
+        pick = choose(key, node, options, g.types)
         if pick not in options:
             raise ValueError(f"lowering {pick!r} is not one of {options} for {node!r}")
         if pick != (lowering_of(node) or options[0]):

@@ -24,6 +24,7 @@ from pockprop.runtime import checkpoint, guard
 from pockprop.errors import ArtifactError, CheckpointError, DataError, Interrupted
 from pockprop.runtime.loop import fit
 from pockprop.artifact.manifest import open_artifact, pack
+from pockprop.artifact.tuning import describe_lowerings
 from pockprop.runtime.inputs import example as example_inputs
 from pockprop.runtime.progress import Progress
 from pockprop.runtime.runlog import RunLog
@@ -286,6 +287,8 @@ def inspect_command(args: argparse.Namespace) -> int:
            "optimizer": m.optimizer, "lr": {"name": m.lr.name, "initial": m.lr.initial}, "trainable": m.trainable,
            "scheme": m.scheme, "state": state, "batch_size": trainer.batch_size,
            "preprocessing": trainer.pipeline.describe()}
+    if m.lowerings is not None:  # compiled where ops had a choice of lowering, or with a target profile
+        doc["lowerings"] = m.lowerings
     if args.checkpoint_dir:
         doc["checkpoint"] = {"path": checkpoint.path_of(args.checkpoint_dir), "steps": trainer.steps,
                              "rejected": trainer.rejected, "schedule": trainer.schedule.to_json(),
@@ -304,6 +307,8 @@ def inspect_command(args: argparse.Namespace) -> int:
         where = f" slice axis {e['slice']['axis']} [{e['slice']['start']}:{e['slice']['stop']}] of {e['full_shape']}" \
             if "slice" in e else ""
         lines.append(f"    {e['role']:9s} {e['name']}: {e['dtype']}{e['shape']}{where}")
+    if m.lowerings is not None:
+        lines.append(f"  lowerings: {describe_lowerings(m.lowerings)}")
     for name, info in doc["files"].items():
         lines.append(f"  file {name}: {info['bytes']:,} bytes")
     if REPORT_FILE in bundle.files:  # written by `pockprop compile --report`

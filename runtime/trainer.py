@@ -13,6 +13,7 @@ same (its loss crept up, its weights grew) is never written to a checkpoint.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, Mapping
 
 import numpy as np
@@ -20,7 +21,7 @@ import onnxruntime as ort
 
 from pockprop.runtime import checkpoint, data, export, guard, inputs
 from pockprop.runtime.session import CPU, providers_for, session
-from pockprop.artifact import onnx_wire, safetensors
+from pockprop.artifact import onnx_wire, safetensors, tuning
 from pockprop.artifact.contract import BY_ORT, Manifest, StateRole, StateSpec, TensorSpec
 from pockprop.errors import ArtifactError, CheckpointError, DataError, TrainingFailed
 from pockprop.artifact.manifest import Bundle, DirectoryFiles, Watched, open_artifact
@@ -133,6 +134,9 @@ class Trainer:
         except ValueError as ex:
             raise ArtifactError(f"{where}: {ex}") from None
         _check_state(state, bundle.manifest.state, where)
+        note = tuning.mismatch(bundle.manifest.lowerings, threads, ort.__version__)
+        if note is not None:
+            warnings.warn(note, tuning.TuningMismatch, stacklevel=2)
         return cls(bundle, state, threads, provider)
 
     # -- validation ------------------------------------------------------------------------------

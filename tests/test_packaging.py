@@ -75,6 +75,8 @@ def test_wheel_holds_pockprop_only(wheel: Path) -> None:
     assert expected <= set(names), sorted(expected - set(names))
     assert {n for n in names if n.endswith(".py")} == expected, "the wheel holds Python files the checkout has not"
     assert "pockprop/py.typed" in names
+    shipped = {f"pockprop/compiler/profiles/{f.name}" for f in (ROOT / "compiler" / "profiles").glob("*.json")}
+    assert len(shipped) >= 2 and shipped <= set(names), "the target profiles are package data"
 
 
 def test_wheel_metadata(wheel: Path) -> None:
