@@ -20,6 +20,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                  "features, the builder's own for one of token ids)")
     b.add_argument("--scheme", default="sparse", help="scheme preset or YAML file (see docs/schemes.md); several, "
                                                       "comma-separated, are measured in one interleaved run")
+    b.add_argument("--lowerings", metavar="CHOICES",
+                   help="also measure every scheme's artifact compiled with these lowering choices, comma-separated: "
+                        "'default' (each op's default lowering), 'cost' (the cost model), or a target profile (a "
+                        "path, 'default-profile' or a shipped name such as x86_64; docs/tuning.md); rows "
+                        "pockprop-SCHEME@CHOICE beside pockprop-SCHEME (compiled as `pockprop compile` does)")
     b.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"], help="optimizer of every training row")
     b.add_argument("--lr", type=cli_args.learning_rate, help="learning rate (default: the optimizer's)")
     b.add_argument("--batch", type=cli_args.positive_int, default=8, help="batch size")

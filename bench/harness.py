@@ -109,6 +109,25 @@ def schemes_of(text: str) -> list[str]:
     return out
 
 
+def lowering_variants(text: str | None) -> dict[str, Any]:
+    """--lowerings' choices by row label: 'default' (each op's default lowering), 'cost' (the cost model), or a
+    target profile (a path or a shipped name; its label is the file's name without .json)."""
+    from pockprop.compiler.lowering_cost import cost_model_lowering
+    from pockprop.compiler.target import chooser_for, load_target_profile
+    from pockprop.passes.lowerings import default_lowering
+
+    out: dict[str, Any] = {}
+    for item in [t.strip() for t in (text or "").split(",") if t.strip()]:
+        if item == "default":
+            out[item] = default_lowering
+        elif item == "cost":
+            out[item] = cost_model_lowering
+        else:
+            profile = load_target_profile("default" if item == "default-profile" else item)
+            out[os.path.basename(item).removesuffix(".json")] = chooser_for(profile)
+    return out
+
+
 def _prepare(args: Any, workdir: str) -> tuple[list[Config], dict[str, Any]]:
     """Compile the artifacts and the peers' forward model; return the configurations."""
     import dataclasses
@@ -141,6 +160,10 @@ def _prepare(args: Any, workdir: str) -> tuple[list[Config], dict[str, Any]]:
     traced = trace_model(model, (x,))
     arts = {s: compile_traced(traced, optimizer=opt, scheme=s) for s in dict.fromkeys(schemes + ["full"])}
     compile_s = time.perf_counter() - t0
+    variants = lowering_variants(getattr(args, "lowerings", None))
+    for label, choose in variants.items():  # the same schemes, other lowerings: rows pockprop-SCHEME@LABEL
+        arts |= {f"{s}@{label}": compile_traced(traced, optimizer=opt, scheme=s, choose_lowering=choose)
+                 for s in dict.fromkeys(schemes + ["full"])}
     dirs = {s: art.save(os.path.join(workdir, "artifact-" + s.replace(":", "-").replace(os.sep, "_")))
             for s, art in arts.items()}
     full = arts["full"]
@@ -172,6 +195,11 @@ def _prepare(args: Any, workdir: str) -> tuple[list[Config], dict[str, Any]]:
     for s in dict.fromkeys(schemes + ["full"]):
         cfgs.append(Config(f"pockprop-{s}", "pockprop", f"pockprop artifact, scheme {s}, runtime.Trainer",
                            {**base, "artifact": dirs[s]}, memory_baseline="ort-infer"))
+    for label in variants:
+        for s in dict.fromkeys(schemes + ["full"]):
+            cfgs.append(Config(f"pockprop-{s}@{label}", "pockprop", f"pockprop artifact, scheme {s}, lowerings: "
+                               f"{label}, runtime.Trainer", {**base, "artifact": dirs[f"{s}@{label}"]},
+                               memory_baseline="ort-infer"))
     cfgs.append(Config("torch-infer", "torch-infer", "PyTorch eager forward only (no_grad)", dict(base)))
     cfgs.append(Config("torch-full", "torch-train", "PyTorch eager, full backprop", {**base, "trainable": None},
                        memory_baseline="torch-infer"))
@@ -381,6 +409,21 @@ def targets(rows: list[dict[str, Any]], cfgs: dict[str, Config], schemes: str | 
     return out
 
 
+def lowering_targets(cfgs: dict[str, Config]) -> list[dict[str, Any]]:
+    """With --lowerings default,...: each other choice's row is never slower than the same scheme with each
+    op's default lowering (issue 16: a tuned profile never slower than the lowering it replaces)."""
+    out = []
+    for name, c in cfgs.items():
+        row, _, label = name.partition("@")
+        base = cfgs.get(f"{row}@default")
+        if c.kind != "pockprop" or not label or label == "default" or base is None:
+            continue
+        ratio = _ratio(c, base)
+        out.append({"row": name, "baseline": base.name, "what": "time", "limit": 1.0, "at_least": False,
+                    "ratio": ratio, "met": None if ratio is None else ratio <= 1.0})
+    return out
+
+
 def _result(args: Any, cfgs: list[Config], meta: dict[str, Any]) -> dict[str, Any]:
     by = {c.name: c for c in cfgs}
     tokens = meta.get("tokens_per_step")
@@ -412,7 +455,7 @@ def _result(args: Any, cfgs: list[Config], meta: dict[str, Any]) -> dict[str, An
         "machine": {"platform": platform.platform(), "machine": platform.machine(), "cpus": os.cpu_count(),
                     "python": platform.python_version()},
         "configs": rows,
-        "targets": targets(rows, by, meta["schemes"], bool(tokens)),
+        "targets": targets(rows, by, meta["schemes"], bool(tokens)) + lowering_targets(by),
     }
 
 

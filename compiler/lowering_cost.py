@@ -1,6 +1,6 @@
 """The cost model: a Chooser (passes/lowerings.py) that picks each node's lowering from its shapes alone.
 
-It stands in where no profile measured on the target exists. Its rule was fitted to standalone timings
+It stands in where no profile measured on the target exists: the compile default. Its rule was fitted to standalone timings
 of every lowering at ResNet-18 and MobileNetV2 layer shapes (batch 8, 128x128, onnxruntime on 2 x86-64
 threads: experiments/lowering_times.py; the numbers are in docs/benchmarks.md, "Backward-op lowerings"),
 keeping the default wherever an alternative did not win clearly and repeatedly:

@@ -20,17 +20,18 @@ from typing import Any, Mapping
 from pockprop.artifact.tuning import Profile, machine, op_of
 from pockprop.errors import CompileError
 from pockprop.ir import Graph, Node, TensorType
+from pockprop.compiler.lowering_cost import cost_model_lowering
 from pockprop.ops.registry import get_op, lowering_of
-from pockprop.passes.lowerings import Chooser, default_lowering, with_choice
+from pockprop.passes.lowerings import Chooser, with_choice
 
 PROFILES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "profiles")
 DEFAULT = "default"  # --target-profile default: the shipped profile of the compiling machine's architecture
 
 
 def fallback_chooser() -> Chooser:
-    """What picks a lowering where no measurement says: the cost model's place. Until there is one, each
-    op's default lowering (what every artifact had before lowerings could be chosen)."""
-    return default_lowering
+    """What picks a lowering where no measurement says: the cost model (compiler/lowering_cost.py), fitted to
+    standalone timings on x86-64 and never slower on whole steps there (docs/benchmarks.md)."""
+    return cost_model_lowering
 
 
 def shipped() -> list[str]:

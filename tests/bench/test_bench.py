@@ -153,3 +153,24 @@ def test_bench_transformer_rows(tmp_path):
     assert "tokens/s" in markdown_table(result).splitlines()[0]
     assert any(line.startswith("pockprop-sparse vs torch-full (tokens/s):") and "target >= 4x" in line
                for line in targets_lines(result))
+
+
+def test_lowering_variants_and_their_targets():
+    """--lowerings: each choice becomes a chooser; each non-default row is held to <= 1.0x the same scheme with
+    each op's default lowering (median of per-round ratios)."""
+    from pockprop.bench.harness import Config, lowering_targets, lowering_variants
+    from pockprop.compiler.lowering_cost import cost_model_lowering
+    from pockprop.passes.lowerings import default_lowering
+
+    v = lowering_variants("default, cost,x86_64")
+    assert list(v) == ["default", "cost", "x86_64"]
+    assert v["default"] is default_lowering and v["cost"] is cost_model_lowering
+    assert lowering_variants(None) == {}
+    with pytest.raises(Exception, match="profile"):
+        lowering_variants("no-such-profile.json")
+    cfgs = {n: Config(n, "pockprop", "", {}, rounds=r) for n, r in (
+        ("pockprop-full@default", [2.0, 2.0, 2.0]), ("pockprop-full@cost", [1.0, 3.0, 1.5]),
+        ("pockprop-full", [1.0, 1.0, 1.0]))}
+    cfgs["pockprop-sparse@peer-ort"] = Config("pockprop-sparse@peer-ort", "pockprop-peer-ort", "", {}, rounds=[1.0])
+    (t,) = lowering_targets(cfgs)
+    assert (t["row"], t["baseline"], t["ratio"], t["met"]) == ("pockprop-full@cost", "pockprop-full@default", 0.75, True)

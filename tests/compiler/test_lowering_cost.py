@@ -13,7 +13,7 @@ from pockprop.compiler.compile import compile_traced, trace_model
 from pockprop.compiler.lowering_cost import MIN_DEPTHWISE_PIXELS, cost_model_lowering
 from pockprop.ir import Graph, Node, TensorType
 from pockprop.ops.conv import conv_out_size
-from pockprop.passes.lowerings import choose_lowerings, chosen
+from pockprop.passes.lowerings import choose_lowerings, chosen, default_lowering
 from pockprop.runtime.trainer import Trainer
 
 
@@ -82,7 +82,7 @@ def test_cost_model_step_trains_like_the_default(tmp_path):  # type: ignore[no-u
     y = np.array([1, 3])
     tm = trace_model(_Tiny(), (x,))
     opt = {"name": "sgd", "lr": 0.1, "momentum": 0.9}
-    default = compile_traced(tm, optimizer=opt)
+    default = compile_traced(tm, optimizer=opt, choose_lowering=default_lowering)
     model = compile_traced(tm, optimizer=opt, choose_lowering=cost_model_lowering)
     counts = [collections.Counter(n.op_type for n in onnx.load_from_string(a.files()["train_step.onnx"]).graph.node)
               for a in (default, model)]
