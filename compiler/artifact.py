@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 
 from pockprop.artifact import contract, safetensors
-from pockprop.artifact.contract import Graphs, LearningRate, Manifest, Outputs, StateRole, SliceSpec, StateSpec, TensorSpec
+from pockprop.artifact.contract import AdapterSpec, Graphs, LearningRate, Manifest, Outputs, StateRole, SliceSpec, StateSpec, TensorSpec
 from pockprop.artifact.durable import write_atomic
 from pockprop.artifact.external import ExternalArrays
 
@@ -107,6 +107,7 @@ class Artifact:
     source: dict[str, Any] | None = None  # how to rebuild the model (manifest "source", optional; pockprop search)
     input_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)  # integer inputs used as indices
     external: ExternalArrays | None = None  # the graphs' initializers kept in external files (large models)
+    adapters: list[AdapterSpec] = field(default_factory=list)  # LoRA adapters (compiler/lora.py)
 
     @property
     def trainable_count(self) -> int:
@@ -146,6 +147,7 @@ class Artifact:
             loss=self.loss,
             optimizer=self.optimizer.to_json(),
             source=self.source or None,
+            adapters=list(self.adapters),
         )
 
     def contents(self) -> dict[str, Callable[[], Iterable[bytes | memoryview]]]:
