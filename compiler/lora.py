@@ -254,7 +254,12 @@ def _peft_layer(graph: Graph, a: str) -> tuple[Adapter, list[Node]]:
     return Adapter(spec, graph.constants[a], graph.constants[b], base), [na, nb, mul, add]
 
 
-def describe(adapters: list[AdapterSpec], counts: dict[str, int]) -> list[dict[str, Any]]:
-    """The report's rows: per adapted layer, its kind, rank, scale and trained elements."""
-    return [{"layer": module_of(ad.weight), "kind": ad.kind, "r": counts[ad.a] // math.prod(ad.expected_shapes(1)[0]),
-             "scale": ad.scale, "params": counts[ad.a] + counts[ad.b]} for ad in adapters]
+def describe(adapters: list[AdapterSpec], counts: dict[str, int], total: int) -> list[dict[str, Any]]:
+    """The report's rows: per adapted layer, its kind, rank, scale, trained elements and their share of
+    the model's `total` parameters (`counts`: elements per trained tensor)."""
+    rows = []
+    for ad in adapters:
+        n = counts[ad.a] + counts[ad.b]
+        rows.append({"layer": module_of(ad.weight), "kind": ad.kind, "scale": ad.scale, "params": n,
+                     "r": counts[ad.a] // math.prod(ad.expected_shapes(1)[0]), "percent": 100.0 * n / max(total, 1)})
+    return rows

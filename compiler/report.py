@@ -12,6 +12,7 @@ from typing import Any
 
 from pockprop.compiler.artifact import Artifact
 from pockprop.compiler.cost import node_macs
+from pockprop.compiler.lora import describe as describe_adapters
 from pockprop.emit.onnx import TOP as TOP_MODULE
 from pockprop.ir import Phase, module_of
 from pockprop.passes.base import nbytes
@@ -38,8 +39,9 @@ def summarize(art: Artifact) -> dict[str, Any]:
     trainable = {s.name: int(s.initial.size) for s in art.state if s.role == StateRole.PARAM}
     per: dict[str, dict[str, Any]] = {
         l: {"trainable_params": 0, "forward_macs": 0, "backward_macs": 0, "kept_bytes": 0} for l in layer_paths}
+    layer_of = {n: module_of(ad.weight) for ad in art.adapters for n in (ad.a, ad.b)}  # A, B count for W's layer
     for p, n in trainable.items():
-        per[module_of(p) or TOP_MODULE]["trainable_params"] += n
+        per[layer_of.get(p) or module_of(p) or TOP_MODULE]["trainable_params"] += n
     for node in g.nodes:
         layer = _layer_of(node.module, layer_paths)
         if layer is None:
@@ -63,6 +65,8 @@ def summarize(art: Artifact) -> dict[str, Any]:
         for u in art.scheme.updates:
             if u.layer.path in per:
                 per[u.layer.path]["update"] = u.kind
+    for ad in art.adapters:
+        per[module_of(ad.weight)].setdefault("update", "lora")
     for layer, row in per.items():
         row.setdefault("update", "trained" if row["trainable_params"] else "frozen")
     plan = plan_memory(g)
@@ -77,6 +81,7 @@ def summarize(art: Artifact) -> dict[str, Any]:
         "kept_bytes": plan.kept_for_backward_bytes,
         "peak_bytes": plan.peak_bytes,
         "peak_breakdown": plan.breakdown,
+        "adapters": describe_adapters(art.adapters, trainable, total),
     }
 
 
@@ -103,6 +108,9 @@ def format_report(report: dict[str, Any], name: str = "") -> str:
     lines = [f"compile report{' for ' + name if name else ''}:"]
     lines += ["  " + "  ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(x, widths)))
               for x in rows]
+    for ad in s.get("adapters", []):
+        lines.append(f"  lora {ad['layer']}: {ad['kind']} r={ad['r']} scale={ad['scale']:g}, {ad['params']:,} "
+                     f"parameters ({ad['percent']:.3f}% of the model)")
     lines.append(f"  trainable  {s['trainable_params']:,} / {s['total_params']:,} ({s['trainable_percent']:.2f}%)"
                  f"   full: {f['trainable_params']:,}   ratio {r['trainable_params']:.3f}")
     lines.append(f"  backward MACs  {gm(s['backward_macs'])}   full: {gm(f['backward_macs'])}"
