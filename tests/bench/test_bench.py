@@ -153,3 +153,21 @@ def test_bench_transformer_rows(tmp_path):
     assert "tokens/s" in markdown_table(result).splitlines()[0]
     assert any(line.startswith("pockprop-sparse vs torch-full (tokens/s):") and "target >= 4x" in line
                for line in targets_lines(result))
+
+
+def test_bench_lora_rows(tmp_path):
+    """--lora adds pockprop's LoRA step and PyTorch + peft's on the same layers, and their tokens/s target."""
+    pytest.importorskip("peft")
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--model", "llama_small", "--model-kwargs", TINY_LLAMA, "--scheme", "full",
+               "--lora", "r=2,alpha=4,targets=q_proj,v_proj", "--optimizer", "adamw", "--batch", "2", "--seq-len", "8",
+               "--rounds", "2", "--warmup", "0", "--steps", "1", "--threads", "1", "--no-peers", "--quiet",
+               "--json", str(out), "--workdir", str(tmp_path / "work"),
+               "--configs", "pockprop-lora", "torch+peft", "torch-infer"])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    rows = {r["name"]: r for r in result["configs"]}
+    assert rows["pockprop-lora"]["status"] == rows["torch+peft"]["status"] == "ok"
+    assert result["lora"]["targets"] == ["q_proj", "v_proj"] and result["lora"]["trainable_count"] > 0
+    (t,) = [t for t in result["targets"] if t["baseline"] == "torch+peft"]
+    assert t["row"] == "pockprop-lora" and t["what"] == "tokens/s" and t["met"] == (t["ratio"] >= 1.5)
