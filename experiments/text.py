@@ -67,7 +67,7 @@ class Config:
     # the `lora` row: compile(lora=...) on the attention's q and v projections (docs/peft.md); adapters
     # start at B = 0 and learn from scratch, so their learning-rate grid sits higher than the others'
     lora: tuple[tuple[str, Any], ...] = (("r", 8), ("alpha", 16), ("targets", ("q_proj", "v_proj")))
-    lora_lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
+    lora_lrs: tuple[float, ...] = (3e-3, 1e-2, 3e-2)
     threads: int | None = 2  # onnxruntime intra-op threads and PyTorch threads
     max_chars: int | None = None  # the corpus cut to this many characters per domain (smoke runs)
 

@@ -77,6 +77,19 @@ def _peft_twin(build, art, targets: list[str]) -> nn.Module:  # type: ignore[no-
     return model
 
 
+def _torch_losses(ref: nn.Module, batches, opt: dict) -> list[float]:  # type: ignore[no-untyped-def, type-arg]
+    """A step of torch's optimizer per batch on the parameters of `ref` that require grad; the losses."""
+    optim = torch_optimizer(opt, [p for p in ref.parameters() if p.requires_grad])
+    out = []
+    for x, y in batches:
+        optim.zero_grad()
+        loss = nn.functional.cross_entropy(ref(x), y)
+        loss.backward()
+        optim.step()
+        out.append(loss.item())
+    return out
+
+
 @pytest.mark.parametrize("opt", OPTIMIZERS, ids=lambda o: o["name"])
 @pytest.mark.parametrize("model,shape,targets", [
     (_block, (N, T, D_IN), ["q_proj", "v_proj"]),
@@ -92,16 +105,7 @@ def test_lora_steps_match_peft(model, shape, targets, opt, tmp_path) -> None:  #
     losses = [trainer.step(x.numpy(), y.numpy()) for x, y in batches]
 
     ref = _peft_twin(model, art, targets)
-    trained = [p for p in ref.parameters() if p.requires_grad]
-    optim = torch_optimizer(opt, trained)
-    ref_losses = []
-    for x, y in batches:
-        optim.zero_grad()
-        loss = nn.functional.cross_entropy(ref(x), y)
-        loss.backward()
-        optim.step()
-        ref_losses.append(loss.item())
-    np.testing.assert_allclose(losses, ref_losses, rtol=1e-4)
+    np.testing.assert_allclose(losses, _torch_losses(ref, batches, opt), rtol=1e-4)
     for name, p in ref.named_parameters():
         if p.requires_grad:
             ours = _ours(name)
@@ -173,15 +177,7 @@ def test_lora_with_a_scheme_trains_the_union(how: str, tmp_path) -> None:  # typ
     for name, p in ref.named_parameters():
         ours = _ours(name)
         p.requires_grad_(ours in names)
-    optim = torch_optimizer(OPTIMIZERS[1], [p for p in ref.parameters() if p.requires_grad])
-    ref_losses = []
-    for x, y in batches:
-        optim.zero_grad()
-        loss = nn.functional.cross_entropy(ref(x), y)
-        loss.backward()
-        optim.step()
-        ref_losses.append(loss.item())
-    np.testing.assert_allclose(losses, ref_losses, rtol=1e-4)
+    np.testing.assert_allclose(losses, _torch_losses(ref, batches, OPTIMIZERS[1]), rtol=1e-4)
     np.testing.assert_allclose(trainer.state["head.weight"], ref.base_model.model.head.weight.detach().numpy(),
                                rtol=1e-4, atol=1e-6)
 
