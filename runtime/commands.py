@@ -284,7 +284,8 @@ def inspect_command(args: argparse.Namespace) -> int:
            "files": {n: {"bytes": len(b), "sha256": m.files[n]} for n, b in bundle.files.items()},
            "data": [d.to_json() for d in m.data], "labels": m.labels.to_json(), "loss": m.loss,
            "optimizer": m.optimizer, "lr": {"name": m.lr.name, "initial": m.lr.initial}, "trainable": m.trainable,
-           "scheme": m.scheme, "state": state, "batch_size": trainer.batch_size,
+           "scheme": m.scheme, "adapters": [a.to_json() for a in m.adapters], "state": state,
+           "batch_size": trainer.batch_size,
            "preprocessing": trainer.pipeline.describe()}
     if args.checkpoint_dir:
         doc["checkpoint"] = {"path": checkpoint.path_of(args.checkpoint_dir), "steps": trainer.steps,
@@ -304,6 +305,8 @@ def inspect_command(args: argparse.Namespace) -> int:
         where = f" slice axis {e['slice']['axis']} [{e['slice']['start']}:{e['slice']['stop']}] of {e['full_shape']}" \
             if "slice" in e else ""
         lines.append(f"    {e['role']:9s} {e['name']}: {e['dtype']}{e['shape']}{where}")
+    for a in m.adapters:  # LoRA: merged into the weight for predict, eval and export
+        lines.append(f"  lora {a.kind} {a.weight}{list(a.shape)} += {a.scale:g} * {a.b} @ {a.a}")
     for name, info in doc["files"].items():
         lines.append(f"  file {name}: {info['bytes']:,} bytes")
     if REPORT_FILE in bundle.files:  # written by `pockprop compile --report`

@@ -252,3 +252,26 @@ def test_the_manifest_checks_its_adapters(tmp_path) -> None:  # type: ignore[no-
         with pytest.raises(ArtifactError, match=msg):
             Manifest.from_json(bad, "m")
     assert Manifest.from_json({k: v for k, v in doc.items() if k != "adapters"}, "m").adapters == []
+
+
+def test_export_and_inspect_commands_merge(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """`pockprop export --checkpoint-dir` writes the merged model of the trained state; inspect lists the adapter."""
+    from pockprop.cli import main
+
+    batches = _batches((N, T, D_IN))
+    art = compile(_block(), batches[0][0], labels=batches[0][1], optimizer=OPTIMIZERS[0],
+                  lora={"r": 2, "alpha": 4, "targets": ["v_proj"]})
+    trainer = Trainer.load(art.save(str(tmp_path / "a")), threads=1)
+    for x, y in batches:
+        trainer.step(x.numpy(), y.numpy())
+    trainer.save_checkpoint(str(tmp_path / "ck"))
+    out = tmp_path / "m.onnx"
+    assert main(["export", str(tmp_path / "a"), "--checkpoint-dir", str(tmp_path / "ck"), "-o", str(out)]) == 0
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    x = batches[1][0].numpy()
+    exported = sess.run(None, {"x": x})[0]
+    np.testing.assert_allclose(exported, trainer.predict(x), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(exported, Trainer.load(str(tmp_path / "a")).predict(x)), "the trained adapter is merged"
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "a")]) == 0
+    assert "lora linear v_proj.weight[7, 7] += 2 * v_proj.lora_B.weight @ v_proj.lora_A.weight" in capsys.readouterr().out
