@@ -91,7 +91,7 @@ bench-lora: $(STAMP)
 	    --configs ort-infer pockprop-lora pockprop-full torch-infer torch-full torch+peft --json out/bench/llama_small-lora.json
 
 # Text fine-tuning through the device runtime (docs/accuracy.md, "Text"): a tiny Llama pre-trained in PyTorch on
-# pydoc_data.topics' Language Reference, fine-tuned on its Library Reference with full, sparse and last-k:1.
+# pydoc_data.topics' Language Reference, fine-tuned on its Library Reference with full, sparse, last-k:1 and LoRA.
 # ARGS=--quick: a smoke run (out/text-quick, doc untouched).
 text: $(STAMP)
 	$(BIN)/python -m experiments.text $(ARGS)

@@ -1,4 +1,4 @@
-"""`make text`: fine-tune a tiny Llama on real text through the device runtime, full vs sparse schemes.
+"""`make text`: fine-tune a tiny Llama on real text through the device runtime, full vs sparse schemes and LoRA.
 
 The corpus is Python's own reference documentation as the standard library ships it (`pydoc_data.topics`,
 the text `help('TOPIC')` shows): no download, no extra package, and a domain shift inside one corpus. The
