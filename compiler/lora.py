@@ -155,7 +155,7 @@ def plan(spec: LoraSpec, graph: Graph, parameters: list[str], taken: set[str]) -
 
 def _check_layer(graph: Graph, node: Node, w: str, path: str, taken: set[str]) -> None:
     if w in taken:
-        raise CompileError(f"lora: {path} already has an adapter or is trained whole; train one or the other")
+        raise CompileError(f"lora: {path} already has an adapter or is trained (trainable or scheme); train one or the other")
     if node.attrs.get("weight_in_out"):
         raise CompileError(f"lora: {path} keeps its weight (in, out) (Hugging Face Conv1D); not supported")
     if node.op == "conv2d" and node.attrs.get("groups", 1) != 1:

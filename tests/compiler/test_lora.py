@@ -215,7 +215,7 @@ def test_refusals() -> None:
         compile_traced(tm, lora={"r": 2, "targets": ["q_proj", "k_proj"]})
     with pytest.raises(CompileError, match="dropout"):
         compile_traced(tm, lora={"r": 2, "targets": ["q_proj"], "dropout": 0.1})
-    with pytest.raises(CompileError, match="trained whole"):
+    with pytest.raises(CompileError, match="is trained"):
         compile_traced(tm, trainable="q_proj.weight", lora={"r": 2, "targets": ["q_proj"]})
     with pytest.raises(CompileError, match="depthwise"):
         compile(ConvNet(), torch.randn(2, 3, 6, 6), lora={"r": 2, "targets": ["dw"]})
@@ -275,3 +275,19 @@ def test_export_and_inspect_commands_merge(tmp_path, capsys) -> None:  # type: i
     capsys.readouterr()
     assert main(["inspect", str(tmp_path / "a")]) == 0
     assert "lora linear v_proj.weight[7, 7] += 2 * v_proj.lora_B.weight @ v_proj.lora_A.weight" in capsys.readouterr().out
+
+
+def test_a_peft_conv_model_exports_merged(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """peft's Conv2d LoRA (a conv to r channels, then a 1x1 conv) is recognised as a conv2d adapter; after
+    training, the exported model's merged kernel predicts what peft's unmerged model predicts."""
+    torch.manual_seed(0)
+    model = peft.get_peft_model(ConvNet(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["conv"]))
+    batches = _batches((N, 3, 6, 6))
+    art = compile(model, batches[0][0], labels=batches[0][1], optimizer=OPTIMIZERS[0])
+    assert [(a.kind, a.weight) for a in art.adapters] == [("conv2d", "base_model.model.conv.base_layer.weight")]
+    trainer = Trainer.load(art.save(str(tmp_path / "a")), threads=1)
+    for x, y in batches:
+        trainer.step(x.numpy(), y.numpy())
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in trainer.state.items()}, strict=False)
+    x = batches[0][0]
+    _check_merged_export(trainer, x.numpy(), tmp_path, model(x).detach().numpy())
