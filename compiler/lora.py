@@ -173,6 +173,8 @@ def insert(graph: Graph, adapters: list[Adapter]) -> Graph:
     """`graph` (changed and returned) with each adapter's branch after its layer: the layer's output
     value is renamed and `y = base + scale * B(A x)` takes its name, so every reader sees the adapted
     value. A and B become constants (compile lifts them); W is untouched."""
+    if not adapters:
+        return graph
     by_node = {ad.node: ad for ad in adapters}
     nodes = list(graph.nodes)
     graph.nodes = []
