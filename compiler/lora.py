@@ -155,13 +155,14 @@ def plan(spec: LoraSpec, graph: Graph, parameters: list[str], taken: set[str]) -
 
 def _check_layer(graph: Graph, node: Node, w: str, path: str, taken: set[str]) -> None:
     if w in taken:
-        raise CompileError(f"lora: {path} already has an adapter or is trained (trainable or scheme); train one or the other")
+        raise CompileError(f"lora: {path} already has an adapter or is trained (trainable or scheme); "
+                           "train one or the other")
     if node.attrs.get("weight_in_out"):
         raise CompileError(f"lora: {path} keeps its weight (in, out) (Hugging Face Conv1D); not supported")
     if node.op == "conv2d" and node.attrs.get("groups", 1) != 1:
         raise CompileError(f"lora: {path} is a grouped or depthwise conv (groups={node.attrs['groups']}); LoRA "
                            "applies to linear layers and convs with groups=1")
-    users = [n for n in graph.uses(w)]
+    users = graph.uses(w)
     if len(users) != 1:
         raise CompileError(f"lora: the weight of {path} is used by {len(users)} nodes (shared); not supported")
     for name in (f"{path}.lora_A.weight", f"{path}.lora_B.weight"):

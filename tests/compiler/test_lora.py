@@ -3,6 +3,7 @@ gradient, the exported model is merged (no adapter nodes) and predicts what the 
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -113,12 +114,12 @@ def test_lora_steps_match_peft(model, shape, targets, opt, tmp_path) -> None:  #
     _check_merged_export(trainer, batches[0][0].numpy(), tmp_path, ref(batches[0][0]).detach().numpy())
 
 
-def _check_merged_export(trainer: Trainer, x: np.ndarray, tmp_path, expected: np.ndarray) -> None:  # type: ignore[no-untyped-def]
+def _check_merged_export(trainer: Trainer, x: np.ndarray, tmp_path, expected: np.ndarray) -> None:  # type: ignore
     """predict (merged on the fly) and the exported model (merged weights, no adapter nodes) give
     `expected` (the unmerged model's output) to 1e-5."""
     path = trainer.export_inference(str(tmp_path / "model.onnx"))
     sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    inits = {i.name for i in __import__("onnx").load(path).graph.initializer}
+    inits = {i.name for i in onnx.load(path).graph.initializer}
     assert not [n for n in inits if "lora_" in n], "adapter tensors left in the exported model"
     assert len(sess.get_inputs()) == 1
     np.testing.assert_allclose(sess.run(None, {sess.get_inputs()[0].name: x})[0], expected, rtol=1e-5, atol=1e-5)
