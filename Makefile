@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
 JOBS    ?= 2
 
-.PHONY: test demo venv clean test-fast arm-check peers bench bench-transformers accuracy text profiles
+.PHONY: test demo venv clean test-fast arm-check peers bench bench-transformers bench-lora accuracy text profiles
 
 $(STAMP):
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -83,8 +83,15 @@ bench-transformers: $(STAMP)
 	$(TBENCH) --model llama_small --batch 4 --seq-len 128 --rounds 10 --steps 3 --json out/bench/llama_small-b4-t128.json
 	$(TBENCH) --model bert_base4 --batch 4 --seq-len 128 --rounds 6 --steps 2 --json out/bench/bert_base4-b4-t128.json
 
+# A LoRA step (r=8 on q_proj, v_proj) against PyTorch + peft's LoRA on the same Llama (docs/benchmarks.md, "LoRA").
+bench-lora: $(STAMP)
+	mkdir -p out/bench
+	$(BIN)/python -m pockprop bench --model llama_small --batch 4 --seq-len 128 --scheme full --optimizer adamw \
+	    --lora r=8,alpha=16,targets=q_proj,v_proj --no-peers --rounds 8 --steps 2 \
+	    --configs ort-infer pockprop-lora pockprop-full torch-infer torch-full torch+peft --json out/bench/llama_small-lora.json
+
 # Text fine-tuning through the device runtime (docs/accuracy.md, "Text"): a tiny Llama pre-trained in PyTorch on
-# pydoc_data.topics' Language Reference, fine-tuned on its Library Reference with full, sparse and last-k:1.
+# pydoc_data.topics' Language Reference, fine-tuned on its Library Reference with full, sparse, last-k:1 and LoRA.
 # ARGS=--quick: a smoke run (out/text-quick, doc untouched).
 text: $(STAMP)
 	$(BIN)/python -m experiments.text $(ARGS)

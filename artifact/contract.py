@@ -8,11 +8,14 @@ the compiler writes to manifest.json, `Manifest.from_json` is the runtime's stru
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
+
+import numpy as np
 
 from pockprop.errors import ArtifactError
 
@@ -289,6 +292,81 @@ class StateSpec:
                          SliceSpec(sl["axis"], sl["start"], sl["stop"]), tuple(full))
 
 
+ADAPTER_KINDS = ("linear", "conv2d")
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """A LoRA adapter on a frozen weight: the layer computes W x + scale * B(A x); its merged weight is
+    W + scale * B A. `weight` is an initializer (and overridable input) of the inference graph, which holds
+    no adapter nodes; `a` and `b` are param state entries. linear: W (out, in), A (r, in), B (out, r);
+    conv2d: W (out, in, kh, kw), A (r, in, kh, kw) a conv like W's, B (out, r, 1, 1) a 1x1 conv."""
+
+    weight: str
+    a: str
+    b: str
+    scale: float
+    kind: str
+    shape: tuple[int, ...]  # W's
+
+    def merge(self, w: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """W + scale * B A: the one weight that predicts what the adapted layer computes."""
+        delta = b @ a if self.kind == "linear" else np.einsum("or,rikl->oikl", b[:, :, 0, 0], a)
+        return (w + np.asarray(self.scale, w.dtype) * delta.astype(w.dtype)).astype(w.dtype)
+
+    def expected_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The shapes A and B must have for W's shape at rank r."""
+        out, cin = self.shape[0], self.shape[1]
+        if self.kind == "linear":
+            return (r, cin), (out, r)
+        return (r, cin) + tuple(self.shape[2:]), (out, r, 1, 1)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"weight": self.weight, "a": self.a, "b": self.b, "scale": self.scale, "kind": self.kind,
+                "shape": list(self.shape)}
+
+    @classmethod
+    def from_json(cls, d: Any, state: dict[str, "StateSpec"], where: str) -> "AdapterSpec":
+        """One entry of the manifest's `adapters`: A and B name unsliced param entries whose shapes fit W's."""
+        if not isinstance(d, dict) or not all(isinstance(d.get(k), str) for k in ("weight", "a", "b")):
+            raise _fail(where, "adapters: expected objects {weight, a, b, scale, kind, shape}")
+        what = f"adapter of {d['weight']!r}"
+        scale = d.get("scale")
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+            raise _fail(where, f"{what}: scale must be a finite number, got {scale!r:.80}")
+        if d.get("kind") not in ADAPTER_KINDS:
+            raise _fail(where, f"{what}: kind must be one of {', '.join(ADAPTER_KINDS)}, got {d.get('kind')!r:.80}")
+        rank = 2 if d["kind"] == "linear" else 4
+        if not _is_shape(d.get("shape")) or len(d["shape"]) != rank:
+            raise _fail(where, f"{what}: shape must be a {rank}-D shape, got {d.get('shape')!r:.80}")
+        spec = cls(d["weight"], d["a"], d["b"], float(scale), d["kind"], tuple(d["shape"]))
+        if spec.weight in state:
+            raise _fail(where, f"{what}: the adapted weight is frozen, it cannot also be a state entry")
+        for part in (spec.a, spec.b):
+            s = state.get(part)
+            if s is None or s.role != StateRole.PARAM or s.slice is not None:
+                raise _fail(where, f"{what}: {part!r} is not a whole trainable (param) state entry")
+        a, b = state[spec.a].shape, state[spec.b].shape
+        if not a or (a, b) != spec.expected_shapes(a[0]):
+            raise _fail(where, f"{what}: A {list(a)} and B {list(b)} do not fit W {list(spec.shape)} ({spec.kind})")
+        return spec
+
+
+def _adapters(doc: Any, state: list["StateSpec"], where: str) -> list[AdapterSpec]:
+    """The manifest's optional `adapters` ([] when absent): each weight adapted once, A and B used once."""
+    if doc is None:
+        return []
+    if not isinstance(doc, list):
+        raise _fail(where, "adapters: expected a list")
+    by_name = {s.name: s for s in state}
+    specs = [AdapterSpec.from_json(d, by_name, where) for d in doc]
+    names = [n for s in specs for n in (s.weight, s.a, s.b)]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise _fail(where, f"adapters: {', '.join(map(repr, twice))} appear in more than one place")
+    return specs
+
+
 def check_loss(loss: Any, where: str) -> dict[str, Any]:
     """The manifest's `loss` object ({} when absent): a known name, label_smoothing in [0, 1), an integer
     ignore_index; or ArtifactError."""
@@ -361,6 +439,7 @@ class Manifest:
     optimizer: dict[str, Any] | None = None  # the optimizer's settings: displayed only
     source: dict[str, Any] | None = None  # how to rebuild the model (pockprop search); never executed
     lowerings: dict[str, Any] | None = None  # target profile used, lowering per node (docs/tuning.md): displayed only
+    adapters: list[AdapterSpec] = field(default_factory=list)  # LoRA adapters the runtime merges into infer's weights
 
     @property
     def input(self) -> TensorSpec:
@@ -390,6 +469,8 @@ class Manifest:
             doc["source"] = self.source
         if self.lowerings is not None:
             doc["lowerings"] = self.lowerings
+        if self.adapters:
+            doc["adapters"] = [a.to_json() for a in self.adapters]
         doc["files"] = dict(self.files)
         return doc
 
@@ -461,4 +542,5 @@ class Manifest:
             pockprop_version=m.get("pockprop_version"), onnx=_object(m, "onnx", where),
             trainable=_object(m, "trainable", where), scheme=_object(m, "scheme", where),
             loss=check_loss(m.get("loss"), where), optimizer=_object(m, "optimizer", where),
-            source=_object(m, "source", where), lowerings=_object(m, "lowerings", where))
+            source=_object(m, "source", where), lowerings=_object(m, "lowerings", where),
+            adapters=_adapters(m.get("adapters"), state, where))

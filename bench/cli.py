@@ -6,6 +6,7 @@ import json
 import sys
 
 from pockprop import args as cli_args
+from pockprop.compiler.cli import lora_option
 from pockprop.errors import EXIT_OK
 
 
@@ -25,6 +26,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "'default' (each op's default lowering), 'cost' (the cost model), or a target profile (a "
                         "path, 'default-profile' or a shipped name such as x86_64; docs/tuning.md); rows "
                         "pockprop-SCHEME@CHOICE beside pockprop-SCHEME (compiled as `pockprop compile` does)")
+    b.add_argument("--lora", type=lora_option, metavar="r=R,alpha=A,targets=M1,M2",
+                   help="also measure a LoRA step: pockprop's (compile --lora) against PyTorch + peft's LoRA of the "
+                        "same r, alpha and targets (rows pockprop-lora, torch+peft; needs peft)")
     b.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"], help="optimizer of every training row")
     b.add_argument("--lr", type=cli_args.learning_rate, help="learning rate (default: the optimizer's)")
     b.add_argument("--batch", type=cli_args.positive_int, default=8, help="batch size")

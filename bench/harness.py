@@ -46,6 +46,7 @@ from pockprop.bench.peers import PEERS_ENV, et_python, et_status, et_train_skip,
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(pockprop.__file__)))
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "worker.py")
 REPLY_TIMEOUT_S = 900.0
+LORA = "lora"  # --lora's artifact and rows (pockprop-lora, torch+peft) and its targets
 
 
 @dataclass
@@ -164,6 +165,9 @@ def _prepare(args: Any, workdir: str) -> tuple[list[Config], dict[str, Any]]:
     for label, choose in variants.items():  # the same schemes, other lowerings: rows pockprop-SCHEME@LABEL
         arts |= {f"{s}@{label}": compile_traced(traced, optimizer=opt, scheme=s, choose_lowering=choose)
                  for s in dict.fromkeys(schemes + ["full"])}
+    lora = getattr(args, "lora", None)
+    if lora is not None:  # not a scheme: its artifact and rows come beside the schemes' (LORA)
+        arts[LORA] = compile_traced(traced, optimizer=opt, lora=lora)
     dirs = {s: art.save(os.path.join(workdir, "artifact-" + s.replace(":", "-").replace(os.sep, "_")))
             for s, art in arts.items()}
     full = arts["full"]
@@ -234,6 +238,8 @@ def _prepare(args: Any, workdir: str) -> tuple[list[Config], dict[str, Any]]:
                            f"the pockprop-{s} artifact on the peers' onnxruntime 1.19.2 (runtime.Trainer)",
                            {**base, "artifact": dirs[s]}, python=python, memory_baseline="ortt-infer",
                            skip=peer_skip))
+    if lora is not None:
+        cfgs += _lora_configs(base, arts[LORA], dirs[LORA], lora)
     cfgs += _et_configs(args, base, arts, schemes, optimizer)
     for c in cfgs:
         c.spec["kind"] = c.kind
@@ -242,8 +248,24 @@ def _prepare(args: Any, workdir: str) -> tuple[list[Config], dict[str, Any]]:
             "num_classes": num_classes, "optimizer": optimizer, "compile_s": compile_s, "schemes": schemes,
             "parameters": len(params), "full_trainable_count": full.trainable_count,
             "scheme_tensors": {s: len(arts[s].trainable) for s in schemes},
-            "scheme_trainable_count": {s: arts[s].trainable_count for s in schemes}}
+            "scheme_trainable_count": {s: arts[s].trainable_count for s in schemes},
+            "lora": None if lora is None else {"r": lora.r, "alpha": lora.alpha, "targets": list(lora.targets),
+                                               "trainable_count": arts[LORA].trainable_count}}
     return cfgs, meta
+
+
+def _lora_configs(base: dict[str, Any], art: Any, directory: str, lora: Any) -> list[Config]:
+    """--lora's rows: pockprop's LoRA artifact, and PyTorch eager with peft's LoRA on the same layers (the
+    peft config of the same r, alpha and targets, dropout 0), in the main interpreter."""
+    import importlib.util
+
+    skip = None if importlib.util.find_spec("peft") else "peft is not installed (pip install peft)"
+    what = f"r={lora.r}, alpha={lora.alpha:g} on {','.join(lora.targets)}: {len(art.trainable)} tensors"
+    return [Config(f"pockprop-{LORA}", "pockprop", f"pockprop artifact, LoRA {what}, runtime.Trainer",
+                   {**base, "artifact": directory}, memory_baseline="ort-infer"),
+            Config("torch+peft", "torch-train", f"PyTorch eager + peft LoRA {what}",
+                   {**base, "lora": {"r": lora.r, "lora_alpha": lora.alpha, "target_modules": list(lora.targets)}},
+                   memory_baseline="torch-infer", skip=skip)]
 
 
 def _et_configs(args: Any, base: dict[str, Any], arts: dict[str, Any], schemes: list[str],
@@ -379,12 +401,14 @@ TARGETS = {
                ("pockprop-sparse@peer-ort", "ortt-sparse", "time", 1 / 3),
                ("pockprop-sparse@peer-ort", "ortt-infer", "time", 1.5)],
     "bias-only": [("pockprop-bias-only", "torch-full", "time", 1 / 3)],
+    "lora": [("pockprop-lora", "torch+peft", "time", 1 / 1.5)],
 }
 # Models that take token ids (transformers): the issue sets these for the Llama-shaped model's `sparse`; they
 # are printed for any model of token ids (BERT's compare against the same bar).
 TOKEN_TARGETS = {
     "sparse": [("pockprop-sparse", "torch-full", "tokens/s", 4.0), ("pockprop-sparse", "torch-sparse", "tokens/s", 2.0),
                ("pockprop-sparse", "pockprop-full", "extra memory", 1 / 4)],
+    "lora": [("pockprop-lora", "torch+peft", "tokens/s", 1.5)],
 }
 
 
@@ -455,7 +479,8 @@ def _result(args: Any, cfgs: list[Config], meta: dict[str, Any]) -> dict[str, An
         "machine": {"platform": platform.platform(), "machine": platform.machine(), "cpus": os.cpu_count(),
                     "python": platform.python_version()},
         "configs": rows,
-        "targets": targets(rows, by, meta["schemes"], bool(tokens)) + lowering_targets(by),
+        "targets": targets(rows, by, meta["schemes"] + ([LORA] if meta.get("lora") else []), bool(tokens))
+                   + lowering_targets(by),
     }
 
 

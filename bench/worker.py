@@ -102,7 +102,11 @@ def build_torch_train(spec: dict):
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     want = spec.get("trainable")  # None: every parameter
     params = []
-    for name, p in model.named_parameters():
+    if spec.get("lora"):  # peft's LoRA: it freezes every other parameter itself
+        import peft
+        model = peft.get_peft_model(model, peft.LoraConfig(**spec["lora"], lora_dropout=0.0))
+        params = [p for p in model.parameters() if p.requires_grad]
+    for name, p in model.named_parameters() if not spec.get("lora") else ():
         on = want is None or name in want
         p.requires_grad_(on)
         if on:

@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 
 from pockprop.artifact import contract, safetensors
-from pockprop.artifact.contract import Graphs, LearningRate, Manifest, Outputs, StateRole, SliceSpec, StateSpec, TensorSpec
+from pockprop.artifact.contract import AdapterSpec, Graphs, LearningRate, Manifest, Outputs, StateRole, SliceSpec, StateSpec, TensorSpec
 from pockprop.artifact.durable import write_atomic
 from pockprop.artifact.external import ExternalArrays
 
@@ -108,6 +108,7 @@ class Artifact:
     input_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)  # integer inputs used as indices
     external: ExternalArrays | None = None  # the graphs' initializers kept in external files (large models)
     lowerings: dict[str, Any] | None = None  # the target profile used and each node's lowering (compiler/target.py)
+    adapters: list[AdapterSpec] = field(default_factory=list)  # LoRA adapters (compiler/lora.py)
 
     @property
     def trainable_count(self) -> int:
@@ -148,6 +149,7 @@ class Artifact:
             optimizer=self.optimizer.to_json(),
             source=self.source or None,
             lowerings=self.lowerings,
+            adapters=list(self.adapters),
         )
 
     def contents(self) -> dict[str, Callable[[], Iterable[bytes | memoryview]]]:

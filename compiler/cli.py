@@ -37,6 +37,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scheme", help="update scheme instead of --trainable: a preset (full, classifier, last-k:N, "
                                     "bias-only, sparse, tbft-front, tbft-middle, tbft-rear) or a YAML file; "
                                     "see docs/schemes.md")
+    p.add_argument("--lora", type=lora_option, metavar="r=R,alpha=A,targets=M1,M2",
+                   help="LoRA adapters on the named linear/conv modules (peft's target_modules), e.g. "
+                        "r=8,alpha=16,targets=q_proj,v_proj; only they are trained besides --trainable/--scheme "
+                        "(docs/peft.md)")
     p.add_argument("--report", action="store_true",
                    help="print per-layer update kinds, MACs and memory beside full backprop; write report.json")
     p.add_argument("--preprocess", metavar="PRESET_OR_JSON", help=PREPROCESS_HELP)
@@ -106,7 +110,7 @@ def compile_command(args: argparse.Namespace) -> int:
     art = compile(model, examples, loss=args.loss, optimizer=_optimizer(args),
                   trainable=args.trainable, scheme=args.scheme, label_smoothing=args.label_smoothing,
                   name=args.model.split(":")[-1], preprocess=preprocess, output=args.model_output,
-                  target_profile=target)
+                  target_profile=target, lora=args.lora)
     art.source = spec.source()
     if args.report:
         from pockprop.compiler.report import compile_report, format_report
@@ -133,6 +137,16 @@ def compile_command(args: argparse.Namespace) -> int:
           f"{art.trainable_count:,} of {total:,} parameters ({100 * art.trainable_count / max(total, 1):.2f}%), "
           f"train_step.onnx {len(art.train_model.graph.node)} nodes")
     return EXIT_OK
+
+
+def lora_option(text: str) -> object:
+    """An argparse type: --lora's KEY=VALUE list, checked as compile(lora=...) checks it."""
+    from pockprop.compiler.lora import parse_spec  # numpy only
+
+    try:
+        return parse_spec(text)
+    except CompileError as ex:
+        raise argparse.ArgumentTypeError(str(ex).removeprefix("lora: ")) from None
 
 
 def input_decl(text: str) -> tuple[str, str, tuple[int, ...]]:

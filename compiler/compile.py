@@ -6,7 +6,7 @@ constants; the backward graph only reaches what the trainable tensors need.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import numpy as np
@@ -16,6 +16,7 @@ from pockprop.artifact.contract import LABELS, LOSS, LR, STEP, optimizer_slot, u
 from pockprop.artifact import external as external_data
 from pockprop.artifact.external import ExternalArrays
 from pockprop.autodiff.backward import backward
+from pockprop.compiler import lora as lora_adapters
 from pockprop.compiler import preprocess as preprocess_steps
 from pockprop.compiler.artifact import Artifact, StateEntry
 from pockprop.compiler.optim import build_update, initial_state, parse_optimizer
@@ -63,6 +64,7 @@ class TracedModel:
     traced: Traced
     tree: list[tuple[str, bool]]  # pockprop.compiler.blocks.module_tree(model): the blocks presets count
     name: str  # type(model).__name__, the artifact's default name
+    adapters: list[lora_adapters.Adapter] = field(default_factory=list)  # a peft model's LoRA layers (stripped)
 
     @property
     def layers(self) -> list[Layer]:
@@ -78,9 +80,21 @@ def trace_model(model: torch.nn.Module, example_inputs: Any, output: str | None 
     """Trace `model` once for `compile_traced` (puts it in eval form, as `compile` does); `example_inputs`
     and `output` as in `compile`."""
     args, kwargs = example_args(example_inputs)
+    _check_peft(model)
     traced = trace(model, args, kwargs)
     pick_output(traced, output)
-    return TracedModel(traced, module_tree(model), type(model).__name__)
+    graph, parameters, adapters = lora_adapters.strip_peft(traced.graph, traced.parameters)
+    traced.graph, traced.parameters = graph, parameters
+    return TracedModel(traced, module_tree(model), type(model).__name__, adapters)
+
+
+def _check_peft(model: torch.nn.Module) -> None:
+    """A peft model's options that its eval-form trace would silently drop are refused (compiler/lora.py)."""
+    for name, config in (getattr(model, "peft_config", None) or {}).items():
+        if getattr(config, "lora_dropout", 0):
+            raise CompileError(f"peft adapter {name!r}: lora_dropout={config.lora_dropout} is not supported, only 0")
+        if getattr(config, "use_dora", False):
+            raise CompileError(f"peft adapter {name!r}: DoRA (use_dora) is not supported")
 
 
 def _check_options(loss: str, label_smoothing: float, trainable: Any, scheme: Any) -> str:
@@ -101,7 +115,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, labels: Any = None,
             trainable: str | Iterable[str] | None = None, *, scheme: str | Scheme | dict[str, Any] | None = None,
             label_smoothing: float = 0.0, name: str | None = None,
             preprocess: str | dict[str, Any] | None = None, optimize: bool = True,
-            output: str | None = None, target_profile: str | dict[str, Any] | TargetProfile | None = None) -> Artifact:
+            output: str | None = None, target_profile: str | dict[str, Any] | TargetProfile | None = None,
+            lora: Any = None) -> Artifact:
     """Compile `model` into one ONNX training step (forward, loss, backward, update) + inference graph.
 
     example_inputs: a tensor, a tuple of positional tensors, or a dict of keyword tensors
@@ -125,6 +140,10 @@ def compile(model: torch.nn.Module, example_inputs: Any, labels: Any = None,
     target_profile: the lowering of each op that offers several, from a profile measured on the target with
     `pockprop tune` (a path, `default` or a shipped architecture's name, or the parsed JSON;
     pockprop.compiler.target); keys it lacks, and every key without one, go to the fallback chooser.
+    lora: LoRA adapters on the layers it targets ({"r": 8, "alpha": 16, "targets": ["q_proj", "v_proj"]},
+    compiler/lora.py): only their A and B are trained, besides whatever `trainable` or `scheme` names
+    (with neither, only the adapters). A model wrapped by peft trains its adapters the same way. The
+    inference graph holds one weight per adapted layer, which the runtime merges (W + alpha/r B A).
 
     The same as `compile_traced(trace_model(model, example_inputs), ...)`; use those two to compile
     one model with several schemes while tracing it once.
@@ -135,9 +154,11 @@ def compile(model: torch.nn.Module, example_inputs: Any, labels: Any = None,
         scheme = load_scheme(scheme)  # a bad scheme fails before the slow trace
     if target_profile is not None:
         target_profile = load_target_profile(target_profile)  # so does a bad profile
+    if lora is not None:
+        lora = lora_adapters.parse_spec(lora)
     return compile_traced(trace_model(model, example_inputs, output), labels, loss, optimizer, trainable, scheme=scheme,
                           label_smoothing=label_smoothing, name=name, preprocess=preprocess, optimize=optimize,
-                          target_profile=target_profile)
+                          target_profile=target_profile, lora=lora)
 
 
 def compile_traced(tm: TracedModel, labels: Any = None, loss: str = "cross_entropy",
@@ -145,7 +166,7 @@ def compile_traced(tm: TracedModel, labels: Any = None, loss: str = "cross_entro
                    scheme: str | Scheme | dict[str, Any] | None = None, label_smoothing: float = 0.0,
                    name: str | None = None, preprocess: str | dict[str, Any] | None = None,
                    optimize: bool = True, choose_lowering: Chooser | None = None,
-                   target_profile: str | dict[str, Any] | TargetProfile | None = None) -> Artifact:
+                   target_profile: str | dict[str, Any] | TargetProfile | None = None, lora: Any = None) -> Artifact:
     """`compile` of an already traced model (see `trace_model`); the arguments mean the same.
 
     choose_lowering: picks each node's lowering among those its op offers (passes/lowerings.py); by
@@ -156,32 +177,41 @@ def compile_traced(tm: TracedModel, labels: Any = None, loss: str = "cross_entro
         choose_lowering = chooser_for(target)
     opt = parse_optimizer(optimizer)
     spec = load_scheme(scheme) if scheme is not None else None
+    lora_spec = lora_adapters.parse_spec(lora) if lora is not None else None
     traced = tm.traced
     resolved = None
     if spec is not None:
         resolved = resolve_scheme(spec, tm.layers, tm.shapes)
         needs = resolved.needs()
+    elif trainable is None and (tm.adapters or lora_spec is not None):
+        needs = {}  # only the adapters, as peft trains
     else:
         needs = {p: FULL for p in _select(trainable, traced)}
-    if not needs:
+    adapters = _adapters(tm, lora_spec, needs)
+    if not needs and not adapters:
         raise CompileError("the model has no parameters to train")
     chosen = [p for p in traced.parameters if p in needs]  # model order
 
     full_values = {p: traced.graph.constants[p] for p in chosen}
-    infer, _ = _lift(traced.graph.copy(), {p: FULL for p in chosen})
+    # the inference graph: each adapted weight an input with a default, which the runtime feeds merged
+    infer_values = full_values | {ad.spec.weight: traced.graph.constants[ad.spec.weight] for ad in adapters}
+    infer, _ = _lift(traced.graph.copy(), dict.fromkeys(infer_values, FULL))
     infer = choose_lowerings((INFERENCE if optimize else UNOPTIMIZED)(infer).graph, choose_lowering).graph
-    train_fwd, wants = _lift(traced.graph.copy(), {p: needs[p] for p in chosen})
+    train_src = lora_adapters.insert(traced.graph.copy(), adapters)
+    adapted = {n: v for ad in adapters for n, v in ((ad.spec.a, ad.a_value), (ad.spec.b, ad.b_value))}
+    train_fwd, wants = _lift(train_src, {p: needs[p] for p in chosen} | dict.fromkeys(adapted, FULL))
     if optimize:
         train_fwd = TRAINING_FORWARD(train_fwd).graph
-    train, state = _training_graph(train_fwd, wants, full_values, loss_op, labels, opt, label_smoothing, optimize)
+    train, state = _training_graph(train_fwd, wants, full_values | adapted, loss_op, labels, opt, label_smoothing,
+                                   optimize)
     train = choose_lowerings(train, choose_lowering).graph
 
     model_name = name or tm.name
-    external = _external_data(train, infer, full_values)
+    external = _external_data(train, infer, infer_values)
     return Artifact(
         name=model_name,
         train_model=to_onnx(train, f"{model_name}.train_step", doc="pockprop training step", external=external),
-        infer_model=to_onnx(infer, f"{model_name}.infer", input_defaults=full_values, doc="pockprop inference",
+        infer_model=to_onnx(infer, f"{model_name}.infer", input_defaults=infer_values, doc="pockprop inference",
                             external=external),
         external=external,
         state=state,
@@ -192,13 +222,28 @@ def compile_traced(tm: TracedModel, labels: Any = None, loss: str = "cross_entro
         loss={"name": loss_op, **({"label_smoothing": label_smoothing} if label_smoothing else {}),
               **({"ignore_index": IGNORE_INDEX} if loss_op == "cross_entropy" else {})},
         optimizer=opt,
-        trainable=chosen,
+        trainable=chosen + list(adapted),
+        adapters=[ad.spec for ad in adapters],
         parameter_count={p: int(traced.graph.types[p].numel) for p in traced.parameters},
         train_graph=train,
         preprocess=_preprocess(preprocess, traced),
         scheme=resolved,
         lowerings=record_lowerings(train, target),
     )
+
+
+def _adapters(tm: TracedModel, spec: lora_adapters.LoraSpec | None,
+              needs: dict[str, Need]) -> list[lora_adapters.Adapter]:
+    """The peft model's adapters and those `spec` asks for; none on a weight that is also trained."""
+    adapters = list(tm.adapters)
+    if spec is not None:
+        taken = {ad.spec.weight for ad in adapters} | set(needs)
+        adapters += lora_adapters.plan(spec, tm.traced.graph, tm.traced.parameters, taken)
+    both = [ad.spec.weight for ad in adapters if ad.spec.weight in needs]
+    if both:
+        raise CompileError(f"{', '.join(both)}: adapted by LoRA and also trained (scheme or trainable); "
+                           "train one or the other")
+    return adapters
 
 
 def _external_data(train: Graph, infer: Graph, defaults: dict[str, np.ndarray]) -> ExternalArrays | None:

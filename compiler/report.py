@@ -12,6 +12,7 @@ from typing import Any
 
 from pockprop.compiler.artifact import Artifact
 from pockprop.compiler.cost import node_macs
+from pockprop.compiler.lora import describe as describe_adapters
 from pockprop.emit.onnx import TOP as TOP_MODULE
 from pockprop.ir import Phase, module_of
 from pockprop.ops.registry import lowering_of
@@ -40,8 +41,9 @@ def summarize(art: Artifact) -> dict[str, Any]:
     trainable = {s.name: int(s.initial.size) for s in art.state if s.role == StateRole.PARAM}
     per: dict[str, dict[str, Any]] = {
         l: {"trainable_params": 0, "forward_macs": 0, "backward_macs": 0, "kept_bytes": 0} for l in layer_paths}
+    layer_of = {n: module_of(ad.weight) for ad in art.adapters for n in (ad.a, ad.b)}  # A, B count for W's layer
     for p, n in trainable.items():
-        per[module_of(p) or TOP_MODULE]["trainable_params"] += n
+        per[layer_of.get(p) or module_of(p) or TOP_MODULE]["trainable_params"] += n
     for node in g.nodes:
         layer = _layer_of(node.module, layer_paths)
         if layer is None:
@@ -65,6 +67,8 @@ def summarize(art: Artifact) -> dict[str, Any]:
         for u in art.scheme.updates:
             if u.layer.path in per:
                 per[u.layer.path]["update"] = u.kind
+    for ad in art.adapters:
+        per[module_of(ad.weight)].setdefault("update", "lora")
     for layer, row in per.items():
         row.setdefault("update", "trained" if row["trainable_params"] else "frozen")
     for node, options, _ in with_choice(g):  # only where an op had a choice
@@ -83,6 +87,7 @@ def summarize(art: Artifact) -> dict[str, Any]:
         "kept_bytes": plan.kept_for_backward_bytes,
         "peak_bytes": plan.peak_bytes,
         "peak_breakdown": plan.breakdown,
+        "adapters": describe_adapters(art.adapters, trainable, total),
     }
 
 
@@ -109,6 +114,9 @@ def format_report(report: dict[str, Any], name: str = "") -> str:
     lines = [f"compile report{' for ' + name if name else ''}:"]
     lines += ["  " + "  ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(x, widths)))
               for x in rows]
+    for ad in s.get("adapters", []):
+        lines.append(f"  lora {ad['layer']}: {ad['kind']} r={ad['r']} scale={ad['scale']:g}, {ad['params']:,} "
+                     f"parameters ({ad['percent']:.3f}% of the model)")
     chosen = {layer: row["lowerings"] for layer, row in s["layers"].items() if row.get("lowerings")}
     if chosen:
         lines.append("  lowering per layer (where an op had a choice):")

@@ -1,4 +1,4 @@
-"""`make text`: fine-tune a tiny Llama on real text through the device runtime, full vs sparse schemes.
+"""`make text`: fine-tune a tiny Llama on real text through the device runtime, full vs sparse schemes and LoRA.
 
 The corpus is Python's own reference documentation as the standard library ships it (`pydoc_data.topics`,
 the text `help('TOPIC')` shows): no download, no extra package, and a domain shift inside one corpus. The
@@ -63,7 +63,11 @@ class Config:
     epochs: int = 3  # over the fine-tuning windows; AdamW, no weight decay, cosine to 0
     lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
     seeds: tuple[int, ...] = (0, 1, 2)
-    schemes: tuple[str, ...] = ("full", "sparse", "last-k:1")
+    schemes: tuple[str, ...] = ("full", "sparse", "last-k:1", "lora")
+    # the `lora` row: compile(lora=...) on the attention's q and v projections (docs/peft.md); adapters
+    # start at B = 0 and learn from scratch, so their learning-rate grid sits higher than the others'
+    lora: tuple[tuple[str, Any], ...] = (("r", 8), ("alpha", 16), ("targets", ("q_proj", "v_proj")))
+    lora_lrs: tuple[float, ...] = (3e-3, 1e-2, 3e-2)
     threads: int | None = 2  # onnxruntime intra-op threads and PyTorch threads
     max_chars: int | None = None  # the corpus cut to this many characters per domain (smoke runs)
 
@@ -79,7 +83,7 @@ class Config:
 
 
 QUICK = Config(vocab=300, seq=32, hidden=16, layers=2, heads=2, pretrain_steps=10, pretrain_batch=8, batch=4,
-               epochs=1, lrs=(3e-3,), seeds=(0,), threads=1, max_chars=5_000)
+               epochs=1, lrs=(3e-3,), lora_lrs=(1e-2,), seeds=(0,), threads=1, max_chars=5_000)
 
 
 def log(msg: str) -> None:
@@ -224,7 +228,8 @@ def compile_schemes(cfg: Config, weights: str, out: str) -> dict[str, dict[str, 
     opt = {"name": "adamw", "lr": cfg.lrs[0], "weight_decay": 0.0}
     arts = {}
     for scheme in dict.fromkeys(("full",) + tuple(cfg.schemes)):
-        art = compile_traced(traced, optimizer=opt, scheme=scheme, name="llama_small")
+        how = {"lora": dict(cfg.lora)} if scheme == "lora" else {"scheme": scheme}
+        art = compile_traced(traced, optimizer=opt, name="llama_small", **how)
         art.source = spec.source()
         directory = art.save(os.path.join(out, scheme.replace(":", "-")))
         total = sum(art.parameter_count.values())
@@ -278,7 +283,7 @@ def run(cfg: Config, out: str) -> dict[str, Any]:
     rows = []
     for scheme in cfg.schemes:
         grid, best = [], None
-        for lr in cfg.lrs:  # seed cfg.seeds[0]; the lowest validation loss wins
+        for lr in cfg.lora_lrs if scheme == "lora" else cfg.lrs:  # seed cfg.seeds[0]; the lowest validation loss wins
             record, trainer = finetune(arts[scheme]["dir"], data["train"], cfg, cfg.seeds[0], lr)
             record["val_loss"] = heldout(trainer, *data["val"])
             grid.append(record)
@@ -340,7 +345,7 @@ def markdown(r: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = experiment_parser("python -m experiments.text", __doc__.splitlines()[0], "text", DOC,
-                          "tiny model, few steps", "full,sparse,last-k:1")
+                          "tiny model, few steps", "full,sparse,last-k:1,lora")
     p.add_argument("--threads", type=int)
     args = p.parse_args(argv)
     cfg = experiment_config(QUICK if args.quick else Config(), args)

@@ -285,7 +285,8 @@ def inspect_command(args: argparse.Namespace) -> int:
            "files": {n: {"bytes": len(b), "sha256": m.files[n]} for n, b in bundle.files.items()},
            "data": [d.to_json() for d in m.data], "labels": m.labels.to_json(), "loss": m.loss,
            "optimizer": m.optimizer, "lr": {"name": m.lr.name, "initial": m.lr.initial}, "trainable": m.trainable,
-           "scheme": m.scheme, "state": state, "batch_size": trainer.batch_size,
+           "scheme": m.scheme, "adapters": [a.to_json() for a in m.adapters], "state": state,
+           "batch_size": trainer.batch_size,
            "preprocessing": trainer.pipeline.describe()}
     if m.lowerings is not None:  # compiled where ops had a choice of lowering, or with a target profile
         doc["lowerings"] = m.lowerings
@@ -309,6 +310,8 @@ def inspect_command(args: argparse.Namespace) -> int:
         lines.append(f"    {e['role']:9s} {e['name']}: {e['dtype']}{e['shape']}{where}")
     if m.lowerings is not None:
         lines.append(f"  lowerings: {describe_lowerings(m.lowerings)}")
+    for a in m.adapters:  # LoRA: merged into the weight for predict, eval and export
+        lines.append(f"  lora {a.kind} {a.weight}{list(a.shape)} += {a.scale:g} * {a.b} @ {a.a}")
     for name, info in doc["files"].items():
         lines.append(f"  file {name}: {info['bytes']:,} bytes")
     if REPORT_FILE in bundle.files:  # written by `pockprop compile --report`

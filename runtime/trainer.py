@@ -71,6 +71,7 @@ class Trainer:
         m = bundle.manifest
         self.path, self.manifest, self.digest = bundle.path, m, bundle.digest
         self._entries: list[StateSpec] = m.state
+        self._entries_by_name = {e.name: e for e in m.state}
         self._inputs, self._labels = m.data, m.labels
         # The inference graph's signature is read now from its protobuf (onnx_wire), but its onnxruntime
         # session is made on first use (predict, evaluate): a device that only trains never holds a second
@@ -163,6 +164,11 @@ class Trainer:
         full = {e.parameter: (e.parameter_shape, e.dtype) for e in self._entries if e.role == StateRole.PARAM}
         have = {a.name for a in overridable}
         _check_io(where, overridable, {k: v for k, v in full.items() if k in have}, "parameter")
+        adapted = {ad.weight: (ad.shape, self._entries_by_name[ad.a].dtype) for ad in m.adapters}
+        if not adapted.keys() <= have:
+            raise ArtifactError(f"{where}: the adapted weights {sorted(adapted.keys() - have)} are not inputs "
+                                "of the graph (manifest adapters)")
+        _check_io(where, overridable, adapted, "adapted weight")
         if m.outputs.prediction not in {o.name for o in outputs}:
             raise ArtifactError(f"{where}: no output named {m.outputs.prediction!r} (manifest outputs.prediction)")
 
@@ -189,8 +195,9 @@ class Trainer:
         return bundle
 
     def _slice_bases(self, bundle: Bundle, infer_raw: bytes) -> dict[str, np.ndarray]:
-        """The frozen full value of each parameter trained on a slice (its initializer in infer.onnx)."""
-        names = {e.parameter for e in self._entries if e.slice is not None}
+        """The frozen full value of each parameter trained on a slice, and of each weight a LoRA adapter
+        adds to (their initializers in infer.onnx)."""
+        names = {e.parameter for e in self._entries if e.slice is not None} | {a.weight for a in self.manifest.adapters}
         external = bundle.external_data(self.manifest.graphs.infer, infer_raw, names)  # checks every reference
         if not names:
             return {}
@@ -204,6 +211,10 @@ class Trainer:
             if e.slice is not None and (e.parameter not in bases or bases[e.parameter].shape != e.full_shape):
                 raise ArtifactError(f"{where}: needs an initializer {e.parameter!r} of shape {list(e.full_shape or ())} "
                                     f"to write the trained slice of {e.name!r} into")
+        for a in self.manifest.adapters:
+            if a.weight not in bases or bases[a.weight].shape != a.shape:
+                raise ArtifactError(f"{where}: needs an initializer {a.weight!r} of shape {list(a.shape)} to merge "
+                                    "its LoRA adapter into")
         return bases
 
     # -- state buffers ---------------------------------------------------------------------------
@@ -395,12 +406,18 @@ class Trainer:
                 out[e.name] = view
         return out
 
+    def _infer_weights(self) -> dict[str, np.ndarray]:
+        """What the inference graph is fed: its trained parameters, and each LoRA-adapted weight merged
+        with its adapter's current A and B (W + scale * B A), so the graph holds no adapter nodes."""
+        full = self.full_parameters()
+        weights = {e.parameter: full[e.parameter] for e in self._infer_params}
+        return weights | {a.weight: a.merge(self._bases[a.weight], full[a.a], full[a.b]) for a in self.manifest.adapters}
+
     def predict(self, x: Any) -> np.ndarray:
         """Model output for model-ready inputs (as `step` takes them) of N samples, any N (batched and
         padded inside)."""
         given = self._model_inputs(x, None)
-        full = self.full_parameters()
-        weights = {e.parameter: full[e.parameter] for e in self._infer_params}
+        weights = self._infer_weights()
         out = self.manifest.outputs.prediction
         names = list(given)
         parts = []
@@ -473,8 +490,7 @@ class Trainer:
         """Write a self-contained ONNX model with the trained weights baked in; returns `path`. A model
         whose initializers exceed the external-data threshold keeps them in one file beside it
         (`<path>.data`, ONNX external data: runtime/export.py)."""
-        full = self.full_parameters()
-        trained = {e.parameter: full[e.parameter] for e in self._infer_params}
+        trained = self._infer_weights()
         meta = {"pockprop.model": str(self.manifest.model or ""), "pockprop.steps": str(self.steps),
                 "pockprop.artifact_sha256": self.digest}
         return export.write(path, self._bundle(), self.manifest.graphs.infer, trained, meta)

@@ -119,13 +119,16 @@ def test_vocabulary_is_the_input_embedding():
 
 def test_bench_transformer_rows(tmp_path):
     """A tiny Llama-shaped model through the transformer rows: token ids in, (N, T, V) logits, tokens/s, several
-    schemes in one interleaved run, and the Llama targets (at-least speed-ups, extra-memory ratio)."""
+    schemes in one interleaved run, and the Llama targets (at-least speed-ups, extra-memory ratio); --lora adds
+    pockprop's LoRA step and PyTorch + peft's on the same layers, and their target."""
+    pytest.importorskip("peft")
     out = tmp_path / "bench.json"
     rc = main(["bench", "--model", "llama_small", "--model-kwargs", TINY_LLAMA, "--scheme", "sparse,last-k:1",
+               "--lora", "r=2,alpha=4,targets=q_proj,v_proj",
                "--batch", "2", "--seq-len", "8", "--rounds", "2", "--warmup", "0", "--steps", "1", "--threads", "1",
                "--no-peers", "--quiet", "--json", str(out), "--workdir", str(tmp_path / "work"),
                "--configs", "ort-infer", "pockprop-sparse", "pockprop-last-k:1", "pockprop-full", "torch-infer",
-               "torch-full", "torch-sparse"])
+               "torch-full", "torch-sparse", "pockprop-lora", "torch+peft"])
     assert rc == 0
     result = json.loads(out.read_text())
     assert result["input_shape"] == [2, 8] and result["input"] == "token ids" and result["vocabulary"] == 64
@@ -133,7 +136,7 @@ def test_bench_transformer_rows(tmp_path):
     assert result["schemes"] == ["sparse", "last-k:1"]
     rows = {r["name"]: r for r in result["configs"]}
     ok = {"ort-infer", "pockprop-sparse", "pockprop-last-k:1", "pockprop-full", "torch-infer", "torch-full",
-          "torch-sparse"}
+          "torch-sparse", "pockprop-lora", "torch+peft"}
     assert {n for n, r in rows.items() if r["status"] == "ok"} == ok
     assert rows["torch-last-k:1"]["reason"] == "not selected (--configs)"
     for name in ok:
@@ -145,7 +148,10 @@ def test_bench_transformer_rows(tmp_path):
     assert f"({result['scheme_tensors']['sparse']} tensors)" in rows["torch-sparse"]["what"]
     tg = {(t["row"], t["baseline"], t["what"]): t for t in result["targets"]}
     assert set(tg) == {("pockprop-sparse", "torch-full", "tokens/s"), ("pockprop-sparse", "torch-sparse", "tokens/s"),
-                       ("pockprop-sparse", "pockprop-full", "extra memory")}
+                       ("pockprop-sparse", "pockprop-full", "extra memory"), ("pockprop-lora", "torch+peft", "tokens/s")}
+    assert result["lora"]["targets"] == ["q_proj", "v_proj"] and result["lora"]["trainable_count"] > 0
+    assert tg[("pockprop-lora", "torch+peft", "tokens/s")]["met"] == (tg[("pockprop-lora", "torch+peft",
+                                                                          "tokens/s")]["ratio"] >= 1.5)
     t = tg[("pockprop-sparse", "torch-full", "tokens/s")]
     speedups = [b / a for a, b in zip(rows["pockprop-sparse"]["rounds_ms"], rows["torch-full"]["rounds_ms"])]
     assert t["at_least"] and t["ratio"] == pytest.approx(sorted(speedups)[0] / 2 + sorted(speedups)[1] / 2)

@@ -91,3 +91,27 @@ def test_compile_a_zoo_model_of_token_ids(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     loss = Trainer.load(str(out)).step(rng.integers(0, 32, (2, 8)), rng.integers(0, 32, (2, 8)))
     assert loss is not None and np.isfinite(loss)
+
+
+def test_compile_lora_and_its_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "mlp"
+    assert main(["compile", "models:mlp", "--input-shape", "4,64", "--lora", "r=2,alpha=4,targets=layers.0,layers.2",
+                 "--trainable", "layers.4.*", "--report", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "lora layers.0: linear r=2 scale=2" in printed and "lora layers.2" in printed
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [a["weight"] for a in manifest["adapters"]] == ["layers.0.weight", "layers.2.weight"]
+    assert manifest["trainable"]["parameters"] == ["layers.4.weight", "layers.4.bias", "layers.0.lora_A.weight",
+                                                   "layers.0.lora_B.weight", "layers.2.lora_A.weight",
+                                                   "layers.2.lora_B.weight"]
+
+
+@pytest.mark.parametrize("spec,needle", [("r=0,targets=fc", "r must be a positive integer"),
+                                         ("r=2", "targets"), ("r=2,targets=fc,dropout=0.1", "dropout"),
+                                         ("targets=q,r=2,beta", "KEY=VALUE")])
+def test_compile_lora_parse_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str], spec: str,
+                                          needle: str) -> None:
+    code = main(["compile", "models:mlp", "--lora", spec, "-o", str(tmp_path / "x")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and needle in err[-1] and "--lora" in err[-1] and "Traceback" not in "".join(err)
+    assert not (tmp_path / "x").exists()

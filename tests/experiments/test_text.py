@@ -30,12 +30,13 @@ def test_no_paragraph_in_both_domains():
 
 
 def test_tiny_run_end_to_end(tmp_path):
-    cfg = replace(QUICK, max_chars=2_000, pretrain_steps=5, schemes=("full", "sparse"))
+    cfg = replace(QUICK, max_chars=2_000, pretrain_steps=5, schemes=("full", "sparse", "lora"))
     r = run(cfg, str(tmp_path))
     assert json.loads((tmp_path / "results.json").read_text())["rows"] == r["rows"]
-    assert [row["scheme"] for row in r["rows"]] == ["full", "sparse"]
-    full, sparse = r["rows"]
+    assert [row["scheme"] for row in r["rows"]] == ["full", "sparse", "lora"]
+    full, sparse, lora = r["rows"]
     assert full["trainable_percent"] == 100.0 and 0 < sparse["trainable_percent"] < 100.0
+    assert 0 < lora["trainable_percent"] < 100.0 and lora["tensors"] == 2 * 2 * QUICK.layers  # A, B on q and v
     for row in r["rows"]:
         (run_,) = row["runs"]
         assert run_["steps"] == len(range(0, r["windows"]["train"] - cfg.batch + 1, cfg.batch)) * cfg.epochs
