@@ -12,7 +12,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from pockprop.artifact.contract import LABELS, LOSS, LR, STEP, optimizer_slot, updated, weights_file
+from pockprop.artifact.contract import LABELS, LOSS, LR, STEP, TEACHER_LOGITS, optimizer_slot, updated, weights_file
 from pockprop.artifact import external as external_data
 from pockprop.artifact.external import ExternalArrays
 from pockprop.autodiff.backward import backward
@@ -20,6 +20,7 @@ from pockprop.compiler import preprocess as preprocess_steps
 from pockprop.compiler.artifact import Artifact, StateEntry
 from pockprop.compiler.optim import build_update, initial_state, parse_optimizer
 from pockprop.compiler.blocks import module_tree
+from pockprop.compiler.distill import KDSpec, add_kd_loss, add_teacher, parse_kd, teacher_logits_input
 from pockprop.compiler.scheme import Layer, Scheme, discover_layers, load_scheme, resolve_scheme
 from pockprop.compiler.signature import example_args, index_ranges, pick_output
 from pockprop.compiler.trainable import select, split_patterns
@@ -81,17 +82,22 @@ def trace_model(model: torch.nn.Module, example_inputs: Any, output: str | None 
     return TracedModel(traced, module_tree(model), type(model).__name__)
 
 
-def _check_options(loss: str, label_smoothing: float, trainable: Any, scheme: Any) -> str:
-    loss_op = LOSSES.get(loss)
+def _check_options(loss: str, label_smoothing: float, trainable: Any, scheme: Any,
+                   kd: dict[str, Any] | str | None = None) -> tuple[str, KDSpec | None]:
+    """(the task loss's op, the kd spec when loss is "kd"), or CompileError."""
+    if kd is not None and loss != "kd":
+        raise CompileError(f"kd settings apply to loss='kd', not {loss!r}")
+    spec = parse_kd(kd) if loss == "kd" else None
+    loss_op = spec.task if spec is not None else LOSSES.get(loss)
     if loss_op is None:
-        raise CompileError(f"unknown loss {loss!r}; choose one of: {', '.join(sorted(LOSSES))}")
+        raise CompileError(f"unknown loss {loss!r}; choose one of: {', '.join(sorted([*LOSSES, 'kd']))}")
     if label_smoothing and loss_op != "cross_entropy":
         raise CompileError("label_smoothing applies to cross_entropy only")
     if not 0.0 <= label_smoothing < 1.0:
         raise CompileError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     if trainable is not None and scheme is not None:
         raise CompileError("give either trainable patterns or a scheme, not both")
-    return loss_op
+    return loss_op, spec
 
 
 def compile(model: torch.nn.Module, example_inputs: Any, labels: Any = None,
@@ -99,7 +105,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, labels: Any = None,
             trainable: str | Iterable[str] | None = None, *, scheme: str | Scheme | dict[str, Any] | None = None,
             label_smoothing: float = 0.0, name: str | None = None,
             preprocess: str | dict[str, Any] | None = None, optimize: bool = True,
-            output: str | None = None) -> Artifact:
+            output: str | None = None, kd: dict[str, Any] | str | None = None) -> Artifact:
     """Compile `model` into one ONNX training step (forward, loss, backward, update) + inference graph.
 
     example_inputs: a tensor, a tuple of positional tensors, or a dict of keyword tensors
@@ -120,28 +126,31 @@ def compile(model: torch.nn.Module, example_inputs: Any, labels: Any = None,
     With several inputs it describes the first one, which must then be a float input.
     optimize=False skips the optimization passes (BatchNorm folding, constant folding, saving slices
     and masks for backward, update reordering): the same step, as autodiff built it; for debugging.
+    loss="kd" distills: kd={"task": "cross_entropy"|"bce_with_logits", "alpha": 0.5, "temperature": 2.0,
+    "teacher": "model"|"logits"} (those are the defaults); see compiler/distill.py.
 
     The same as `compile_traced(trace_model(model, example_inputs), ...)`; use those two to compile
     one model with several schemes while tracing it once.
     """
-    _check_options(loss, label_smoothing, trainable, scheme)
+    _check_options(loss, label_smoothing, trainable, scheme, kd)
     parse_optimizer(optimizer)
     if scheme is not None:
         scheme = load_scheme(scheme)  # a bad scheme fails before the slow trace
     return compile_traced(trace_model(model, example_inputs, output), labels, loss, optimizer, trainable, scheme=scheme,
-                          label_smoothing=label_smoothing, name=name, preprocess=preprocess, optimize=optimize)
+                          label_smoothing=label_smoothing, name=name, preprocess=preprocess, optimize=optimize, kd=kd)
 
 
 def compile_traced(tm: TracedModel, labels: Any = None, loss: str = "cross_entropy",
                    optimizer: str | dict[str, Any] = "sgd", trainable: str | Iterable[str] | None = None, *,
                    scheme: str | Scheme | dict[str, Any] | None = None, label_smoothing: float = 0.0,
                    name: str | None = None, preprocess: str | dict[str, Any] | None = None,
-                   optimize: bool = True, choose_lowering: Chooser = default_lowering) -> Artifact:
+                   optimize: bool = True, choose_lowering: Chooser = default_lowering,
+                   kd: dict[str, Any] | str | None = None) -> Artifact:
     """`compile` of an already traced model (see `trace_model`); the arguments mean the same.
 
     choose_lowering: picks each node's lowering among those its op offers (passes/lowerings.py); the
     default keeps every op's default lowering."""
-    loss_op = _check_options(loss, label_smoothing, trainable, scheme)
+    loss_op, kd_spec = _check_options(loss, label_smoothing, trainable, scheme, kd)
     opt = parse_optimizer(optimizer)
     spec = load_scheme(scheme) if scheme is not None else None
     traced = tm.traced
@@ -161,7 +170,9 @@ def compile_traced(tm: TracedModel, labels: Any = None, loss: str = "cross_entro
     train_fwd, wants = _lift(traced.graph.copy(), {p: needs[p] for p in chosen})
     if optimize:
         train_fwd = TRAINING_FORWARD(train_fwd).graph
-    train, state = _training_graph(train_fwd, wants, full_values, loss_op, labels, opt, label_smoothing, optimize)
+    originals = {p: _part(full_values[p], needs[p]) for p in chosen}
+    train, state = _training_graph(train_fwd, wants, full_values, loss_op, labels, opt, label_smoothing, optimize,
+                                   kd_spec, originals)
     train = choose_lowerings(train, choose_lowering).graph
 
     model_name = name or tm.name
@@ -178,7 +189,8 @@ def compile_traced(tm: TracedModel, labels: Any = None, loss: str = "cross_entro
         labels=(LABELS, train.types[LABELS]),
         output=traced.graph.outputs[0],
         loss={"name": loss_op, **({"label_smoothing": label_smoothing} if label_smoothing else {}),
-              **({"ignore_index": IGNORE_INDEX} if loss_op == "cross_entropy" else {})},
+              **({"ignore_index": IGNORE_INDEX} if loss_op == "cross_entropy" else {}),
+              **({"kd": _kd_entry(kd_spec, train)} if kd_spec is not None else {})},
         optimizer=opt,
         trainable=chosen,
         parameter_count={p: int(traced.graph.types[p].numel) for p in traced.parameters},
@@ -186,6 +198,15 @@ def compile_traced(tm: TracedModel, labels: Any = None, loss: str = "cross_entro
         preprocess=_preprocess(preprocess, traced),
         scheme=resolved,
     )
+
+
+def _kd_entry(kd: KDSpec, train: Graph) -> dict[str, Any]:
+    """The manifest loss's kd object; with teacher "logits", `input` is the TEACHER_LOGITS input's spec."""
+    entry = kd.to_json()
+    if kd.teacher == "logits":
+        t = train.types[TEACHER_LOGITS]
+        entry["input"] = {"name": TEACHER_LOGITS, "shape": list(t.shape), "dtype": t.dtype}
+    return entry
 
 
 def _external_data(train: Graph, infer: Graph, defaults: dict[str, np.ndarray]) -> ExternalArrays | None:
@@ -250,12 +271,14 @@ def _lift(g: Graph, needs: dict[str, Need]) -> tuple[Graph, dict[str, tuple[str,
 
 def _training_graph(fwd: Graph, wants: dict[str, tuple[str, Need]], full_values: dict[str, np.ndarray],
                     loss_op: str, labels: Any, opt: Any, label_smoothing: float,
-                    optimize: bool) -> tuple[Graph, list[StateEntry]]:
-    """The training step from the forward graph, in named stages: loss, gradients, optimizer update,
-    output names, then the training pass pipeline."""
+                    optimize: bool, kd: KDSpec | None = None,
+                    originals: dict[str, np.ndarray] | None = None) -> tuple[Graph, list[StateEntry]]:
+    """The training step from the forward graph, in named stages: (the kd teacher,) loss, gradients,
+    optimizer update, output names, then the training pass pipeline. `originals`: each trained input's
+    value before training, which a teacher="model" copy reads."""
     g = fwd.copy()
     out = g.outputs[0]
-    loss = _add_loss(g, out, loss_op, labels, label_smoothing)
+    loss = _add_loss(g, out, loss_op, labels, label_smoothing, kd, originals or {})
     grads = _differentiate(g, loss, wants)
     state = _add_optimizer(g, opt, wants, grads, full_values)
     _name_outputs(g, loss, out, state)
@@ -264,9 +287,14 @@ def _training_graph(fwd: Graph, wants: dict[str, tuple[str, Need]], full_values:
     return g, state
 
 
-def _add_loss(g: Graph, out: str, loss_op: str, labels: Any, label_smoothing: float) -> str:
-    """The labels input and the loss node on the model's output; returns the loss value."""
+def _add_loss(g: Graph, out: str, loss_op: str, labels: Any, label_smoothing: float, kd: KDSpec | None = None,
+              originals: dict[str, np.ndarray] | None = None) -> str:
+    """The labels input and the loss node on the model's output (with kd: the teacher, then the kd loss);
+    returns the loss value."""
     y = g.add_input(LABELS, _label_type(loss_op, g.types[out], labels), Role.LABEL)
+    if kd is not None:  # the teacher copies the forward graph as it is: before the loss's nodes
+        teacher = add_teacher(g, originals or {}) if kd.teacher == "model" else teacher_logits_input(g, out)
+        return add_kd_loss(g, out, y, kd, teacher, label_smoothing)
     attrs = {"label_smoothing": label_smoothing} if loss_op == "cross_entropy" else {}
     b = Builder(g, "loss", Phase.LOSS)
     return b.op(loss_op, [out, y], hint="loss", **attrs)
