@@ -9,10 +9,12 @@ bce_with_logits). The teacher is one of:
   `pockprop.artifact.contract.TEACHER_LOGITS` ("teacher_logits"), shaped and typed like the trained
   output; the manifest's loss entry records it under kd.input. The inference graph does not take it.
 - "model": the original model, frozen, compiled into the same step (`add_teacher`): a second copy of the
-  forward graph that reads the student's own frozen constants wherever it is the same tensor, and a
-  constant holding the original value of each trained tensor (of the trained slice only, for a sliced
-  one, concatenated with the shared frozen rest). Nothing depends on a trained tensor in it, so autodiff
-  builds no backward node for it.
+  forward graph from the first trained tensor on, reading the student's own frozen constants and
+  activations wherever they are the same values, and a constant holding the original value of each
+  trained tensor. For a sliced one that is the original slice, concatenated with the shared frozen rest;
+  constant folding then joins the two into the original full tensor, so a sliced layer's frozen rest is
+  stored twice (folding decides that for every all-constant node alike). Nothing in the copy depends on
+  a trained tensor, so autodiff builds no backward node for it.
 
 Labels stay those of the task (class indices, or multi-hot targets); rows the cross-entropy ignores
 (-100) count in neither term.
@@ -123,9 +125,11 @@ def add_teacher(g: Graph, originals: dict[str, np.ndarray]) -> str:
     """Append a frozen copy of forward graph `g`'s nodes (before any loss) and return its output.
 
     Each trained tensor p (a PARAMETER input) is read in the copy as a new constant holding
-    `originals[p]`, its value before training (for a sliced parameter, the slice the input holds);
-    every constant and data input is read under its own name, so frozen weights are stored once.
-    Every other value is renamed into the teacher's own (`teacher/<name>`).
+    `originals[p]`, its value before training (for a sliced parameter, the slice the input holds). Only
+    the nodes that depend on a trained tensor are copied, their values renamed into the teacher's own
+    (`teacher/<name>`); every other value (frozen constants, data inputs, and all that the student
+    computes from them alone) is the student's, read under its own name: frozen weights are stored once
+    and the frozen part of the forward pass runs once.
     """
     rename: dict[str, str] = {}
     for p in g.inputs:
@@ -133,11 +137,13 @@ def add_teacher(g: Graph, originals: dict[str, np.ndarray]) -> str:
             rename[p] = g.add_constant(np.ascontiguousarray(originals[p]), name=g.fresh(f"{TEACHER_SCOPE}/{p}"))
     copies = []
     for node in list(g.nodes):
-        outs = tuple(rename.setdefault(o, g.add_value(g.fresh(f"{TEACHER_SCOPE}/{o}"), g.types[o]))
-                     for o in node.outputs)
+        if not any(i in rename for i in node.inputs):
+            continue  # the same value as the student's
+        for o in node.outputs:
+            rename[o] = g.add_value(g.fresh(f"{TEACHER_SCOPE}/{o}"), g.types[o])
         ins = tuple(None if i is None else rename.get(i, i) for i in node.inputs)
         module = f"{TEACHER_SCOPE}.{node.module}" if node.module else TEACHER_SCOPE
-        copies.append(Node(node.op, ins, outs, node.attrs, module, Phase.FORWARD))
+        copies.append(Node(node.op, ins, tuple(rename[o] for o in node.outputs), node.attrs, module, Phase.FORWARD))
     for node in copies:
         g.append(node)
-    return rename[g.outputs[0]]
+    return rename.get(g.outputs[0], g.outputs[0])

@@ -141,6 +141,7 @@ def test_teacher_copy_shares_frozen_weights_and_has_no_backward() -> None:
     g = model.train_graph
     teacher_nodes = [n for n in g.nodes if n.module.startswith("teacher")]
     assert teacher_nodes and all(n.phase == Phase.FORWARD for n in teacher_nodes)
+    assert {n.module for n in teacher_nodes} == {"teacher.4"}  # the frozen layers' activations are shared
     backward = lambda art: sorted(n.op for n in art.train_graph.nodes if n.phase == Phase.BACKWARD)  # noqa: E731
     assert backward(model) == backward(logits)
     assert [i.name for i in model.infer_model.graph.input] == [i.name for i in plain.infer_model.graph.input]
