@@ -19,6 +19,7 @@ from pockprop.autodiff.backward import backward
 from pockprop.compiler import preprocess as preprocess_steps
 from pockprop.compiler.artifact import Artifact, StateEntry
 from pockprop.compiler.optim import build_update, initial_state, parse_optimizer
+from pockprop.compiler.prompt import PROMPT, parse_prompt, with_prompt
 from pockprop.compiler.blocks import module_tree
 from pockprop.compiler.distill import KDSpec, add_kd_loss, add_teacher, parse_kd, teacher_logits_input
 from pockprop.compiler.scheme import Layer, Scheme, discover_layers, load_scheme, resolve_scheme
@@ -62,24 +63,33 @@ class TracedModel:
     traced: Traced
     tree: list[tuple[str, bool]]  # pockprop.compiler.blocks.module_tree(model): the blocks presets count
     name: str  # type(model).__name__, the artifact's default name
+    prompt: str | None = None  # the soft prompt's parameter (compiler/prompt.py), trained whatever the scheme
 
     @property
     def layers(self) -> list[Layer]:
-        """The model's layers in forward order (pockprop.compiler.scheme.discover_layers)."""
-        return discover_layers(self.traced.graph, self.traced.parameters, self.tree, self.traced.aliases)
+        """The model's layers in forward order (pockprop.compiler.scheme.discover_layers); a soft prompt is
+        none of them: schemes see the model as it was."""
+        params = [p for p in self.traced.parameters if p != self.prompt]
+        return discover_layers(self.traced.graph, params, self.tree, self.traced.aliases)
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {p: self.traced.graph.types[p].shape for p in self.traced.parameters}
 
 
-def trace_model(model: torch.nn.Module, example_inputs: Any, output: str | None = None) -> TracedModel:
-    """Trace `model` once for `compile_traced` (puts it in eval form, as `compile` does); `example_inputs`
-    and `output` as in `compile`."""
+def trace_model(model: torch.nn.Module, example_inputs: Any, output: str | None = None,
+                prompt: dict[str, Any] | int | None = None) -> TracedModel:
+    """Trace `model` once for `compile_traced` (puts it in eval form, as `compile` does); `example_inputs`,
+    `output` and `prompt` as in `compile`."""
+    spec = parse_prompt(prompt)
+    name = type(model).__name__
+    tree = module_tree(model)
+    if spec is not None:
+        model = with_prompt(model.eval(), spec)
     args, kwargs = example_args(example_inputs)
     traced = trace(model, args, kwargs)
     pick_output(traced, output)
-    return TracedModel(traced, module_tree(model), type(model).__name__)
+    return TracedModel(traced, tree, name, PROMPT if spec is not None else None)
 
 
 def _check_options(loss: str, label_smoothing: float, trainable: Any, scheme: Any,
@@ -105,7 +115,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, labels: Any = None,
             trainable: str | Iterable[str] | None = None, *, scheme: str | Scheme | dict[str, Any] | None = None,
             label_smoothing: float = 0.0, name: str | None = None,
             preprocess: str | dict[str, Any] | None = None, optimize: bool = True,
-            output: str | None = None, kd: dict[str, Any] | str | None = None) -> Artifact:
+            output: str | None = None, kd: dict[str, Any] | str | None = None,
+            prompt: dict[str, Any] | int | None = None) -> Artifact:
     """Compile `model` into one ONNX training step (forward, loss, backward, update) + inference graph.
 
     example_inputs: a tensor, a tuple of positional tensors, or a dict of keyword tensors
@@ -128,15 +139,19 @@ def compile(model: torch.nn.Module, example_inputs: Any, labels: Any = None,
     and masks for backward, update reordering): the same step, as autodiff built it; for debugging.
     loss="kd" distills: kd={"task": "cross_entropy"|"bce_with_logits", "alpha": 0.5, "temperature": 2.0,
     "teacher": "model"|"logits"} (those are the defaults); see compiler/distill.py.
+    prompt={"tokens": P, "init": "vocab"|"random"} prepends a trainable soft prompt after the embedding
+    layer (compiler/prompt.py); it trains with what `trainable` or `scheme` selects, or alone if neither
+    is given.
 
     The same as `compile_traced(trace_model(model, example_inputs), ...)`; use those two to compile
     one model with several schemes while tracing it once.
     """
     _check_options(loss, label_smoothing, trainable, scheme, kd)
     parse_optimizer(optimizer)
+    parse_prompt(prompt)
     if scheme is not None:
         scheme = load_scheme(scheme)  # a bad scheme fails before the slow trace
-    return compile_traced(trace_model(model, example_inputs, output), labels, loss, optimizer, trainable, scheme=scheme,
+    return compile_traced(trace_model(model, example_inputs, output, prompt), labels, loss, optimizer, trainable, scheme=scheme,
                           label_smoothing=label_smoothing, name=name, preprocess=preprocess, optimize=optimize, kd=kd)
 
 
@@ -158,8 +173,12 @@ def compile_traced(tm: TracedModel, labels: Any = None, loss: str = "cross_entro
     if spec is not None:
         resolved = resolve_scheme(spec, tm.layers, tm.shapes)
         needs = resolved.needs()
+    elif trainable is None and tm.prompt is not None:
+        needs = {}  # prompt tuning: the prompt alone
     else:
         needs = {p: FULL for p in _select(trainable, traced)}
+    if tm.prompt is not None:
+        needs[tm.prompt] = FULL
     if not needs:
         raise CompileError("the model has no parameters to train")
     chosen = [p for p in traced.parameters if p in needs]  # model order
