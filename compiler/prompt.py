@@ -36,6 +36,17 @@ INITS = ("vocab", "random")
 RANDOM_STD = 0.02
 
 
+def prompt_scheme(name: str) -> int | None:
+    """P of a scheme name `prompt:P` as the experiments and `pockprop bench --scheme` write a soft prompt of P
+    tokens trained alone, else None."""
+    if not name.startswith("prompt:"):
+        return None
+    tokens = name.split(":", 1)[1]
+    if not tokens.isdigit() or int(tokens) < 1:
+        raise CompileError(f"{name!r}: a soft prompt row is prompt:N with N a positive number of tokens")
+    return int(tokens)
+
+
 @dataclass(frozen=True)
 class PromptSpec:
     tokens: int
