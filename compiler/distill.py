@@ -14,7 +14,8 @@ bce_with_logits). The teacher is one of:
   trained tensor. For a sliced one that is the original slice, concatenated with the shared frozen rest;
   constant folding then joins the two into the original full tensor, so a sliced layer's frozen rest is
   stored twice (folding decides that for every all-constant node alike). Nothing in the copy depends on
-  a trained tensor, so autodiff builds no backward node for it.
+  a trained tensor, so autodiff builds no backward node for it. A soft prompt (compiler/prompt.py) is a
+  trained tensor like the others: the teacher reads its initial value.
 
 Labels stay those of the task (class indices, or multi-hot targets); rows the cross-entropy ignores
 (-100) count in neither term.
