@@ -103,12 +103,11 @@ class TextPrompted(Prompted):
         model, at = self._inner, self.at
         emb = model.get_input_embeddings()(input_ids)
         n, p = emb.shape[0], self.prompt.embeddings.shape[0]
-        embeds = torch.cat([emb[:, :at], self.prompt.embeddings.unsqueeze(0).expand(n, -1, -1), emb[:, at:]], dim=1)
+        embeds = _insert(emb, self.prompt.embeddings.unsqueeze(0).expand(n, -1, -1), at)
         if attention_mask is None:
             attention_mask = torch.ones(input_ids.shape, dtype=torch.int64, device=input_ids.device)
         ones = torch.ones((n, p), dtype=attention_mask.dtype, device=attention_mask.device)
-        mask = torch.cat([attention_mask[:, :at], ones, attention_mask[:, at:]], dim=1)
-        out = model(inputs_embeds=embeds, attention_mask=mask)
+        out = model(inputs_embeds=embeds, attention_mask=_insert(attention_mask, ones, at))
         return _drop_prompt(out, at, p, input_ids.shape[1] + p)
 
 
@@ -120,8 +119,7 @@ class ViTPrompted(Prompted):
         prompt = self.prompt.embeddings
 
         def insert(module: nn.Module, inputs: Any, out: torch.Tensor) -> torch.Tensor:
-            p = prompt.unsqueeze(0).expand(out.shape[0], -1, -1)
-            return torch.cat([out[:, :1], p, out[:, 1:]], dim=1)
+            return _insert(out, prompt.unsqueeze(0).expand(out.shape[0], -1, -1), 1)
 
         handle = embeddings.register_forward_hook(insert)
         try:
@@ -130,11 +128,16 @@ class ViTPrompted(Prompted):
             handle.remove()
 
 
+def _insert(seq: torch.Tensor, rows: torch.Tensor, at: int) -> torch.Tensor:
+    """`rows` inserted into `seq` before its position `at` (axis 1)."""
+    return torch.cat([rows, seq], dim=1) if at == 0 else torch.cat([seq[:, :at], rows, seq[:, at:]], dim=1)
+
+
 def _drop_prompt(out: Any, at: int, p: int, length: int) -> Any:
     """Per-token outputs (rank >= 3, `length` positions on axis 1) without the prompt's positions."""
     if isinstance(out, torch.Tensor):
         if out.dim() >= 3 and out.shape[1] == length:
-            return torch.cat([out[:, :at], out[:, at + p:]], dim=1)
+            return out[:, p:] if at == 0 else torch.cat([out[:, :at], out[:, at + p:]], dim=1)
         return out
     if isinstance(out, dict):  # a ModelOutput too (keys and order kept)
         for k in list(out.keys()):

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from pockprop.compiler.compile import compile
-from pockprop.compiler.prompt import PROMPT
+from pockprop.compiler.prompt import PROMPT, parse_prompt, with_prompt
 from pockprop.errors import CompileError
 from pockprop.models.hf import bert_base4, llama_small, vit_tiny
 from pockprop.runtime.trainer import Trainer
@@ -129,13 +129,15 @@ def test_export_predicts_like_the_trained_model(case: str, tmp_path) -> None:
 
 
 def test_vocab_init_copies_embedding_rows_and_is_seeded() -> None:
-    x = torch.randint(0, VOCAB, (N, T))
-    a = compile(_llama(), (x,), prompt={"tokens": P, "seed": 1}).initial_state()[PROMPT]
-    b = compile(_llama(), (x,), prompt={"tokens": P, "seed": 1}).initial_state()[PROMPT]
+    def initial(**spec) -> np.ndarray:
+        return with_prompt(_llama(), parse_prompt({"tokens": P, **spec})).prompt.embeddings.detach().numpy()
+
+    a, b, other = initial(seed=1), initial(seed=1), initial(seed=2)
     table = _llama().get_input_embeddings().weight.detach().numpy()
     np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, other)
     assert all(any(np.array_equal(row, t) for t in table) for row in a)
-    r = compile(_llama(), (x,), prompt={"tokens": P, "init": "random"}).initial_state()[PROMPT]
+    r = initial(init="random")
     assert r.shape == (P, 16) and 0 < r.std() < 0.05
 
 
