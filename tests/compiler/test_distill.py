@@ -177,3 +177,19 @@ def test_cli_compiles_kd_and_refuses_bad_values(tmp_path, capsys) -> None:
     assert capsys.readouterr().err.strip().splitlines()[-1] == \
         "pockprop compile: error: kd: teacher 'nobody' is not one of logits, model"
     assert not (tmp_path / "bad").exists()
+
+
+def test_teacher_model_equals_the_student_before_training(tmp_path) -> None:
+    """A CNN with BatchNorm under the sparse preset (channel slices, BN folded into the convs): at the first
+    step the teacher copy is the student, so the kd term is 0 and the loss is alpha * cross-entropy."""
+    from pockprop import models
+
+    torch.manual_seed(0)
+    model = models.mobilenet_v2(width_mult=0.35, num_classes=10).eval()
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 7])
+    art = compile(model, (x,), labels=y, scheme="sparse", loss="kd", kd={"alpha": 0.25, "temperature": 3.0})
+    assert any(s.spec.slice is not None for s in art.state)
+    loss = Trainer.load(art.save(str(tmp_path / "kd")), threads=1).step(x.numpy(), y.numpy())
+    with torch.no_grad():
+        want = 0.25 * F.cross_entropy(model(x), y).item()
+    np.testing.assert_allclose(loss, want, rtol=1e-5)
