@@ -11,10 +11,9 @@ bce_with_logits). The teacher is one of:
 - "model": the original model, frozen, compiled into the same step (`add_teacher`): a second copy of the
   forward graph from the first trained tensor on, reading the student's own frozen constants and
   activations wherever they are the same values, and a constant holding the original value of each
-  trained tensor. For a sliced one that is the original slice, concatenated with the shared frozen rest;
-  constant folding then joins the two into the original full tensor, so a sliced layer's frozen rest is
-  stored twice (folding decides that for every all-constant node alike). Nothing in the copy depends on
-  a trained tensor, so autodiff builds no backward node for it. A soft prompt (compiler/prompt.py) is a
+  trained tensor: for a sliced one, the original slice, concatenated at run time with the shared frozen
+  rest (constant folding leaves such a concat alone above its size bound). What the step stores beyond the plain step is those
+  originals. Nothing in the copy depends on a trained tensor, so autodiff builds no backward node for it. A soft prompt (compiler/prompt.py) is a
   trained tensor like the others: the teacher reads its initial value.
 
 Labels stay those of the task (class indices, or multi-hot targets); rows the cross-entropy ignores

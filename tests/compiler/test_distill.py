@@ -189,6 +189,9 @@ def test_teacher_model_equals_the_student_before_training(tmp_path) -> None:
     x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 7])
     art = compile(model, (x,), labels=y, scheme="sparse", loss="kd", kd={"alpha": 0.25, "temperature": 3.0})
     assert any(s.spec.slice is not None for s in art.state)
+    plain = compile(model, (x,), labels=y, scheme="sparse")
+    extra = _initializer_bytes(art) - _initializer_bytes(plain)
+    assert art.state_bytes()[0] <= extra < art.state_bytes()[0] + 4096  # the originals of the slices, no more
     loss = Trainer.load(art.save(str(tmp_path / "kd")), threads=1).step(x.numpy(), y.numpy())
     with torch.no_grad():
         want = 0.25 * F.cross_entropy(model(x), y).item()
