@@ -12,9 +12,10 @@ bce_with_logits). The teacher is one of:
   forward graph from the first trained tensor on, reading the student's own frozen constants and
   activations wherever they are the same values, and a constant holding the original value of each
   trained tensor: for a sliced one, the original slice, concatenated at run time with the shared frozen
-  rest (constant folding leaves such a concat alone above its size bound). What the step stores beyond the plain step is those
-  originals. Nothing in the copy depends on a trained tensor, so autodiff builds no backward node for it. A soft prompt (compiler/prompt.py) is a
-  trained tensor like the others: the teacher reads its initial value.
+  rest (constant folding leaves such a concat alone above its size bound). What the step stores beyond
+  the plain step is those originals. Nothing in the copy depends on a trained tensor, so autodiff builds
+  no backward node for it. A soft prompt (compiler/prompt.py) is a trained tensor like the others: the
+  teacher reads its initial value.
 
 Labels stay those of the task (class indices, or multi-hot targets); rows the cross-entropy ignores
 (-100) count in neither term.
