@@ -189,7 +189,8 @@ def compile_traced(tm: TracedModel, labels: Any = None, loss: str = "cross_entro
     train_fwd, wants = _lift(traced.graph.copy(), {p: needs[p] for p in chosen})
     if optimize:
         train_fwd = TRAINING_FORWARD(train_fwd).graph
-    originals = {p: _part(full_values[p], needs[p]) for p in chosen}
+    teacher_model = kd_spec is not None and kd_spec.teacher == "model"  # reads the trained tensors' originals
+    originals = {p: _part(full_values[p], needs[p]) for p in chosen} if teacher_model else {}
     train, state = _training_graph(train_fwd, wants, full_values, loss_op, labels, opt, label_smoothing, optimize,
                                    kd_spec, originals)
     train = choose_lowerings(train, choose_lowering).graph
