@@ -137,6 +137,7 @@ def _prepare(args: Any, workdir: str) -> tuple[list[Config], dict[str, Any]]:
     import torch
 
     from pockprop.compiler.compile import compile_traced, trace_model
+    from pockprop.compiler.prompt import PROMPT, prompt_scheme
     from pockprop.tracing.loader import spec_of
 
     spec = spec_of(args)
@@ -159,12 +160,15 @@ def _prepare(args: Any, workdir: str) -> tuple[list[Config], dict[str, Any]]:
     schemes = schemes_of(args.scheme)
     t0 = time.perf_counter()
     traced = trace_model(model, (x,))
-    arts = {s: compile_traced(traced, optimizer=opt, scheme=s) for s in dict.fromkeys(schemes + ["full"])}
+    prompts = {s: prompt_scheme(s) for s in schemes if prompt_scheme(s)}  # prompt:P rows: the prompt alone trains
+    arts = {s: compile_traced(traced, optimizer=opt, scheme=s) if s not in prompts else
+            compile_traced(trace_model(model, (x,), prompt={"tokens": prompts[s]}), optimizer=opt)
+            for s in dict.fromkeys(schemes + ["full"])}
     compile_s = time.perf_counter() - t0
     variants = lowering_variants(getattr(args, "lowerings", None))
     for label, choose in variants.items():  # the same schemes, other lowerings: rows pockprop-SCHEME@LABEL
         arts |= {f"{s}@{label}": compile_traced(traced, optimizer=opt, scheme=s, choose_lowering=choose)
-                 for s in dict.fromkeys(schemes + ["full"])}
+                 for s in dict.fromkeys(schemes + ["full"]) if s not in prompts}
     lora = getattr(args, "lora", None)
     if lora is not None:  # not a scheme: its artifact and rows come beside the schemes' (LORA)
         arts[LORA] = compile_traced(traced, optimizer=opt, lora=lora)
@@ -200,7 +204,7 @@ def _prepare(args: Any, workdir: str) -> tuple[list[Config], dict[str, Any]]:
         cfgs.append(Config(f"pockprop-{s}", "pockprop", f"pockprop artifact, scheme {s}, runtime.Trainer",
                            {**base, "artifact": dirs[s]}, memory_baseline="ort-infer"))
     for label in variants:
-        for s in dict.fromkeys(schemes + ["full"]):
+        for s in [s for s in dict.fromkeys(schemes + ["full"]) if s not in prompts]:
             cfgs.append(Config(f"pockprop-{s}@{label}", "pockprop", f"pockprop artifact, scheme {s}, lowerings: "
                                f"{label}, runtime.Trainer", {**base, "artifact": dirs[f"{s}@{label}"]},
                                memory_baseline="ort-infer"))
@@ -208,7 +212,11 @@ def _prepare(args: Any, workdir: str) -> tuple[list[Config], dict[str, Any]]:
     cfgs.append(Config("torch-full", "torch-train", "PyTorch eager, full backprop", {**base, "trainable": None},
                        memory_baseline="torch-infer"))
     for s in schemes:
-        if s != "full":
+        if s in prompts:  # the same soft prompt (compiler/prompt.py's wrapper) as the only trainable tensor
+            cfgs.append(Config(f"torch-{s}", "torch-train", f"PyTorch eager, a soft prompt of {prompts[s]} tokens "
+                               "trained alone", {**base, "trainable": [PROMPT], "prompt": prompts[s]},
+                               memory_baseline="torch-infer"))
+        elif s != "full":
             cfgs.append(Config(f"torch-{s}", "torch-train", f"PyTorch eager, whole tensors scheme {s} touches "
                                f"({len(arts[s].trainable)} tensors)", {**base, "trainable": list(arts[s].trainable)},
                                memory_baseline="torch-infer"))
@@ -224,7 +232,8 @@ def _prepare(args: Any, workdir: str) -> tuple[list[Config], dict[str, Any]]:
     pbase = {**base, "onnx": peers_onnx, "parameters": params}
     cfgs.append(Config("ortt-infer", "ortt-infer", "onnxruntime-training 1.19.2 InferenceSession, forward only",
                        dict(pbase), python=python, skip=peer_skip))
-    for s in dict.fromkeys(["full"] + schemes):
+    plain = [s for s in schemes if s not in prompts]  # the peers train the forward model: it has no prompt
+    for s in dict.fromkeys(["full"] + plain):
         what = "every tensor trainable" if s == "full" else f"whole tensors scheme {s} touches"
         cfgs.append(Config(f"ortt-{s}", "ortt-train", f"onnxruntime-training 1.19.2, {what}",
                            {**pbase, "trainable": None if s == "full" else list(arts[s].trainable),
@@ -240,7 +249,7 @@ def _prepare(args: Any, workdir: str) -> tuple[list[Config], dict[str, Any]]:
                            skip=peer_skip))
     if lora is not None:
         cfgs += _lora_configs(base, arts[LORA], dirs[LORA], lora)
-    cfgs += _et_configs(args, base, arts, schemes, optimizer)
+    cfgs += _et_configs(args, base, arts, plain, optimizer)
     for c in cfgs:
         c.spec["kind"] = c.kind
     meta = {"input_shape": shape, "input": "token ids" if tokens else "float32", "vocabulary": vocab,
@@ -419,7 +428,10 @@ def targets(rows: list[dict[str, Any]], cfgs: dict[str, Config], schemes: str | 
     table = TOKEN_TARGETS if tokens else TARGETS
     out = []
     for scheme in [schemes] if isinstance(schemes, str) else schemes:
-        for row, base, what, limit in table.get(scheme, []):
+        rows_of = table.get(scheme, [])
+        if tokens and scheme.startswith("prompt:"):  # issue 13: >= 1.5x PyTorch with the same prompt trainable
+            rows_of = [(f"pockprop-{scheme}", f"torch-{scheme}", "tokens/s", 1.5)]
+        for row, base, what, limit in rows_of:
             a, b = by_row.get(row, {}), by_row.get(base, {})
             ratio = None
             if what in ("time", "tokens/s") and row in cfgs and base in cfgs:

@@ -80,6 +80,9 @@ def _torch_model(spec: dict):
     torch.set_num_threads(spec["threads"])
     model, _ = ModelSpec(**spec["model"]).build()
     model.eval()  # BatchNorm uses running statistics, as in pockprop's training step
+    if spec.get("prompt"):  # a soft prompt of that many tokens, as the pockprop artifact has it
+        from pockprop.compiler.prompt import PromptSpec, with_prompt
+        model = with_prompt(model, PromptSpec(spec["prompt"]))
     return torch, model
 
 

@@ -20,8 +20,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compile", help="compile a PyTorch model into a training artifact (needs the [compile] extra)",
                        description="Trace a PyTorch model and emit train_step.onnx, infer.onnx, state and manifest.")
     cli_args.add_model_spec(p)
-    p.add_argument("--loss", default="cross_entropy", choices=["cross_entropy", "bce_with_logits", "mse"],
-                   help="training loss on the model's output")
+    p.add_argument("--loss", default="cross_entropy", choices=["cross_entropy", "bce_with_logits", "mse", "kd"],
+                   help="training loss on the model's output (kd: distillation, see --kd)")
+    p.add_argument("--kd", metavar="KEY=VALUE,...", help="with --loss kd: task=cross_entropy|bce_with_logits, "
+                   "alpha (task weight, 0.5), temperature (2), teacher=model|logits (model: the original model "
+                   "compiled into the step; logits: fed as the step's teacher_logits input)")
     p.add_argument("--label-smoothing", type=cli_args.number(0, 1, hi_open=True), default=0.0,
                    help="cross_entropy label smoothing, in [0, 1)")
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"], help="optimizer built into the step")
@@ -47,6 +50,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input", dest="inputs", action="append", type=input_decl, metavar="NAME:DTYPE:SHAPE",
                    help="a data input, passed to forward as keyword NAME, e.g. input_ids:int64:8,128; repeat it "
                         "for each input (instead of --input-shape, which declares one float32 input)")
+    p.add_argument("--prompt-tokens", type=cli_args.integer(1), metavar="N",
+                   help="prepend a trainable soft prompt of N embeddings after the embedding layer (Hugging Face "
+                        "text models, ViT); it trains with --trainable/--scheme, or alone")
+    p.add_argument("--prompt-init", choices=["vocab", "random"],
+                   help="soft prompt initial value: rows of the token embedding (vocab, text default) or small "
+                        "random (random, ViT default)")
     p.add_argument("--model-output", metavar="NAME", help="the returned tensor to train on when the model returns "
                                                           "several, e.g. logits (a ModelOutput's field)")
     p.add_argument("--target-profile", metavar="PROFILE",
@@ -71,6 +80,14 @@ def _optimizer(args: argparse.Namespace) -> dict[str, object]:
     if args.nesterov:
         opt["nesterov"] = True
     return opt
+
+
+def _prompt(args: argparse.Namespace) -> dict[str, object] | None:
+    if args.prompt_tokens is None:
+        if args.prompt_init is not None:
+            raise UsageError("--prompt-init needs --prompt-tokens")
+        return None
+    return {"tokens": args.prompt_tokens} | ({"init": args.prompt_init} if args.prompt_init else {})
 
 
 def compile_command(args: argparse.Namespace) -> int:
@@ -110,13 +127,13 @@ def compile_command(args: argparse.Namespace) -> int:
     art = compile(model, examples, loss=args.loss, optimizer=_optimizer(args),
                   trainable=args.trainable, scheme=args.scheme, label_smoothing=args.label_smoothing,
                   name=args.model.split(":")[-1], preprocess=preprocess, output=args.model_output,
-                  target_profile=target, lora=args.lora)
+                  target_profile=target, lora=args.lora, kd=args.kd, prompt=_prompt(args))
     art.source = spec.source()
     if args.report:
         from pockprop.compiler.report import compile_report, format_report
 
-        full = compile(model, examples, loss=args.loss, optimizer=_optimizer(args), scheme="full",
-                       output=args.model_output)
+        full = compile(model, examples, loss=args.loss, optimizer=_optimizer(args), scheme="full", kd=args.kd,
+                       output=args.model_output, prompt=_prompt(args))
         art.report = compile_report(art, full)
     art.save(args.output)
     if art.scheme is not None:

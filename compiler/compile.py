@@ -12,7 +12,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from pockprop.artifact.contract import LABELS, LOSS, LR, STEP, optimizer_slot, updated, weights_file
+from pockprop.artifact.contract import LABELS, LOSS, LR, STEP, TEACHER_LOGITS, optimizer_slot, updated, weights_file
 from pockprop.artifact import external as external_data
 from pockprop.artifact.external import ExternalArrays
 from pockprop.autodiff.backward import backward
@@ -20,7 +20,9 @@ from pockprop.compiler import lora as lora_adapters
 from pockprop.compiler import preprocess as preprocess_steps
 from pockprop.compiler.artifact import Artifact, StateEntry
 from pockprop.compiler.optim import build_update, initial_state, parse_optimizer
+from pockprop.compiler.prompt import PROMPT, parse_prompt, with_prompt
 from pockprop.compiler.blocks import module_tree
+from pockprop.compiler.distill import KDSpec, add_kd_loss, add_teacher, parse_kd, teacher_logits_input
 from pockprop.compiler.scheme import Layer, Scheme, discover_layers, load_scheme, resolve_scheme
 from pockprop.compiler.target import TargetProfile, chooser_for, load_target_profile
 from pockprop.compiler.target import record as record_lowerings
@@ -65,27 +67,36 @@ class TracedModel:
     tree: list[tuple[str, bool]]  # pockprop.compiler.blocks.module_tree(model): the blocks presets count
     name: str  # type(model).__name__, the artifact's default name
     adapters: list[lora_adapters.Adapter] = field(default_factory=list)  # a peft model's LoRA layers (stripped)
+    prompt: str | None = None  # the soft prompt's parameter (compiler/prompt.py), trained whatever the scheme
 
     @property
     def layers(self) -> list[Layer]:
-        """The model's layers in forward order (pockprop.compiler.scheme.discover_layers)."""
-        return discover_layers(self.traced.graph, self.traced.parameters, self.tree, self.traced.aliases)
+        """The model's layers in forward order (pockprop.compiler.scheme.discover_layers); a soft prompt is
+        none of them: schemes see the model as it was."""
+        params = [p for p in self.traced.parameters if p != self.prompt]
+        return discover_layers(self.traced.graph, params, self.tree, self.traced.aliases)
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {p: self.traced.graph.types[p].shape for p in self.traced.parameters}
 
 
-def trace_model(model: torch.nn.Module, example_inputs: Any, output: str | None = None) -> TracedModel:
-    """Trace `model` once for `compile_traced` (puts it in eval form, as `compile` does); `example_inputs`
-    and `output` as in `compile`."""
-    args, kwargs = example_args(example_inputs)
+def trace_model(model: torch.nn.Module, example_inputs: Any, output: str | None = None,
+                prompt: dict[str, Any] | int | None = None) -> TracedModel:
+    """Trace `model` once for `compile_traced` (puts it in eval form, as `compile` does); `example_inputs`,
+    `output` and `prompt` as in `compile`."""
+    spec = parse_prompt(prompt)
+    name = type(model).__name__
+    tree = module_tree(model)
     _check_peft(model)
+    if spec is not None:
+        model = with_prompt(model.eval(), spec)
+    args, kwargs = example_args(example_inputs)
     traced = trace(model, args, kwargs)
     pick_output(traced, output)
     graph, parameters, adapters = lora_adapters.strip_peft(traced.graph, traced.parameters)
     traced.graph, traced.parameters = graph, parameters
-    return TracedModel(traced, module_tree(model), type(model).__name__, adapters)
+    return TracedModel(traced, tree, name, adapters, PROMPT if spec is not None else None)
 
 
 def _check_peft(model: torch.nn.Module) -> None:
@@ -97,17 +108,22 @@ def _check_peft(model: torch.nn.Module) -> None:
             raise CompileError(f"peft adapter {name!r}: DoRA (use_dora) is not supported")
 
 
-def _check_options(loss: str, label_smoothing: float, trainable: Any, scheme: Any) -> str:
-    loss_op = LOSSES.get(loss)
+def _check_options(loss: str, label_smoothing: float, trainable: Any, scheme: Any,
+                   kd: dict[str, Any] | str | None = None) -> tuple[str, KDSpec | None]:
+    """(the task loss's op, the kd spec when loss is "kd"), or CompileError."""
+    if kd is not None and loss != "kd":
+        raise CompileError(f"kd settings apply to loss='kd', not {loss!r}")
+    spec = parse_kd(kd) if loss == "kd" else None
+    loss_op = spec.task if spec is not None else LOSSES.get(loss)
     if loss_op is None:
-        raise CompileError(f"unknown loss {loss!r}; choose one of: {', '.join(sorted(LOSSES))}")
+        raise CompileError(f"unknown loss {loss!r}; choose one of: {', '.join(sorted([*LOSSES, 'kd']))}")
     if label_smoothing and loss_op != "cross_entropy":
         raise CompileError("label_smoothing applies to cross_entropy only")
     if not 0.0 <= label_smoothing < 1.0:
         raise CompileError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     if trainable is not None and scheme is not None:
         raise CompileError("give either trainable patterns or a scheme, not both")
-    return loss_op
+    return loss_op, spec
 
 
 def compile(model: torch.nn.Module, example_inputs: Any, labels: Any = None,
@@ -116,7 +132,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, labels: Any = None,
             label_smoothing: float = 0.0, name: str | None = None,
             preprocess: str | dict[str, Any] | None = None, optimize: bool = True,
             output: str | None = None, target_profile: str | dict[str, Any] | TargetProfile | None = None,
-            lora: Any = None) -> Artifact:
+            lora: Any = None, kd: dict[str, Any] | str | None = None,
+            prompt: dict[str, Any] | int | None = None) -> Artifact:
     """Compile `model` into one ONNX training step (forward, loss, backward, update) + inference graph.
 
     example_inputs: a tensor, a tuple of positional tensors, or a dict of keyword tensors
@@ -144,21 +161,27 @@ def compile(model: torch.nn.Module, example_inputs: Any, labels: Any = None,
     compiler/lora.py): only their A and B are trained, besides whatever `trainable` or `scheme` names
     (with neither, only the adapters). A model wrapped by peft trains its adapters the same way. The
     inference graph holds one weight per adapted layer, which the runtime merges (W + alpha/r B A).
+    loss="kd" distills: kd={"task": "cross_entropy"|"bce_with_logits", "alpha": 0.5, "temperature": 2.0,
+    "teacher": "model"|"logits"} (those are the defaults); see compiler/distill.py.
+    prompt={"tokens": P, "init": "vocab"|"random"} prepends a trainable soft prompt after the embedding
+    layer (compiler/prompt.py); it trains with what `trainable` or `scheme` selects, or alone if neither
+    is given.
 
     The same as `compile_traced(trace_model(model, example_inputs), ...)`; use those two to compile
     one model with several schemes while tracing it once.
     """
-    _check_options(loss, label_smoothing, trainable, scheme)
+    _check_options(loss, label_smoothing, trainable, scheme, kd)
     parse_optimizer(optimizer)
+    parse_prompt(prompt)
     if scheme is not None:
         scheme = load_scheme(scheme)  # a bad scheme fails before the slow trace
     if target_profile is not None:
         target_profile = load_target_profile(target_profile)  # so does a bad profile
     if lora is not None:
         lora = lora_adapters.parse_spec(lora)
-    return compile_traced(trace_model(model, example_inputs, output), labels, loss, optimizer, trainable, scheme=scheme,
-                          label_smoothing=label_smoothing, name=name, preprocess=preprocess, optimize=optimize,
-                          target_profile=target_profile, lora=lora)
+    return compile_traced(trace_model(model, example_inputs, output, prompt), labels, loss, optimizer, trainable,
+                          scheme=scheme, label_smoothing=label_smoothing, name=name, preprocess=preprocess,
+                          optimize=optimize, target_profile=target_profile, lora=lora, kd=kd)
 
 
 def compile_traced(tm: TracedModel, labels: Any = None, loss: str = "cross_entropy",
@@ -166,12 +189,13 @@ def compile_traced(tm: TracedModel, labels: Any = None, loss: str = "cross_entro
                    scheme: str | Scheme | dict[str, Any] | None = None, label_smoothing: float = 0.0,
                    name: str | None = None, preprocess: str | dict[str, Any] | None = None,
                    optimize: bool = True, choose_lowering: Chooser | None = None,
-                   target_profile: str | dict[str, Any] | TargetProfile | None = None, lora: Any = None) -> Artifact:
+                   target_profile: str | dict[str, Any] | TargetProfile | None = None, lora: Any = None,
+                   kd: dict[str, Any] | str | None = None) -> Artifact:
     """`compile` of an already traced model (see `trace_model`); the arguments mean the same.
 
     choose_lowering: picks each node's lowering among those its op offers (passes/lowerings.py); by
     default the target profile's choice, else `pockprop.compiler.target.fallback_chooser()`'s."""
-    loss_op = _check_options(loss, label_smoothing, trainable, scheme)
+    loss_op, kd_spec = _check_options(loss, label_smoothing, trainable, scheme, kd)
     target = None if target_profile is None else load_target_profile(target_profile)
     if choose_lowering is None:
         choose_lowering = chooser_for(target)
@@ -183,10 +207,12 @@ def compile_traced(tm: TracedModel, labels: Any = None, loss: str = "cross_entro
     if spec is not None:
         resolved = resolve_scheme(spec, tm.layers, tm.shapes)
         needs = resolved.needs()
-    elif trainable is None and (tm.adapters or lora_spec is not None):
-        needs = {}  # only the adapters, as peft trains
+    elif trainable is None and (tm.adapters or lora_spec is not None or tm.prompt is not None):
+        needs = {}  # only the adapters and the prompt, as peft trains
     else:
         needs = {p: FULL for p in _select(trainable, traced)}
+    if tm.prompt is not None:
+        needs[tm.prompt] = FULL
     adapters = _adapters(tm, lora_spec, needs)
     if not needs and not adapters:
         raise CompileError("the model has no parameters to train")
@@ -202,8 +228,11 @@ def compile_traced(tm: TracedModel, labels: Any = None, loss: str = "cross_entro
     train_fwd, wants = _lift(train_src, {p: needs[p] for p in chosen} | dict.fromkeys(adapted, FULL))
     if optimize:
         train_fwd = TRAINING_FORWARD(train_fwd).graph
+    teacher_model = kd_spec is not None and kd_spec.teacher == "model"  # reads the trained tensors' originals
+    # (a LoRA teacher reads A and B as they start: B = 0, the model without its adapters)
+    originals = ({p: _part(full_values[p], needs[p]) for p in chosen} | adapted) if teacher_model else {}
     train, state = _training_graph(train_fwd, wants, full_values | adapted, loss_op, labels, opt, label_smoothing,
-                                   optimize)
+                                   optimize, kd_spec, originals)
     train = choose_lowerings(train, choose_lowering).graph
 
     model_name = name or tm.name
@@ -220,7 +249,8 @@ def compile_traced(tm: TracedModel, labels: Any = None, loss: str = "cross_entro
         labels=(LABELS, train.types[LABELS]),
         output=traced.graph.outputs[0],
         loss={"name": loss_op, **({"label_smoothing": label_smoothing} if label_smoothing else {}),
-              **({"ignore_index": IGNORE_INDEX} if loss_op == "cross_entropy" else {})},
+              **({"ignore_index": IGNORE_INDEX} if loss_op == "cross_entropy" else {}),
+              **({"kd": _kd_entry(kd_spec, train)} if kd_spec is not None else {})},
         optimizer=opt,
         trainable=chosen + list(adapted),
         adapters=[ad.spec for ad in adapters],
@@ -244,6 +274,13 @@ def _adapters(tm: TracedModel, spec: lora_adapters.LoraSpec | None,
         raise CompileError(f"{', '.join(both)}: adapted by LoRA and also trained (scheme or trainable); "
                            "train one or the other")
     return adapters
+def _kd_entry(kd: KDSpec, train: Graph) -> dict[str, Any]:
+    """The manifest loss's kd object; with teacher "logits", `input` is the TEACHER_LOGITS input's spec."""
+    entry = kd.to_json()
+    if kd.teacher == "logits":
+        t = train.types[TEACHER_LOGITS]
+        entry["input"] = {"name": TEACHER_LOGITS, "shape": list(t.shape), "dtype": t.dtype}
+    return entry
 
 
 def _external_data(train: Graph, infer: Graph, defaults: dict[str, np.ndarray]) -> ExternalArrays | None:
@@ -308,12 +345,14 @@ def _lift(g: Graph, needs: dict[str, Need]) -> tuple[Graph, dict[str, tuple[str,
 
 def _training_graph(fwd: Graph, wants: dict[str, tuple[str, Need]], full_values: dict[str, np.ndarray],
                     loss_op: str, labels: Any, opt: Any, label_smoothing: float,
-                    optimize: bool) -> tuple[Graph, list[StateEntry]]:
-    """The training step from the forward graph, in named stages: loss, gradients, optimizer update,
-    output names, then the training pass pipeline."""
+                    optimize: bool, kd: KDSpec | None = None,
+                    originals: dict[str, np.ndarray] | None = None) -> tuple[Graph, list[StateEntry]]:
+    """The training step from the forward graph, in named stages: (the kd teacher,) loss, gradients,
+    optimizer update, output names, then the training pass pipeline. `originals`: each trained input's
+    value before training, which a teacher="model" copy reads."""
     g = fwd.copy()
     out = g.outputs[0]
-    loss = _add_loss(g, out, loss_op, labels, label_smoothing)
+    loss = _add_loss(g, out, loss_op, labels, label_smoothing, kd, originals or {})
     grads = _differentiate(g, loss, wants)
     state = _add_optimizer(g, opt, wants, grads, full_values)
     _name_outputs(g, loss, out, state)
@@ -322,9 +361,14 @@ def _training_graph(fwd: Graph, wants: dict[str, tuple[str, Need]], full_values:
     return g, state
 
 
-def _add_loss(g: Graph, out: str, loss_op: str, labels: Any, label_smoothing: float) -> str:
-    """The labels input and the loss node on the model's output; returns the loss value."""
+def _add_loss(g: Graph, out: str, loss_op: str, labels: Any, label_smoothing: float, kd: KDSpec | None = None,
+              originals: dict[str, np.ndarray] | None = None) -> str:
+    """The labels input and the loss node on the model's output (with kd: the teacher, then the kd loss);
+    returns the loss value."""
     y = g.add_input(LABELS, _label_type(loss_op, g.types[out], labels), Role.LABEL)
+    if kd is not None:  # the teacher copies the forward graph as it is: before the loss's nodes
+        teacher = add_teacher(g, originals or {}) if kd.teacher == "model" else teacher_logits_input(g, out)
+        return add_kd_loss(g, out, y, kd, teacher, label_smoothing)
     attrs = {"label_smoothing": label_smoothing} if loss_op == "cross_entropy" else {}
     b = Builder(g, "loss", Phase.LOSS)
     return b.op(loss_op, [out, y], hint="loss", **attrs)

@@ -63,11 +63,12 @@ class Config:
     epochs: int = 3  # over the fine-tuning windows; AdamW, no weight decay, cosine to 0
     lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
     seeds: tuple[int, ...] = (0, 1, 2)
-    schemes: tuple[str, ...] = ("full", "sparse", "last-k:1", "lora")
+    schemes: tuple[str, ...] = ("full", "sparse", "last-k:1", "lora", "prompt:16")  # prompt:P: a soft prompt of P tokens
     # the `lora` row: compile(lora=...) on the attention's q and v projections (docs/peft.md); adapters
     # start at B = 0 and learn from scratch, so their learning-rate grid sits higher than the others'
     lora: tuple[tuple[str, Any], ...] = (("r", 8), ("alpha", 16), ("targets", ("q_proj", "v_proj")))
     lora_lrs: tuple[float, ...] = (3e-3, 1e-2, 3e-2)
+    prompt_lrs: tuple[float, ...] = (1e-2, 3e-2, 1e-1)  # a prompt alone learns at larger rates (Lester et al.: 0.3)
     threads: int | None = 2  # onnxruntime intra-op threads and PyTorch threads
     max_chars: int | None = None  # the corpus cut to this many characters per domain (smoke runs)
 
@@ -83,7 +84,7 @@ class Config:
 
 
 QUICK = Config(vocab=300, seq=32, hidden=16, layers=2, heads=2, pretrain_steps=10, pretrain_batch=8, batch=4,
-               epochs=1, lrs=(3e-3,), lora_lrs=(1e-2,), seeds=(0,), threads=1, max_chars=5_000)
+               epochs=1, lrs=(3e-3,), lora_lrs=(1e-2,), prompt_lrs=(3e-2,), seeds=(0,), threads=1, max_chars=5_000)
 
 
 def log(msg: str) -> None:
@@ -217,20 +218,28 @@ def pretrain(cfg: Config, stream: np.ndarray, path: str) -> None:
 # -- fine-tuning (the device runtime) -----------------------------------------------------------------
 
 def compile_schemes(cfg: Config, weights: str, out: str) -> dict[str, dict[str, Any]]:
-    """Every scheme compiled from the pre-trained weights, traced once; directory and cost of each."""
+    """Every scheme compiled from the pre-trained weights, traced once (a prompt row: traced with its prompt);
+    directory and cost of each."""
     import torch
 
     from pockprop.compiler.compile import compile_traced, trace_model
+    from pockprop.compiler.prompt import prompt_scheme
     from pockprop.tracing.loader import ModelSpec
 
     spec = ModelSpec("models:llama_small", cfg.model_kwargs(), seed=0, weights=weights)
     traced = trace_model(build(cfg, weights), (torch.zeros((cfg.batch, cfg.seq), dtype=torch.int64),))
     opt = {"name": "adamw", "lr": cfg.lrs[0], "weight_decay": 0.0}
     arts = {}
+    example = (torch.zeros((cfg.batch, cfg.seq), dtype=torch.int64),)
     for scheme in dict.fromkeys(("full",) + tuple(cfg.schemes)):
-        how = {"lora": dict(cfg.lora)} if scheme == "lora" else {"scheme": scheme}
-        art = compile_traced(traced, optimizer=opt, name="llama_small", **how)
-        art.source = spec.source()
+        tokens = prompt_scheme(scheme)  # prompt:P: P trained embeddings before the text, nothing else
+        if tokens is not None:  # the prompt's parameter, initialised from token embeddings, and nothing else
+            tm = trace_model(build(cfg, weights), example, prompt={"tokens": tokens, "init": "vocab"})
+            art = compile_traced(tm, optimizer=opt, name="llama_small")
+        else:
+            how = {"lora": dict(cfg.lora)} if scheme == "lora" else {"scheme": scheme}
+            art = compile_traced(traced, optimizer=opt, name="llama_small", **how)
+        art.source = spec.source() if tokens is None else None  # the prompt is not in the model spec
         directory = art.save(os.path.join(out, scheme.replace(":", "-")))
         total = sum(art.parameter_count.values())
         arts[scheme] = {"dir": directory, "trainable_params": int(art.trainable_count),
@@ -283,7 +292,8 @@ def run(cfg: Config, out: str) -> dict[str, Any]:
     rows = []
     for scheme in cfg.schemes:
         grid, best = [], None
-        for lr in cfg.lora_lrs if scheme == "lora" else cfg.lrs:  # seed cfg.seeds[0]; the lowest validation loss wins
+        lrs = cfg.lora_lrs if scheme == "lora" else cfg.prompt_lrs if scheme.startswith("prompt:") else cfg.lrs
+        for lr in lrs:  # seed cfg.seeds[0]; the lowest validation loss wins
             record, trainer = finetune(arts[scheme]["dir"], data["train"], cfg, cfg.seeds[0], lr)
             record["val_loss"] = heldout(trainer, *data["val"])
             grid.append(record)

@@ -41,10 +41,11 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from pockprop.models.perceptron import mlp
     from pockprop.models.proxyless import mcunet
     from pockprop.models.resnet import resnet18, resnet26, resnet50
-    from pockprop.models.hf import bert_base4, llama_small
+    from pockprop.models.hf import bert_base4, llama_small, vit_tiny
 
 __all__ = ["ModelInfo", "ZOO",
-           "mobilenet_v2", "resnet18", "resnet26", "resnet50", "mcunet", "mlp", "llama_small", "bert_base4"]
+           "mobilenet_v2", "resnet18", "resnet26", "resnet50", "mcunet", "mlp", "llama_small", "bert_base4",
+           "vit_tiny"]
 
 # Zoo name -> (submodule, one-line description). The builder in each submodule
 # carries its own ``default_input_shape``, so shapes live next to the model.
@@ -62,6 +63,8 @@ _ENTRIES: dict[str, tuple[str, str]] = {
                           "vocabulary 2,048 (7.9M params); token ids in"),
     "bert_base4": ("hf", "BERT-base-shaped classifier, transformers' BertForSequenceClassification at 4 of "
                          "BERT-base's 12 layers (52M params); token ids in"),
+    "vit_tiny": ("hf", "Tiny ViT image classifier, transformers' ViTForImageClassification: 32x32 images, 8x8 "
+                       "patches, 2 layers of width 64 (0.1M params)"),
 }
 
 

@@ -5,6 +5,7 @@ positions, SwiGLU feed-forward, untied LM head) and ``bert_base4`` a BERT-base-s
 (``BertForSequenceClassification``: BERT-base's widths and vocabulary at 4 of its 12 layers). Both take
 one int64 input, token ids of shape (batch, sequence), and return logits: (N, T, vocab) for the language
 model (train it with labels (N, T), -100 where a position does not count), (N, classes) for the classifier.
+``vit_tiny`` is a tiny ViT image classifier (``ViTForImageClassification``), 32x32 images in.
 
 The models are the transformers classes themselves, with ``forward(input_ids)`` returning the logits
 tensor instead of a ModelOutput, so parameter names are transformers' (``model.layers.3.mlp.gate_proj``,
@@ -21,7 +22,7 @@ from typing import Any
 
 from pockprop.errors import CompileError
 
-__all__ = ["llama_small", "bert_base4"]
+__all__ = ["llama_small", "bert_base4", "vit_tiny"]
 
 
 def _transformers() -> Any:
@@ -38,8 +39,10 @@ def _logits_only(cls: type) -> type:
     """A subclass of the transformers model class `cls` whose forward takes token ids and returns the logits."""
 
     class LogitsOnly(cls):  # type: ignore[valid-type, misc]
-        def forward(self, input_ids: Any) -> Any:  # noqa: D401 - one input, one output, as pockprop traces
-            return super().forward(input_ids=input_ids).logits
+        # one input, one output, as pockprop traces; inputs_embeds and attention_mask as transformers takes them
+        # (a soft prompt, compiler/prompt.py, calls the model with its embeddings prepended)
+        def forward(self, input_ids: Any = None, attention_mask: Any = None, inputs_embeds: Any = None) -> Any:
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds).logits
 
     LogitsOnly.__name__ = LogitsOnly.__qualname__ = cls.__name__
     return LogitsOnly
@@ -73,7 +76,32 @@ def bert_base4(num_classes: int = 2, layers: int = 4, vocab_size: int = 30522, h
     return _logits_only(T.BertForSequenceClassification)(config)
 
 
-# Default inputs, read by models.ZOO: token ids of (batch, sequence).
+@functools.cache
+def _image_logits(cls: type) -> type:
+    """A subclass of the transformers image model class `cls` whose forward takes pixels and returns the logits."""
+
+    class LogitsOnly(cls):  # type: ignore[valid-type, misc]
+        def forward(self, pixel_values: Any) -> Any:
+            return super().forward(pixel_values=pixel_values).logits
+
+    LogitsOnly.__name__ = LogitsOnly.__qualname__ = cls.__name__
+    return LogitsOnly
+
+
+def vit_tiny(num_classes: int = 10, image_size: int = 32, patch_size: int = 8, hidden: int = 64, layers: int = 2,
+             heads: int = 4, intermediate: int = 128, channels: int = 3) -> Any:
+    """A tiny ViT image classifier (transformers' ViTForImageClassification): 32x32 images cut into 16
+    patches of 8x8, a [CLS] token, 2 layers of width 64 with 4 heads, the head on the [CLS] output
+    (0.1 M parameters)."""
+    T = _transformers()
+    config = T.ViTConfig(image_size=image_size, patch_size=patch_size, num_channels=channels, hidden_size=hidden,
+                         num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=intermediate,
+                         num_labels=num_classes, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return _image_logits(T.ViTForImageClassification)(config)
+
+
+# Default inputs, read by models.ZOO: token ids of (batch, sequence); images (batch, channels, height, width).
 for _builder in (llama_small, bert_base4):
     _builder.default_input_shape = (4, 128)  # type: ignore[attr-defined]
     _builder.default_input_dtype = "int64"  # type: ignore[attr-defined]
+vit_tiny.default_input_shape = (4, 3, 32, 32)  # type: ignore[attr-defined]

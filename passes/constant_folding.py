@@ -5,9 +5,11 @@ those of its outputs that a remaining node reads become constants; constants nob
 are dropped. Folding is transitive (a node fed by folded values folds too).
 
 Not folded: nodes whose outputs nobody reads (dead code is DCE's job), nodes producing a graph output
-(the artifact's outputs stay computed values), and nodes whose outputs take more than
+(the artifact's outputs stay computed values), nodes whose outputs take more than
 max(max_bytes, bytes of their inputs) -- an `expand` of a scalar to an activation-sized tensor would
-only move work from the step into the file and into memory.
+only move work from the step into the file and into memory -- and a `concat` larger than max_bytes
+with an input that another node reads too: folding would store that input's bytes twice to save one
+copy per step (a kd teacher's original slice joined with the frozen rest the student also reads).
 
 Evaluation is generic: the folded nodes are lowered with `emit.onnx.to_onnx` and run once on
 onnxruntime, so every op with an ONNX lowering folds and no op has numpy code here. Should that one
@@ -72,7 +74,10 @@ def fold_constants(graph: Graph, max_bytes: int = DEFAULT_MAX_BYTES) -> PassResu
         if not any(out.uses(o) for o in n.outputs) or any(o in returned for o in n.outputs):
             continue
         in_bytes = sum(nbytes(out.types[i]) for i in set(n.inputs) if i is not None)
-        if sum(nbytes(out.types[o]) for o in n.outputs) > max(max_bytes, in_bytes):
+        out_bytes = sum(nbytes(out.types[o]) for o in n.outputs)
+        if out_bytes > max(max_bytes, in_bytes):
+            continue
+        if n.op == "concat" and out_bytes > max_bytes and any(len(out.uses(i)) > 1 for i in n.inputs if i):
             continue
         fold.append(n)
         known.update(n.outputs)

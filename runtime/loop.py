@@ -60,7 +60,7 @@ def fit(trainer: Trainer, train: Dataset, epochs: int, *, seed: int = 0, last_ba
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     with checkpoint.lock(checkpoint_dir) if checkpoint_dir else contextlib.nullcontext():
         pipe = trainer.pipeline
-        pipe.check(train)
+        pipe.check(train, training=True)
         held = eval_data
         if holdout:
             train, held = train.split(holdout, seed)
@@ -96,7 +96,9 @@ def fit(trainer: Trainer, train: Dataset, epochs: int, *, seed: int = 0, last_ba
                 for b in range(p["batch"], len(order)):
                     idx = order[b]
                     t_step, lr = time.perf_counter(), trainer.lr
-                    loss = trainer.step(pipe.inputs(train.x[idx], train.source), y_all[idx])
+                    raw = train.x[idx]
+                    loss = trainer.step(pipe.inputs(raw, train.source), y_all[idx],
+                                        teacher_logits=pipe.teacher_logits(raw, train.source))
                     if log:
                         log({"event": "step", "round": p["round"], "epoch": epoch + 1, "batch": b + 1,
                              "step": trainer.steps, "loss": loss, "lr": lr, "rejected": loss is None,

@@ -180,3 +180,20 @@ def test_lowering_variants_and_their_targets():
     cfgs["pockprop-sparse@peer-ort"] = Config("pockprop-sparse@peer-ort", "pockprop-peer-ort", "", {}, rounds=[1.0])
     (t,) = lowering_targets(cfgs)
     assert (t["row"], t["baseline"], t["ratio"], t["met"]) == ("pockprop-full@cost", "pockprop-full@default", 0.75, True)
+def test_bench_prompt_rows(tmp_path):
+    """--scheme prompt:P: a soft prompt trained alone, beside PyTorch with the same prompt parameter trainable
+    (the peers, which train the forward model, have no prompt row), and issue 13's 1.5x tokens/s target."""
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--model", "llama_small", "--model-kwargs", TINY_LLAMA, "--scheme", "prompt:4",
+               "--batch", "2", "--seq-len", "8", "--rounds", "2", "--warmup", "0", "--steps", "1", "--threads", "1",
+               "--no-peers", "--quiet", "--json", str(out), "--workdir", str(tmp_path / "work"),
+               "--configs", "pockprop-prompt:4", "torch-prompt:4"])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    rows = {r["name"]: r for r in result["configs"]}
+    assert {n for n, r in rows.items() if r["status"] == "ok"} == {"pockprop-prompt:4", "torch-prompt:4"}
+    assert "ortt-prompt:4" not in rows and "et-prompt:4" not in rows
+    assert result["scheme_tensors"]["prompt:4"] == 1 and result["scheme_trainable_count"]["prompt:4"] == 4 * 16
+    assert "soft prompt of 4 tokens" in rows["torch-prompt:4"]["what"]
+    (t,) = [t for t in result["targets"] if t["row"] == "pockprop-prompt:4"]
+    assert t["baseline"] == "torch-prompt:4" and t["limit"] == 1.5 and t["met"] == (t["ratio"] >= 1.5)

@@ -30,14 +30,16 @@ def test_no_paragraph_in_both_domains():
 
 
 def test_tiny_run_end_to_end(tmp_path):
-    cfg = replace(QUICK, max_chars=2_000, pretrain_steps=5, schemes=("full", "sparse", "lora"))
+    cfg = replace(QUICK, max_chars=2_000, pretrain_steps=5, schemes=("full", "sparse", "lora", "prompt:2"))
     r = run(cfg, str(tmp_path))
     assert json.loads((tmp_path / "results.json").read_text())["rows"] == r["rows"]
-    assert [row["scheme"] for row in r["rows"]] == ["full", "sparse", "lora"]
-    full, sparse, lora = r["rows"]
+    assert [row["scheme"] for row in r["rows"]] == ["full", "sparse", "lora", "prompt:2"]
+    full, sparse, lora, prompt = r["rows"]
     assert full["trainable_percent"] == 100.0 and 0 < sparse["trainable_percent"] < 100.0
     assert 0 < lora["trainable_percent"] < 100.0 and lora["tensors"] == 2 * 2 * QUICK.layers  # A, B on q and v
-    for row in r["rows"]:
+    assert prompt["tensors"] == 1 and prompt["trainable_params"] == 2 * QUICK.hidden  # the prompt alone
+    assert prompt["lr"] in QUICK.prompt_lrs and math.isfinite(prompt["test_mean"])
+    for row in (full, sparse, lora):
         (run_,) = row["runs"]
         assert run_["steps"] == len(range(0, r["windows"]["train"] - cfg.batch + 1, cfg.batch)) * cfg.epochs
         assert math.isfinite(row["test_mean"]) and row["test_mean"] < r["before"]["test"]  # fine-tuning helps

@@ -31,6 +31,7 @@ TINY = {
     "resnet50": (dict(width=8), (2, 3, 32, 32)),
     "mcunet": (dict(width_mult=0.5), (2, 3, 32, 32)),
     "mlp": (dict(), (2, 64)),
+    "vit_tiny": (dict(layers=1), (2, 3, 32, 32)),
 }
 
 
@@ -141,12 +142,13 @@ def test_tiny_forward_and_export(name):
 
 def test_zoo_entries():
     assert set(ZOO) == {"mobilenet_v2", "resnet18", "resnet26", "resnet50", "mcunet", "mlp", "llama_small",
-                        "bert_base4"}
+                        "bert_base4", "vit_tiny"}
     assert set(TINY) | set(TINY_TOKENS) == set(ZOO)
     for name, info in ZOO.items():
         assert isinstance(info, ModelInfo) and info.name == name and info.description
         assert info.builder is getattr(models, name)
-        expected = (4, 128) if name in TINY_TOKENS else (8, 64) if name == "mlp" else (8, 3, 128, 128)
+        expected = (4, 128) if name in TINY_TOKENS else (8, 64) if name == "mlp" else \
+            (4, 3, 32, 32) if name == "vit_tiny" else (8, 3, 128, 128)
         assert info.input_shape == expected
         assert info.input_dtype == ("int64" if name in TINY_TOKENS else "float32")
     with pytest.raises(dataclasses.FrozenInstanceError):

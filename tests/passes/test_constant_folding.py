@@ -54,6 +54,20 @@ def test_folding_keeps_numerics() -> None:
         np.testing.assert_array_equal(a, w)
 
 
+def test_concat_of_a_shared_constant_stays_unfolded() -> None:
+    """Joining a constant that another node reads too would store its bytes twice: not folded above
+    max_bytes (a kd teacher's original slice and the frozen rest the student also reads), folded below."""
+    g = Graph()
+    b = Builder(g)
+    x = g.add_input("x", TensorType((64, 68), "float32"))
+    rest = g.add_constant(np.ones((64, 64), np.float32), name="rest")
+    part = g.add_constant(np.zeros((64, 4), np.float32), name="part")
+    merged = b.op("concat", [part, rest], axis=1, hint="merged")
+    g.outputs = [b.op("add", [x, merged]), b.op("mul", [rest, rest])]  # the second reader of `rest`
+    assert "merged" not in fold_constants(g, max_bytes=1024).graph.constants
+    assert "merged" in fold_constants(g, max_bytes=2**20).graph.constants
+
+
 def test_fed_value_is_not_constant() -> None:
     g = Graph()
     b = Builder(g)

@@ -70,7 +70,7 @@ def test_resolve_module_function():
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("models:vgg16", "known models: bert_base4, llama_small, mcunet, mlp, mobilenet_v2, resnet18, resnet26, resnet50"),
+    ("models:vgg16", "known models: bert_base4, llama_small, mcunet, mlp, mobilenet_v2, resnet18, resnet26, resnet50, vit_tiny"),
     ("models:ZOO", "unknown zoo model 'ZOO'"),
     ("mobilenet_v2", "must be 'module:function'"),
     ("a:b:c", "must be 'module:function'"),
