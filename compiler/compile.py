@@ -7,7 +7,7 @@ constants; the backward graph only reaches what the trainable tensors need.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ from pockprop.emit.onnx import to_onnx
 from pockprop.errors import CompileError
 from pockprop.ir import Graph, Node, Phase, Role, TensorType, module_of
 from pockprop.ops.builder import Builder
-from pockprop.ops.loss import IGNORE_INDEX, LOSSES
+from pockprop.ops.loss import IGNORE_INDEX, LOSSES, pos_weight_shape
 from pockprop.ops.registry import FULL, Need
 from pockprop.passes.lowerings import Chooser, choose_lowerings, default_lowering
 from pockprop.passes.pipeline import INFERENCE, TRAINING, TRAINING_FORWARD, UNOPTIMIZED
@@ -81,10 +81,12 @@ def trace_model(model: torch.nn.Module, example_inputs: Any, output: str | None 
     return TracedModel(traced, module_tree(model), type(model).__name__)
 
 
-def _check_options(loss: str, label_smoothing: float, trainable: Any, scheme: Any) -> str:
+def _check_options(loss: str, label_smoothing: float, trainable: Any, scheme: Any, pos_weight: Any = None) -> str:
     loss_op = LOSSES.get(loss)
     if loss_op is None:
         raise CompileError(f"unknown loss {loss!r}; choose one of: {', '.join(sorted(LOSSES))}")
+    if pos_weight is not None and loss_op != "bce_with_logits":
+        raise CompileError("pos_weight applies to bce_with_logits only")
     if label_smoothing and loss_op != "cross_entropy":
         raise CompileError("label_smoothing applies to cross_entropy only")
     if not 0.0 <= label_smoothing < 1.0:
@@ -99,7 +101,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, labels: Any = None,
             trainable: str | Iterable[str] | None = None, *, scheme: str | Scheme | dict[str, Any] | None = None,
             label_smoothing: float = 0.0, name: str | None = None,
             preprocess: str | dict[str, Any] | None = None, optimize: bool = True,
-            output: str | None = None) -> Artifact:
+            output: str | None = None, pos_weight: float | Sequence[float] | None = None) -> Artifact:
     """Compile `model` into one ONNX training step (forward, loss, backward, update) + inference graph.
 
     example_inputs: a tensor, a tuple of positional tensors, or a dict of keyword tensors
@@ -118,30 +120,34 @@ def compile(model: torch.nn.Module, example_inputs: Any, labels: Any = None,
     input, recorded in the manifest for the runtime (e.g. {"resize": [32, 32], "mean": [...], "std": [...]}),
     or a preset name ("imagenet", "unit", "none"; compiler/preprocess.py); none is recorded by default.
     With several inputs it describes the first one, which must then be a float input.
+    pos_weight: bce_with_logits only, torch's BCEWithLogitsLoss(pos_weight=...): one weight or one per
+    label (the output's last axis) on the positive term; recorded in the manifest's loss entry.
     optimize=False skips the optimization passes (BatchNorm folding, constant folding, saving slices
     and masks for backward, update reordering): the same step, as autodiff built it; for debugging.
 
     The same as `compile_traced(trace_model(model, example_inputs), ...)`; use those two to compile
     one model with several schemes while tracing it once.
     """
-    _check_options(loss, label_smoothing, trainable, scheme)
+    _check_options(loss, label_smoothing, trainable, scheme, pos_weight)
     parse_optimizer(optimizer)
     if scheme is not None:
         scheme = load_scheme(scheme)  # a bad scheme fails before the slow trace
     return compile_traced(trace_model(model, example_inputs, output), labels, loss, optimizer, trainable, scheme=scheme,
-                          label_smoothing=label_smoothing, name=name, preprocess=preprocess, optimize=optimize)
+                          label_smoothing=label_smoothing, name=name, preprocess=preprocess, optimize=optimize,
+                          pos_weight=pos_weight)
 
 
 def compile_traced(tm: TracedModel, labels: Any = None, loss: str = "cross_entropy",
                    optimizer: str | dict[str, Any] = "sgd", trainable: str | Iterable[str] | None = None, *,
                    scheme: str | Scheme | dict[str, Any] | None = None, label_smoothing: float = 0.0,
                    name: str | None = None, preprocess: str | dict[str, Any] | None = None,
-                   optimize: bool = True, choose_lowering: Chooser = default_lowering) -> Artifact:
+                   optimize: bool = True, choose_lowering: Chooser = default_lowering,
+                   pos_weight: float | Sequence[float] | None = None) -> Artifact:
     """`compile` of an already traced model (see `trace_model`); the arguments mean the same.
 
     choose_lowering: picks each node's lowering among those its op offers (passes/lowerings.py); the
     default keeps every op's default lowering."""
-    loss_op = _check_options(loss, label_smoothing, trainable, scheme)
+    loss_op = _check_options(loss, label_smoothing, trainable, scheme, pos_weight)
     opt = parse_optimizer(optimizer)
     spec = load_scheme(scheme) if scheme is not None else None
     traced = tm.traced
@@ -161,7 +167,8 @@ def compile_traced(tm: TracedModel, labels: Any = None, loss: str = "cross_entro
     train_fwd, wants = _lift(traced.graph.copy(), {p: needs[p] for p in chosen})
     if optimize:
         train_fwd = TRAINING_FORWARD(train_fwd).graph
-    train, state = _training_graph(train_fwd, wants, full_values, loss_op, labels, opt, label_smoothing, optimize)
+    loss_attrs = _loss_attrs(loss_op, label_smoothing, pos_weight, traced.graph.types[traced.graph.outputs[0]])
+    train, state = _training_graph(train_fwd, wants, full_values, loss_op, labels, opt, loss_attrs, optimize)
     train = choose_lowerings(train, choose_lowering).graph
 
     model_name = name or tm.name
@@ -178,7 +185,8 @@ def compile_traced(tm: TracedModel, labels: Any = None, loss: str = "cross_entro
         labels=(LABELS, train.types[LABELS]),
         output=traced.graph.outputs[0],
         loss={"name": loss_op, **({"label_smoothing": label_smoothing} if label_smoothing else {}),
-              **({"ignore_index": IGNORE_INDEX} if loss_op == "cross_entropy" else {})},
+              **({"ignore_index": IGNORE_INDEX} if loss_op == "cross_entropy" else {}),
+              **({"pos_weight": list(loss_attrs["pos_weight"])} if "pos_weight" in loss_attrs else {})},
         optimizer=opt,
         trainable=chosen,
         parameter_count={p: int(traced.graph.types[p].numel) for p in traced.parameters},
@@ -249,13 +257,13 @@ def _lift(g: Graph, needs: dict[str, Need]) -> tuple[Graph, dict[str, tuple[str,
 
 
 def _training_graph(fwd: Graph, wants: dict[str, tuple[str, Need]], full_values: dict[str, np.ndarray],
-                    loss_op: str, labels: Any, opt: Any, label_smoothing: float,
+                    loss_op: str, labels: Any, opt: Any, loss_attrs: dict[str, Any],
                     optimize: bool) -> tuple[Graph, list[StateEntry]]:
     """The training step from the forward graph, in named stages: loss, gradients, optimizer update,
     output names, then the training pass pipeline."""
     g = fwd.copy()
     out = g.outputs[0]
-    loss = _add_loss(g, out, loss_op, labels, label_smoothing)
+    loss = _add_loss(g, out, loss_op, labels, loss_attrs)
     grads = _differentiate(g, loss, wants)
     state = _add_optimizer(g, opt, wants, grads, full_values)
     _name_outputs(g, loss, out, state)
@@ -264,10 +272,18 @@ def _training_graph(fwd: Graph, wants: dict[str, tuple[str, Need]], full_values:
     return g, state
 
 
-def _add_loss(g: Graph, out: str, loss_op: str, labels: Any, label_smoothing: float) -> str:
+def _loss_attrs(loss_op: str, label_smoothing: float, pos_weight: Any, out: TensorType) -> dict[str, Any]:
+    """The loss node's attributes: cross-entropy's label smoothing, BCE's pos_weight (checked here)."""
+    if loss_op == "cross_entropy":
+        return {"label_smoothing": label_smoothing}
+    if pos_weight is not None:
+        return {"pos_weight": pos_weight_shape(pos_weight, out.shape[-1] if out.rank else 1)}
+    return {}
+
+
+def _add_loss(g: Graph, out: str, loss_op: str, labels: Any, attrs: dict[str, Any]) -> str:
     """The labels input and the loss node on the model's output; returns the loss value."""
     y = g.add_input(LABELS, _label_type(loss_op, g.types[out], labels), Role.LABEL)
-    attrs = {"label_smoothing": label_smoothing} if loss_op == "cross_entropy" else {}
     b = Builder(g, "loss", Phase.LOSS)
     return b.op(loss_op, [out, y], hint="loss", **attrs)
 
