@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
 JOBS    ?= 2
 
-.PHONY: test demo venv clean test-fast arm-check peers bench bench-transformers accuracy text
+.PHONY: test demo venv clean test-fast arm-check peers bench bench-transformers accuracy text multilabel
 
 $(STAMP):
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -94,6 +94,12 @@ text: $(STAMP)
 # on 2 cores. ARGS="--task input" runs one task, ARGS=--quick a smoke run (out/accuracy-quick, doc untouched).
 accuracy: $(STAMP)
 	$(BIN)/python -m experiments.accuracy $(ARGS)
+
+# Multi-label continual rounds through the device runtime (docs/accuracy.md, "Multi-label"): digit mosaics
+# pre-trained in PyTorch, drifted, 5 rounds with and without replay, 3 seeds; docs/multilabel.png. A few
+# minutes on 2 cores. ARGS=--quick: a smoke run (out/multilabel-quick, doc untouched).
+multilabel: $(STAMP)
+	$(BIN)/python -m experiments.multilabel $(ARGS)
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
