@@ -288,20 +288,19 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     cfg = experiment_config(QUICK if args.quick else Config(), args)
     out = args.out or ("out/multilabel-quick" if args.quick else "out/multilabel")
-    if args.tables_only:
-        with open(os.path.join(out, "results.json")) as f:
-            result = json.load(f)
-    else:
-        result = run(cfg, out)
-    text = markdown(result)
+    result = load_results(out) if args.tables_only else run(cfg, out)
     doc = args.doc or (None if args.quick else DOC)
     plot(result, PLOT if doc else os.path.join(out, "multilabel.png"))
-    if doc and update_doc(doc, text, BEGIN, END):
-        log(f"tables written into {doc}")
-    else:
-        log(text)
+    text = markdown(result)
+    written = bool(doc) and update_doc(doc, text, BEGIN, END)
+    log(f"tables written into {doc}" if written else text)
     return 0
 
+
+def load_results(out: str) -> dict[str, Any]:
+    """The results.json of an earlier run (--tables-only)."""
+    with open(os.path.join(out, "results.json")) as f:
+        return json.load(f)
 
 if __name__ == "__main__":
     sys.exit(main())
