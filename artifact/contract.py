@@ -37,6 +37,10 @@ LABELS = "labels"  # its labels input
 LR = "lr"  # its float32 scalar learning-rate input
 STEP = "optimizer.step"  # AdamW's float32 scalar step counter, a state tensor of its own
 LOSS_NAMES = ("cross_entropy", "bce_with_logits", "mse")  # the manifest's loss.name: what the runtime evaluates
+# The training step's extra data input of a kd loss whose teacher is "logits" (manifest loss.kd.input): the
+# teacher's output for the batch, shaped and typed like the trained output. The inference graph lacks it.
+TEACHER_LOGITS = "teacher_logits"
+KD_TEACHERS = ("logits", "model")
 _UPDATED = "new/"
 _OPTIMIZER = "optimizer."
 
@@ -308,7 +312,34 @@ def check_loss(loss: Any, where: str) -> dict[str, Any]:
     if pos is not None and not (isinstance(pos, list) and pos and all(
             isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < float("inf") for v in pos)):
         raise _fail(where, f"loss: pos_weight must be a list of numbers >= 0, got {pos!r:.80}")
+    if "kd" in loss:
+        _check_kd(loss["kd"], where)
     return loss
+
+
+def _check_kd(kd: Any, where: str) -> None:
+    """The loss's `kd` object: alpha in [0, 1], temperature > 0, teacher logits|model; with teacher
+    "logits", `input`: the TEACHER_LOGITS input's spec."""
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    if not isinstance(kd, dict) or not number(kd.get("alpha")) or not number(kd.get("temperature")):
+        raise _fail(where, f"loss: kd must be {{alpha, temperature, teacher}}, got {kd!r:.80}")
+    if not 0 <= kd["alpha"] <= 1 or not 0 < kd["temperature"] < float("inf"):
+        raise _fail(where, f"loss: kd alpha must be in [0, 1] and temperature > 0, got {kd!r:.80}")
+    if kd.get("teacher") not in KD_TEACHERS:
+        raise _fail(where, f"loss: kd teacher must be one of {', '.join(KD_TEACHERS)}, got {kd.get('teacher')!r:.80}")
+    if kd["teacher"] == "logits":
+        spec = TensorSpec.from_json(kd.get("input"), "loss kd input", where)
+        if spec.name != TEACHER_LOGITS or not spec.dtype.startswith("float"):
+            raise _fail(where, f"loss: kd input must be a float input named {TEACHER_LOGITS!r}, got {spec.name!r}")
+
+
+def teacher_input(loss: dict[str, Any]) -> TensorSpec | None:
+    """The training step's TEACHER_LOGITS input of a checked manifest loss (a kd loss with teacher "logits"),
+    or None."""
+    kd = loss.get("kd")
+    if not kd or kd.get("teacher") != "logits":
+        return None
+    return TensorSpec.from_json(kd["input"], "loss kd input", "manifest")
 
 
 @dataclass(frozen=True)
@@ -361,7 +392,9 @@ class Manifest:
     onnx: dict[str, Any] | None = None  # {"opset", "ir_version"}
     trainable: dict[str, Any] | None = None  # {"parameters": [names], "count", "total"}: displayed only
     scheme: dict[str, Any] | None = None  # the update scheme compiled with: displayed only
-    loss: dict[str, Any] = field(default_factory=dict)  # {"name", "label_smoothing"?}
+    # {"name", "label_smoothing"?, "ignore_index"?, "kd"?}: name is the task loss the runtime evaluates; with
+    # "kd" ({alpha, temperature, teacher, input?}) the step's loss is the distillation loss (compiler/distill.py)
+    loss: dict[str, Any] = field(default_factory=dict)
     optimizer: dict[str, Any] | None = None  # the optimizer's settings: displayed only
     source: dict[str, Any] | None = None  # how to rebuild the model (pockprop search); never executed
 

@@ -19,8 +19,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compile", help="compile a PyTorch model into a training artifact (needs the [compile] extra)",
                        description="Trace a PyTorch model and emit train_step.onnx, infer.onnx, state and manifest.")
     cli_args.add_model_spec(p)
-    p.add_argument("--loss", default="cross_entropy", choices=["cross_entropy", "bce_with_logits", "mse"],
-                   help="training loss on the model's output")
+    p.add_argument("--loss", default="cross_entropy", choices=["cross_entropy", "bce_with_logits", "mse", "kd"],
+                   help="training loss on the model's output (kd: distillation, see --kd)")
+    p.add_argument("--kd", metavar="KEY=VALUE,...", help="with --loss kd: task=cross_entropy|bce_with_logits, "
+                   "alpha (task weight, 0.5), temperature (2), teacher=model|logits (model: the original model "
+                   "compiled into the step; logits: fed as the step's teacher_logits input)")
     p.add_argument("--label-smoothing", type=cli_args.number(0, 1, hi_open=True), default=0.0,
                    help="cross_entropy label smoothing, in [0, 1)")
     p.add_argument("--pos-weight", type=cli_args.numbers(lo=0), metavar="W[,W...]",
@@ -93,12 +96,12 @@ def compile_command(args: argparse.Namespace) -> int:
         torch.randn(*shape) if float_first else torch.zeros(shape, dtype=torch.int64),)
     art = compile(model, examples, loss=args.loss, optimizer=_optimizer(args), pos_weight=args.pos_weight,
                   trainable=args.trainable, scheme=args.scheme, label_smoothing=args.label_smoothing,
-                  name=args.model.split(":")[-1], preprocess=preprocess, output=args.model_output)
+                  name=args.model.split(":")[-1], preprocess=preprocess, output=args.model_output, kd=args.kd)
     art.source = spec.source()
     if args.report:
         from pockprop.compiler.report import compile_report, format_report
 
-        full = compile(model, examples, loss=args.loss, optimizer=_optimizer(args), scheme="full",
+        full = compile(model, examples, loss=args.loss, optimizer=_optimizer(args), scheme="full", kd=args.kd,
                        output=args.model_output)
         art.report = compile_report(art, full)
     art.save(args.output)

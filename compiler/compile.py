@@ -12,7 +12,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from pockprop.artifact.contract import LABELS, LOSS, LR, STEP, optimizer_slot, updated, weights_file
+from pockprop.artifact.contract import LABELS, LOSS, LR, STEP, TEACHER_LOGITS, optimizer_slot, updated, weights_file
 from pockprop.artifact import external as external_data
 from pockprop.artifact.external import ExternalArrays
 from pockprop.autodiff.backward import backward
@@ -20,6 +20,7 @@ from pockprop.compiler import preprocess as preprocess_steps
 from pockprop.compiler.artifact import Artifact, StateEntry
 from pockprop.compiler.optim import build_update, initial_state, parse_optimizer
 from pockprop.compiler.blocks import module_tree
+from pockprop.compiler.distill import KDSpec, add_kd_loss, add_teacher, parse_kd, teacher_logits_input
 from pockprop.compiler.scheme import Layer, Scheme, discover_layers, load_scheme, resolve_scheme
 from pockprop.compiler.signature import example_args, index_ranges, pick_output
 from pockprop.compiler.trainable import select, split_patterns
@@ -81,19 +82,24 @@ def trace_model(model: torch.nn.Module, example_inputs: Any, output: str | None 
     return TracedModel(traced, module_tree(model), type(model).__name__)
 
 
-def _check_options(loss: str, label_smoothing: float, trainable: Any, scheme: Any, pos_weight: Any = None) -> str:
-    loss_op = LOSSES.get(loss)
+def _check_options(loss: str, label_smoothing: float, trainable: Any, scheme: Any,
+                   kd: dict[str, Any] | str | None = None, pos_weight: Any = None) -> tuple[str, KDSpec | None]:
+    """(the task loss's op, the kd spec when loss is "kd"), or CompileError."""
+    if kd is not None and loss != "kd":
+        raise CompileError(f"kd settings apply to loss='kd', not {loss!r}")
+    spec = parse_kd(kd) if loss == "kd" else None
+    loss_op = spec.task if spec is not None else LOSSES.get(loss)
     if loss_op is None:
-        raise CompileError(f"unknown loss {loss!r}; choose one of: {', '.join(sorted(LOSSES))}")
-    if pos_weight is not None and loss_op != "bce_with_logits":
-        raise CompileError("pos_weight applies to bce_with_logits only")
+        raise CompileError(f"unknown loss {loss!r}; choose one of: {', '.join(sorted([*LOSSES, 'kd']))}")
+    if pos_weight is not None and (loss_op != "bce_with_logits" or spec is not None):
+        raise CompileError("pos_weight applies to bce_with_logits only (not inside kd)")
     if label_smoothing and loss_op != "cross_entropy":
         raise CompileError("label_smoothing applies to cross_entropy only")
     if not 0.0 <= label_smoothing < 1.0:
         raise CompileError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     if trainable is not None and scheme is not None:
         raise CompileError("give either trainable patterns or a scheme, not both")
-    return loss_op
+    return loss_op, spec
 
 
 def compile(model: torch.nn.Module, example_inputs: Any, labels: Any = None,
@@ -101,7 +107,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, labels: Any = None,
             trainable: str | Iterable[str] | None = None, *, scheme: str | Scheme | dict[str, Any] | None = None,
             label_smoothing: float = 0.0, name: str | None = None,
             preprocess: str | dict[str, Any] | None = None, optimize: bool = True,
-            output: str | None = None, pos_weight: float | Sequence[float] | None = None) -> Artifact:
+            output: str | None = None, kd: dict[str, Any] | str | None = None,
+            pos_weight: float | Sequence[float] | None = None) -> Artifact:
     """Compile `model` into one ONNX training step (forward, loss, backward, update) + inference graph.
 
     example_inputs: a tensor, a tuple of positional tensors, or a dict of keyword tensors
@@ -124,16 +131,18 @@ def compile(model: torch.nn.Module, example_inputs: Any, labels: Any = None,
     label (the output's last axis) on the positive term; recorded in the manifest's loss entry.
     optimize=False skips the optimization passes (BatchNorm folding, constant folding, saving slices
     and masks for backward, update reordering): the same step, as autodiff built it; for debugging.
+    loss="kd" distills: kd={"task": "cross_entropy"|"bce_with_logits", "alpha": 0.5, "temperature": 2.0,
+    "teacher": "model"|"logits"} (those are the defaults); see compiler/distill.py.
 
     The same as `compile_traced(trace_model(model, example_inputs), ...)`; use those two to compile
     one model with several schemes while tracing it once.
     """
-    _check_options(loss, label_smoothing, trainable, scheme, pos_weight)
+    _check_options(loss, label_smoothing, trainable, scheme, kd, pos_weight)
     parse_optimizer(optimizer)
     if scheme is not None:
         scheme = load_scheme(scheme)  # a bad scheme fails before the slow trace
     return compile_traced(trace_model(model, example_inputs, output), labels, loss, optimizer, trainable, scheme=scheme,
-                          label_smoothing=label_smoothing, name=name, preprocess=preprocess, optimize=optimize,
+                          label_smoothing=label_smoothing, name=name, preprocess=preprocess, optimize=optimize, kd=kd,
                           pos_weight=pos_weight)
 
 
@@ -142,12 +151,13 @@ def compile_traced(tm: TracedModel, labels: Any = None, loss: str = "cross_entro
                    scheme: str | Scheme | dict[str, Any] | None = None, label_smoothing: float = 0.0,
                    name: str | None = None, preprocess: str | dict[str, Any] | None = None,
                    optimize: bool = True, choose_lowering: Chooser = default_lowering,
+                   kd: dict[str, Any] | str | None = None,
                    pos_weight: float | Sequence[float] | None = None) -> Artifact:
     """`compile` of an already traced model (see `trace_model`); the arguments mean the same.
 
     choose_lowering: picks each node's lowering among those its op offers (passes/lowerings.py); the
     default keeps every op's default lowering."""
-    loss_op = _check_options(loss, label_smoothing, trainable, scheme, pos_weight)
+    loss_op, kd_spec = _check_options(loss, label_smoothing, trainable, scheme, kd, pos_weight)
     opt = parse_optimizer(optimizer)
     spec = load_scheme(scheme) if scheme is not None else None
     traced = tm.traced
@@ -167,8 +177,10 @@ def compile_traced(tm: TracedModel, labels: Any = None, loss: str = "cross_entro
     train_fwd, wants = _lift(traced.graph.copy(), {p: needs[p] for p in chosen})
     if optimize:
         train_fwd = TRAINING_FORWARD(train_fwd).graph
+    originals = {p: _part(full_values[p], needs[p]) for p in chosen}
     loss_attrs = _loss_attrs(loss_op, label_smoothing, pos_weight, traced.graph.types[traced.graph.outputs[0]])
-    train, state = _training_graph(train_fwd, wants, full_values, loss_op, labels, opt, loss_attrs, optimize)
+    train, state = _training_graph(train_fwd, wants, full_values, loss_op, labels, opt, loss_attrs, optimize,
+                                   kd_spec, originals)
     train = choose_lowerings(train, choose_lowering).graph
 
     model_name = name or tm.name
@@ -186,7 +198,8 @@ def compile_traced(tm: TracedModel, labels: Any = None, loss: str = "cross_entro
         output=traced.graph.outputs[0],
         loss={"name": loss_op, **({"label_smoothing": label_smoothing} if label_smoothing else {}),
               **({"ignore_index": IGNORE_INDEX} if loss_op == "cross_entropy" else {}),
-              **({"pos_weight": list(loss_attrs["pos_weight"])} if "pos_weight" in loss_attrs else {})},
+              **({"pos_weight": list(loss_attrs["pos_weight"])} if "pos_weight" in loss_attrs else {}),
+              **({"kd": _kd_entry(kd_spec, train)} if kd_spec is not None else {})},
         optimizer=opt,
         trainable=chosen,
         parameter_count={p: int(traced.graph.types[p].numel) for p in traced.parameters},
@@ -194,6 +207,15 @@ def compile_traced(tm: TracedModel, labels: Any = None, loss: str = "cross_entro
         preprocess=_preprocess(preprocess, traced),
         scheme=resolved,
     )
+
+
+def _kd_entry(kd: KDSpec, train: Graph) -> dict[str, Any]:
+    """The manifest loss's kd object; with teacher "logits", `input` is the TEACHER_LOGITS input's spec."""
+    entry = kd.to_json()
+    if kd.teacher == "logits":
+        t = train.types[TEACHER_LOGITS]
+        entry["input"] = {"name": TEACHER_LOGITS, "shape": list(t.shape), "dtype": t.dtype}
+    return entry
 
 
 def _external_data(train: Graph, infer: Graph, defaults: dict[str, np.ndarray]) -> ExternalArrays | None:
@@ -258,12 +280,14 @@ def _lift(g: Graph, needs: dict[str, Need]) -> tuple[Graph, dict[str, tuple[str,
 
 def _training_graph(fwd: Graph, wants: dict[str, tuple[str, Need]], full_values: dict[str, np.ndarray],
                     loss_op: str, labels: Any, opt: Any, loss_attrs: dict[str, Any],
-                    optimize: bool) -> tuple[Graph, list[StateEntry]]:
-    """The training step from the forward graph, in named stages: loss, gradients, optimizer update,
-    output names, then the training pass pipeline."""
+                    optimize: bool, kd: KDSpec | None = None,
+                    originals: dict[str, np.ndarray] | None = None) -> tuple[Graph, list[StateEntry]]:
+    """The training step from the forward graph, in named stages: (the kd teacher,) loss, gradients,
+    optimizer update, output names, then the training pass pipeline. `originals`: each trained input's
+    value before training, which a teacher="model" copy reads."""
     g = fwd.copy()
     out = g.outputs[0]
-    loss = _add_loss(g, out, loss_op, labels, loss_attrs)
+    loss = _add_loss(g, out, loss_op, labels, loss_attrs, kd, originals or {})
     grads = _differentiate(g, loss, wants)
     state = _add_optimizer(g, opt, wants, grads, full_values)
     _name_outputs(g, loss, out, state)
@@ -281,9 +305,14 @@ def _loss_attrs(loss_op: str, label_smoothing: float, pos_weight: Any, out: Tens
     return {}
 
 
-def _add_loss(g: Graph, out: str, loss_op: str, labels: Any, attrs: dict[str, Any]) -> str:
-    """The labels input and the loss node on the model's output; returns the loss value."""
+def _add_loss(g: Graph, out: str, loss_op: str, labels: Any, attrs: dict[str, Any], kd: KDSpec | None = None,
+              originals: dict[str, np.ndarray] | None = None) -> str:
+    """The labels input and the loss node on the model's output (with kd: the teacher, then the kd loss);
+    returns the loss value."""
     y = g.add_input(LABELS, _label_type(loss_op, g.types[out], labels), Role.LABEL)
+    if kd is not None:  # the teacher copies the forward graph as it is: before the loss's nodes
+        teacher = add_teacher(g, originals or {}) if kd.teacher == "model" else teacher_logits_input(g, out)
+        return add_kd_loss(g, out, y, kd, teacher, attrs.get("label_smoothing", 0.0))
     b = Builder(g, "loss", Phase.LOSS)
     return b.op(loss_op, [out, y], hint="loss", **attrs)
 

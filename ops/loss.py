@@ -51,7 +51,7 @@ class CrossEntropy(Op):
         eps = float(node.attrs.get("label_smoothing", 0.0))
         dt = e.type(z).dtype
         lsm = e.node("LogSoftmax", [z], axis=-1)
-        safe, w = _counted(e, node)
+        safe, w = counted(e, z, y, node.attrs.get("ignore_index", IGNORE_INDEX))
         picked = e.node("GatherElements", [lsm, e.node("Unsqueeze", [safe, e.ints([-1])])], axis=-1)
         per = e.node("Neg", [picked])  # (..., 1)
         if eps:
@@ -62,11 +62,10 @@ class CrossEntropy(Op):
         e.node("Div", [total, e.node("ReduceSum", [w], keepdims=0)], node.outputs)
 
 
-def _counted(e: Lowering, node: Node) -> tuple[str, str]:
-    """(labels with ignored ones replaced by class 0, so gathers stay in range; the weight w (..., 1) in
-    the logits' dtype: 1 where a label counts, 0 where it is ignore_index)."""
-    z, y = node.inputs[:2]
-    ignore = e.const(int(node.attrs.get("ignore_index", IGNORE_INDEX)), e.type(y).dtype)
+def counted(e: Lowering, z: str, y: str, ignore_index: int = IGNORE_INDEX) -> tuple[str, str]:
+    """(labels y with ignored ones replaced by class 0, so gathers stay in range; the weight w (..., 1) in
+    the dtype of logits z: 1 where a label counts, 0 where it is ignore_index)."""
+    ignore = e.const(int(ignore_index), e.type(y).dtype)
     keep = e.node("Not", [e.node("Equal", [y, ignore])])
     safe = e.node("Where", [keep, y, e.const(0, e.type(y).dtype)])
     w = e.node("Cast", [e.node("Unsqueeze", [keep, e.ints([-1])])], to=e.onnx_dtype(e.type(z).dtype))
@@ -87,7 +86,7 @@ class CrossEntropyGrad(Op):
         c = e.type(z).shape[-1]
         eps = float(node.attrs.get("label_smoothing", 0.0))
         dt = e.type(z).dtype
-        safe, w = _counted(e, node)
+        safe, w = counted(e, z, y, node.attrs.get("ignore_index", IGNORE_INDEX))
         target = e.node("OneHot", [safe, e.const(c, "int64"), e.const([eps / c, 1.0 - eps + eps / c], dt)], axis=-1)
         count = e.node("Max", [e.node("ReduceSum", [w], keepdims=0), e.const(1.0, dt)])
         scale = e.node("Mul", [w, e.node("Div", [g, count])])  # (..., 1): one full-size product below, not two

@@ -94,6 +94,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="pruning score: the sample's loss, or EL2N (L2 norm of softmax/sigmoid minus the labels)")
     t.add_argument("--threshold", type=cli_args.fraction, default=0.5,
                    help="multi-label metrics: a label is predicted where sigmoid(logit) >= this")
+    t.add_argument("--kd-previous", action="store_true",
+                   help="distill from the model as the round starts (the previous round's): its logits on the "
+                        "round's data and the replay buffer feed a kd artifact's teacher_logits (compile --loss kd "
+                        "--kd teacher=logits)")
     t.add_argument("--checkpoint-dir", help="write checkpoints here (atomically)")
     t.add_argument("--checkpoint-every", type=cli_args.non_negative_int, default=0,
                    help="also checkpoint every K batches (0: only at each epoch's end)")
@@ -273,7 +277,7 @@ def _train(args: argparse.Namespace, schedule: dict[str, Any]) -> int:
                          holdout=args.holdout, eval_data=held, checkpoint_dir=args.checkpoint_dir,
                          checkpoint_every=args.checkpoint_every, on_batch=on_batch, log=log.write if log else None,
                          eval_old=old, prune_keep=args.prune_keep, prune_score=args.prune_score,
-                         threshold=args.threshold)
+                         threshold=args.threshold, kd_previous=args.kd_previous)
     finally:  # a failed or interrupted round still ends the bar's line and keeps the log's records
         bar.close(f"loss {np.mean(recent):.4f}" if recent else "")
         if log:

@@ -24,7 +24,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from pockprop.artifact.contract import TensorSpec
+from pockprop.artifact.contract import TEACHER_LOGITS, TensorSpec, teacher_input
 from pockprop.errors import DataError
 from pockprop.runtime.images import ImageFiles, index_folder, to_channels
 from pockprop.runtime.inputs import Columns, arrange, check_range, label as input_label
@@ -95,14 +95,16 @@ class Dataset:
 
 # -- loading --------------------------------------------------------------------------------------
 def load(path: str, label_column: str | None = None, channels: int = 3, size: tuple[int, int] | None = None,
-         antialias: bool = False, inputs: Sequence[str] = ("x",), label_columns: str | None = None) -> Dataset:
+         antialias: bool = False, inputs: Sequence[str] = ("x",), optional: Sequence[str] = (),
+         label_columns: str | None = None) -> Dataset:
     """A Dataset from an .npz (arrays x, y; see load_npz), a .csv (features + a label column, or several:
     `label_columns`, names or patterns, multi-hot labels; runtime/multilabel.py) or an image folder (a
     folder per class, or images listed with their labels in labels.csv).
 
     channels/size/antialias apply to image folders: images are decoded as grey (1) or RGB (3) and
     resized to `size` (height, width) when given (`Pipeline.load` passes the manifest's). `inputs`: the
-    model's input names (the manifest's); a CSV or an image folder holds one input only.
+    model's input names (the manifest's); a CSV or an image folder holds one input only. `optional`:
+    arrays an .npz may hold beside the inputs (the training step's teacher_logits).
     """
     ext = os.path.splitext(path)[1].lower()
     if len(inputs) > 1 and ext != ".npz" and (os.path.isdir(path) or os.path.isfile(path)):
@@ -116,16 +118,17 @@ def load(path: str, label_column: str | None = None, channels: int = 3, size: tu
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file or folder")
     if ext == ".npz":
-        return load_npz(path, inputs)
+        return load_npz(path, inputs, optional)
     if ext == ".csv":
         return load_csv(path, label_column, label_columns)
     raise DataError(f"{path}: unknown data format {ext!r}; use .npz (x, y), .csv or a folder of class folders")
 
 
-def load_npz(path: str, inputs: Sequence[str] = ("x",)) -> Dataset:
+def load_npz(path: str, inputs: Sequence[str] = ("x",), optional: Sequence[str] = ()) -> Dataset:
     """One array per model input, named by `inputs` (a one-input model's may also be 'x'), and optionally
-    the labels, 'y' or 'labels'; with several inputs any other array is refused, and so are pickled
-    object arrays."""
+    the labels, 'y' or 'labels', and the arrays named in `optional`; with several inputs any other array
+    is refused, and so are pickled object arrays. An optional array present makes x `Columns` (by input
+    name, the optional arrays beside)."""
     try:
         with np.load(path, allow_pickle=False) as f:
             names = list(f.files)
@@ -133,21 +136,24 @@ def load_npz(path: str, inputs: Sequence[str] = ("x",)) -> Dataset:
             if len(found) > 1:
                 raise DataError(f"{path}: both 'y' and 'labels' are there; keep one array of labels")
             y = f[found[0]] if found else None
+            extra = {k: f[k] for k in optional if k in names}
             if len(inputs) == 1:
                 keys = [k for k in dict.fromkeys([inputs[0], "x"]) if k in names]
                 if not keys:
                     want = " or ".join(repr(k) for k in dict.fromkeys([inputs[0], "x"]))
                     raise DataError(f"{path}: expected an array named {want} (and 'y' for labels), found {names}")
+                if extra:
+                    return Dataset(Columns({inputs[0]: f[keys[0]]} | extra, path), y, path)
                 return Dataset(f[keys[0]], y, path)
             missing = [k for k in inputs if k not in names]
             if missing:
                 raise DataError(f"{path}: the model's inputs are {', '.join(inputs)}; no array named "
                                 f"{', '.join(missing)} (found {', '.join(names)})")
-            unknown = [k for k in names if k not in inputs and k not in found]
+            unknown = [k for k in names if k not in inputs and k not in found and k not in extra]
             if unknown:  # an input the model does not take (token_type_ids, say) must not be dropped unseen
                 raise DataError(f"{path}: the model's inputs are {', '.join(inputs)}; it takes no "
                                 f"{', '.join(unknown)} (labels are 'y' or 'labels')")
-            return Dataset(Columns({k: f[k] for k in inputs}, path), y, path)
+            return Dataset(Columns({k: f[k] for k in inputs} | extra, path), y, path)
     except DataError:
         raise
     except Exception as ex:  # numpy and zipfile raise many types for a broken file; the file is what is wrong
@@ -303,7 +309,9 @@ class Pipeline:
     samples in (C, H, W), (H, W, C) or grey (H, W) layout, RGB (or grey) channel order, become the
     model's channel count (images.to_channels), are resized if a `resize` step is recorded, reordered to
     BGR if `channel_order` says so, then scaled and normalized. Every other input (token ids, masks) is
-    model-ready as it comes and only checked (runtime/inputs.py).
+    model-ready as it comes and only checked (runtime/inputs.py). A kd artifact whose teacher is "logits"
+    trains on datasets that hold them (an .npz array `teacher_logits`, `Columns` beside the inputs):
+    `teacher_logits` takes a batch's, model-ready and checked; `inputs` leaves them out.
     """
 
     def __init__(self, data_spec: TensorSpec | Sequence[TensorSpec], label_spec: TensorSpec,
@@ -318,6 +326,7 @@ class Pipeline:
         self.label_dtype = np.dtype(label_spec.dtype)
         self.num_classes = num_classes
         self.loss = dict(loss or {})  # the manifest's loss: its name and, for cross-entropy, ignore_index
+        self.teacher = teacher_input(self.loss)  # the step's teacher_logits input, if it takes one
         # the label value that counts as padding, not a class (cross-entropy only)
         self.ignore_index = self.loss.get("ignore_index") if self.loss.get("name") == "cross_entropy" else None
         p = self.preprocess = dict(data_spec.preprocess or {})
@@ -347,7 +356,7 @@ class Pipeline:
         """`load(path)` with this model's input names, image channels, size and resize rule."""
         channels = self.sample_shape[0] if len(self.sample_shape) == 3 else 3
         return load(path, label_column, channels, self.resize, self.antialias, [s.name for s in self.specs],
-                    label_columns)
+                    optional=(TEACHER_LOGITS,) if self.teacher is not None else (), label_columns=label_columns)
 
     def describe(self) -> str:
         """What `inputs` does to a raw sample, in words (shown by inspect, compile and train)."""
@@ -416,10 +425,22 @@ class Pipeline:
 
     def inputs(self, raw: Any, source: str = "data") -> np.ndarray | dict[str, np.ndarray]:
         """Model input for a batch of raw samples: an array for a one-input model, else a dict by input
-        name (from `Columns`, a tuple in manifest order or a dict)."""
+        name (from `Columns`, a tuple in manifest order or a dict). Teacher logits beside them are left out."""
+        raw = _without_teacher(raw, len(self.specs))
         if len(self.specs) == 1:
             return self._input(self.specs[0], raw, source)
         return {s.name: self._input(s, a, source) for s, a in zip(self.specs, arrange(raw, self.specs, source))}
+
+    def teacher_logits(self, raw: Any, source: str = "data") -> np.ndarray | None:
+        """A raw batch's teacher logits, checked like an input (shape, dtype; NaN or Inf is a DataError: a
+        teacher's output is never missing data), or None when the step takes none."""
+        if self.teacher is None:
+            return None
+        if not isinstance(raw, Columns) or TEACHER_LOGITS not in raw.arrays:
+            raise DataError(f"{source}: the artifact distills from teacher logits (loss kd, teacher logits); give "
+                            f"an .npz with an array {TEACHER_LOGITS!r} of shape [N, "
+                            f"{', '.join(map(str, self.teacher.shape[1:]))}] beside the inputs")
+        return check_teacher(raw.arrays[TEACHER_LOGITS], self.teacher, None, source)
 
     def _input(self, spec: TensorSpec, raw: Any, source: str) -> np.ndarray:
         if spec is not self.specs[0] or not self._preprocesses:
@@ -493,12 +514,15 @@ class Pipeline:
         where = f"sample {at[0]}" + (f", position {list(map(int, at[1:]))}" if len(at) > 1 else "")
         return f"label {y[at]} at {where} is {what}"
 
-    def check(self, data: Dataset, need_labels: bool = True) -> None:
-        """Fail early, naming the file, if the dataset cannot feed the model."""
+    def check(self, data: Dataset, need_labels: bool = True, training: bool = False) -> None:
+        """Fail early, naming the file, if the dataset cannot feed the model (`training`: the training
+        step, teacher logits included, every sample's)."""
         if len(data) == 0:
             raise DataError(f"{data.source}: no samples")
         self.inputs(data.x[:1], data.source)
-        for spec, x in zip(self.specs, arrange(data.x, self.specs, data.source)):
+        if training:
+            self.teacher_logits(data.x, data.source)
+        for spec, x in zip(self.specs, arrange(_without_teacher(data.x, len(self.specs)), self.specs, data.source)):
             if spec.range is not None:  # every sample now: a bad id must not stop a round half way
                 check_range(np.asarray(x), spec, input_label(self.specs, spec, data.source))
         if need_labels:
@@ -507,6 +531,24 @@ class Pipeline:
                 at = np.unravel_index(int(np.flatnonzero(np.isnan(y))[0]), y.shape)
                 raise DataError(f"{data.source}: label NaN at sample {at[0]}"
                                 + (f", position {list(map(int, at[1:]))}" if len(at) > 1 else ""))
+
+
+def _without_teacher(raw: Any, n_inputs: int) -> Any:
+    """Raw samples without the teacher logits beside them: `Columns` of the inputs, or one input's array."""
+    if not isinstance(raw, Columns) or TEACHER_LOGITS not in raw.arrays:
+        return raw
+    rest = {k: v for k, v in raw.arrays.items() if k != TEACHER_LOGITS}
+    return next(iter(rest.values())) if n_inputs == 1 else Columns(rest)
+
+
+def check_teacher(a: Any, spec: TensorSpec, batch: int | None, source: str = "data") -> np.ndarray:
+    """Teacher logits as the step's input `spec` (runtime.inputs.check: shape, dtype), all finite, or DataError."""
+    what = f"{source}: {TEACHER_LOGITS}" if source else TEACHER_LOGITS
+    a = check_input(a, spec, batch, what)
+    if not np.isfinite(a).all():
+        at = int(np.flatnonzero(~np.isfinite(a).reshape(len(a), -1).all(axis=1))[0])
+        raise DataError(f"{what}: sample {at} holds NaN or Inf")
+    return a
 
 
 # -- batching -------------------------------------------------------------------------------------

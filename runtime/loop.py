@@ -27,9 +27,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pockprop.errors import Interrupted, TrainingFailed
+from pockprop.errors import DataError, Interrupted, TrainingFailed
 from pockprop.runtime import checkpoint, guard, prune
+from pockprop.artifact.contract import TEACHER_LOGITS
 from pockprop.runtime.data import Dataset, Pipeline, batch_indices, epoch_order
+from pockprop.runtime.replay import ReplayBuffer
 from pockprop.runtime.schedule import Schedule
 from pockprop.runtime.trainer import Trainer
 
@@ -45,7 +47,7 @@ def fit(trainer: Trainer, train: Dataset, epochs: int, *, seed: int = 0, last_ba
         schedule: Schedule | dict[str, Any] | None = None, holdout: float = 0.0, eval_data: Dataset | None = None,
         checkpoint_dir: str | None = None, checkpoint_every: int = 0, on_batch: OnBatch | None = None,
         log: Log | None = None, eval_old: Dataset | None = None, prune_keep: float = 1.0,
-        prune_score: str = "el2n", threshold: float = 0.5) -> dict[str, Any]:
+        prune_score: str = "el2n", threshold: float = 0.5, kd_previous: bool = False) -> dict[str, Any]:
     """Train `epochs` epochs on `train` (raw samples, preprocessed here); returns the round's log record.
 
     schedule: a Schedule, or a dict of its fields where a cosine `total_steps` of 0 means "this round's
@@ -59,6 +61,9 @@ def fit(trainer: Trainer, train: Dataset, epochs: int, *, seed: int = 0, last_ba
     and after the round (the record's old_before and old: forgetting); prune_keep < 1 keeps that fraction
     of `train`, the highest `prune_score`s at the round's starting weights (runtime.prune; the kept indices
     into `train` go to the log and stay fixed when the round resumes). threshold: multi-label metrics.
+    kd_previous (a kd artifact taking teacher logits): the teacher is the model as the round starts (the
+    previous round's), run through the inference graph once on the round's samples and on the replay buffer;
+    those logits are kept in the checkpoint until the round ends, so a resumed round distills from the same.
     Raises TrainingFailed (see the module's docstring), Interrupted on Ctrl-C, CheckpointError before the
     first step if checkpoint_dir is locked by another process or cannot be written.
     """
@@ -66,7 +71,10 @@ def fit(trainer: Trainer, train: Dataset, epochs: int, *, seed: int = 0, last_ba
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     with checkpoint.lock(checkpoint_dir) if checkpoint_dir else contextlib.nullcontext():
         pipe = trainer.pipeline
-        pipe.check(train)
+        if kd_previous and pipe.teacher is None:
+            raise DataError("kd from the previous round needs an artifact compiled with loss kd and teacher logits "
+                            "(pockprop compile --loss kd --kd teacher=logits)")
+        pipe.check(train, training=not kd_previous)
         held = eval_data
         if holdout:
             train, held = train.split(holdout, seed)
@@ -104,6 +112,11 @@ def fit(trainer: Trainer, train: Dataset, epochs: int, *, seed: int = 0, last_ba
                 p["kept"] = [int(i) for i in kept]
             if eval_old is not None:
                 p["old_before"] = trainer.evaluate(eval_old, threshold=threshold)
+            trainer.kd_logits = _teach(trainer, train, replay) if kd_previous else None
+        elif kd_previous and trainer.kd_logits is None:
+            raise DataError(f"round {p['round']} began without kd from the previous round; resume it without "
+                            "--kd-previous, or start a new round")
+        kd_logits = trainer.kd_logits if kd_previous else None
         assert p is not None
         t0 = time.perf_counter()
         total = epochs * n_batches
@@ -121,11 +134,15 @@ def fit(trainer: Trainer, train: Dataset, epochs: int, *, seed: int = 0, last_ba
                 for b in range(p["batch"], len(order)):
                     idx = order[b]
                     t_step, lr = time.perf_counter(), trainer.lr
-                    x, y = model_inputs(pipe, train.x[idx], train.source), y_all[idx]
+                    raw = train.x[idx]
+                    x, y = model_inputs(pipe, raw, train.source), y_all[idx]
+                    teacher = pipe.teacher_logits(raw, train.source) if kd_logits is None else kd_logits[idx]
+                    if teacher is not None:  # a column beside the inputs, so replayed samples carry theirs
+                        x[TEACHER_LOGITS] = teacher
                     if k:  # the buffer's samples take k places of the batch (runtime/replay.py)
                         rx, ry = replay.draw(k, seed, p["round"], epoch, b)
                         x, y = {n: np.concatenate([v, rx[n]]) for n, v in x.items()}, np.concatenate([y, ry])
-                    loss = trainer.step(x, y)
+                    loss = trainer.step(x, y, teacher_logits=x.pop(TEACHER_LOGITS, None))
                     if log:
                         log({"event": "step", "round": p["round"], "epoch": epoch + 1, "batch": b + 1,
                              "step": trainer.steps, "loss": loss, "lr": lr, "rejected": loss is None,
@@ -177,9 +194,10 @@ def fit(trainer: Trainer, train: Dataset, epochs: int, *, seed: int = 0, last_ba
         if kept is not None:
             record["kept"] = len(kept)
         if replay is not None:  # the round's samples go into the buffer before the round's checkpoint
-            replay.offer(((model_inputs(pipe, train.x[i:i + 256], train.source), y_all[i:i + 256])
+            replay.offer(((_with_teacher(pipe, train, i, kd_logits), y_all[i:i + 256])
                           for i in range(0, len(train), 256)), seed, p["round"])
             record["replay"] = len(replay)
+        trainer.kd_logits = None  # the round's teacher is done with
         trainer.rounds.append(record)
         p["finished"] = True
         if checkpoint_dir:
@@ -198,11 +216,31 @@ def model_inputs(pipe: Pipeline, raw: Any, source: str) -> dict[str, np.ndarray]
     return x if isinstance(x, dict) else {pipe.specs[0].name: x}
 
 
+def _logits(trainer: Trainer, train: Dataset) -> np.ndarray:
+    """The current weights' output on every sample of `train` (the inference graph, 256 at a time)."""
+    return np.concatenate([trainer.predict(model_inputs(trainer.pipeline, train.x[i:i + 256], train.source))
+                           for i in range(0, len(train), 256)])
+
+
 def _prune(trainer: Trainer, train: Dataset, y: np.ndarray, fraction: float, kind: str) -> list[int]:
     """The indices of `train` a pruned round keeps (runtime.prune), scored at the current weights."""
-    z = np.concatenate([trainer.predict(model_inputs(trainer.pipeline, train.x[i:i + 256], train.source))
-                        for i in range(0, len(train), 256)])
-    return [int(i) for i in prune.keep(prune.scores(trainer.manifest.loss, z, y, kind), fraction)]
+    return [int(i) for i in prune.keep(prune.scores(trainer.manifest.loss, _logits(trainer, train), y, kind),
+                                       fraction)]
+
+
+def _teach(trainer: Trainer, train: Dataset, replay: ReplayBuffer | None) -> np.ndarray:
+    """The round's teacher logits (the current weights) on `train`; the replay buffer's are written into it."""
+    if replay is not None and len(replay):
+        replay.x[TEACHER_LOGITS] = trainer.predict({n: v for n, v in replay.x.items() if n != TEACHER_LOGITS})
+    return _logits(trainer, train).astype(np.float32)
+
+
+def _with_teacher(pipe: Pipeline, train: Dataset, i: int, kd_logits: np.ndarray | None) -> dict[str, np.ndarray]:
+    """Model-ready samples i..i+256 of `train`, with their teacher logits when the step takes them."""
+    raw = train.x[i:i + 256]
+    x = model_inputs(pipe, raw, train.source)
+    teacher = pipe.teacher_logits(raw, train.source) if kd_logits is None else kd_logits[i:i + 256]
+    return x if teacher is None else x | {TEACHER_LOGITS: teacher}
 
 
 def _unsound(trainer: Trainer) -> str | None:

@@ -42,12 +42,15 @@ class ReplayBuffer:
         return 0 if self.y is None else len(self.y)
 
     def offer(self, chunks: Iterable[tuple[dict[str, np.ndarray], np.ndarray]], seed: int, round_: int) -> None:
-        """Offer a round's samples (model-ready, in order, in chunks) to the reservoir."""
+        """Offer a round's samples (model-ready, in order, in chunks; teacher logits as one more column
+        when the step takes them) to the reservoir."""
         rng = np.random.default_rng([seed, round_, 0x5EED])
         for x, y in chunks:
             if self.y is None:
                 self.x = {k: np.empty((0,) + v.shape[1:], v.dtype) for k, v in x.items()}
                 self.y = np.empty((0,) + y.shape[1:], y.dtype)
+            if set(x) != set(self.x):
+                raise ValueError(f"replay: samples with columns {sorted(x)}, the buffer holds {sorted(self.x)}")
             take = min(self.capacity - len(self), len(y))  # filling up: the first samples go in as they are
             if take:
                 self.x = {k: np.concatenate([self.x[k], v[:take]]) for k, v in x.items()}

@@ -21,7 +21,7 @@ import onnxruntime as ort
 from pockprop.runtime import checkpoint, data, export, guard, inputs, multilabel
 from pockprop.runtime.session import CPU, providers_for, session
 from pockprop.artifact import onnx_wire, safetensors
-from pockprop.artifact.contract import BY_ORT, Manifest, StateRole, StateSpec, TensorSpec
+from pockprop.artifact.contract import BY_ORT, TEACHER_LOGITS, Manifest, teacher_input, StateRole, StateSpec, TensorSpec
 from pockprop.errors import ArtifactError, CheckpointError, DataError, TrainingFailed
 from pockprop.artifact.manifest import Bundle, DirectoryFiles, Watched, open_artifact
 from pockprop.runtime.replay import ReplayBuffer
@@ -121,6 +121,7 @@ class Trainer:
         self.progress: dict[str, Any] | None = None  # data position of the current round (runtime.loop)
         self.rounds: list[dict[str, Any]] = []  # one record per finished round
         self.replay: ReplayBuffer | None = None  # past samples mixed into later rounds (runtime.replay)
+        self.kd_logits: np.ndarray | None = None  # the round's teacher logits, with kd from the previous round
         self._allocate(state)
         self.start_round()
 
@@ -141,7 +142,9 @@ class Trainer:
     def _check_train(self, bundle: Bundle) -> None:
         m = self.manifest
         where = bundle.where(m.graphs.train_step)
-        inputs = {d.name: _spec(d) for d in self._inputs} | {self._labels.name: _spec(self._labels),
+        teacher = teacher_input(m.loss)
+        inputs = {d.name: _spec(d) for d in self._inputs} | ({teacher.name: _spec(teacher)} if teacher else {}) | {
+            self._labels.name: _spec(self._labels),
                                                             m.lr.name: ((), "float32")} \
             | {e.input: _spec(e) for e in self._entries}
         _check_io(where, self._train.get_inputs(), inputs, "input")
@@ -302,12 +305,24 @@ class Trainer:
         self._train.run_with_iobinding(binding)
         return float(self._loss_view)
 
-    def step(self, x: Any, y: Any, lr: float | None = None) -> float | None:
+    def step(self, x: Any, y: Any, lr: float | None = None, teacher_logits: Any = None) -> float | None:
         """One training step on a model-ready batch; the loss, or None if the guard rejected the step.
 
         x: the batch's inputs: an array (a one-input model), a tuple in manifest order or a dict by name.
+        teacher_logits: the teacher's output for the batch, shaped and typed like the model's output
+        (the manifest's loss.kd.input), required by an artifact compiled with loss="kd" and teacher
+        "logits" and refused by any other; NaN or Inf in it is a DataError, not a rejected step.
         """
         feeds = self._model_inputs(x, self.batch_size)
+        teacher = self.pipeline.teacher
+        if teacher is None and teacher_logits is not None:
+            raise DataError(f"{TEACHER_LOGITS}: this artifact takes none (it was not compiled with loss kd, "
+                            "teacher logits)")
+        if teacher is not None:
+            if teacher_logits is None:
+                raise DataError(f"{TEACHER_LOGITS}: the step distills from the teacher's logits (loss kd, teacher "
+                                f"logits); give teacher_logits of shape {list(teacher.shape)} with the batch")
+            feeds[teacher.name] = data.check_teacher(teacher_logits, teacher, self.batch_size, "")
         y = np.asarray(y)
         if y.shape != self._labels.shape:
             raise DataError(f"labels: expected shape {list(self._labels.shape)} ({self._labels.dtype}), got {list(y.shape)}")
@@ -443,6 +458,8 @@ class Trainer:
         if self.replay is not None:  # in the same file as the state: both always come from the same step
             meta["replay"] = self.replay.meta()
             tensors |= self.replay.tensors()
+        if self.kd_logits is not None:
+            tensors[KD_LOGITS] = self.kd_logits
         with checkpoint.lock(directory):
             return checkpoint.save(directory, tensors, meta)
 
@@ -467,6 +484,7 @@ class Trainer:
         self.schedule, self.progress, self.rounds = schedule, progress, rounds
         if replay is not None:  # else a buffer given to this trainer starts with this round
             self.replay = replay
+        self.kd_logits = tensors.get(KD_LOGITS)
         if baseline is None:  # a checkpoint written before the guard kept one: judge from here on
             self.start_round()
         else:
@@ -504,6 +522,9 @@ def _graph_session(bundle: Bundle, name: str, threads: int | None, providers: li
             bundle.files.verify(fname)
         return sess
     return _session(raw, where, threads, bundle.external_data(name, raw), providers, mem_pattern)
+
+
+KD_LOGITS = "kd/teacher_logits"  # checkpoint tensor: a round's teacher logits (runtime.loop, kd_previous)
 
 
 def _check_state(state: dict[str, np.ndarray], entries: list[StateSpec], where: str) -> None:

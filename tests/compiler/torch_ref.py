@@ -29,7 +29,7 @@ def _call(model: torch.nn.Module, x: Any) -> Any:
     return model(**x) if isinstance(x, dict) else model(*x) if isinstance(x, tuple) else model(x)
 
 
-def _masks(art: Any, params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+def trained_masks(art: Any, params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
     """Per trained parameter, 1 where the artifact updates it and 0 elsewhere."""
     masks = {}
     for s in art.state:
@@ -65,7 +65,7 @@ def assert_trains_like_torch(build: Callable[[], torch.nn.Module], batches: Sequ
 
     ref = build()
     params = dict(ref.named_parameters())
-    masks = _masks(art, params)
+    masks = trained_masks(art, params)
     for n, p in params.items():
         p.requires_grad_(n in masks)
     opt = torch_optimizer(optimizer, [params[n] for n in masks])

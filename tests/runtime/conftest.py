@@ -66,6 +66,11 @@ def _build(name: str, out: Path) -> Path:
         model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
         art = compile(model, (torch.randn(4, 6),), labels=torch.zeros(4, 3), loss="bce_with_logits",
                       pos_weight=[1.0, 2.0, 0.5], optimizer={"name": "sgd", "lr": 0.2, "momentum": 0.9}, name="tags")
+    elif name == "tags_kd":  # the same, distilling from teacher logits fed with each batch (kd from the previous round)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+        art = compile(model, (torch.randn(4, 6),), labels=torch.zeros(4, 3), loss="kd",
+                      kd={"task": "bce_with_logits", "teacher": "logits", "alpha": 0.5, "temperature": 2.0},
+                      optimizer={"name": "sgd", "lr": 0.2, "momentum": 0.9}, name="tags_kd")
     else:
         raise KeyError(name)
     return Path(art.save(str(out / name)))

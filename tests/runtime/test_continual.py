@@ -149,3 +149,52 @@ def test_pruned_round_logs_and_resumes_the_kept_samples(artifact, tmp_path: Path
     assert pruned[0]["indices"] == want.tolist()
     _, meta = checkpoint.load(ck)
     assert meta["progress"]["kept"] == want.tolist()
+
+
+def _kd_fit(art: Path, rounds: list[data.Dataset], ckpt: Path, crash_at: tuple[int, int] | None = None,
+            resume: bool = False) -> Trainer:
+    trainer = Trainer.load(str(art), threads=1)
+    trainer.replay = ReplayBuffer(8, 0.25)
+    if resume:
+        trainer.resume(str(ckpt))
+    for r, ds in enumerate(rounds[len(trainer.rounds):], start=len(trainer.rounds)):
+        def on_batch(i: int, total: int, loss: float | None, r: int = r) -> None:
+            if crash_at == (r, i):
+                raise KeyboardInterrupt
+        fit(trainer, ds, 2, seed=3, checkpoint_dir=str(ckpt), checkpoint_every=2, on_batch=on_batch, kd_previous=True)
+    return trainer
+
+
+def test_kd_from_the_previous_round(artifact, tmp_path: Path) -> None:
+    """The teacher is the model as the round starts: at a round's first step student and teacher agree, so the
+    kd term is 0 and the loss is alpha x the task loss. Its logits ride in the checkpoint until the round ends,
+    so a round stopped half way and resumed ends exactly like an uninterrupted one."""
+    art = artifact("tags_kd")
+    rounds = [data.Dataset(*tags_data(20, seed=i), f"r{i}") for i in range(2)]
+    trainer = Trainer.load(str(art), threads=1)
+    first = data.batch_indices(data.epoch_order(20, 3, 1, 0), 4)[0]
+    x, y = rounds[0].x[first], rounds[0].y[first]
+    task = trainer.evaluate(x, y)["loss"]  # BCE of the starting weights on the first batch
+    records = []
+    fit(trainer, rounds[0], 1, seed=3, kd_previous=True, log=records.append)
+    step1 = next(r for r in records if r["event"] == "step")
+    assert step1["loss"] == pytest.approx(0.5 * task, rel=1e-5)
+
+    ref = _kd_fit(art, rounds, tmp_path / "ref")
+    ck = tmp_path / "ck"
+    with pytest.raises(KeyboardInterrupt):
+        _kd_fit(art, rounds, ck, crash_at=(1, 5))
+    tensors, meta = checkpoint.load(str(ck))
+    assert meta["progress"]["round"] == 2 and tensors["kd/teacher_logits"].shape == (20, 3)
+    assert tensors["replay/x/teacher_logits"].shape == (8, 3)  # the buffer's, from the same teacher
+    resumed = _kd_fit(art, rounds, ck, resume=True)
+    for k, v in ref.state.items():
+        np.testing.assert_array_equal(resumed.state[k], v, err_msg=k)
+    tensors, _ = checkpoint.load(str(ck))
+    assert "kd/teacher_logits" not in tensors  # the finished round's teacher is not kept
+
+
+def test_kd_previous_needs_a_kd_artifact(artifact, tmp_path: Path, capsys) -> None:
+    d = str(dataset_npz(tmp_path / "d.npz", n=12))
+    assert main(["train", str(artifact()), "--data", d, "--kd-previous"]) == 2
+    assert "needs an artifact compiled with loss kd and teacher logits" in capsys.readouterr().err
