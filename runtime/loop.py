@@ -89,8 +89,10 @@ def fit(trainer: Trainer, train: Dataset, epochs: int, *, seed: int = 0, last_ba
         p = trainer.progress
         new_round = not _same_round(p, key)
         round_no = (p or {}).get("round", 0) + 1 if new_round else p["round"]
-        kept = _prune(trainer, train, y_all, prune_keep, prune_score) if new_round and prune_keep < 1.0 \
-            else None if new_round else p.get("kept")
+        if new_round:
+            kept = _prune(trainer, train, y_all, prune_keep, prune_score) if prune_keep < 1.0 else None
+        else:  # a resumed round trains on the samples it kept when it began
+            kept = p.get("kept")
         if kept is not None:
             if log and new_round:
                 log({"event": "prune", "round": round_no, "score": prune_score, "kept": len(kept), "of": len(train),

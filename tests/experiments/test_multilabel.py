@@ -25,16 +25,16 @@ def test_mosaic_labels_are_the_digits_shown():
 
 
 def test_tiny_run_end_to_end(tmp_path):
-    cfg = replace(QUICK, schemes=("full", "first-conv+biases"), lrs=(("full", 0.02), ("first-conv+biases", 0.05)))
+    cfg = replace(QUICK, lrs=(("full", 0.02), ("first-conv+biases", 0.05)))
     r = run(cfg, str(tmp_path))
     assert json.loads((tmp_path / "results.json").read_text())["rows"] == r["rows"]
-    assert [(row["scheme"], row["replay"]) for row in r["rows"]] == [
-        ("full", False), ("full", True), ("first-conv+biases", False), ("first-conv+biases", True)]
+    assert [(row["scheme"], row["replay"], row["kd"]) for row in r["rows"]] == list(QUICK.variants)
     for row in r["rows"]:
         (one,) = row["runs"]
         assert [c["round"] for c in one["curve"]] == [1, 2] and all(c["rejected"] == 0 for c in one["curve"])
         assert all(0 < c["new"] <= 1 and 0 < c["old"] <= 1 for c in one["curve"])
     assert r["rows"][0]["percent"] == 100.0 and 0 < r["rows"][2]["percent"] < 100.0
+    assert r["rows"][4]["trainable"] == r["rows"][2]["trainable"]  # the kd artifact trains the same weights
     text = markdown(r)
     assert "| full (lr 0.02) |" in text and "old task" in text
     plot(r, str(tmp_path / "curve.png"))
