@@ -86,6 +86,10 @@ def fit(trainer: Trainer, train: Dataset, epochs: int, *, seed: int = 0, last_ba
         key = {"data": train.fingerprint, "epochs": epochs, "seed": seed, "last_batch": last_batch, "holdout": holdout}
         if prune_keep < 1.0:
             key |= {"prune_keep": prune_keep, "prune_score": prune_score}
+        replay = trainer.replay
+        k = replay.per_batch(trainer.batch_size) if replay is not None else 0
+        if k:  # the buffer as the round began (it changes only at the round's end): batches of batch - k new samples
+            key["replay_per_batch"] = k
         p = trainer.progress
         new_round = not _same_round(p, key)
         round_no = (p or {}).get("round", 0) + 1 if new_round else p["round"]
@@ -98,8 +102,6 @@ def fit(trainer: Trainer, train: Dataset, epochs: int, *, seed: int = 0, last_ba
                 log({"event": "prune", "round": round_no, "score": prune_score, "kept": len(kept), "of": len(train),
                      "indices": [int(i) for i in kept]})
             train, y_all = train.subset(np.asarray(kept, np.int64)), y_all[kept]
-        replay = trainer.replay
-        k = replay.per_batch(trainer.batch_size) if replay is not None else 0
         n_batches = len(batch_indices(np.arange(len(train)), trainer.batch_size - k, last_batch))
         if new_round:  # continue from the current weights on this data
             trainer.schedule = _schedule(schedule, trainer, epochs * n_batches)
