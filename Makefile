@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
 JOBS    ?= 2
 
-.PHONY: test demo venv clean test-fast arm-check peers bench bench-transformers bench-lora accuracy text profiles
+.PHONY: test demo venv clean test-fast arm-check peers bench bench-transformers bench-lora accuracy text multilabel profiles
 
 $(STAMP):
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -102,6 +102,11 @@ text: $(STAMP)
 accuracy: $(STAMP)
 	$(BIN)/python -m experiments.accuracy $(ARGS)
 
+# Multi-label continual rounds through the device runtime (docs/accuracy.md, "Multi-label"): digit mosaics
+# pre-trained in PyTorch, drifted, 5 rounds with and without replay, 3 seeds; docs/multilabel.png. A few
+# minutes on 2 cores. ARGS=--quick: a smoke run (out/multilabel-quick, doc untouched).
+multilabel: $(STAMP)
+	$(BIN)/python -m experiments.multilabel $(ARGS)
 # A shipped target profile (compiler/profiles/ARCH.json, docs/tuning.md): the tuning kits of the zoo's MobileNetV2,
 # ResNet-18 and MCUNet steps (batch 8, 128x128; full, sparse, bias-only) timed here with 2 threads. Run it on a
 # quiet machine of that architecture, never under emulation (emulated timings are not timings).

@@ -373,7 +373,7 @@ def _adapters(doc: Any, state: list["StateSpec"], where: str) -> list[AdapterSpe
 
 def check_loss(loss: Any, where: str) -> dict[str, Any]:
     """The manifest's `loss` object ({} when absent): a known name, label_smoothing in [0, 1), an integer
-    ignore_index; or ArtifactError."""
+    ignore_index, pos_weight a list of numbers >= 0 (BCE); or ArtifactError."""
     if loss is None or loss == {}:
         return {}
     if not isinstance(loss, dict):
@@ -386,6 +386,10 @@ def check_loss(loss: Any, where: str) -> dict[str, Any]:
     ignore = loss.get("ignore_index")
     if ignore is not None and (not isinstance(ignore, int) or isinstance(ignore, bool)):
         raise _fail(where, f"loss: ignore_index must be an integer, got {ignore!r:.80}")
+    pos = loss.get("pos_weight")
+    if pos is not None and not (isinstance(pos, list) and pos and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < float("inf") for v in pos)):
+        raise _fail(where, f"loss: pos_weight must be a list of numbers >= 0, got {pos!r:.80}")
     if "kd" in loss:
         _check_kd(loss["kd"], where)
     return loss

@@ -27,6 +27,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "compiled into the step; logits: fed as the step's teacher_logits input)")
     p.add_argument("--label-smoothing", type=cli_args.number(0, 1, hi_open=True), default=0.0,
                    help="cross_entropy label smoothing, in [0, 1)")
+    p.add_argument("--pos-weight", type=cli_args.numbers(lo=0), metavar="W[,W...]",
+                   help="bce_with_logits: weight of the positive term, one for all labels or one per label "
+                        "(torch's BCEWithLogitsLoss pos_weight)")
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"], help="optimizer built into the step")
     p.add_argument("--lr", type=cli_args.learning_rate, help="initial learning rate (default: sgd 0.01, adamw 1e-3)")
     p.add_argument("--momentum", type=cli_args.momentum, help="sgd momentum")
@@ -124,7 +127,7 @@ def compile_command(args: argparse.Namespace) -> int:
     # zeros are valid ids, and values do not matter to the trace)
     examples = _examples(declared) if args.inputs else (
         torch.randn(*shape) if float_first else torch.zeros(shape, dtype=torch.int64),)
-    art = compile(model, examples, loss=args.loss, optimizer=_optimizer(args),
+    art = compile(model, examples, loss=args.loss, optimizer=_optimizer(args), pos_weight=args.pos_weight,
                   trainable=args.trainable, scheme=args.scheme, label_smoothing=args.label_smoothing,
                   name=args.model.split(":")[-1], preprocess=preprocess, output=args.model_output,
                   target_profile=target, lora=args.lora, kd=args.kd, prompt=_prompt(args))

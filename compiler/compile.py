@@ -7,7 +7,7 @@ constants; the backward graph only reaches what the trainable tensors need.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ from pockprop.emit.onnx import to_onnx
 from pockprop.errors import CompileError
 from pockprop.ir import Graph, Node, Phase, Role, TensorType, module_of
 from pockprop.ops.builder import Builder
-from pockprop.ops.loss import IGNORE_INDEX, LOSSES
+from pockprop.ops.loss import IGNORE_INDEX, LOSSES, pos_weight_shape
 from pockprop.ops.registry import FULL, Need
 from pockprop.passes.lowerings import Chooser, choose_lowerings
 from pockprop.passes.pipeline import INFERENCE, TRAINING, TRAINING_FORWARD, UNOPTIMIZED
@@ -109,7 +109,7 @@ def _check_peft(model: torch.nn.Module) -> None:
 
 
 def _check_options(loss: str, label_smoothing: float, trainable: Any, scheme: Any,
-                   kd: dict[str, Any] | str | None = None) -> tuple[str, KDSpec | None]:
+                   kd: dict[str, Any] | str | None = None, pos_weight: Any = None) -> tuple[str, KDSpec | None]:
     """(the task loss's op, the kd spec when loss is "kd"), or CompileError."""
     if kd is not None and loss != "kd":
         raise CompileError(f"kd settings apply to loss='kd', not {loss!r}")
@@ -117,6 +117,8 @@ def _check_options(loss: str, label_smoothing: float, trainable: Any, scheme: An
     loss_op = spec.task if spec is not None else LOSSES.get(loss)
     if loss_op is None:
         raise CompileError(f"unknown loss {loss!r}; choose one of: {', '.join(sorted([*LOSSES, 'kd']))}")
+    if pos_weight is not None and (loss_op != "bce_with_logits" or spec is not None):
+        raise CompileError("pos_weight applies to bce_with_logits only (not inside kd)")
     if label_smoothing and loss_op != "cross_entropy":
         raise CompileError("label_smoothing applies to cross_entropy only")
     if not 0.0 <= label_smoothing < 1.0:
@@ -133,7 +135,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, labels: Any = None,
             preprocess: str | dict[str, Any] | None = None, optimize: bool = True,
             output: str | None = None, target_profile: str | dict[str, Any] | TargetProfile | None = None,
             lora: Any = None, kd: dict[str, Any] | str | None = None,
-            prompt: dict[str, Any] | int | None = None) -> Artifact:
+            prompt: dict[str, Any] | int | None = None,
+            pos_weight: float | Sequence[float] | None = None) -> Artifact:
     """Compile `model` into one ONNX training step (forward, loss, backward, update) + inference graph.
 
     example_inputs: a tensor, a tuple of positional tensors, or a dict of keyword tensors
@@ -152,6 +155,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, labels: Any = None,
     input, recorded in the manifest for the runtime (e.g. {"resize": [32, 32], "mean": [...], "std": [...]}),
     or a preset name ("imagenet", "unit", "none"; compiler/preprocess.py); none is recorded by default.
     With several inputs it describes the first one, which must then be a float input.
+    pos_weight: bce_with_logits only, torch's BCEWithLogitsLoss(pos_weight=...): one weight or one per
+    label (the output's last axis) on the positive term; recorded in the manifest's loss entry.
     optimize=False skips the optimization passes (BatchNorm folding, constant folding, saving slices
     and masks for backward, update reordering): the same step, as autodiff built it; for debugging.
     target_profile: the lowering of each op that offers several, from a profile measured on the target with
@@ -170,7 +175,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, labels: Any = None,
     The same as `compile_traced(trace_model(model, example_inputs), ...)`; use those two to compile
     one model with several schemes while tracing it once.
     """
-    _check_options(loss, label_smoothing, trainable, scheme, kd)
+    _check_options(loss, label_smoothing, trainable, scheme, kd, pos_weight)
     parse_optimizer(optimizer)
     parse_prompt(prompt)
     if scheme is not None:
@@ -181,7 +186,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, labels: Any = None,
         lora = lora_adapters.parse_spec(lora)
     return compile_traced(trace_model(model, example_inputs, output, prompt), labels, loss, optimizer, trainable,
                           scheme=scheme, label_smoothing=label_smoothing, name=name, preprocess=preprocess,
-                          optimize=optimize, target_profile=target_profile, lora=lora, kd=kd)
+                          optimize=optimize, target_profile=target_profile, lora=lora, kd=kd, pos_weight=pos_weight)
 
 
 def compile_traced(tm: TracedModel, labels: Any = None, loss: str = "cross_entropy",
@@ -190,12 +195,13 @@ def compile_traced(tm: TracedModel, labels: Any = None, loss: str = "cross_entro
                    name: str | None = None, preprocess: str | dict[str, Any] | None = None,
                    optimize: bool = True, choose_lowering: Chooser | None = None,
                    target_profile: str | dict[str, Any] | TargetProfile | None = None, lora: Any = None,
-                   kd: dict[str, Any] | str | None = None) -> Artifact:
+                   kd: dict[str, Any] | str | None = None,
+                   pos_weight: float | Sequence[float] | None = None) -> Artifact:
     """`compile` of an already traced model (see `trace_model`); the arguments mean the same.
 
     choose_lowering: picks each node's lowering among those its op offers (passes/lowerings.py); by
     default the target profile's choice, else `pockprop.compiler.target.fallback_chooser()`'s."""
-    loss_op, kd_spec = _check_options(loss, label_smoothing, trainable, scheme, kd)
+    loss_op, kd_spec = _check_options(loss, label_smoothing, trainable, scheme, kd, pos_weight)
     target = None if target_profile is None else load_target_profile(target_profile)
     if choose_lowering is None:
         choose_lowering = chooser_for(target)
@@ -231,7 +237,8 @@ def compile_traced(tm: TracedModel, labels: Any = None, loss: str = "cross_entro
     teacher_model = kd_spec is not None and kd_spec.teacher == "model"  # reads the trained tensors' originals
     # (a LoRA teacher reads A and B as they start: B = 0, the model without its adapters)
     originals = ({p: _part(full_values[p], needs[p]) for p in chosen} | adapted) if teacher_model else {}
-    train, state = _training_graph(train_fwd, wants, full_values | adapted, loss_op, labels, opt, label_smoothing,
+    loss_attrs = _loss_attrs(loss_op, label_smoothing, pos_weight, traced.graph.types[traced.graph.outputs[0]])
+    train, state = _training_graph(train_fwd, wants, full_values | adapted, loss_op, labels, opt, loss_attrs,
                                    optimize, kd_spec, originals)
     train = choose_lowerings(train, choose_lowering).graph
 
@@ -250,6 +257,7 @@ def compile_traced(tm: TracedModel, labels: Any = None, loss: str = "cross_entro
         output=traced.graph.outputs[0],
         loss={"name": loss_op, **({"label_smoothing": label_smoothing} if label_smoothing else {}),
               **({"ignore_index": IGNORE_INDEX} if loss_op == "cross_entropy" else {}),
+              **({"pos_weight": list(loss_attrs["pos_weight"])} if "pos_weight" in loss_attrs else {}),
               **({"kd": _kd_entry(kd_spec, train)} if kd_spec is not None else {})},
         optimizer=opt,
         trainable=chosen + list(adapted),
@@ -344,7 +352,7 @@ def _lift(g: Graph, needs: dict[str, Need]) -> tuple[Graph, dict[str, tuple[str,
 
 
 def _training_graph(fwd: Graph, wants: dict[str, tuple[str, Need]], full_values: dict[str, np.ndarray],
-                    loss_op: str, labels: Any, opt: Any, label_smoothing: float,
+                    loss_op: str, labels: Any, opt: Any, loss_attrs: dict[str, Any],
                     optimize: bool, kd: KDSpec | None = None,
                     originals: dict[str, np.ndarray] | None = None) -> tuple[Graph, list[StateEntry]]:
     """The training step from the forward graph, in named stages: (the kd teacher,) loss, gradients,
@@ -352,7 +360,7 @@ def _training_graph(fwd: Graph, wants: dict[str, tuple[str, Need]], full_values:
     value before training, which a teacher="model" copy reads."""
     g = fwd.copy()
     out = g.outputs[0]
-    loss = _add_loss(g, out, loss_op, labels, label_smoothing, kd, originals or {})
+    loss = _add_loss(g, out, loss_op, labels, loss_attrs, kd, originals or {})
     grads = _differentiate(g, loss, wants)
     state = _add_optimizer(g, opt, wants, grads, full_values)
     _name_outputs(g, loss, out, state)
@@ -361,15 +369,23 @@ def _training_graph(fwd: Graph, wants: dict[str, tuple[str, Need]], full_values:
     return g, state
 
 
-def _add_loss(g: Graph, out: str, loss_op: str, labels: Any, label_smoothing: float, kd: KDSpec | None = None,
+def _loss_attrs(loss_op: str, label_smoothing: float, pos_weight: Any, out: TensorType) -> dict[str, Any]:
+    """The loss node's attributes: cross-entropy's label smoothing, BCE's pos_weight (checked here)."""
+    if loss_op == "cross_entropy":
+        return {"label_smoothing": label_smoothing}
+    if pos_weight is not None:
+        return {"pos_weight": pos_weight_shape(pos_weight, out.shape[-1] if out.rank else 1)}
+    return {}
+
+
+def _add_loss(g: Graph, out: str, loss_op: str, labels: Any, attrs: dict[str, Any], kd: KDSpec | None = None,
               originals: dict[str, np.ndarray] | None = None) -> str:
     """The labels input and the loss node on the model's output (with kd: the teacher, then the kd loss);
     returns the loss value."""
     y = g.add_input(LABELS, _label_type(loss_op, g.types[out], labels), Role.LABEL)
     if kd is not None:  # the teacher copies the forward graph as it is: before the loss's nodes
         teacher = add_teacher(g, originals or {}) if kd.teacher == "model" else teacher_logits_input(g, out)
-        return add_kd_loss(g, out, y, kd, teacher, label_smoothing)
-    attrs = {"label_smoothing": label_smoothing} if loss_op == "cross_entropy" else {}
+        return add_kd_loss(g, out, y, kd, teacher, attrs.get("label_smoothing", 0.0))
     b = Builder(g, "loss", Phase.LOSS)
     return b.op(loss_op, [out, y], hint="loss", **attrs)
 

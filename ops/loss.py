@@ -93,24 +93,57 @@ class CrossEntropyGrad(Op):
         e.node("Mul", [e.node("Sub", [e.node("Softmax", [z], axis=-1), target]), scale], node.outputs)
 
 
+def pos_weight_shape(pos_weight: Any, labels: int) -> tuple[float, ...]:
+    """`pos_weight` as the loss attribute: one weight, or one per label (the logits' last axis), each a
+    finite number >= 0 (torch's BCEWithLogitsLoss broadcasts it the same way)."""
+    w = tuple(float(v) for v in (pos_weight if isinstance(pos_weight, (list, tuple)) else [pos_weight]))
+    if len(w) not in (1, labels):
+        raise CompileError(f"pos_weight has {len(w)} values; the output has {labels} labels (give 1 or {labels})")
+    if not all(v >= 0 and v != float("inf") for v in w):  # also false for NaN
+        raise CompileError(f"pos_weight values must be finite numbers >= 0, got {list(w)}")
+    return w
+
+
 @register
 class BCEWithLogits(Op):
-    """L = mean(max(z,0) - z t + log(1 + exp(-|z|))) (multi-label);  dz = (sigmoid(z) - t) g / numel."""
+    """L = mean((1 - t) z + l (log(1 + exp(-|z|)) + max(-z, 0))), l = 1 + (p - 1) t;  dz = (l sigmoid(z) - p t) g / numel.
+
+    p: the attribute pos_weight (one weight, or one per label on the last axis; default 1, which gives
+    the plain form, dz = (sigmoid(z) - t) g / numel). torch's BCEWithLogitsLoss(pos_weight=p) exactly.
+    """
     name = "bce_with_logits"
 
     def shape(self, ins, attrs):  # type: ignore[no-untyped-def]
         _check_pair(ins[0], ins[1], "bce_with_logits")
+        if "pos_weight" in attrs:
+            pos_weight_shape(attrs["pos_weight"], ins[0].shape[-1] if ins[0].rank else 1)
         return [TensorType(SCALAR, ins[0].dtype)]
 
     def vjp(self, b: Builder, node: Node, gouts: list[str | None], needs: list[Need | None]) -> list[str | None]:
         z, t = node.inputs
         scale = b.op("mul", [gouts[0], b.scalar_like(1.0 / b.type(z).numel, z)])
-        return [b.op("mul", [b.op("sub", [b.op("sigmoid", [z]), t]), scale]), None]
+        p = node.attrs.get("pos_weight")
+        if p is None:
+            return [b.op("mul", [b.op("sub", [b.op("sigmoid", [z]), t]), scale]), None]
+        pw = b.const(p if len(p) > 1 else p[0], b.type(z).dtype)
+        one = b.scalar_like(1.0, z)
+        lw = b.op("add", [one, b.op("mul", [b.op("sub", [pw, one]), t])])
+        d = b.op("sub", [b.op("mul", [lw, b.op("sigmoid", [z])]), b.op("mul", [pw, t])])
+        return [b.op("mul", [d, scale]), None]
 
     def lower(self, e: Lowering, node: Node) -> None:
         z, t = node.inputs
-        softplus = e.node("Softplus", [e.node("Neg", [e.node("Abs", [z])])])
-        per = e.node("Add", [e.node("Sub", [e.node("Relu", [z]), e.node("Mul", [z, t])]), softplus])
+        dt = e.type(z).dtype
+        softplus = e.node("Softplus", [e.node("Neg", [e.node("Abs", [z])])])  # log(1 + exp(-|z|))
+        p = node.attrs.get("pos_weight")
+        if p is None:
+            per = e.node("Add", [e.node("Sub", [e.node("Relu", [z]), e.node("Mul", [z, t])]), softplus])
+        else:  # (1 - t) z + l (softplus + relu(-z)): z - z t + relu(-z) = relu(z) - z t, as above when l = 1
+            one = e.const(1.0, dt)
+            pw = e.const(list(p) if len(p) > 1 else p[0], dt)
+            lw = e.node("Add", [one, e.node("Mul", [e.node("Sub", [pw, one]), t])])
+            log_sig = e.node("Add", [softplus, e.node("Relu", [e.node("Neg", [z])])])  # -log sigmoid(z)
+            per = e.node("Add", [e.node("Mul", [e.node("Sub", [one, t]), z]), e.node("Mul", [lw, log_sig])])
         e.node("ReduceMean", [per], node.outputs, axes=list(range(e.type(z).rank)), keepdims=0)
 
 

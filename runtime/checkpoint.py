@@ -187,8 +187,9 @@ def _losses(v: Any) -> bool:
     return isinstance(v, list) and all(x is None or _number(x) for x in v)
 
 
-def _metrics(v: Any) -> bool:
-    return isinstance(v, dict) and all(isinstance(k, str) and _number(x) for k, x in v.items())
+def _metrics(v: Any) -> bool:  # multi-label metrics hold a list: the per-label accuracy
+    return isinstance(v, dict) and all(isinstance(k, str) and (_number(x) or isinstance(x, list) and all(
+        _number(e) for e in x)) for k, x in v.items())
 
 
 PROGRESS = {"data": lambda v: isinstance(v, str), "source": lambda v: isinstance(v, str),
@@ -198,7 +199,8 @@ PROGRESS = {"data": lambda v: isinstance(v, str), "source": lambda v: isinstance
             "before": _metrics, "finished": lambda v: isinstance(v, bool)}
 ROUND = {"round": _count, "data": lambda v: isinstance(v, str), "samples": _count, "epochs": _count,
          "steps": _count, "rejected": _count, "epoch_losses": _losses, "seconds": _number}
-ROUND_OPTIONAL = {"held_out": _count, "before": _metrics, "after": _metrics}
+ROUND_OPTIONAL = {"held_out": _count, "before": _metrics, "after": _metrics, "old_before": _metrics, "old": _metrics,
+                  "kept": _count, "replay": _count}
 
 
 def _check_fields(doc: Any, required: dict[str, Any], optional: dict[str, Any], what: str) -> None:

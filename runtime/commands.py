@@ -20,17 +20,22 @@ import numpy as np
 from pockprop import args as cli_args
 from pockprop.artifact import onnx_wire
 from pockprop.artifact.contract import FORMAT_VERSION, REPORT_FILE
-from pockprop.runtime import checkpoint, guard
+from pockprop.runtime import checkpoint, guard, multilabel
 from pockprop.errors import ArtifactError, CheckpointError, DataError, Interrupted
 from pockprop.runtime.loop import fit
 from pockprop.artifact.manifest import open_artifact, pack
 from pockprop.artifact.tuning import describe_lowerings
 from pockprop.runtime.inputs import example as example_inputs
 from pockprop.runtime.progress import Progress
+from pockprop.runtime.replay import ReplayBuffer
 from pockprop.runtime.runlog import RunLog
 from pockprop.runtime.schedule import Schedule
 from pockprop.runtime.session import PROVIDER_NAMES, session
 from pockprop.runtime.trainer import Trainer
+
+
+LABEL_COLUMNS_HELP = ("CSV, multi-label: the label columns, comma-separated names or patterns like 'tag_*' "
+                      "(each value 0 or 1)")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -75,6 +80,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="fraction of --data held out for accuracy before/after")
     t.add_argument("--eval-data", help="held-out data for accuracy before/after (instead of --holdout)")
     t.add_argument("--label-column", help="CSV: the label column (default: label/y/target/class, else the last)")
+    t.add_argument("--label-columns", metavar="A,B,...", help=LABEL_COLUMNS_HELP)
+    t.add_argument("--replay", type=cli_args.positive_int, metavar="N",
+                   help="continual rounds: keep up to N past samples on the device (reservoir sampling, seeded, "
+                        "stored in the checkpoint) and mix them into later rounds' batches")
+    t.add_argument("--replay-fraction", type=cli_args.fraction, default=0.25,
+                   help="the share of each batch the replayed samples take (the batch size is fixed)")
+    t.add_argument("--eval-old", metavar="DATA", help="the old task's data: evaluated before and after the round and "
+                                                      "recorded, so forgetting shows in `pockprop inspect`")
+    t.add_argument("--prune-keep", type=cli_args.number(0, 1, lo_open=True), default=1.0, metavar="FRACTION",
+                   help="before the round, keep this fraction of --data: the samples with the highest --prune-score "
+                        "at the round's starting weights (the kept indices go to --log)")
+    t.add_argument("--prune-score", default="el2n", choices=["loss", "el2n"],
+                   help="pruning score: the sample's loss, or EL2N (L2 norm of softmax/sigmoid minus the labels)")
+    t.add_argument("--threshold", type=cli_args.fraction, default=0.5,
+                   help="multi-label metrics: a label is predicted where sigmoid(logit) >= this")
+    t.add_argument("--kd-previous", action="store_true",
+                   help="distill from the model as the round starts (the previous round's): its logits on the "
+                        "round's data and the replay buffer feed a kd artifact's teacher_logits (compile --loss kd "
+                        "--kd teacher=logits)")
     t.add_argument("--checkpoint-dir", help="write checkpoints here (atomically)")
     t.add_argument("--checkpoint-every", type=cli_args.non_negative_int, default=0,
                    help="also checkpoint every K batches (0: only at each epoch's end)")
@@ -94,6 +118,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     common(e)
     e.add_argument("--data", required=True, help=".npz, .csv or image folder")
     e.add_argument("--label-column", help="CSV: the label column")
+    e.add_argument("--label-columns", metavar="A,B,...", help=LABEL_COLUMNS_HELP)
+    e.add_argument("--threshold", type=cli_args.fraction, default=0.5,
+                   help="multi-label: a label is predicted where sigmoid(logit) >= this (F1, per-label accuracy)")
     e.set_defaults(func=eval_command)
 
     x = sub.add_parser("export", help="write one self-contained inference ONNX model with the trained weights")
@@ -151,6 +178,25 @@ def _pct(m: dict[str, Any]) -> str:
     return f"{100 * m['accuracy']:.1f}%" if "accuracy" in m else "n/a"
 
 
+def _score(m: dict[str, Any]) -> str:
+    """The metric a round is judged by: mAP (multi-label), else accuracy."""
+    return f"mAP {100 * m['mAP']:.2f}" if "mAP" in m else f"accuracy {_pct(m)}"
+
+
+def _rounds_table(rounds: list[dict[str, Any]]) -> list[str]:
+    """Per round: the new task's held-out metric and the old task's (forgetting), where recorded."""
+    if not any("old" in r or "after" in r for r in rounds):
+        return []
+    def cell(m: Any) -> str:
+        return "-" if not m else f"{100 * m['mAP']:.2f}" if "mAP" in m else _pct(m)
+    metric = "mAP" if any("mAP" in (r.get("after") or r.get("old") or {}) for r in rounds) else "accuracy"
+    lines = [f"    {'round':>5}  {'new task ' + metric:>16}  {'old task ' + metric:>16}  {'old before':>10}"]
+    for r in rounds:
+        lines.append(f"    {r['round']:>5}  {cell(r.get('after')):>16}  {cell(r.get('old')):>16}  "
+                     f"{cell(r.get('old_before')):>10}")
+    return lines
+
+
 def _schedule(args: argparse.Namespace) -> dict[str, Any]:
     spec = {"name": args.schedule, "base_lr": args.lr, "warmup_steps": args.warmup_steps,
             "step_size": args.step_size, "gamma": args.gamma, "min_lr": args.min_lr}
@@ -206,8 +252,16 @@ def _train(args: argparse.Namespace, schedule: dict[str, Any]) -> int:
     for note in notes:
         print(f"pockprop train: {note}", file=sys.stderr)
 
-    train = trainer.pipeline.load(args.data, args.label_column)
-    held = trainer.pipeline.load(args.eval_data, args.label_column) if args.eval_data else None
+    train = trainer.pipeline.load(args.data, args.label_column, args.label_columns)
+    held = trainer.pipeline.load(args.eval_data, args.label_column, args.label_columns) if args.eval_data else None
+    old = trainer.pipeline.load(args.eval_old, args.label_column, args.label_columns) if args.eval_old else None
+    if args.replay is not None:
+        have = trainer.replay
+        if have is not None and have.capacity != args.replay:
+            raise DataError(f"--replay {args.replay}: the checkpoint's replay buffer holds up to {have.capacity} "
+                            f"samples; pass --replay {have.capacity}")
+        if have is None:
+            trainer.replay = ReplayBuffer(args.replay, args.replay_fraction)
     bar = Progress(0, "train ", enabled=not (args.json or args.no_progress))  # elapsed time counts from here
     recent: list[float] = []
 
@@ -222,7 +276,9 @@ def _train(args: argparse.Namespace, schedule: dict[str, Any]) -> int:
         with _warnings_as_lines("train"):
             record = fit(trainer, train, args.epochs, seed=args.seed, last_batch=args.last_batch, schedule=schedule,
                          holdout=args.holdout, eval_data=held, checkpoint_dir=args.checkpoint_dir,
-                         checkpoint_every=args.checkpoint_every, on_batch=on_batch, log=log.write if log else None)
+                         checkpoint_every=args.checkpoint_every, on_batch=on_batch, log=log.write if log else None,
+                         eval_old=old, prune_keep=args.prune_keep, prune_score=args.prune_score,
+                         threshold=args.threshold, kd_previous=args.kd_previous)
     finally:  # a failed or interrupted round still ends the bar's line and keeps the log's records
         bar.close(f"loss {np.mean(recent):.4f}" if recent else "")
         if log:
@@ -234,8 +290,14 @@ def _train(args: argparse.Namespace, schedule: dict[str, Any]) -> int:
              f"{record['epochs']} epochs, {record['seconds']:.1f}s; total {trainer.steps} steps, {trainer.rejected} rejected",
              f"  loss per epoch: {losses}"]
     if "after" in record:
-        lines.append(f"  held-out accuracy: {_pct(record['before'])} -> {_pct(record['after'])} "
+        lines.append(f"  held-out {_score(record['before'])} -> {_score(record['after'])} "
                      f"({record['held_out']} samples)")
+    if "old" in record:
+        lines.append(f"  old task {_score(record.get('old_before', {}))} -> {_score(record['old'])}")
+    if "kept" in record:
+        lines.append(f"  pruned: trained on {record['kept']} samples ({args.prune_score}, keep {args.prune_keep:g})")
+    if "replay" in record:
+        lines.append(f"  replay buffer: {record['replay']} samples")
     if ckpt:
         lines.append(f"checkpoint: {ckpt}")
     if exported:
@@ -247,12 +309,15 @@ def _train(args: argparse.Namespace, schedule: dict[str, Any]) -> int:
 def eval_command(args: argparse.Namespace) -> int:
     trainer = _trainer(args)
     with _warnings_as_lines("eval"):
-        m = trainer.evaluate(trainer.pipeline.load(args.data, args.label_column))
+        ds = trainer.pipeline.load(args.data, args.label_column, args.label_columns)
+        m = trainer.evaluate(ds, threshold=args.threshold)
     loss = f"loss {m['loss']:.4f}" if "loss" in m else "loss n/a"
-    return _emit(args, {"data": args.data, "steps": trainer.steps, **m},
-                 [f"{loss}, accuracy {_pct(m)} on {m['samples']} samples"
-                  + (f" ({m['tokens']} labelled tokens)" if "tokens" in m else "")
-                  + f" of {args.data} (after {trainer.steps} steps)"])
+    lines = [f"{loss}, accuracy {_pct(m)} on {m['samples']} samples"
+             + (f" ({m['tokens']} labelled tokens)" if "tokens" in m else "")
+             + f" of {args.data} (after {trainer.steps} steps)"]
+    if "mAP" in m:
+        lines.append("  " + multilabel.describe(m, ds.classes))
+    return _emit(args, {"data": args.data, "steps": trainer.steps, **m}, lines)
 
 
 def export_command(args: argparse.Namespace) -> int:
@@ -325,9 +390,16 @@ def inspect_command(args: argparse.Namespace) -> int:
         c = doc["checkpoint"]
         lines.append(f"  checkpoint {c['path']}: {c['steps']} steps, {c['rejected']} rejected, {len(c['rounds'])} rounds")
         for r in c["rounds"]:
-            acc = f", held-out accuracy {_pct(r['before'])} -> {_pct(r['after'])}" if "after" in r else ""
+            acc = f", held-out {_score(r['before'])} -> {_score(r['after'])}" if "after" in r else ""
             lines.append(f"    round {r['round']}: {r['data']}, {r['steps']} steps, epoch losses "
                          f"{[None if v is None else round(v, 4) for v in r['epoch_losses']]}{acc}")
+            if "mAP" in r.get("after", {}):
+                lines.append("      " + multilabel.describe(r["after"]))
+        lines += _rounds_table(c["rounds"])
+        if trainer.replay is not None:
+            doc["checkpoint"]["replay"] = trainer.replay.meta()
+            lines.append(f"    replay buffer: {len(trainer.replay)} of up to {trainer.replay.capacity} samples "
+                         f"({trainer.replay.seen} seen)")
     return _emit(args, doc, lines)
 
 

@@ -29,6 +29,7 @@ from pockprop.errors import DataError
 from pockprop.runtime.images import ImageFiles, index_folder, to_channels
 from pockprop.runtime.inputs import Columns, arrange, check_range, label as input_label
 from pockprop.runtime.inputs import check as check_input
+from pockprop.runtime.multilabel import LABELS_FILE, check_multi_hot, index_labelled_folder, select_columns
 
 LABEL_COLUMNS = ("label", "labels", "y", "target", "class")
 LAST_BATCH = ("drop", "wrap")
@@ -45,7 +46,7 @@ class Dataset:
     x: np.ndarray | ImageFiles | Columns
     y: np.ndarray | None = None
     source: str = "<arrays>"
-    classes: list[str] | None = None  # image folders: the class name of each label index
+    classes: list[str] | None = None  # image folders: the class name of each label index; multi-label: label names
     _fingerprint: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -94,8 +95,11 @@ class Dataset:
 
 # -- loading --------------------------------------------------------------------------------------
 def load(path: str, label_column: str | None = None, channels: int = 3, size: tuple[int, int] | None = None,
-         antialias: bool = False, inputs: Sequence[str] = ("x",), optional: Sequence[str] = ()) -> Dataset:
-    """A Dataset from an .npz (arrays x, y; see load_npz), a .csv (features + a label column) or an image folder.
+         antialias: bool = False, inputs: Sequence[str] = ("x",), optional: Sequence[str] = (),
+         label_columns: str | None = None) -> Dataset:
+    """A Dataset from an .npz (arrays x, y; see load_npz), a .csv (features + a label column, or several:
+    `label_columns`, names or patterns, multi-hot labels; runtime/multilabel.py) or an image folder (a
+    folder per class, or images listed with their labels in labels.csv).
 
     channels/size/antialias apply to image folders: images are decoded as grey (1) or RGB (3) and
     resized to `size` (height, width) when given (`Pipeline.load` passes the manifest's). `inputs`: the
@@ -106,6 +110,9 @@ def load(path: str, label_column: str | None = None, channels: int = 3, size: tu
     if len(inputs) > 1 and ext != ".npz" and (os.path.isdir(path) or os.path.isfile(path)):
         raise DataError(f"{path}: the model takes {len(inputs)} inputs ({', '.join(inputs)}); give an .npz "
                         "with one array per input name")
+    if label_columns is not None and ext != ".csv":
+        raise DataError(f"{path}: label columns are for a .csv; an .npz holds its (N, L) labels as 'y', an image "
+                        f"folder lists them in {LABELS_FILE}")
     if os.path.isdir(path):
         return load_image_folder(path, channels, size, antialias)
     if not os.path.isfile(path):
@@ -113,7 +120,7 @@ def load(path: str, label_column: str | None = None, channels: int = 3, size: tu
     if ext == ".npz":
         return load_npz(path, inputs, optional)
     if ext == ".csv":
-        return load_csv(path, label_column)
+        return load_csv(path, label_column, label_columns)
     raise DataError(f"{path}: unknown data format {ext!r}; use .npz (x, y), .csv or a folder of class folders")
 
 
@@ -153,8 +160,9 @@ def load_npz(path: str, inputs: Sequence[str] = ("x",), optional: Sequence[str] 
         raise DataError(f"{path}: cannot read as .npz ({type(ex).__name__}: {ex})") from None
 
 
-def load_csv(path: str, label_column: str | None = None) -> Dataset:
-    """Numeric features; labels from `label_column`, a column named label/y/target/class, or the last one."""
+def load_csv(path: str, label_column: str | None = None, label_columns: str | None = None) -> Dataset:
+    """Numeric features; labels from `label_column`, a column named label/y/target/class, or the last one;
+    or multi-hot (N, L) labels from the columns `label_columns` names (each 0 or 1)."""
     try:  # UTF-8, with or without the byte-order mark spreadsheet programs write
         with open(path, newline="", encoding="utf-8-sig") as f:
             rows = [(i + 1, r) for i, r in enumerate(csv.reader(f)) if r and any(c.strip() for c in r)]
@@ -176,7 +184,11 @@ def load_csv(path: str, label_column: str | None = None) -> Dataset:
     header = None if all(number(c) for c in rows[0][1]) else [c.strip() for c in rows[0][1]]
     body = rows[1:] if header else rows
     width = len(rows[0][1])
-    if label_column is not None:
+    if label_columns is not None:
+        if label_column is not None:
+            raise DataError(f"{path}: give --label-column (one label) or --label-columns (several), not both")
+        col: int | list[int] = select_columns(header, label_columns, path)
+    elif label_column is not None:
         if header is None or label_column not in header:
             raise DataError(f"{path}: no column named {label_column!r} (columns: {header or 'no header row'})")
         col = header.index(label_column)
@@ -195,13 +207,21 @@ def load_csv(path: str, label_column: str | None = None) -> Dataset:
                 raise DataError(f"{path} line {line}, column {name!r}: {text!r} is not a number") from None
     y = values[:, col]
     x = np.delete(values, col, axis=1).astype(np.float32)
+    if isinstance(col, list):
+        assert header is not None
+        names = [header[c] for c in col]
+        return Dataset(x, check_multi_hot(y, path, names), path, names)
     return Dataset(x, y, path)
 
 
 def load_image_folder(path: str, channels: int = 3, size: tuple[int, int] | None = None,
                       antialias: bool = False) -> Dataset:
-    """root/<class>/<image>: labels are class indices in sorted folder-name order; x is `ImageFiles`
-    (N, C, H, W) on the 0-255 scale, decoded when indexed (runtime/images.py)."""
+    """root/<class>/<image>: labels are class indices in sorted folder-name order; or root/labels.csv
+    listing images with multi-hot labels (runtime/multilabel.py). x is `ImageFiles` (N, C, H, W) on the
+    0-255 scale, decoded when indexed (runtime/images.py)."""
+    if os.path.isfile(os.path.join(path, LABELS_FILE)):
+        paths, y, names = index_labelled_folder(path)
+        return Dataset(ImageFiles.index(paths, channels, size, antialias), y, path, names)
     paths, labels, classes = index_folder(path)
     files = ImageFiles.index(paths, channels, size, antialias)
     return Dataset(files, np.array(labels, np.int64), path, classes)
@@ -332,11 +352,11 @@ class Pipeline:
             raise DataError(f"preprocess {what}: {v.size} values for {channels} channels")
         return v.reshape((-1,) + (1,) * max(len(self.sample_shape) - 1, 0))
 
-    def load(self, path: str, label_column: str | None = None) -> Dataset:
+    def load(self, path: str, label_column: str | None = None, label_columns: str | None = None) -> Dataset:
         """`load(path)` with this model's input names, image channels, size and resize rule."""
         channels = self.sample_shape[0] if len(self.sample_shape) == 3 else 3
         return load(path, label_column, channels, self.resize, self.antialias, [s.name for s in self.specs],
-                    optional=(TEACHER_LOGITS,) if self.teacher is not None else ())
+                    optional=(TEACHER_LOGITS,) if self.teacher is not None else (), label_columns=label_columns)
 
     def describe(self) -> str:
         """What `inputs` does to a raw sample, in words (shown by inspect, compile and train)."""
@@ -449,7 +469,11 @@ class Pipeline:
             raise DataError(f"{source}: no labels (an .npz needs an array 'y' or 'labels')")
         y = np.asarray(y)
         if y.shape[1:] != self.label_shape:
-            raise DataError(f"{source}: labels of shape {y.shape[1:]} per sample; expected {self.label_shape}")
+            hint = ""
+            if self.loss.get("name") == "bce_with_logits" and len(self.label_shape) == 1:
+                hint = (f" ({self.label_shape[0]} labels per sample; a CSV names its label columns with "
+                        "--label-columns)")
+            raise DataError(f"{source}: labels of shape {y.shape[1:]} per sample; expected {self.label_shape}{hint}")
         if self.label_dtype.kind in "iu":
             if y.dtype.kind == "f":
                 if not np.all(y == np.round(y)):  # also false for NaN and inf
@@ -502,7 +526,11 @@ class Pipeline:
             if spec.range is not None:  # every sample now: a bad id must not stop a round half way
                 check_range(np.asarray(x), spec, input_label(self.specs, spec, data.source))
         if need_labels:
-            self.labels(data.y, data.source)
+            y = self.labels(data.y, data.source)
+            if y.dtype.kind == "f" and np.isnan(y).any():  # a batch's NaN is the guard's; a file's is bad data
+                at = np.unravel_index(int(np.flatnonzero(np.isnan(y))[0]), y.shape)
+                raise DataError(f"{data.source}: label NaN at sample {at[0]}"
+                                + (f", position {list(map(int, at[1:]))}" if len(at) > 1 else ""))
 
 
 def _without_teacher(raw: Any, n_inputs: int) -> Any:

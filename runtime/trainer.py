@@ -19,12 +19,13 @@ from typing import Any, Mapping
 import numpy as np
 import onnxruntime as ort
 
-from pockprop.runtime import checkpoint, data, export, guard, inputs
+from pockprop.runtime import checkpoint, data, export, guard, inputs, multilabel
 from pockprop.runtime.session import CPU, providers_for, session
 from pockprop.artifact import onnx_wire, safetensors, tuning
 from pockprop.artifact.contract import BY_ORT, TEACHER_LOGITS, Manifest, teacher_input, StateRole, StateSpec, TensorSpec
 from pockprop.errors import ArtifactError, CheckpointError, DataError, TrainingFailed
 from pockprop.artifact.manifest import Bundle, DirectoryFiles, Watched, open_artifact
+from pockprop.runtime.replay import ReplayBuffer
 from pockprop.runtime.schedule import Schedule
 
 
@@ -121,6 +122,8 @@ class Trainer:
         self.schedule_start = 0  # the step count at which `schedule` began (a new round restarts it)
         self.progress: dict[str, Any] | None = None  # data position of the current round (runtime.loop)
         self.rounds: list[dict[str, Any]] = []  # one record per finished round
+        self.replay: ReplayBuffer | None = None  # past samples mixed into later rounds (runtime.replay)
+        self.kd_logits: np.ndarray | None = None  # the round's teacher logits, with kd from the previous round
         self._allocate(state)
         self.start_round()
 
@@ -441,9 +444,9 @@ class Trainer:
             parts.append(self._infer.run([out], feeds)[0][:chunks[0][1]])
         return np.concatenate(parts) if parts else np.zeros((0,), np.float32)
 
-    def evaluate(self, source: Any, y: Any = None) -> dict[str, float]:
+    def evaluate(self, source: Any, y: Any = None, threshold: float = 0.5) -> dict[str, Any]:
         """Loss and (for classification) accuracy over a Dataset or data path (raw, preprocessed here),
-        arrays x, y, or an iterable of (x, y) batches (model-ready)."""
+        arrays x, y, or an iterable of (x, y) batches (model-ready); multi-label metrics at `threshold`."""
         if isinstance(source, str):
             source = self.pipeline.load(source)
         if isinstance(source, data.Dataset):
@@ -457,7 +460,7 @@ class Trainer:
             pairs = [(self.predict(bx), np.asarray(by)) for bx, by in source]
             preds, labels = [p for p, _ in pairs], np.concatenate([b for _, b in pairs]) if pairs else np.zeros(0)
         pred = np.concatenate(preds) if preds else np.zeros((0,))
-        return metrics(self.manifest.loss, pred, labels)
+        return metrics(self.manifest.loss, pred, labels, threshold)
 
     # -- checkpoints -----------------------------------------------------------------------------
     def save_checkpoint(self, directory: str) -> str:
@@ -472,8 +475,14 @@ class Trainer:
         meta = {"artifact": self.digest, "model": self.manifest.model, "steps": self.steps,
                 "rejected": self.rejected, "schedule": self.schedule.to_json(), "schedule_start": self.schedule_start,
                 "progress": self.progress, "rounds": self.rounds, "guard": self.baseline.to_json()}
+        tensors = {e.name: v for e, v in zip(self._entries, self._views[self._cur])}
+        if self.replay is not None:  # in the same file as the state: both always come from the same step
+            meta["replay"] = self.replay.meta()
+            tensors |= self.replay.tensors()
+        if self.kd_logits is not None:
+            tensors[KD_LOGITS] = self.kd_logits
         with checkpoint.lock(directory):
-            return checkpoint.save(directory, {e.name: v for e, v in zip(self._entries, self._views[self._cur])}, meta)
+            return checkpoint.save(directory, tensors, meta)
 
     def resume(self, directory: str) -> dict[str, Any]:
         """Restore state, counters, schedule and data position from a checkpoint of this artifact."""
@@ -488,11 +497,15 @@ class Trainer:
             counters = int(meta["steps"]), int(meta["rejected"]), int(meta["schedule_start"])
             progress, rounds = checkpoint.check_progress(meta.get("progress")), checkpoint.check_rounds(meta.get("rounds"))
             baseline = guard.Baseline.from_json(meta["guard"]) if "guard" in meta else None
+            replay = ReplayBuffer.restore(tensors, meta["replay"]) if "replay" in meta else None
         except (KeyError, TypeError, ValueError) as ex:
             raise CheckpointError(f"{where}: malformed checkpoint metadata ({ex})") from None
         self.load_state(tensors)
         self.steps, self.rejected, self.schedule_start = counters
         self.schedule, self.progress, self.rounds = schedule, progress, rounds
+        if replay is not None:  # else a buffer given to this trainer starts with this round
+            self.replay = replay
+        self.kd_logits = tensors.get(KD_LOGITS)
         if baseline is None:  # a checkpoint written before the guard kept one: judge from here on
             self.start_round()
         else:
@@ -531,6 +544,9 @@ def _graph_session(bundle: Bundle, name: str, threads: int | None, providers: li
     return _session(raw, where, threads, bundle.external_data(name, raw), providers, mem_pattern)
 
 
+KD_LOGITS = "kd/teacher_logits"  # checkpoint tensor: a round's teacher logits (runtime.loop, kd_previous)
+
+
 def _check_state(state: dict[str, np.ndarray], entries: list[StateSpec], where: str) -> None:
     for e in entries:
         arr = state.get(e.name)
@@ -539,8 +555,9 @@ def _check_state(state: dict[str, np.ndarray], entries: list[StateSpec], where: 
             raise ArtifactError(f"{where}: state tensor {e.name!r} should be {e.dtype}{list(e.shape)}, is {got}")
 
 
-def metrics(loss: dict[str, Any], pred: np.ndarray, y: np.ndarray) -> dict[str, float]:
-    """The artifact's loss (numpy, float64) and, for classification, accuracy of predictions `pred`."""
+def metrics(loss: dict[str, Any], pred: np.ndarray, y: np.ndarray, threshold: float = 0.5) -> dict[str, Any]:
+    """The artifact's loss (numpy, float64) and, for classification, accuracy of predictions `pred`;
+    multi-label (bce_with_logits): also mAP, F1 and per-label accuracy at `threshold` (runtime/multilabel.py)."""
     name, n = loss.get("name", ""), len(pred)
     out: dict[str, float] = {"samples": n}
     if n == 0:
@@ -548,10 +565,11 @@ def metrics(loss: dict[str, Any], pred: np.ndarray, y: np.ndarray) -> dict[str, 
     p = pred.astype(np.float64)
     if name == "cross_entropy":
         out |= _cross_entropy(loss, p, y.astype(np.int64))
-    elif name == "bce_with_logits":
+    elif name == "bce_with_logits":  # torch's BCEWithLogitsLoss(pos_weight), as in ops/loss.py
         t = y.astype(np.float64)
-        out["loss"] = float(np.mean(np.maximum(p, 0) - p * t + np.log1p(np.exp(-np.abs(p)))))
-        out["accuracy"] = float(np.mean((p > 0) == (t > 0.5)))
+        lw = 1.0 + (np.asarray(loss.get("pos_weight", [1.0]), np.float64) - 1.0) * t
+        out["loss"] = float(np.mean((1 - t) * p + lw * (np.log1p(np.exp(-np.abs(p))) + np.maximum(-p, 0))))
+        out |= multilabel.metrics(p, t, threshold)
     elif name == "mse":
         out["loss"] = float(np.mean((p - y.astype(np.float64)) ** 2))
     return out

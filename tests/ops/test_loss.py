@@ -34,3 +34,30 @@ def test_cross_entropy_matches_torch(shape: tuple[int, ...], ignored: str, smoot
     _check_loss("cross_entropy", z, y, ref, label_smoothing=smoothing)
     if ignored == "all":  # torch's convention, kept: the loss is NaN (the runtime guard rejects the step)
         assert np.isnan(ref(z, y).item())  # and the gradient is zero (checked above against torch's)
+
+
+@pytest.mark.parametrize("shape,pos_weight", [((4, 5), [0.5, 2.0, 1.0, 3.0, 0.0]), ((4, 5), [2.5]),
+                                              ((1, 1), [4.0]), ((2, 3, 4), [1.0, 2.0, 0.5, 7.0])],
+                         ids=["per-label", "scalar", "1x1", "N,T,L"])
+def test_bce_pos_weight_matches_torch(shape: tuple[int, ...], pos_weight: list[float]) -> None:
+    """BCEWithLogitsLoss(pos_weight=...) through onnxruntime: the loss and the hand-derived gradient,
+    large logits included (the stable form must not overflow)."""
+    gen = torch.Generator().manual_seed(len(shape) + len(pos_weight))
+    z = torch.randn(shape, generator=gen) * 4
+    z.view(-1)[0] = 60.0  # far into sigmoid's flat parts, both signs
+    z.view(-1)[-1] = -60.0
+    t = (torch.rand(shape, generator=gen) > 0.5).float()
+    pw = torch.tensor(pos_weight)
+    _check_loss("bce_with_logits", z, t, lambda z, t: F.binary_cross_entropy_with_logits(z, t, pos_weight=pw),
+                pos_weight=tuple(pos_weight))
+
+
+def test_bce_pos_weight_checked() -> None:
+    from pockprop.errors import CompileError
+    from pockprop.ops.loss import pos_weight_shape
+
+    assert pos_weight_shape(2, 3) == (2.0,)
+    assert pos_weight_shape([1, 2, 3], 3) == (1.0, 2.0, 3.0)
+    for bad, says in [([1, 2], "2 values"), ([-1.0], ">= 0"), ([float("nan")], ">= 0"), ([float("inf")], ">= 0")]:
+        with pytest.raises(CompileError, match=says):
+            pos_weight_shape(bad, 3)

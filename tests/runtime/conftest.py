@@ -62,6 +62,15 @@ def _build(name: str, out: Path) -> Path:
         ids, mask = torch.ones(4, 8, dtype=torch.int64), torch.ones(4, 8, dtype=torch.int64)
         art = compile(tagger(vocab=32, dim=16, classes=32), {"ids": ids, "mask": mask},
                       optimizer={"name": "adamw", "lr": 3e-2}, name="token_lm")
+    elif name == "tags":  # multi-label: 3 labels, BCE with a per-label pos_weight
+        model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+        art = compile(model, (torch.randn(4, 6),), labels=torch.zeros(4, 3), loss="bce_with_logits",
+                      pos_weight=[1.0, 2.0, 0.5], optimizer={"name": "sgd", "lr": 0.2, "momentum": 0.9}, name="tags")
+    elif name == "tags_kd":  # the same, distilling from teacher logits fed with each batch (kd from the previous round)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+        art = compile(model, (torch.randn(4, 6),), labels=torch.zeros(4, 3), loss="kd",
+                      kd={"task": "bce_with_logits", "teacher": "logits", "alpha": 0.5, "temperature": 2.0},
+                      optimizer={"name": "sgd", "lr": 0.2, "momentum": 0.9}, name="tags_kd")
     else:
         raise KeyError(name)
     return Path(art.save(str(out / name)))
@@ -105,6 +114,13 @@ def dataset_npz(path: Path, n: int = 40, seed: int = 0) -> Path:
     y = x[:, :3].argmax(axis=1).astype(np.int64)
     np.savez(path, x=x, y=y)
     return path
+
+
+def tags_data(n: int = 40, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A small learnable multi-label problem: label j is on where feature j > 0."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, 6)).astype(np.float32)
+    return x, (x[:, :3] > 0).astype(np.float32)
 
 
 PY = sys.executable
