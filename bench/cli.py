@@ -23,9 +23,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                                       "comma-separated, are measured in one interleaved run")
     b.add_argument("--lowerings", metavar="CHOICES",
                    help="also measure every scheme's artifact compiled with these lowering choices, comma-separated: "
-                        "'default' (each op's default lowering), 'cost' (the cost model), or a target profile (a "
-                        "path, 'default-profile' or a shipped name such as x86_64; docs/tuning.md); rows "
-                        "pockprop-SCHEME@CHOICE beside pockprop-SCHEME (compiled as `pockprop compile` does)")
+                        "'default' (the lowering each op had before tuning), 'cost' (the cost model), or a target "
+                        "profile (a path, 'machine' for the one shipped for this machine, or a shipped name such "
+                        "as x86_64; docs/tuning.md); rows pockprop-SCHEME@CHOICE beside pockprop-SCHEME (compiled "
+                        "as `pockprop compile` does)")
     b.add_argument("--lora", type=lora_option, metavar="r=R,alpha=A,targets=M1,M2",
                    help="also measure a LoRA step: pockprop's (compile --lora) against PyTorch + peft's LoRA of the "
                         "same r, alpha and targets (rows pockprop-lora, torch+peft; needs peft)")

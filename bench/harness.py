@@ -112,7 +112,8 @@ def schemes_of(text: str) -> list[str]:
 
 def lowering_variants(text: str | None) -> dict[str, Any]:
     """--lowerings' choices by row label: 'default' (each op's default lowering), 'cost' (the cost model), or a
-    target profile (a path or a shipped name; its label is the file's name without .json)."""
+    target profile (a path, a shipped name, or 'machine': the one shipped for this machine; its label is the file's
+    name without .json)."""
     from pockprop.compiler.lowering_cost import cost_model_lowering
     from pockprop.compiler.target import chooser_for, load_target_profile
     from pockprop.passes.lowerings import default_lowering
@@ -124,7 +125,7 @@ def lowering_variants(text: str | None) -> dict[str, Any]:
         elif item == "cost":
             out[item] = cost_model_lowering
         else:
-            profile = load_target_profile("default" if item == "default-profile" else item)
+            profile = load_target_profile("default" if item == "machine" else item)
             out[os.path.basename(item).removesuffix(".json")] = chooser_for(profile)
     return out
 

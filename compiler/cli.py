@@ -57,8 +57,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="prepend a trainable soft prompt of N embeddings after the embedding layer (Hugging Face "
                         "text models, ViT); it trains with --trainable/--scheme, or alone")
     p.add_argument("--prompt-init", choices=["vocab", "random"],
-                   help="soft prompt initial value: rows of the token embedding (vocab, text default) or small "
-                        "random (random, ViT default)")
+                   help="soft prompt initial value: rows of the token embedding (vocab; text models' choice when not "
+                        "given) or small random (random; ViT's)")
     p.add_argument("--model-output", metavar="NAME", help="the returned tensor to train on when the model returns "
                                                           "several, e.g. logits (a ModelOutput's field)")
     p.add_argument("--target-profile", metavar="PROFILE",

@@ -155,6 +155,10 @@ def test_compile_cli_with_profile_and_kit(monkeypatch: pytest.MonkeyPatch, tmp_p
                                           capsys: pytest.CaptureFixture[str]) -> None:
     offer_two(monkeypatch, OP)
     offer_two(monkeypatch, "conv2d_input_grad")  # reads frozen weights: constants the device fills with noise
+    shipped_dir = tmp_path / "profiles"  # a shipped profile of this machine that knows only the fake lowerings
+    shipped_dir.mkdir()
+    (shipped_dir / f"{machine()}.json").write_text(json.dumps(profile({})))
+    monkeypatch.setattr(target_mod, "PROFILES", str(shipped_dir))
     code = main(["compile", "models:mcunet", "--model-kwargs", '{"width_mult": 0.25}', "--num-classes", "3", "--input-shape", "2,3,32,32",
                  "--scheme", "sparse", "--target-profile", "default", "--report",
                  "--tune-kit", str(tmp_path / "kit"), "-o", str(tmp_path / "out")])
