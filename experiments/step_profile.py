@@ -4,7 +4,8 @@
 
 Each artifact is stepped by runtime.Trainer (random data of its input shape, random labels) with
 onnxruntime's profiler on; kernel time per step is summed by phase (read back from the emitted node names,
-emit/onnx.py: forward, backward, optimizer; "layout" for the NCHWc reorders onnxruntime inserts itself), by
+emit/onnx.py: forward, backward, optimizer; "layout" for the NCHWc reorders onnxruntime inserts itself,
+"renamed" for the convs its NCHWc transformer rewrote and renamed), by
 ONNX op type, and per node. What docs/benchmarks.md's explanations of missed speed targets are read from.
 """
 from __future__ import annotations
@@ -55,8 +56,9 @@ def profile(path: str, steps: int = 5, threads: int = 2) -> list[dict[str, Any]]
             per[(ev["name"].removesuffix("_kernel_time"), ev["args"]["op_name"])] += ev["dur"] / 1e3 / steps
     out = []
     for (name, op), ms in per.items():
+        # onnxruntime renames the convs its NCHWc transformer rewrites ("conv2d_5_nchwc"): their phase is lost
         phase = "layout" if op in ("ReorderInput", "ReorderOutput") else str(split_node_name(name)[1]) \
-            if "/" in name else "other"
+            if "/" in name else "renamed (NCHWc)"
         out.append({"name": name, "op": op, "phase": phase, "ms": ms})
     return sorted(out, key=lambda r: -r["ms"])
 
