@@ -58,7 +58,7 @@ class Config:
     layers: int = 3
     heads: int = 4
     intermediate: int = 640
-    pretrain_epochs: int = 40  # PyTorch AdamW, weight decay 0.05, cosine, +-1 px shifts
+    pretrain_epochs: int = 40  # PyTorch AdamW, weight decay 0.05, one-cycle lr (10 % warm-up), +-1 px shifts
     pretrain_lr: float = 1e-3
     pretrain_batch: int = 64
     batch: int = 32  # fine-tuning, compiled into the artifacts

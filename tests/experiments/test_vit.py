@@ -6,7 +6,9 @@ import json
 import math
 from dataclasses import replace
 
-from experiments.vit import QUICK, markdown, run
+import pytest
+
+from experiments.vit import QUICK, lora_row, markdown, run, target
 
 
 def test_tiny_run_end_to_end(tmp_path):
@@ -29,3 +31,15 @@ def test_tiny_run_end_to_end(tmp_path):
     table = markdown(r)
     assert "| pre-trained, no fine-tuning |" in table and "| lora | " in table and "LoRA target" in table
     assert table.count("missed (") + table.count("met (") == 2  # the two LoRA rows are checked
+
+
+def test_lora_rows_and_the_target_check():
+    assert lora_row("lora", 8) == (("q_proj", "v_proj"), 8)
+    assert lora_row("lora+mlp:2", 8) == (("q_proj", "v_proj", "fc1", "fc2"), 2)
+    with pytest.raises(ValueError, match="unknown LoRA row"):
+        lora_row("lora:x", 8)
+    full = {"scheme": "full", "test_mean": 95.0}
+    assert target({"scheme": "lora", "test_mean": 94.1, "trainable_percent": 1.8}, full, 8).startswith("met (r=8")
+    assert target({"scheme": "lora", "test_mean": 93.9, "trainable_percent": 1.8}, full, 8).startswith("missed")
+    # more than 2 % trainable misses, however accurate
+    assert target({"scheme": "lora+mlp", "test_mean": 99.0, "trainable_percent": 5.9}, full, 8).startswith("missed")
