@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
 JOBS    ?= 2
 
-.PHONY: test demo venv clean test-fast arm-check peers bench bench-transformers bench-lora accuracy text multilabel profiles
+.PHONY: test demo venv clean test-fast arm-check peers bench bench-transformers bench-lora accuracy text vit multilabel profiles
 
 $(STAMP):
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -95,6 +95,12 @@ bench-lora: $(STAMP)
 # ARGS=--quick: a smoke run (out/text-quick, doc untouched).
 text: $(STAMP)
 	$(BIN)/python -m experiments.text $(ARGS)
+
+# LoRA and a soft prompt on a small ViT vs full fine-tuning, through the device runtime (docs/accuracy.md, "ViT"):
+# pre-trained in PyTorch on the digits' feature-level drift source, fine-tuned on its target, 3 seeds. A few
+# minutes on 2 cores. ARGS=--quick: a smoke run (out/vit-quick, doc untouched).
+vit: $(STAMP)
+	$(BIN)/python -m experiments.vit $(ARGS)
 
 # Sparse schemes vs full backprop on three digits drift tasks (docs/accuracy.md): pre-train, search, fine-tune
 # every scheme with 3 seeds; writes out/accuracy/*.json and the tables of docs/accuracy.md. About 20 minutes

@@ -465,6 +465,25 @@ def experiment_config(cfg: Any, args: argparse.Namespace) -> Any:
     return cfg
 
 
+def run_and_document(args: argparse.Namespace, out: str, run: Any, markdown: Any, doc: str, begin: str,
+                     end: str) -> dict[str, Any]:
+    """The tail of a one-table experiment's main: `run()` (or, with --tables-only, out/results.json), its
+    `markdown(result)` written between `begin` and `end` of the doc (--doc, else `doc`; never with --quick),
+    or printed when there is no doc to write. Returns the result."""
+    if args.tables_only:
+        with open(os.path.join(out, "results.json")) as f:
+            result = json.load(f)
+    else:
+        result = run()
+    text = markdown(result)
+    path = args.doc or (None if args.quick else doc)
+    if path and update_doc(path, text, begin, end):
+        log(f"table written into {path}")
+    else:
+        log(text)
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     p = experiment_parser("python -m experiments.accuracy", __doc__.splitlines()[0], "accuracy", DOC,
                           "tiny model, 1 seed, 1 epoch", "all; 'searched' runs the search")

@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 
 # The fine-tuning recipe (epochs of shuffled full batches, cosine to 0) is accuracy.py's: the optimizer is the
 # artifact's (AdamW here, compile_schemes).
-from experiments.accuracy import experiment_config, experiment_parser, finetune, update_doc  # noqa: E402
+from experiments.accuracy import experiment_config, experiment_parser, finetune, run_and_document  # noqa: E402
 
 DOC = "docs/accuracy.md"
 BEGIN, END = "<!-- text-results:begin (python -m experiments.text writes this part) -->", "<!-- text-results:end -->"
@@ -362,17 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         cfg = replace(cfg, threads=args.threads)
     out = args.out or ("out/text-quick" if args.quick else "out/text")
-    if args.tables_only:
-        with open(os.path.join(out, "results.json")) as f:
-            result = json.load(f)
-    else:
-        result = run(cfg, out)
-    text = markdown(result)
-    doc = args.doc or (None if args.quick else DOC)
-    if doc and update_doc(doc, text, BEGIN, END):
-        log(f"table written into {doc}")
-    else:
-        log(text)
+    run_and_document(args, out, lambda: run(cfg, out), markdown, DOC, BEGIN, END)
     return 0
 
 
