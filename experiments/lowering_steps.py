@@ -14,20 +14,20 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import statistics
 import tempfile
 import time
-from typing import Any
 
 import numpy as np
 import torch
 
 from pockprop.compiler.compile import compile_traced, trace_model
 from pockprop.compiler.lowering_cost import cost_model_lowering
-from pockprop.runtime import session as sessions
+from pockprop.passes.lowerings import default_lowering
 from pockprop.runtime.trainer import Trainer
 from pockprop.tracing import loader
+
+from experiments import step_profile
 
 OPTIMIZER = {"name": "sgd", "lr": 0.01, "momentum": 0.9}
 
@@ -42,30 +42,11 @@ def _step_times(tr: Trainer, x: np.ndarray, y: np.ndarray, steps: int) -> tuple[
     return statistics.median(wall) * 1e3, statistics.median(cpu) * 1e3
 
 
-def profile(path: str, x: np.ndarray, y: np.ndarray, steps: int = 5) -> list[tuple[str, float]]:
+def profile(path: str) -> list[tuple[str, float]]:
     """Kernel milliseconds per step by ONNX op type in the training session of the artifact at `path`."""
-    made = sessions.options
-
-    with tempfile.TemporaryDirectory() as tmp:  # onnxruntime writes the profile there, not into the cwd
-
-        def profiled(*a: Any, **k: Any) -> Any:
-            opts = made(*a, **k)
-            opts.enable_profiling, opts.profile_file_prefix = True, f"{tmp}/profile"
-            return opts
-
-        sessions.options = profiled  # type: ignore[assignment]
-        try:
-            tr = Trainer.load(path, threads=2)
-            for _ in range(steps + 2):
-                tr.step(x, y)
-            with open(tr._train.end_profiling()) as f:
-                events = json.load(f)
-        finally:
-            sessions.options = made  # type: ignore[assignment]
     per_op: dict[str, float] = collections.Counter()
-    for ev in events:
-        if ev.get("cat") == "Node" and ev["name"].endswith("_kernel_time"):
-            per_op[ev["args"]["op_name"]] += ev["dur"] / 1e3 / (steps + 2)
+    for r in step_profile.profile(path, steps=7):
+        per_op[r["op"]] += r["ms"]
     return sorted(per_op.items(), key=lambda kv: -kv[1])
 
 
@@ -94,12 +75,11 @@ def main(argv: list[str] | None = None) -> None:
                 return pick
 
             with tempfile.TemporaryDirectory() as tmp:
-                for k, chooser in enumerate((None, cost_model)):
-                    kw = {"choose_lowering": chooser} if chooser else {}
-                    art = compile_traced(tm, optimizer=OPTIMIZER, scheme=scheme, **kw)
+                for k, chooser in enumerate((default_lowering, cost_model)):  # the cost model is compile's default
+                    art = compile_traced(tm, optimizer=OPTIMIZER, scheme=scheme, choose_lowering=chooser)
                     trainers.append(Trainer.load(art.save(f"{tmp}/{k}"), threads=2))
                 for k, which in enumerate(("default", "cost model") if args.profile else ()):
-                    top = profile(f"{tmp}/{k}", x, y)
+                    top = profile(f"{tmp}/{k}")
                     total = sum(ms for _, ms in top)
                     print(f"{name} {scheme} {which}: {total:.1f} ms kernel time per step; top op types: "
                           + ", ".join(f"{op} {ms:.1f}" for op, ms in top[:12]), flush=True)
