@@ -7,7 +7,7 @@ by the ratio and only the slice of x must be kept for backward.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -15,7 +15,7 @@ from pockprop.errors import CompileError
 from pockprop.ops.builder import Builder
 from pockprop.ir import Node, TensorType
 from pockprop.ops.elementwise import unbroadcast
-from pockprop.ops.registry import Lowering, Need, Op, Tag, aten, register
+from pockprop.ops.registry import Lowering, Need, Op, Tag, aten, lowering_of, register
 
 
 @register
@@ -85,8 +85,18 @@ class Linear(Op):
 
 @register
 class MatMul(Op):
-    """y = a @ b (batch dims broadcast);  da = g @ b^T,  db = a^T @ g (summed over broadcast batches)."""
+    """y = a @ b (batch dims broadcast);  da = g @ b^T,  db = a^T @ g (summed over broadcast batches).
+
+    Lowerings where both operands are matrices (a weight gradient g2^T x2 over flattened rows, linear's
+    VJP): "auto", one MatMul, or "gemm", one Gemm. onnxruntime folds a Transpose feeding either into the
+    product (FusedMatMul, Gemm's transA/transB), so both read the operands in place but run different
+    kernels; which is faster depends on the shapes and the build (measured: docs/benchmarks.md,
+    "Transformer backward products"). Batched products keep MatMul."""
     name = "matmul"
+    lowerings = ("auto", "gemm")
+
+    def lowering_options(self, types: Mapping[str, TensorType], node: Node) -> tuple[str, ...]:
+        return self.lowerings if all(types[v].rank == 2 for v in node.inputs) else ()
 
     def macs(self, types, node):  # type: ignore[no-untyped-def]
         """batch * M * N * K."""
@@ -112,7 +122,7 @@ class MatMul(Op):
         return [da, dc]
 
     def lower(self, e: Lowering, node: Node) -> None:
-        e.node("MatMul", node.inputs, node.outputs)
+        e.node("Gemm" if lowering_of(node) == "gemm" else "MatMul", node.inputs, node.outputs)
 
 
 @aten("aten.linear.default")
