@@ -12,18 +12,25 @@ Each form is a small ONNX graph run by onnxruntime (runtime.session, 2 threads, 
 random inputs: the median of `--runs` runs after 3 warm-up runs, the forms of one product interleaved run
 by run. The table in docs/benchmarks.md ("Transformer backward products") comes from this.
 
-    python -m experiments.transformer_product_times [--runs 30]
+With --steps, whole llama_small training steps instead (schemes full and sparse, SGD): compiled once with
+each op's default lowering and once with "gemm" for every matmul that offers it (ops/linear.py), stepped
+by runtime.Trainer (2 threads) in rounds A B, B A, ...; the median over rounds of gemm/default step time.
+
+    python -m experiments.transformer_product_times [--runs 30] [--steps --rounds 8]
 """
 from __future__ import annotations
 
 import argparse
-import time
+import statistics
+import tempfile
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from experiments.lowering_times import interleaved_medians
 from pockprop.runtime.session import session
+from pockprop.runtime.trainer import Trainer
 
 N, T = 4, 128
 LINEARS = [("q/k/v/o 256->256", 256, 256), ("gate/up 256->768", 256, 768), ("down 768->256", 768, 256),
@@ -84,21 +91,57 @@ def time_forms(forms: dict[str, bytes], inputs: dict[str, tuple[int, ...]], runs
     ref = sessions["default"].run(None, feeds)[0]
     for k, s in sessions.items():
         np.testing.assert_allclose(s.run(None, feeds)[0], ref, rtol=1e-4, atol=1e-3, err_msg=k)
-    times: dict[str, list[float]] = {k: [] for k in forms}
-    for i in range(runs + 3):
-        for k, s in sessions.items():
-            t = time.perf_counter()
-            s.run(None, feeds)
-            if i >= 3:
-                times[k].append((time.perf_counter() - t) * 1e3)
-    return {k: float(np.median(v)) for k, v in times.items()}
+    return interleaved_medians(sessions, feeds, runs, warmup=3)
+
+
+def _gemm(key, node, options, types):  # type: ignore[no-untyped-def]
+    return "gemm" if "gemm" in options else options[0]
+
+
+def step_ratios(schemes: list[str], rounds: int, steps: int = 3) -> None:
+    """Print, per scheme, llama_small's default step time and the median gemm/default ratio over rounds."""
+    import torch
+
+    from experiments.lowering_steps import _step_times
+    from pockprop.compiler.compile import compile_traced, trace_model
+    from pockprop.tracing import loader
+
+    torch.manual_seed(0)
+    model, _ = loader.resolve("models:llama_small")
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 2048, (N, T)).astype(np.int64)
+    y = rng.integers(0, 2048, (N, T)).astype(np.int64)
+    tm = trace_model(model, (torch.from_numpy(x),))
+    for scheme in schemes:
+        with tempfile.TemporaryDirectory() as tmp:
+            trainers = []
+            for k, chooser in enumerate((None, _gemm)):
+                art = compile_traced(tm, optimizer={"name": "sgd", "lr": 0.01}, scheme=scheme,
+                                     **({"choose_lowering": chooser} if chooser else {}))
+                trainers.append(Trainer.load(art.save(f"{tmp}/{k}"), threads=2))
+            for tr in trainers:
+                _step_times(tr, x, y, 2)
+            ratios, base = [], []
+            for r in range(rounds):
+                order = trainers if r % 2 == 0 else trainers[::-1]
+                times = {id(tr): _step_times(tr, x, y, steps)[0] for tr in order}
+                ratios.append(times[id(trainers[1])] / times[id(trainers[0])])
+                base.append(times[id(trainers[0])])
+        print(f"llama_small {scheme}: default {statistics.median(base):.1f} ms/step; gemm / default "
+              f"{statistics.median(ratios):.3f} (rounds {min(ratios):.2f}-{max(ratios):.2f})", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", action="store_true", help="whole llama_small steps, default vs gemm")
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--schemes", default="full,sparse")
     args = ap.parse_args(argv)
+    if args.steps:
+        step_ratios(args.schemes.split(","), args.rounds)
+        return
     cases = [(f"linear dW {name}", linear_weight_grad(i, o), {"x": (N, T, i), "g": (N, T, o)}) for name, i, o in LINEARS]
     cases += [(f"linear dx {name}", linear_input_grad(i, o), {"g": (N, T, o), "w": (o, i)}) for name, i, o in LINEARS]
     cases += [("attention dV = P^T g", transposed_product(HEAD_DIM), {"a": (N, HEADS, T, T), "b": (N, HEADS, T, HEAD_DIM)})]
