@@ -17,7 +17,10 @@ keeping the default wherever an alternative did not win clearly and repeatedly:
   it saves, so the default.
 - everything else, conv2d_input_grad included: the op's default ("subpixel" and "zero_interleave" lost
   to ConvTranspose at every shape measured; "conv" vs "conv_transpose" stayed within noise of the
-  default's own pick).
+  default's own pick). matmul by a matrix (linear's weight and input gradients): the default MatMul; "gemm"
+  was 3-7 % faster standalone on most weight gradients at llama_small's shapes but within about 1 % (noise)
+  on whole steps (docs/benchmarks.md,
+  "Transformer backward products").
 """
 from __future__ import annotations
 

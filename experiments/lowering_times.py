@@ -16,6 +16,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -93,12 +94,19 @@ def time_lowerings(graph: Graph, options: tuple[str, ...], runs: int, threads: i
         sessions[how] = session(to_onnx(g).SerializeToString(), threads=threads)
     rng = np.random.default_rng(0)
     feeds = {i: rng.standard_normal(graph.types[i].shape).astype(np.float32) for i in graph.inputs}
-    times: dict[str, list[float]] = {how: [] for how in options}
-    for k in range(runs + 2):
+    return interleaved_medians(sessions, feeds, runs)
+
+
+def interleaved_medians(sessions: dict[str, Any], feeds: dict[str, np.ndarray], runs: int,
+                        warmup: int = 2) -> dict[str, float]:
+    """Median milliseconds of one run of each session on `feeds`: `warmup` rounds, then `runs` timed rounds,
+    each round running every session once."""
+    times: dict[str, list[float]] = {how: [] for how in sessions}
+    for k in range(runs + warmup):
         for how, sess in sessions.items():
             t = time.perf_counter()
             sess.run(None, feeds)
-            if k >= 2:
+            if k >= warmup:
                 times[how].append((time.perf_counter() - t) * 1e3)
     return {how: float(np.median(ts)) for how, ts in times.items()}
 

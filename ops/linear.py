@@ -7,7 +7,7 @@ by the ratio and only the slice of x must be kept for backward.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -15,7 +15,7 @@ from pockprop.errors import CompileError
 from pockprop.ops.builder import Builder
 from pockprop.ir import Node, TensorType
 from pockprop.ops.elementwise import unbroadcast
-from pockprop.ops.registry import Lowering, Need, Op, Tag, aten, register
+from pockprop.ops.registry import Lowering, Need, Op, Tag, aten, lowering_of, register
 
 
 @register
@@ -85,8 +85,19 @@ class Linear(Op):
 
 @register
 class MatMul(Op):
-    """y = a @ b (batch dims broadcast);  da = g @ b^T,  db = a^T @ g (summed over broadcast batches)."""
+    """y = a @ b (batch dims broadcast);  da = g @ b^T,  db = a^T @ g (summed over broadcast batches).
+
+    Lowerings where b is a matrix (a weight gradient g2^T x2 over flattened rows, or an input gradient
+    g W, both from linear's VJP): "auto", one MatMul, or "gemm", one Gemm, a's leading axes flattened into
+    rows around it. onnxruntime folds a Transpose feeding either into the product (FusedMatMul, Gemm's
+    transA/transB), so both read the operands in place but run different kernels; which is faster depends
+    on the shapes and the build (measured: docs/benchmarks.md, "Transformer backward products"). Products
+    of batches of matrices (attention's) keep MatMul."""
     name = "matmul"
+    lowerings = ("auto", "gemm")
+
+    def lowering_options(self, types: Mapping[str, TensorType], node: Node) -> tuple[str, ...]:
+        return self.lowerings if types[node.inputs[1]].rank == 2 else ()
 
     def macs(self, types, node):  # type: ignore[no-untyped-def]
         """batch * M * N * K."""
@@ -112,7 +123,14 @@ class MatMul(Op):
         return [da, dc]
 
     def lower(self, e: Lowering, node: Node) -> None:
-        e.node("MatMul", node.inputs, node.outputs)
+        a, c = node.inputs
+        if lowering_of(node) != "gemm":
+            e.node("MatMul", node.inputs, node.outputs)
+        elif e.type(a).rank == 2:
+            e.node("Gemm", [a, c], node.outputs)
+        else:
+            rows = e.node("Reshape", [a, e.ints([-1, e.type(a).shape[-1]])])
+            e.node("Reshape", [e.node("Gemm", [rows, c]), e.ints(e.type(node.outputs[0]).shape)], node.outputs)
 
 
 @aten("aten.linear.default")

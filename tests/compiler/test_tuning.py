@@ -119,8 +119,8 @@ def test_without_a_profile_the_fallback_decides_every_key(two_ways: None, monkey
 
 
 def test_without_a_choice_artifacts_are_unchanged() -> None:
-    torch.manual_seed(0)
-    art = compile(torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3)), torch.randn(2, 4))
+    torch.manual_seed(0)  # no conv and no product of two matrices (a linear layer's weight gradient is one)
+    art = compile(torch.nn.Sequential(torch.nn.LayerNorm(4), torch.nn.ReLU()), torch.randn(2, 4))
     assert "lowerings" not in art.manifest().to_json()
 
 
