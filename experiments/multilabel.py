@@ -32,7 +32,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as experiments/text.py: n
 
 import numpy as np  # noqa: E402
 
-from experiments.accuracy import experiment_config, experiment_parser, update_doc  # noqa: E402
+from experiments.accuracy import experiment_config, experiment_parser, run_and_document  # noqa: E402
 
 DOC = "docs/accuracy.md"
 PLOT = "docs/multilabel.png"
@@ -332,19 +332,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     cfg = experiment_config(QUICK if args.quick else Config(), args)
     out = args.out or ("out/multilabel-quick" if args.quick else "out/multilabel")
-    result = load_results(out) if args.tables_only else run(cfg, out)
+    result = run_and_document(args, out, lambda: run(cfg, out), markdown, DOC, BEGIN, END)
     doc = args.doc or (None if args.quick else DOC)
     plot(result, PLOT if doc else os.path.join(out, "multilabel.png"))
-    text = markdown(result)
-    written = bool(doc) and update_doc(doc, text, BEGIN, END)
-    log(f"tables written into {doc}" if written else text)
     return 0
-
-
-def load_results(out: str) -> dict[str, Any]:
-    """The results.json of an earlier run (--tables-only)."""
-    with open(os.path.join(out, "results.json")) as f:
-        return json.load(f)
 
 if __name__ == "__main__":
     sys.exit(main())
