@@ -222,7 +222,8 @@ def model_inputs(pipe: Pipeline, raw: Any, source: str) -> dict[str, np.ndarray]
 
 def _logits(trainer: Trainer, train: Dataset) -> np.ndarray:
     """The current weights' output on every sample of `train` (the inference graph, 256 at a time)."""
-    return np.concatenate([trainer.predict(model_inputs(trainer.pipeline, train.x[i:i + 256], train.source))
+    predict = trainer.predictor()
+    return np.concatenate([predict(model_inputs(trainer.pipeline, train.x[i:i + 256], train.source))
                            for i in range(0, len(train), 256)])
 
 

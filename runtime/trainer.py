@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import onnxruntime as ort
@@ -433,8 +433,16 @@ class Trainer:
     def predict(self, x: Any) -> np.ndarray:
         """Model output for model-ready inputs (as `step` takes them) of N samples, any N (batched and
         padded inside)."""
-        given = self._model_inputs(x, None)
+        return self.predictor()(x)
+
+    def predictor(self) -> Callable[[Any], np.ndarray]:
+        """`predict` at the current weights, which it gathers (slices joined, LoRA adapters merged) once:
+        for many calls in a row with no step between them (evaluation in chunks)."""
         weights = self._infer_weights()
+        return lambda x: self._predict(x, weights)
+
+    def _predict(self, x: Any, weights: dict[str, np.ndarray]) -> np.ndarray:
+        given = self._model_inputs(x, None)
         out = self.manifest.outputs.prediction
         names = list(given)
         parts = []
@@ -452,12 +460,14 @@ class Trainer:
         if isinstance(source, data.Dataset):
             self.pipeline.check(source)
             labels = self.pipeline.labels(source.y, source.source)
-            preds = [self.predict(self.pipeline.inputs(source.x[i:i + 256], source.source))
+            predict = self.predictor()
+            preds = [predict(self.pipeline.inputs(source.x[i:i + 256], source.source))
                      for i in range(0, len(source), 256)]
         elif y is not None:
             preds, labels = [self.predict(source)], np.asarray(y)
         else:
-            pairs = [(self.predict(bx), np.asarray(by)) for bx, by in source]
+            predict = self.predictor()
+            pairs = [(predict(bx), np.asarray(by)) for bx, by in source]
             preds, labels = [p for p, _ in pairs], np.concatenate([b for _, b in pairs]) if pairs else np.zeros(0)
         pred = np.concatenate(preds) if preds else np.zeros((0,))
         return metrics(self.manifest.loss, pred, labels, threshold)
