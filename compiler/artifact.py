@@ -21,7 +21,8 @@ import numpy as np
 import onnx
 
 from pockprop.artifact import contract, safetensors
-from pockprop.artifact.contract import AdapterSpec, Graphs, LearningRate, Manifest, Outputs, StateRole, SliceSpec, StateSpec, TensorSpec
+from pockprop.artifact.contract import (AdapterSpec, Graphs, LearningRate, Manifest, Outputs, SliceSpec, SplitSpec,
+                                       StateRole, StateSpec, TensorSpec)
 from pockprop.artifact.durable import write_atomic
 from pockprop.artifact.external import ExternalArrays
 
@@ -109,6 +110,7 @@ class Artifact:
     external: ExternalArrays | None = None  # the graphs' initializers kept in external files (large models)
     lowerings: dict[str, Any] | None = None  # the target profile used and each node's lowering (compiler/target.py)
     adapters: list[AdapterSpec] = field(default_factory=list)  # LoRA adapters (compiler/lora.py)
+    split: SplitSpec | None = None  # one part of a split model (compiler/split.py)
 
     @property
     def trainable_count(self) -> int:
@@ -150,6 +152,7 @@ class Artifact:
             source=self.source or None,
             lowerings=self.lowerings,
             adapters=list(self.adapters),
+            split=self.split,
         )
 
     def contents(self) -> dict[str, Callable[[], Iterable[bytes | memoryview]]]:
