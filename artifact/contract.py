@@ -25,6 +25,8 @@ FORMAT_VERSION = 1
 # -- file names -----------------------------------------------------------------------------------
 TRAIN_STEP_FILE = "train_step.onnx"
 INFER_FILE = "infer.onnx"
+VJP_FILE = "vjp.onnx"  # a split part's gradients without an update (compiler/split.py, private backpropagation)
+APPLY_FILE = "apply.onnx"  # a split part's optimizer update with given gradients
 STATE_FILE = "state.safetensors"
 MANIFEST_FILE = "manifest.json"
 REPORT_FILE = "report.json"  # the compile report (optional), hashed like every other file
@@ -55,6 +57,11 @@ _OPTIMIZER = "optimizer."
 def updated(state: str) -> str:
     """The training step's output holding the updated value of state tensor `state`."""
     return f"{_UPDATED}{state}"
+
+
+def gradient_of(param: str) -> str:
+    """The gradient of trainable tensor `param`: an output of VJP_FILE and an input of APPLY_FILE."""
+    return f"grad.{param}"
 
 
 def optimizer_slot(slot: str, param: str) -> str:
@@ -465,7 +472,8 @@ class SplitSpec:
     `cut_in` / `cut_out`: the module paths of the cuts before and after this part (None
     at the model's ends). `input_gradient`: the step output holding the gradient of the loss with respect to
     this part's input, None where no part below trains (backprop stops here). A part other than the last
-    takes the gradient of its output as its labels (loss name OUTPUT_GRADIENT)."""
+    takes the gradient of its output as its labels (loss name OUTPUT_GRADIENT). `vjp` / `apply`: the files
+    of a part compiled for private backpropagation (VJP_FILE, APPLY_FILE), else None."""
 
     id: str
     index: int
@@ -473,10 +481,13 @@ class SplitSpec:
     cut_in: str | None
     cut_out: str | None
     input_gradient: str | None
+    vjp: str | None = None
+    apply: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "index": self.index, "parts": self.parts, "cut_in": self.cut_in,
-                "cut_out": self.cut_out, "input_gradient": self.input_gradient}
+        doc = {"id": self.id, "index": self.index, "parts": self.parts, "cut_in": self.cut_in,
+               "cut_out": self.cut_out, "input_gradient": self.input_gradient}
+        return doc | ({"vjp": self.vjp, "apply": self.apply} if self.vjp else {})
 
     @classmethod
     def from_json(cls, doc: Any, where: str) -> "SplitSpec | None":
@@ -484,14 +495,18 @@ class SplitSpec:
             return None
         ok = (isinstance(doc, dict) and isinstance(doc.get("id"), str) and _SHA256.match(doc["id"])
               and all(isinstance(doc.get(k), int) and not isinstance(doc.get(k), bool) for k in ("index", "parts"))
-              and all(doc.get(k) is None or isinstance(doc.get(k), str) for k in ("cut_in", "cut_out", "input_gradient")))
+              and all(doc.get(k) is None or isinstance(doc.get(k), str)
+                      for k in ("cut_in", "cut_out", "input_gradient", "vjp", "apply")))
         if not ok or not 0 <= doc["index"] < doc["parts"] or doc["parts"] < 2:
             raise _fail(where, f"split: expected {{id, index, parts, cut_in, cut_out, input_gradient}}, got {doc!r:.120}")
         if (doc["cut_in"] is None) != (doc["index"] == 0) or (doc["cut_out"] is None) != (doc["index"] == doc["parts"] - 1):
             raise _fail(where, f"split: part {doc['index']} of {doc['parts']} with cuts {doc['cut_in']!r}, {doc['cut_out']!r}")
         if doc["input_gradient"] is not None and doc["index"] == 0:
             raise _fail(where, "split: the first part has no input gradient (its input is the data)")
-        return cls(doc["id"], doc["index"], doc["parts"], doc["cut_in"], doc["cut_out"], doc["input_gradient"])
+        if (doc.get("vjp") is None) != (doc.get("apply") is None):
+            raise _fail(where, "split: vjp and apply come together")
+        return cls(doc["id"], doc["index"], doc["parts"], doc["cut_in"], doc["cut_out"], doc["input_gradient"],
+                   doc.get("vjp"), doc.get("apply"))
 
 
 @dataclass(frozen=True)
@@ -592,7 +607,9 @@ class Manifest:
             raise _fail(where, "graphs: expected {train_step: file, infer: file}")
         if not isinstance(m["state_file"], str):
             raise _fail(where, f"state_file: expected a file name, got {m['state_file']!r}")
-        for name in (graphs["train_step"], graphs["infer"], m["state_file"]):
+        split = SplitSpec.from_json(m.get("split"), where)
+        extra = [split.vjp, split.apply] if split is not None and split.vjp else []
+        for name in (graphs["train_step"], graphs["infer"], m["state_file"], *extra):
             if name not in files:
                 raise _fail(where, f"{name!r} is not listed in files (no hash to check it against)")
         labels = TensorSpec.from_json(m["labels"], "labels", where)
@@ -605,7 +622,6 @@ class Manifest:
         outputs = m["outputs"]
         if not isinstance(outputs, dict) or not all(isinstance(outputs.get(k), str) for k in ("loss", "prediction")):
             raise _fail(where, "outputs: expected {loss, prediction}")
-        split = SplitSpec.from_json(m.get("split"), where)
         # a split part may train nothing itself (it passes the gradient down, or runs only forward)
         if not isinstance(m["state"], list) or not (m["state"] or split):
             raise _fail(where, "state: expected a non-empty list")

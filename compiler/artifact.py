@@ -111,6 +111,7 @@ class Artifact:
     lowerings: dict[str, Any] | None = None  # the target profile used and each node's lowering (compiler/target.py)
     adapters: list[AdapterSpec] = field(default_factory=list)  # LoRA adapters (compiler/lora.py)
     split: SplitSpec | None = None  # one part of a split model (compiler/split.py)
+    extra_models: dict[str, onnx.ModelProto] = field(default_factory=dict)  # a split part's vjp and apply graphs
 
     @property
     def trainable_count(self) -> int:
@@ -161,6 +162,8 @@ class Artifact:
             contract.TRAIN_STEP_FILE: lambda: [self.train_model.SerializeToString()],
             contract.INFER_FILE: lambda: [self.infer_model.SerializeToString()],
         }
+        for fname, model in self.extra_models.items():
+            out[fname] = lambda model=model: [model.SerializeToString()]
         external = self.external
         for location in external.files if external is not None else ():
             out[location] = lambda location=location: external.file_chunks(location)  # type: ignore[union-attr]

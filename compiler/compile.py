@@ -12,8 +12,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from pockprop.artifact.contract import (INPUT_GRADIENT, LABELS, LOSS, LR, OUTPUT_GRADIENT, STEP, TEACHER_LOGITS,
-                                       optimizer_slot, updated, weights_file)
+from pockprop.artifact.contract import (APPLY_FILE, INPUT_GRADIENT, LABELS, LOSS, LR, OUTPUT_GRADIENT, STEP,
+                                       TEACHER_LOGITS, VJP_FILE, gradient_of, optimizer_slot, updated, weights_file)
 from pockprop.artifact import external as external_data
 from pockprop.artifact.external import ExternalArrays
 from pockprop.autodiff.backward import backward
@@ -68,6 +68,7 @@ class PartOptions:
     output_gradient: bool
     input_gradient: bool
     scheme: Any = None  # the whole model's ResolvedScheme restricted to the part's layers, for the manifest
+    gradients: bool = False  # also the VJP graph (gradients, no update) and the apply graph (update from gradients)
 
 
 @dataclass
@@ -266,6 +267,13 @@ def compile_traced(tm: TracedModel, labels: Any = None, loss: str = "cross_entro
 
     model_name = name or tm.name
     external = _external_data(train, infer, infer_values)
+    extra = {}
+    if part is not None and part.gradients:
+        vjp = choose_lowerings(_vjp_graph(train_fwd, wants, grad_input, optimize), choose_lowering).graph
+        apply = _apply_graph(train_fwd, wants, full_values | adapted, opt)
+        extra = {VJP_FILE: to_onnx(vjp, f"{model_name}.vjp", doc="pockprop split part: gradients", external=external),
+                 APPLY_FILE: to_onnx(apply, f"{model_name}.apply", doc="pockprop split part: update from gradients",
+                                     external=external)}
     return Artifact(
         name=model_name,
         train_model=to_onnx(train, f"{model_name}.train_step", doc="pockprop training step", external=external),
@@ -289,6 +297,7 @@ def compile_traced(tm: TracedModel, labels: Any = None, loss: str = "cross_entro
         preprocess=_preprocess(preprocess, traced),
         scheme=resolved,
         lowerings=record_lowerings(train, target),
+        extra_models=extra,
     )
 
 
@@ -391,6 +400,43 @@ def _training_graph(fwd: Graph, wants: dict[str, tuple[str, Need]], full_values:
     g = (TRAINING if optimize else UNOPTIMIZED)(g).graph
     g.verify()
     return g, state
+
+
+def _vjp_graph(fwd: Graph, wants: dict[str, tuple[str, Need]], grad_input: str | None, optimize: bool) -> Graph:
+    """A split part's gradients without an update: (data, output gradient as labels, trained tensors) ->
+    the gradient of each trained tensor (gradient_of) and of the input. The backward pass is linear in the
+    output gradient, which private backpropagation relies on (runtime/private_backprop.py)."""
+    g = fwd.copy()
+    out = g.outputs[0]
+    loss = _add_loss(g, out, OUTPUT_GRADIENT, None, {})
+    grads, d_input = _differentiate(g, loss, wants, grad_input)
+    names = {grads[p]: gradient_of(p) for p in wants} | ({d_input: INPUT_GRADIENT} if d_input else {})
+    for old, new in names.items():
+        g.rename_value(old, new)
+    if loss != LOSS:
+        g.rename_value(loss, LOSS)
+    g.outputs = [LOSS, out, *names.values()]
+    g = (TRAINING if optimize else UNOPTIMIZED)(g).graph
+    g.verify()
+    return g
+
+
+def _apply_graph(fwd: Graph, wants: dict[str, tuple[str, Need]], full_values: dict[str, np.ndarray],
+                 opt: Any) -> Graph:
+    """The optimizer update alone: (state, lr, each trained tensor's gradient) -> the updated state, under the
+    same names as the training step's."""
+    g = Graph()
+    for p in wants:
+        g.add_input(p, fwd.types[p], Role.PARAMETER)
+        g.add_input(gradient_of(p), fwd.types[p], Role.GRADIENT)
+    state = _add_optimizer(g, opt, {p: (p, need) for p, (_, need) in wants.items()},
+                           {p: gradient_of(p) for p in wants}, full_values)
+    for e in state:
+        g.rename_value(e.output, updated(e.name))
+        e.output = updated(e.name)
+    g.outputs = [e.output for e in state]
+    g.verify()
+    return g
 
 
 def _loss_attrs(loss_op: str, label_smoothing: float, pos_weight: Any, out: TensorType) -> dict[str, Any]:

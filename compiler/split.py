@@ -23,7 +23,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from pockprop.artifact.contract import INPUT_GRADIENT, SplitSpec
+from pockprop.artifact.contract import APPLY_FILE, INPUT_GRADIENT, VJP_FILE, SplitSpec
 from pockprop.artifact.durable import write_atomic
 from pockprop.compiler import lora as lora_adapters
 from pockprop.compiler.artifact import Artifact
@@ -159,13 +159,15 @@ def compile_split(model: torch.nn.Module, example_inputs: Any, split_at: str | S
                   trainable: str | Iterable[str] | None = None, *, scheme: Any = None, label_smoothing: float = 0.0,
                   name: str | None = None, preprocess: Any = None, optimize: bool = True, output: str | None = None,
                   target_profile: Any = None, lora: Any = None, prompt: Any = None,
-                  pos_weight: Any = None) -> list[Artifact]:
+                  pos_weight: Any = None, private: bool = False) -> list[Artifact]:
     """Compile `model` cut after each module of `split_at` (one path or two, in forward order) into parts.
 
     The arguments are `pockprop.compile`'s (loss="kd" is not supported here); what they train is resolved
     on the whole model and each part trains its share, so stepping the parts in turn equals the unsplit
     step (runtime/split.py). Returns one Artifact per part, each with its `split` record; `save_split`
-    writes them with their index.
+    writes them with their index. private=True gives every part that the server holds and that returns its
+    input gradient two more graphs (contract VJP_FILE, APPLY_FILE) for private backpropagation
+    (runtime/private_backprop.py, docs/split.md).
     """
     paths = [split_at] if isinstance(split_at, str) else list(split_at)
     if loss == "kd":
@@ -188,6 +190,7 @@ def compile_split(model: torch.nn.Module, example_inputs: Any, split_at: str | S
             needs={p: n for p, n in needs.items() if p in params},
             adapters=[a for a in adapters if a.spec.weight in params],
             output_gradient=not last, input_gradient=k > earliest,
+            gradients=private and holders(len(parts))[k] == "server" and k > earliest,
             scheme=None if resolved is None else dataclasses.replace(
                 resolved, updates=[u for u in resolved.updates if set(u.layer.params) <= params]))
         arts.append(compile_traced(pt, labels if last else None, loss, optimizer, scheme=None, trainable=None,
@@ -199,7 +202,8 @@ def compile_split(model: torch.nn.Module, example_inputs: Any, split_at: str | S
     for k, art in enumerate(arts):
         art.split = SplitSpec(split_id, k, len(arts), paths[k - 1] if k else None,
                               paths[k] if k < len(paths) else None,
-                              INPUT_GRADIENT if k > earliest else None)
+                              INPUT_GRADIENT if k > earliest else None,
+                              *((VJP_FILE, APPLY_FILE) if art.extra_models else ()))
     return arts
 
 

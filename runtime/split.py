@@ -20,7 +20,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from pockprop.artifact.contract import OUTPUT_GRADIENT, SplitSpec, TensorSpec
+from pockprop.artifact.contract import (INPUT_GRADIENT, LR, OUTPUT_GRADIENT, SplitSpec, StateRole, TensorSpec,
+                                       gradient_of, updated)
 from pockprop.errors import ArtifactError, DataError
 from pockprop.runtime.trainer import Trainer
 
@@ -68,6 +69,7 @@ class Part:
                                 f"{m.loss.get('name')!r}")
         out = None if last else TensorSpec(m.outputs.prediction, m.labels.shape, m.labels.dtype)
         self.info = SplitInfo(m.split, trainer.digest, m.data[0] if m.split.index else None, out)
+        self._sessions: tuple[Any, Any] | None = None  # the vjp and apply graphs' sessions, made on first use
 
     @classmethod
     def load(cls, path: str, threads: int | None = None) -> "Part":
@@ -98,6 +100,60 @@ class Part:
             raise DataError(f"split: part {self.info.index} rejected the step: {self.trainer.last_rejection}")
         grad = self.trainer.input_gradient() if self.info.spec.input_gradient else None
         return grad, (loss if self.info.has_labels else None)
+
+
+    # -- private backpropagation (runtime/private_backprop.py): gradients without an update, and the update --
+    def _gradient_sessions(self) -> tuple[Any, Any]:
+        spec = self.info.spec
+        if spec.vjp is None or spec.apply is None:
+            raise ArtifactError(f"{self.trainer.path}: this part has no gradient graphs (compile the split with "
+                                "--private-backprop)")
+        if self._sessions is None:
+            self._sessions = (self.trainer.session(spec.vjp), self.trainer.session(spec.apply))
+        return self._sessions
+
+    def vjp(self, x: Any, grad_outs: Sequence[Any]) -> list[tuple[np.ndarray, dict[str, np.ndarray]]]:
+        """For each output gradient, the gradient of the part's input and of each trained tensor at the current
+        state, updating nothing: (input gradient, {parameter: gradient}) per output gradient, in order."""
+        vjp, _ = self._gradient_sessions()
+        t = self.trainer
+        feeds = t._model_inputs(x, t.batch_size)
+        state = t.state_dict()
+        params = [e for e in t.manifest.state if e.role == StateRole.PARAM]
+        feeds |= {e.input: state[e.name] for e in params}
+        names = [INPUT_GRADIENT] + [gradient_of(e.name) for e in params]
+        out = []
+        for g in grad_outs:
+            g = np.ascontiguousarray(g, dtype=np.dtype(t.manifest.labels.dtype))
+            if g.shape != tuple(t.manifest.labels.shape) or not np.all(np.isfinite(g)):
+                raise DataError(f"split: an output gradient must be finite, shaped {list(t.manifest.labels.shape)}; "
+                                f"got {list(g.shape)}")
+            res = vjp.run(names, feeds | {t.manifest.labels.name: g})
+            out.append((res[0], {e.name: r for e, r in zip(params, res[1:])}))
+        return out
+
+    def apply(self, grads: dict[str, Any], lr: float | None = None) -> None:
+        """One optimizer update of the part's trained tensors with the given gradients (one per trained
+        tensor, shaped like it); the optimizer state advances as a step would. DataError, and nothing
+        changes, for a missing, extra, misshapen or non-finite gradient, or a non-finite update."""
+        _, apply = self._gradient_sessions()
+        t = self.trainer
+        params = {e.name: e for e in t.manifest.state if e.role == StateRole.PARAM}
+        if set(grads) != set(params):
+            raise DataError(f"split: apply needs one gradient per trained tensor: {sorted(params)}")
+        state = t.state_dict()
+        feeds = {e.input: state[e.name] for e in t.manifest.state} | {LR: np.array(t.lr if lr is None else lr, np.float32)}
+        for name, e in params.items():
+            g = np.ascontiguousarray(grads[name], dtype=np.dtype(e.dtype))
+            if g.shape != tuple(e.shape) or not np.all(np.isfinite(g)):
+                raise DataError(f"split: the gradient of {name} must be finite, shaped {list(e.shape)}")
+            feeds[gradient_of(name)] = g
+        res = apply.run([updated(e.name) for e in t.manifest.state], feeds)
+        new = {e.name: r for e, r in zip(t.manifest.state, res)}
+        if not all(np.all(np.isfinite(v)) for v in new.values()):
+            raise DataError("split: the update is not finite; the state is unchanged")
+        t.load_state(new)
+        t.steps += 1
 
 
 def load_index(directory: str) -> dict[str, Any]:

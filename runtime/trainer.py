@@ -190,6 +190,11 @@ class Trainer:
                                                  self.providers, self._watched)
         return self._infer_session
 
+    def session(self, name: str) -> ort.InferenceSession:
+        """A session of another graph file the manifest lists (a split part's vjp or apply graph), read and
+        verified like the step's."""
+        return _graph_session(self._bundle(), name, self._threads, self.providers, self._watched)
+
     def _check_files(self) -> None:
         """ArtifactError if a file that a session reads as it runs changed in place since it was loaded."""
         for w in self._watched:

@@ -157,3 +157,55 @@ def test_index_and_parts_must_match(tmp_path):
     (tmp_path / "a" / "split.json").write_text(json.dumps(index))
     with pytest.raises(ArtifactError, match="not one split model"):
         SplitModel.load(str(tmp_path / "a"))
+
+
+def test_private_backprop_graphs_give_the_step(tmp_path):
+    """vjp (gradients, no update) then apply equals the part's step; the vjp is linear in the output gradient."""
+    for opt in (SGD, ADAMW):
+        save_split(compile_split(cnn(), X, ["2", "4"], optimizer=opt, private=True), str(tmp_path / opt["name"]))
+        save_split(compile_split(cnn(), X, ["2", "4"], optimizer=opt), str(tmp_path / ("plain" + opt["name"])))
+        a, b = SplitModel.load(str(tmp_path / opt["name"])), SplitModel.load(str(tmp_path / ("plain" + opt["name"])))
+        assert a.parts[1].info.spec.vjp and not a.parts[0].info.spec.vjp and not b.parts[1].info.spec.vjp
+        for x, y in _images(2):
+            b.step(x, y)
+            acts = a.forward(x)
+            g, _ = a.parts[2].step(acts[2], labels=y)
+            ((gin, grads),) = a.parts[1].vjp(acts[1], [g])
+            a.parts[1].apply(grads)
+            a.parts[0].step(acts[0], grad_out=gin)
+        for pa, pb in zip(a.parts, b.parts):
+            sa, sb = pa.trainer.state_dict(), pb.trainer.state_dict()
+            for k in sb:
+                np.testing.assert_allclose(sa[k], sb[k], rtol=1e-5, atol=1e-7, err_msg=k)
+    mid = a.parts[1]
+    rng = np.random.default_rng(3)
+    g1, g2 = (rng.standard_normal((4, 6, 4, 4)).astype(np.float32) for _ in range(2))
+    (i1, p1), (i2, p2), (i3, p3) = mid.vjp(acts[1], [g1, g2, 2 * g1 - 3 * g2])
+    np.testing.assert_allclose(i3, 2 * i1 - 3 * i2, rtol=1e-4, atol=1e-6)
+    for k in p1:
+        np.testing.assert_allclose(p3[k], 2 * p1[k] - 3 * p2[k], rtol=1e-4, atol=1e-6)
+    before = mid.trainer.state_dict()
+    with pytest.raises(DataError, match="one gradient per trained tensor"):
+        mid.apply({})
+    with pytest.raises(DataError, match="finite"):
+        mid.apply({k: np.full_like(v, np.inf) for k, v in p1.items()})
+    assert all(np.array_equal(before[k], v) for k, v in mid.trainer.state_dict().items())
+    with pytest.raises(ArtifactError, match="no gradient graphs"):
+        b.parts[1].vjp(acts[1], [g1])
+
+
+def test_cli_compiles_a_split(tmp_path):
+    import subprocess
+    import sys
+    out = tmp_path / "s"
+    r = subprocess.run([sys.executable, "-m", "pockprop", "compile", "models:resnet18", "--input-shape", "1,3,16,16",
+                        "--split-at", "layer2", "--split-at", "layer3", "--scheme", "bias-only", "--private-backprop",
+                        "-o", str(out)], capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(
+                            os.path.dirname(os.path.abspath(__file__)))))
+    assert r.returncode == 0, r.stderr
+    assert "part1 (server)" in r.stdout and "returns its input gradient" in r.stdout
+    assert Part.load(str(out / "part1")).info.spec.vjp == "vjp.onnx"
+    r = subprocess.run([sys.executable, "-m", "pockprop", "compile", "models:resnet18", "--input-shape", "1,3,16,16",
+                        "--split-at", "layer1.0.conv1", "-o", str(tmp_path / "t")], capture_output=True, text=True)
+    assert r.returncode == 2 and "tensors cross the cut" in r.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "t").exists()
