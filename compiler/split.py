@@ -207,6 +207,46 @@ def compile_split(model: torch.nn.Module, example_inputs: Any, split_at: str | S
     return arts
 
 
+def default_head(activation: tuple[int, ...], classes: int) -> torch.nn.Module:
+    """A small auxiliary head for a local loss on an activation shaped `activation` (batch first): average
+    over the spatial or token axes, then one linear layer to `classes` outputs."""
+    if len(activation) not in (2, 3, 4):
+        raise CompileError(f"local head: no default head for a rank-{len(activation)} activation")
+    pool = {4: torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()), 3: _TokenMean(),
+            2: torch.nn.Identity()}[len(activation)]
+    width = activation[1] if len(activation) == 4 else activation[-1]
+    torch.manual_seed(0)
+    return torch.nn.Sequential(pool, torch.nn.Linear(width, classes)).eval()
+
+
+class _TokenMean(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=1)
+
+
+def compile_local_head(head: torch.nn.Module, bottom: Artifact, labels: Any = None, loss: str = "cross_entropy",
+                       optimizer: str | dict[str, Any] = "sgd", label_smoothing: float = 0.0) -> Artifact:
+    """An auxiliary head on the first part's output, trained with its own loss on the device (SFPrompt's
+    local loss): a two-part split model [bottom, head] that trains the bottom without the server. It is
+    compiled as a last part taking `bottom`'s activation, returning its input gradient, with `bottom`'s
+    split id, so SplitModel([bottom part, head]) pairs them."""
+    if bottom.split is None or bottom.split.index != 0:
+        raise CompileError("local head: give the split's first part")
+    t = bottom.train_graph.types[bottom.output] if bottom.train_graph is not None else None
+    if t is None:
+        raise CompileError("local head: the first part has no traced graph")
+    example = torch.zeros(t.shape, dtype=getattr(torch, t.dtype))
+    tm = trace_model(head, example)
+    params = tm.traced.parameters
+    if not params:
+        raise CompileError("local head: the head has no parameters to train")
+    art = compile_traced(tm, labels, loss, optimizer, label_smoothing=label_smoothing, name=f"{bottom.name}.local_head",
+                         part=PartOptions(needs={p: FULL for p in params}, adapters=[], output_gradient=False,
+                                          input_gradient=True))
+    art.split = SplitSpec(bottom.split.id, 1, 2, bottom.split.cut_out, None, INPUT_GRADIENT)
+    return art
+
+
 def _split_id(arts: list[Artifact], paths: list[str]) -> str:
     """A digest of the parts' graphs and initial state, and of where the model was cut."""
     h = hashlib.sha256(json.dumps(paths).encode())
@@ -224,18 +264,21 @@ def holders(parts: int) -> list[str]:
     return ["device"] + ["server"] * (parts - 2) + ["device" if parts == 3 else "server"]
 
 
-def save_split(arts: list[Artifact], directory: str) -> str:
-    """Write part0/, part1/, ... and the index split.json (written last: a directory with it is complete)."""
+def save_split(arts: list[Artifact], directory: str, local_head: Artifact | None = None) -> str:
+    """Write part0/, part1/, ... (and local_head/) and the index split.json (written last: a directory with
+    it is complete)."""
     os.makedirs(directory, exist_ok=True)
-    entries = []
-    for k, (art, holder) in enumerate(zip(arts, holders(len(arts)))):
-        sub = f"part{k}"
+
+    def entry(art: Artifact, sub: str, holder: str) -> dict[str, Any]:
         art.save(os.path.join(directory, sub))
         with open(os.path.join(directory, sub, "manifest.json"), "rb") as f:
             digest = hashlib.sha256(f.read()).hexdigest()
-        entries.append({"path": sub, "holder": holder, "manifest_sha256": digest,
-                        "cut_in": art.split.cut_in if art.split else None,
-                        "cut_out": art.split.cut_out if art.split else None})
+        return {"path": sub, "holder": holder, "manifest_sha256": digest,
+                "cut_in": art.split.cut_in if art.split else None, "cut_out": art.split.cut_out if art.split else None}
+
+    entries = [entry(art, f"part{k}", holder) for k, (art, holder) in enumerate(zip(arts, holders(len(arts))))]
     doc = {"format": "pockprop-split", "id": arts[0].split.id if arts[0].split else None, "parts": entries}
+    if local_head is not None:
+        doc["local_head"] = entry(local_head, "local_head", "device")
     write_atomic(os.path.join(directory, INDEX_FILE), [(json.dumps(doc, indent=2) + "\n").encode()])
     return directory

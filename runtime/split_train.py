@@ -1,0 +1,138 @@
+"""Training a split model from the device's side: plain split steps and SFPrompt's local-loss steps, with
+what crosses the network counted.
+
+The device holds the first part (and, in a U-shaped split, the last) and calls the server's part through
+any object with Part's methods: a local `pockprop.runtime.split.Part`, or `pockprop.runtime.remote.RemotePart`
+over HTTP. Traffic counts the bytes of the tensors that cross between the device and the server (each
+direction), not protocol framing.
+
+Local loss (SFPrompt; Han et al. 2021): the device trains its first part through an auxiliary head of its
+own (compiler/split.py compile_local_head) and never waits for a gradient from the server; it sends the
+activation and the labels of one batch in `send_every`, and the server steps its part on them on its own.
+With it, pruning before each round (runtime/prune.py scores, here on the auxiliary head's logits: nothing
+leaves the device to score) trains on the informative fraction of the local data.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Protocol, Sequence
+
+import numpy as np
+
+from pockprop.errors import DataError
+from pockprop.runtime import prune
+from pockprop.runtime.split import Part
+
+
+class PartLike(Protocol):
+    def forward(self, x: Any) -> np.ndarray: ...
+
+    def step(self, x: Any, grad_out: Any = None, labels: Any = None,
+             lr: float | None = None) -> tuple[np.ndarray | None, float | None]: ...
+
+
+def nbytes(a: Any) -> int:
+    """Bytes of a tensor, or of a dict / tuple of them, as it crosses the network."""
+    if isinstance(a, dict):
+        return sum(nbytes(v) for v in a.values())
+    if isinstance(a, (list, tuple)):
+        return sum(nbytes(v) for v in a)
+    return int(np.asarray(a).nbytes)
+
+
+@dataclass
+class Traffic:
+    """Bytes the device sent and received, and seconds it spent in its own parts (its compute)."""
+
+    up: int = 0
+    down: int = 0
+    device_seconds: float = 0.0
+    steps: int = 0
+    server_steps: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"up": self.up, "down": self.down, "device_seconds": round(self.device_seconds, 3),
+                "steps": self.steps, "server_steps": self.server_steps}
+
+
+@dataclass
+class _Clock:
+    traffic: Traffic
+    t0: float = field(default=0.0)
+
+    def __enter__(self) -> "_Clock":
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.traffic.device_seconds += time.perf_counter() - self.t0
+
+
+def split_step(parts: Sequence[PartLike], x: Any, y: Any, traffic: Traffic, lr: float | None = None) -> float:
+    """One step of a two-part (device, server with the loss) or U-shaped (device, server, device) split."""
+    if len(parts) not in (2, 3):
+        raise DataError(f"split: a device-server split has 2 or 3 parts, got {len(parts)}")
+    device, server = parts[0], parts[1]
+    with _Clock(traffic):
+        a1 = device.forward(x)
+    if len(parts) == 2:
+        traffic.up += nbytes(a1) + nbytes(y)
+        grad, loss = server.step(a1, labels=y, lr=lr)
+    else:
+        traffic.up += nbytes(a1)
+        a2 = server.forward(a1)
+        traffic.down += nbytes(a2)
+        with _Clock(traffic):
+            g2, loss = parts[2].step(a2, labels=y, lr=lr)
+        traffic.up += nbytes(g2) if g2 is not None else 0
+        grad = server.step(a1, grad_out=g2, lr=lr)[0] if g2 is not None else None
+    traffic.server_steps += 1
+    if grad is not None:
+        traffic.down += nbytes(grad)
+        with _Clock(traffic):
+            device.step(x, grad_out=grad, lr=lr)
+    traffic.steps += 1
+    assert loss is not None
+    return loss
+
+
+def local_step(bottom: Part, head: Part, server: PartLike | None, x: Any, y: Any, traffic: Traffic,
+               lr: float | None = None, server_lr: float | None = None) -> float:
+    """One local-loss step: the device's part and its auxiliary head step on the head's loss; with a
+    server, the activation (before this update) and the labels go to it and it steps its part alone (the
+    gradient it returns is not waited for, nor sent: a server in this mode may return none)."""
+    with _Clock(traffic):
+        a = bottom.forward(x)
+        grad, loss = head.step(a, labels=y, lr=lr)
+        assert grad is not None
+        bottom.step(x, grad_out=grad, lr=lr)
+    if server is not None:
+        traffic.up += nbytes(a) + nbytes(y)
+        server.step(a, labels=y, lr=server_lr)
+        traffic.server_steps += 1
+    traffic.steps += 1
+    assert loss is not None
+    return loss
+
+
+def batches(n: int, batch: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
+    """Shuffled full batches of indices into n samples (the last partial batch dropped)."""
+    order = rng.permutation(n)
+    for i in range(n // batch):
+        yield order[i * batch:(i + 1) * batch]
+
+
+def pruned(bottom: Part, head: Part, x: np.ndarray, y: np.ndarray, fraction: float, kind: str,
+           traffic: Traffic) -> np.ndarray:
+    """Indices of the samples to keep this round, scored on the device by its own part and auxiliary head
+    (runtime/prune.py): the data and its scores never leave the device."""
+    if fraction >= 1.0:
+        return np.arange(len(y))
+    b = bottom.trainer.batch_size
+    logits = []
+    with _Clock(traffic):
+        for i in range(0, len(y) - len(y) % b, b):
+            logits.append(head.forward(bottom.forward(x[i:i + b])))
+    z = np.concatenate(logits)
+    return prune.keep(prune.scores(head.trainer.manifest.loss, z, y[:len(z)], kind), fraction)
