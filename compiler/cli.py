@@ -72,6 +72,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="cut the model after this module (a path like 'layer2'; twice for a U-shaped split whose "
                         "head and loss stay on the device) into part artifacts part0/, part1/, ... with an index "
                         "split.json in the output directory (docs/split.md)")
+    p.add_argument("--local-head", action="store_true",
+                   help="with --split-at: also an auxiliary head (average pool + linear) on the first part's output, "
+                        "written to local_head/, so the device trains its part with a local loss (SFPrompt)")
     p.add_argument("--private-backprop", action="store_true",
                    help="with --split-at: give the server's parts the gradient and update graphs that private "
                         "backpropagation needs, so labels are not exposed through the gradients (docs/split.md)")
@@ -135,8 +138,9 @@ def compile_command(args: argparse.Namespace) -> int:
     # zeros are valid ids, and values do not matter to the trace)
     examples = _examples(declared) if args.inputs else (
         torch.randn(*shape) if float_first else torch.zeros(shape, dtype=torch.int64),)
-    if args.private_backprop and not args.split_at:
-        raise UsageError("--private-backprop applies to a split model (--split-at)")
+    for flag, given in (("--private-backprop", args.private_backprop), ("--local-head", args.local_head)):
+        if given and not args.split_at:
+            raise UsageError(f"{flag} applies to a split model (--split-at)")
     if args.split_at:
         return _compile_split(args, model, examples, preprocess, spec, target, t0)
     art = compile(model, examples, loss=args.loss, optimizer=_optimizer(args), pos_weight=args.pos_weight,
@@ -186,7 +190,15 @@ def _compile_split(args: argparse.Namespace, model: Any, examples: Any, preproce
                          prompt=_prompt(args), private=args.private_backprop)
     for art in arts:
         art.source = spec.source()
-    save_split(arts, args.output)
+    head = None
+    if args.local_head:
+        from pockprop.compiler.split import compile_local_head, default_head
+
+        assert arts[0].train_graph is not None and arts[-1].train_graph is not None
+        classes = arts[-1].train_graph.types[arts[-1].output].shape[-1]
+        head = compile_local_head(default_head(arts[0].train_graph.types[arts[0].output].shape, classes), arts[0],
+                                  loss=args.loss, optimizer=_optimizer(args))
+    save_split(arts, args.output, local_head=head)
     for k, (art, holder) in enumerate(zip(arts, holders(len(arts)))):
         grad = "returns its input gradient" if art.split and art.split.input_gradient else "no input gradient"
         print(f"part{k} ({holder}): {len(art.trainable)} trainable tensors, {art.trainable_count:,} parameters, "

@@ -200,11 +200,13 @@ def test_cli_compiles_a_split(tmp_path):
     out = tmp_path / "s"
     r = subprocess.run([sys.executable, "-m", "pockprop", "compile", "models:resnet18", "--input-shape", "1,3,16,16",
                         "--split-at", "layer2", "--split-at", "layer3", "--scheme", "bias-only", "--private-backprop",
+                        "--local-head",
                         "-o", str(out)], capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(
                             os.path.dirname(os.path.abspath(__file__)))))
     assert r.returncode == 0, r.stderr
     assert "part1 (server)" in r.stdout and "returns its input gradient" in r.stdout
     assert Part.load(str(out / "part1")).info.spec.vjp == "vjp.onnx"
+    assert Part.load(str(out / "local_head")).info.split_id == Part.load(str(out / "part0")).info.split_id
     r = subprocess.run([sys.executable, "-m", "pockprop", "compile", "models:resnet18", "--input-shape", "1,3,16,16",
                         "--split-at", "layer1.0.conv1", "-o", str(tmp_path / "t")], capture_output=True, text=True)
     assert r.returncode == 2 and "tensors cross the cut" in r.stderr.strip().splitlines()[-1]
