@@ -8,7 +8,8 @@ SGD momentum 0.9, cosine from the same lr, the same batch order per seed:
 - split:      every step forward to the server and its gradient back (runtime/split_train.split_step);
 - local:      the device's part trains through its auxiliary head alone; activations and labels of every
               batch go up, nothing comes down, the server steps on them by itself (local_step);
-- local+prune: as local, each epoch on the half of the device's data its head scores hardest (EL2N);
+- local+prune: as local, each epoch after the first on the half of each class's data that the device's own
+              head scores hardest (EL2N);
 - local/2:    as local, one batch in two sent to the server.
 Reported per row (3 seeds): test accuracy of the split model (device part, server part; mean ± std), bytes
 the device sent and received per epoch, device compute (seconds in its own parts, and MACs from the
@@ -63,15 +64,15 @@ def run(row: str, directory: str, task: Any, cfg: Config, seed: int, lr: float) 
     bottom, server, head = load(directory, cfg)
     x, y = task.target.x, task.target.y
     keep = 0.5 if row == "local+prune" else 1.0
-    per_epoch = int(np.ceil(keep * len(y))) // cfg.batch
-    sched = Schedule("cosine", lr, total_steps=cfg.epochs * per_epoch)
+    full, per_epoch = len(y) // cfg.batch, int(np.ceil(keep * len(y))) // cfg.batch
+    total = full + (cfg.epochs - 1) * per_epoch
+    sched = Schedule("cosine", lr, total_steps=total)
     traffic, rng, step = Traffic(), np.random.default_rng(seed), 0
     t0 = time.perf_counter()
     for epoch in range(cfg.epochs):
-        idx = pruned(bottom, head, x, y, keep, "el2n", traffic) if row != "split" else np.arange(len(y))
+        # the first epoch trains on everything: an untrained head's scores say nothing yet
+        idx = pruned(bottom, head, x, y, keep, "el2n", traffic) if row != "split" and epoch else np.arange(len(y))
         for b in batches(len(idx), cfg.batch, rng):
-            if step >= cfg.epochs * per_epoch:
-                break
             sel = idx[b]
             rate = sched.lr(step)
             if row == "split":

@@ -126,7 +126,7 @@ def batches(n: int, batch: int, rng: np.random.Generator) -> Iterator[np.ndarray
 def pruned(bottom: Part, head: Part, x: np.ndarray, y: np.ndarray, fraction: float, kind: str,
            traffic: Traffic) -> np.ndarray:
     """Indices of the samples to keep this round, scored on the device by its own part and auxiliary head
-    (runtime/prune.py): the data and its scores never leave the device."""
+    (runtime/prune.py) and kept per class for class labels: the data and its scores never leave the device."""
     if fraction >= 1.0:
         return np.arange(len(y))
     b = bottom.trainer.batch_size
@@ -135,4 +135,11 @@ def pruned(bottom: Part, head: Part, x: np.ndarray, y: np.ndarray, fraction: flo
         for i in range(0, len(y) - len(y) % b, b):
             logits.append(head.forward(bottom.forward(x[i:i + b])))
     z = np.concatenate(logits)
-    return prune.keep(prune.scores(head.trainer.manifest.loss, z, y[:len(z)], kind), fraction)
+    score = prune.scores(head.trainer.manifest.loss, z, y[:len(z)], kind)
+    if y.ndim != 1:
+        return prune.keep(score, fraction)
+    # per class: a head that is still poor scores whole classes as easy, and pruning them away starves the
+    # server's part of those classes for the round
+    y = y[:len(z)]
+    kept = [np.flatnonzero(y == c)[prune.keep(score[y == c], fraction)] for c in np.unique(y)]
+    return np.sort(np.concatenate(kept))
