@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +30,7 @@ import numpy as np
 
 from pockprop.artifact import safetensors
 from pockprop.artifact.durable import write_atomic
-from pockprop.errors import ArtifactError, CheckpointError, DataError
+from pockprop.errors import ArtifactError, CheckpointError, DataError, TrainingFailed
 from pockprop.runtime import checkpoint
 from pockprop.runtime.wire import MAX_HEADER, nbytes
 
@@ -61,6 +62,12 @@ class Session:
     last: int = 0  # the last step applied for this client (0: none yet)
     answer: Answer | None = None  # the answer to step `last`, replayed to a retry
     pending: tuple[int, np.ndarray] | None = None  # (step, activation) from forward, until that step's backward
+
+
+def _loss_json(loss: float | None) -> float | str | None:
+    """A loss as standard JSON holds it: a number, or "nan" / "inf" / "-inf" (a run without the guard can
+    diverge), which float() reads back."""
+    return None if loss is None else float(loss) if np.isfinite(loss) else str(float(loss))
 
 
 def _spec_json(spec: Any) -> dict[str, Any] | None:
@@ -197,13 +204,16 @@ class Host:
         x = session.pending[1] if kind == "backward" else tensors["x"]  # type: ignore[index]
         grad, loss = self.part.step(x, grad_out=tensors.get("grad"), labels=tensors.get("labels"), lr=lr)
         out = {} if grad is None else {"grad": np.asarray(grad)}
-        meta = {"step": step, "loss": None if loss is None else float(loss), "server_steps": int(self.part.trainer.steps)}
+        meta = {"step": step, "loss": _loss_json(loss), "server_steps": int(self.part.trainer.steps)}
         session.last, session.pending = step, None
         session.answer = Answer(kind, digest, meta, out)
         self.sessions[client] = session
         self._since += 1
         if self.directory is not None and self.every and self._since >= self.every:
-            self._save()
+            try:
+                self._save()
+            except (CheckpointError, TrainingFailed) as ex:  # the step stands (its answer is cached): say so, go on
+                print(f"pockprop serve: warning: no checkpoint after step {step} of {client!r}: {ex}", file=sys.stderr)
         return meta, out
 
     # -- checkpoints ------------------------------------------------------------------------------------

@@ -122,7 +122,8 @@ class RemotePart:
         self.next_step += 1
         self.traffic.append((self.sent - self._mark[0], self.received - self._mark[1]))
         self._mark = (self.sent, self.received)
-        return out.get("grad"), meta.get("loss")
+        loss = meta.get("loss")
+        return out.get("grad"), None if loss is None else float(loss)
 
     def close(self) -> None:
         if self._conn is not None:

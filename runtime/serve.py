@@ -108,6 +108,7 @@ class Handler(BaseHTTPRequestHandler):
         try:
             meta, tensors = decode(body)
             out_meta, out = host.handle(kind, meta, tensors, hashlib.sha256(body).hexdigest())
+            answer = encode(out_meta, out)
         except WireError as ex:
             return self._error(400, "bad_message", str(ex))
         except Refused as ex:
@@ -115,7 +116,7 @@ class Handler(BaseHTTPRequestHandler):
         except Exception as ex:  # noqa: BLE001 - a bug: say so to the client, keep serving the others
             traceback.print_exc()
             return self._error(500, "internal", f"internal error: {type(ex).__name__}: {ex}")
-        self._send(200, encode(out_meta, out), CONTENT_TYPE)
+        self._send(200, answer, CONTENT_TYPE)
 
 
 class PartServer(ThreadingHTTPServer):

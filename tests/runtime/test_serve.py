@@ -99,11 +99,13 @@ def test_two_part_split_with_labels_on_the_server() -> None:
     served = FakePart(0, 2, 3, 6), FakePart(1, 2, 6, 3, labels=True)
     with serving(served[1]) as server, remote(server, served[1]) as top:
         losses = run(top, served[0])
+        assert losses == run(local[1], local[0]) and all(isinstance(v, float) for v in losses)
+        assert same_state(local[1], served[1]) and same_state(local[0], served[0])
         with pytest.raises(RemoteError, match="labels: values must lie") as ex:
             top.step(served[0].forward(batch(0)[0]), labels=np.full(B, 7, np.int64))
-        assert ex.value.status == 400
-    assert losses == run(local[1], local[0]) and all(isinstance(v, float) for v in losses)
-    assert same_state(local[1], served[1]) and same_state(local[0], served[0])
+        assert ex.value.status == 400 and same_state(local[1], served[1])
+        _, loss = top.step(np.full((B, 6), 1e30, np.float32), labels=batch(0)[1])  # diverged: said, not refused
+        assert loss is not None and not np.isfinite(loss)
 
 
 def test_two_clients_interleaved() -> None:
