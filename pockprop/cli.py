@@ -1,9 +1,10 @@
 """The `pockprop` command: assembles the subcommands and maps what they raise to exit codes.
 
 Each subsystem owns its parsers and run functions: runtime.commands (train, eval, export, inspect, pack),
-runtime.plot (plot), runtime.tune (tune), runtime.serve (serve), compiler.cli (compile, ops), search.cli (search), bench.cli (bench). Their modules
-import without torch (the compiler loads inside the run functions), so the device install, numpy and
-onnxruntime only, runs every device subcommand and answers a compiler one by naming the extra to install.
+runtime.plot (plot), runtime.tune (tune), runtime.serve (serve), compiler.cli (compile, ops), search.cli
+(search), bench.cli (bench). Their modules import without torch (the compiler loads inside the run
+functions), so the device install, numpy and onnxruntime only, runs every device subcommand and answers a
+compiler one by naming the extra to install.
 
 Exit codes (pockprop.errors): 0 ok; 2 bad input (arguments, model, artifact, checkpoint, data, a file
 that cannot be read or written): one line on stderr; 3 training failed (diverged, or most steps rejected):

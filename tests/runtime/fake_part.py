@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
@@ -14,17 +13,7 @@ import numpy as np
 from pockprop.artifact.contract import TensorSpec
 from pockprop.errors import CheckpointError, DataError
 from pockprop.runtime import checkpoint
-
-
-@dataclass(frozen=True)
-class FakeInfo:
-    index: int
-    parts: int
-    split_id: str
-    digest: str
-    boundary_in: TensorSpec | None
-    boundary_out: TensorSpec | None
-    has_labels: bool
+from pockprop.runtime.remote import RemoteInfo  # the fields of runtime.split.SplitInfo
 
 
 class FakeTrainer:
@@ -63,7 +52,7 @@ class FakePart:
         digest = hashlib.sha256(json.dumps(self.config, sort_keys=True).encode()).hexdigest()
         boundary_in = TensorSpec(f"act{index}", (batch, n_in), "float32") if index > 0 else None
         boundary_out = None if labels else TensorSpec(f"act{index + 1}", (batch, n_out), "float32")
-        self.info = FakeInfo(index, parts, split_id, digest, boundary_in, boundary_out, labels)
+        self.info = RemoteInfo(index, parts, split_id, digest, boundary_in, boundary_out, labels)
         self.trainer = FakeTrainer(w, b, TensorSpec("labels", (batch,), "int64") if labels else None, digest)
         self.lr = lr
 
