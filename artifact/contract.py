@@ -25,6 +25,8 @@ FORMAT_VERSION = 1
 # -- file names -----------------------------------------------------------------------------------
 TRAIN_STEP_FILE = "train_step.onnx"
 INFER_FILE = "infer.onnx"
+VJP_FILE = "vjp.onnx"  # a split part's gradients without an update (compiler/split.py, private backpropagation)
+APPLY_FILE = "apply.onnx"  # a split part's optimizer update with given gradients
 STATE_FILE = "state.safetensors"
 MANIFEST_FILE = "manifest.json"
 REPORT_FILE = "report.json"  # the compile report (optional), hashed like every other file
@@ -39,7 +41,11 @@ LOSS = "loss"  # the training step's scalar loss output
 LABELS = "labels"  # its labels input
 LR = "lr"  # its float32 scalar learning-rate input
 STEP = "optimizer.step"  # AdamW's float32 scalar step counter, a state tensor of its own
-LOSS_NAMES = ("cross_entropy", "bce_with_logits", "mse")  # the manifest's loss.name: what the runtime evaluates
+# A split part below the loss (compiler/split.py) trains on the gradient of its output, fed as its labels: its
+# step's loss is sum(output * labels), whose gradient with respect to the output is exactly those labels.
+OUTPUT_GRADIENT = "output_gradient"
+LOSS_NAMES = ("cross_entropy", "bce_with_logits", "mse", OUTPUT_GRADIENT)  # the manifest's loss.name
+INPUT_GRADIENT = "grad_input"  # a split part's step output: the gradient of the loss with respect to its input
 # The training step's extra data input of a kd loss whose teacher is "logits" (manifest loss.kd.input): the
 # teacher's output for the batch, shaped and typed like the trained output. The inference graph lacks it.
 TEACHER_LOGITS = "teacher_logits"
@@ -51,6 +57,11 @@ _OPTIMIZER = "optimizer."
 def updated(state: str) -> str:
     """The training step's output holding the updated value of state tensor `state`."""
     return f"{_UPDATED}{state}"
+
+
+def gradient_of(param: str) -> str:
+    """The gradient of trainable tensor `param`: an output of VJP_FILE and an input of APPLY_FILE."""
+    return f"grad.{param}"
 
 
 def optimizer_slot(slot: str, param: str) -> str:
@@ -453,6 +464,52 @@ def _object(doc: dict[str, Any], key: str, where: str, null: bool = True) -> Any
 
 
 @dataclass(frozen=True)
+class SplitSpec:
+    """One part of a model cut at module boundaries (compiler/split.py, docs/split.md).
+
+    Part `index` of `parts` (0 holds the model's inputs, the last its output and loss). `id` is the same in
+    every part of one split compile and differs between compiles, so parts of two compiles never pair.
+    `cut_in` / `cut_out`: the module paths of the cuts before and after this part (None
+    at the model's ends). `input_gradient`: the step output holding the gradient of the loss with respect to
+    this part's input, None where no part below trains (backprop stops here). A part other than the last
+    takes the gradient of its output as its labels (loss name OUTPUT_GRADIENT). `vjp` / `apply`: the files
+    of a part compiled for private backpropagation (VJP_FILE, APPLY_FILE), else None."""
+
+    id: str
+    index: int
+    parts: int
+    cut_in: str | None
+    cut_out: str | None
+    input_gradient: str | None
+    vjp: str | None = None
+    apply: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        doc = {"id": self.id, "index": self.index, "parts": self.parts, "cut_in": self.cut_in,
+               "cut_out": self.cut_out, "input_gradient": self.input_gradient}
+        return doc | ({"vjp": self.vjp, "apply": self.apply} if self.vjp else {})
+
+    @classmethod
+    def from_json(cls, doc: Any, where: str) -> "SplitSpec | None":
+        if doc is None:
+            return None
+        ok = (isinstance(doc, dict) and isinstance(doc.get("id"), str) and _SHA256.match(doc["id"])
+              and all(isinstance(doc.get(k), int) and not isinstance(doc.get(k), bool) for k in ("index", "parts"))
+              and all(doc.get(k) is None or isinstance(doc.get(k), str)
+                      for k in ("cut_in", "cut_out", "input_gradient", "vjp", "apply")))
+        if not ok or not 0 <= doc["index"] < doc["parts"] or doc["parts"] < 2:
+            raise _fail(where, f"split: expected {{id, index, parts, cut_in, cut_out, input_gradient}}, got {doc!r:.120}")
+        if (doc["cut_in"] is None) != (doc["index"] == 0) or (doc["cut_out"] is None) != (doc["index"] == doc["parts"] - 1):
+            raise _fail(where, f"split: part {doc['index']} of {doc['parts']} with cuts {doc['cut_in']!r}, {doc['cut_out']!r}")
+        if doc["input_gradient"] is not None and doc["index"] == 0:
+            raise _fail(where, "split: the first part has no input gradient (its input is the data)")
+        if (doc.get("vjp") is None) != (doc.get("apply") is None):
+            raise _fail(where, "split: vjp and apply come together")
+        return cls(doc["id"], doc["index"], doc["parts"], doc["cut_in"], doc["cut_out"], doc["input_gradient"],
+                   doc.get("vjp"), doc.get("apply"))
+
+
+@dataclass(frozen=True)
 class Manifest:
     """manifest.json (`to_json` writes the fields in the file's order). `files` maps every other file of
     the artifact, external-data files included, to its sha256: nothing unlisted is ever read."""
@@ -477,6 +534,7 @@ class Manifest:
     source: dict[str, Any] | None = None  # how to rebuild the model (pockprop search); never executed
     lowerings: dict[str, Any] | None = None  # target profile used, lowering per node (docs/tuning.md): displayed only
     adapters: list[AdapterSpec] = field(default_factory=list)  # LoRA adapters the runtime merges into infer's weights
+    split: SplitSpec | None = None  # where this part sits in a split model (compiler/split.py)
 
     @property
     def input(self) -> TensorSpec:
@@ -508,6 +566,8 @@ class Manifest:
             doc["lowerings"] = self.lowerings
         if self.adapters:
             doc["adapters"] = [a.to_json() for a in self.adapters]
+        if self.split is not None:
+            doc["split"] = self.split.to_json()
         doc["files"] = dict(self.files)
         return doc
 
@@ -547,7 +607,9 @@ class Manifest:
             raise _fail(where, "graphs: expected {train_step: file, infer: file}")
         if not isinstance(m["state_file"], str):
             raise _fail(where, f"state_file: expected a file name, got {m['state_file']!r}")
-        for name in (graphs["train_step"], graphs["infer"], m["state_file"]):
+        split = SplitSpec.from_json(m.get("split"), where)
+        extra = [split.vjp, split.apply] if split is not None and split.vjp else []
+        for name in (graphs["train_step"], graphs["infer"], m["state_file"], *extra):
             if name not in files:
                 raise _fail(where, f"{name!r} is not listed in files (no hash to check it against)")
         labels = TensorSpec.from_json(m["labels"], "labels", where)
@@ -560,7 +622,8 @@ class Manifest:
         outputs = m["outputs"]
         if not isinstance(outputs, dict) or not all(isinstance(outputs.get(k), str) for k in ("loss", "prediction")):
             raise _fail(where, "outputs: expected {loss, prediction}")
-        if not isinstance(m["state"], list) or not m["state"]:
+        # a split part may train nothing itself (it passes the gradient down, or runs only forward)
+        if not isinstance(m["state"], list) or not (m["state"] or split):
             raise _fail(where, "state: expected a non-empty list")
         state: list[StateSpec] = []
         for s in m["state"]:
@@ -580,4 +643,4 @@ class Manifest:
             trainable=_object(m, "trainable", where), scheme=_object(m, "scheme", where),
             loss=check_loss(m.get("loss"), where), optimizer=_object(m, "optimizer", where),
             source=_object(m, "source", where), lowerings=_object(m, "lowerings", where),
-            adapters=_adapters(m.get("adapters"), state, where))
+            adapters=_adapters(m.get("adapters"), state, where), split=split)

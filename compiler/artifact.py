@@ -21,7 +21,8 @@ import numpy as np
 import onnx
 
 from pockprop.artifact import contract, safetensors
-from pockprop.artifact.contract import AdapterSpec, Graphs, LearningRate, Manifest, Outputs, StateRole, SliceSpec, StateSpec, TensorSpec
+from pockprop.artifact.contract import (AdapterSpec, Graphs, LearningRate, Manifest, Outputs, SliceSpec, SplitSpec,
+                                       StateRole, StateSpec, TensorSpec)
 from pockprop.artifact.durable import write_atomic
 from pockprop.artifact.external import ExternalArrays
 
@@ -109,6 +110,8 @@ class Artifact:
     external: ExternalArrays | None = None  # the graphs' initializers kept in external files (large models)
     lowerings: dict[str, Any] | None = None  # the target profile used and each node's lowering (compiler/target.py)
     adapters: list[AdapterSpec] = field(default_factory=list)  # LoRA adapters (compiler/lora.py)
+    split: SplitSpec | None = None  # one part of a split model (compiler/split.py)
+    extra_models: dict[str, onnx.ModelProto] = field(default_factory=dict)  # a split part's vjp and apply graphs
 
     @property
     def trainable_count(self) -> int:
@@ -150,6 +153,7 @@ class Artifact:
             source=self.source or None,
             lowerings=self.lowerings,
             adapters=list(self.adapters),
+            split=self.split,
         )
 
     def contents(self) -> dict[str, Callable[[], Iterable[bytes | memoryview]]]:
@@ -158,6 +162,8 @@ class Artifact:
             contract.TRAIN_STEP_FILE: lambda: [self.train_model.SerializeToString()],
             contract.INFER_FILE: lambda: [self.infer_model.SerializeToString()],
         }
+        for fname, model in self.extra_models.items():
+            out[fname] = lambda model=model: [model.SerializeToString()]
         external = self.external
         for location in external.files if external is not None else ():
             out[location] = lambda location=location: external.file_chunks(location)  # type: ignore[union-attr]

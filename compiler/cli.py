@@ -7,6 +7,7 @@ import inspect
 import json
 import sys
 import time
+from typing import Any
 
 from pockprop import args as cli_args
 from pockprop.compiler.preprocess import HELP as PREPROCESS_HELP  # torch-free
@@ -67,6 +68,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "without one the cost model chooses (docs/tuning.md)")
     p.add_argument("--tune-kit", metavar="DIR", help="also write the tuning kit of the training step to DIR, for "
                                                      "`pockprop tune` on the target")
+    p.add_argument("--split-at", action="append", metavar="MODULE",
+                   help="cut the model after this module (a path like 'layer2'; twice for a U-shaped split whose "
+                        "head and loss stay on the device) into part artifacts part0/, part1/, ... with an index "
+                        "split.json in the output directory (docs/split.md)")
+    p.add_argument("--private-backprop", action="store_true",
+                   help="with --split-at: give the server's parts the gradient and update graphs that private "
+                        "backpropagation needs, so labels are not exposed through the gradients (docs/split.md)")
     p.add_argument("-o", "--output", required=True, help="artifact directory to write")
     p.set_defaults(func=compile_command)
 
@@ -127,6 +135,10 @@ def compile_command(args: argparse.Namespace) -> int:
     # zeros are valid ids, and values do not matter to the trace)
     examples = _examples(declared) if args.inputs else (
         torch.randn(*shape) if float_first else torch.zeros(shape, dtype=torch.int64),)
+    if args.private_backprop and not args.split_at:
+        raise UsageError("--private-backprop applies to a split model (--split-at)")
+    if args.split_at:
+        return _compile_split(args, model, examples, preprocess, spec, target, t0)
     art = compile(model, examples, loss=args.loss, optimizer=_optimizer(args), pos_weight=args.pos_weight,
                   trainable=args.trainable, scheme=args.scheme, label_smoothing=args.label_smoothing,
                   name=args.model.split(":")[-1], preprocess=preprocess, output=args.model_output,
@@ -156,6 +168,31 @@ def compile_command(args: argparse.Namespace) -> int:
     print(f"wrote {args.output} in {time.perf_counter() - t0:.1f}s: {len(art.trainable)} trainable tensors, "
           f"{art.trainable_count:,} of {total:,} parameters ({100 * art.trainable_count / max(total, 1):.2f}%), "
           f"train_step.onnx {len(art.train_model.graph.node)} nodes")
+    return EXIT_OK
+
+
+def _compile_split(args: argparse.Namespace, model: Any, examples: Any, preprocess: Any, spec: Any, target: Any,
+                   t0: float) -> int:
+    """`compile --split-at`: the parts and their index (compiler/split.py)."""
+    from pockprop.compiler.split import compile_split, holders, save_split
+
+    for flag, given in (("--report", args.report), ("--tune-kit", args.tune_kit)):
+        if given:
+            raise UsageError(f"{flag} does not apply to a split model (--split-at)")
+    arts = compile_split(model, examples, args.split_at, loss=args.loss, optimizer=_optimizer(args),
+                         pos_weight=args.pos_weight, trainable=args.trainable, scheme=args.scheme,
+                         label_smoothing=args.label_smoothing, name=args.model.split(":")[-1], preprocess=preprocess,
+                         output=args.model_output, target_profile=target, lora=args.lora,
+                         prompt=_prompt(args), private=args.private_backprop)
+    for art in arts:
+        art.source = spec.source()
+    save_split(arts, args.output)
+    for k, (art, holder) in enumerate(zip(arts, holders(len(arts)))):
+        grad = "returns its input gradient" if art.split and art.split.input_gradient else "no input gradient"
+        print(f"part{k} ({holder}): {len(art.trainable)} trainable tensors, {art.trainable_count:,} parameters, "
+              f"{grad}")
+    print(f"wrote {args.output} in {time.perf_counter() - t0:.1f}s: {len(arts)} parts cut after "
+          f"{', '.join(args.split_at)}")
     return EXIT_OK
 
 

@@ -12,7 +12,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from pockprop.artifact.contract import LABELS, LOSS, LR, STEP, TEACHER_LOGITS, optimizer_slot, updated, weights_file
+from pockprop.artifact.contract import (APPLY_FILE, INPUT_GRADIENT, LABELS, LOSS, LR, OUTPUT_GRADIENT, STEP,
+                                       TEACHER_LOGITS, VJP_FILE, gradient_of, optimizer_slot, updated, weights_file)
 from pockprop.artifact import external as external_data
 from pockprop.artifact.external import ExternalArrays
 from pockprop.autodiff.backward import backward
@@ -53,6 +54,21 @@ def _label_type(loss: str, out: TensorType, labels: Any) -> TensorType:
     if loss == "cross_entropy":  # one class index per row of logits: (N,) for (N, C), (N, T) for (N, T, V)
         return TensorType(out.shape[:-1], "int64")
     return out
+
+
+@dataclass
+class PartOptions:
+    """How compile_traced builds one part of a split model (compiler/split.py): what it trains (resolved on
+    the whole model, so a part trains what the unsplit model would), its LoRA adapters, whether its labels
+    are the gradient of its output (every part but the last) and whether its step returns the gradient of
+    its input (a part above a trained one)."""
+
+    needs: dict[str, Need]
+    adapters: list[lora_adapters.Adapter]
+    output_gradient: bool
+    input_gradient: bool
+    scheme: Any = None  # the whole model's ResolvedScheme restricted to the part's layers, for the manifest
+    gradients: bool = False  # also the VJP graph (gradients, no update) and the apply graph (update from gradients)
 
 
 @dataclass
@@ -196,11 +212,13 @@ def compile_traced(tm: TracedModel, labels: Any = None, loss: str = "cross_entro
                    optimize: bool = True, choose_lowering: Chooser | None = None,
                    target_profile: str | dict[str, Any] | TargetProfile | None = None, lora: Any = None,
                    kd: dict[str, Any] | str | None = None,
-                   pos_weight: float | Sequence[float] | None = None) -> Artifact:
+                   pos_weight: float | Sequence[float] | None = None, part: PartOptions | None = None) -> Artifact:
     """`compile` of an already traced model (see `trace_model`); the arguments mean the same.
 
     choose_lowering: picks each node's lowering among those its op offers (passes/lowerings.py); by
-    default the target profile's choice, else `pockprop.compiler.target.fallback_chooser()`'s."""
+    default the target profile's choice, else `pockprop.compiler.target.fallback_chooser()`'s.
+    part: set by compiler/split.py for one part of a split model (PartOptions); trainable, scheme and
+    lora are then the whole model's, already resolved into it."""
     loss_op, kd_spec = _check_options(loss, label_smoothing, trainable, scheme, kd, pos_weight)
     target = None if target_profile is None else load_target_profile(target_profile)
     if choose_lowering is None:
@@ -210,7 +228,9 @@ def compile_traced(tm: TracedModel, labels: Any = None, loss: str = "cross_entro
     lora_spec = lora_adapters.parse_spec(lora) if lora is not None else None
     traced = tm.traced
     resolved = None
-    if spec is not None:
+    if part is not None:
+        needs, resolved = dict(part.needs), part.scheme
+    elif spec is not None:
         resolved = resolve_scheme(spec, tm.layers, tm.shapes)
         needs = resolved.needs()
     elif trainable is None and (tm.adapters or lora_spec is not None or tm.prompt is not None):
@@ -219,8 +239,9 @@ def compile_traced(tm: TracedModel, labels: Any = None, loss: str = "cross_entro
         needs = {p: FULL for p in _select(trainable, traced)}
     if tm.prompt is not None:
         needs[tm.prompt] = FULL
-    adapters = _adapters(tm, lora_spec, needs)
-    if not needs and not adapters:
+    adapters = list(part.adapters) if part is not None else _adapters(tm, lora_spec, needs)
+    grad_input = traced.user_inputs[0] if part is not None and part.input_gradient else None
+    if not needs and not adapters and part is None:
         raise CompileError("the model has no parameters to train")
     chosen = [p for p in traced.parameters if p in needs]  # model order
 
@@ -238,12 +259,21 @@ def compile_traced(tm: TracedModel, labels: Any = None, loss: str = "cross_entro
     # (a LoRA teacher reads A and B as they start: B = 0, the model without its adapters)
     originals = ({p: _part(full_values[p], needs[p]) for p in chosen} | adapted) if teacher_model else {}
     loss_attrs = _loss_attrs(loss_op, label_smoothing, pos_weight, traced.graph.types[traced.graph.outputs[0]])
+    if part is not None and part.output_gradient:
+        loss_op, loss_attrs = OUTPUT_GRADIENT, {}
     train, state = _training_graph(train_fwd, wants, full_values | adapted, loss_op, labels, opt, loss_attrs,
-                                   optimize, kd_spec, originals)
+                                   optimize, kd_spec, originals, grad_input)
     train = choose_lowerings(train, choose_lowering).graph
 
     model_name = name or tm.name
     external = _external_data(train, infer, infer_values)
+    extra = {}
+    if part is not None and part.gradients:
+        vjp = choose_lowerings(_vjp_graph(train_fwd, wants, grad_input, optimize), choose_lowering).graph
+        apply = _apply_graph(train_fwd, wants, full_values | adapted, opt)
+        extra = {VJP_FILE: to_onnx(vjp, f"{model_name}.vjp", doc="pockprop split part: gradients", external=external),
+                 APPLY_FILE: to_onnx(apply, f"{model_name}.apply", doc="pockprop split part: update from gradients",
+                                     external=external)}
     return Artifact(
         name=model_name,
         train_model=to_onnx(train, f"{model_name}.train_step", doc="pockprop training step", external=external),
@@ -267,6 +297,7 @@ def compile_traced(tm: TracedModel, labels: Any = None, loss: str = "cross_entro
         preprocess=_preprocess(preprocess, traced),
         scheme=resolved,
         lowerings=record_lowerings(train, target),
+        extra_models=extra,
     )
 
 
@@ -354,19 +385,58 @@ def _lift(g: Graph, needs: dict[str, Need]) -> tuple[Graph, dict[str, tuple[str,
 def _training_graph(fwd: Graph, wants: dict[str, tuple[str, Need]], full_values: dict[str, np.ndarray],
                     loss_op: str, labels: Any, opt: Any, loss_attrs: dict[str, Any],
                     optimize: bool, kd: KDSpec | None = None,
-                    originals: dict[str, np.ndarray] | None = None) -> tuple[Graph, list[StateEntry]]:
+                    originals: dict[str, np.ndarray] | None = None,
+                    grad_input: str | None = None) -> tuple[Graph, list[StateEntry]]:
     """The training step from the forward graph, in named stages: (the kd teacher,) loss, gradients,
     optimizer update, output names, then the training pass pipeline. `originals`: each trained input's
-    value before training, which a teacher="model" copy reads."""
+    value before training, which a teacher="model" copy reads. `grad_input`: a data input whose gradient
+    the step also returns, as INPUT_GRADIENT (a split part's input)."""
     g = fwd.copy()
     out = g.outputs[0]
     loss = _add_loss(g, out, loss_op, labels, loss_attrs, kd, originals or {})
-    grads = _differentiate(g, loss, wants)
+    grads, d_input = _differentiate(g, loss, wants, grad_input)
     state = _add_optimizer(g, opt, wants, grads, full_values)
-    _name_outputs(g, loss, out, state)
+    _name_outputs(g, loss, out, state, d_input)
     g = (TRAINING if optimize else UNOPTIMIZED)(g).graph
     g.verify()
     return g, state
+
+
+def _vjp_graph(fwd: Graph, wants: dict[str, tuple[str, Need]], grad_input: str | None, optimize: bool) -> Graph:
+    """A split part's gradients without an update: (data, output gradient as labels, trained tensors) ->
+    the gradient of each trained tensor (gradient_of) and of the input. The backward pass is linear in the
+    output gradient, which private backpropagation relies on (runtime/private_backprop.py)."""
+    g = fwd.copy()
+    out = g.outputs[0]
+    loss = _add_loss(g, out, OUTPUT_GRADIENT, None, {})
+    grads, d_input = _differentiate(g, loss, wants, grad_input)
+    names = {grads[p]: gradient_of(p) for p in wants} | ({d_input: INPUT_GRADIENT} if d_input else {})
+    for old, new in names.items():
+        g.rename_value(old, new)
+    if loss != LOSS:
+        g.rename_value(loss, LOSS)
+    g.outputs = [LOSS, out, *names.values()]
+    g = (TRAINING if optimize else UNOPTIMIZED)(g).graph
+    g.verify()
+    return g
+
+
+def _apply_graph(fwd: Graph, wants: dict[str, tuple[str, Need]], full_values: dict[str, np.ndarray],
+                 opt: Any) -> Graph:
+    """The optimizer update alone: (state, lr, each trained tensor's gradient) -> the updated state, under the
+    same names as the training step's."""
+    g = Graph()
+    for p in wants:
+        g.add_input(p, fwd.types[p], Role.PARAMETER)
+        g.add_input(gradient_of(p), fwd.types[p], Role.GRADIENT)
+    state = _add_optimizer(g, opt, {p: (p, need) for p, (_, need) in wants.items()},
+                           {p: gradient_of(p) for p in wants}, full_values)
+    for e in state:
+        g.rename_value(e.output, updated(e.name))
+        e.output = updated(e.name)
+    g.outputs = [e.output for e in state]
+    g.verify()
+    return g
 
 
 def _loss_attrs(loss_op: str, label_smoothing: float, pos_weight: Any, out: TensorType) -> dict[str, Any]:
@@ -382,6 +452,11 @@ def _add_loss(g: Graph, out: str, loss_op: str, labels: Any, attrs: dict[str, An
               originals: dict[str, np.ndarray] | None = None) -> str:
     """The labels input and the loss node on the model's output (with kd: the teacher, then the kd loss);
     returns the loss value."""
+    if loss_op == OUTPUT_GRADIENT:  # sum(out * labels): its gradient with respect to out is the labels, exactly
+        y = g.add_input(LABELS, g.types[out], Role.LABEL)
+        b = Builder(g, "loss", Phase.LOSS)
+        dot = b.op("mul", [out, y], hint="loss_terms")
+        return b.op("sum", [dot], hint="loss", axes=list(range(g.types[out].rank)), keepdim=False)
     y = g.add_input(LABELS, _label_type(loss_op, g.types[out], labels), Role.LABEL)
     if kd is not None:  # the teacher copies the forward graph as it is: before the loss's nodes
         teacher = add_teacher(g, originals or {}) if kd.teacher == "model" else teacher_logits_input(g, out)
@@ -390,10 +465,14 @@ def _add_loss(g: Graph, out: str, loss_op: str, labels: Any, attrs: dict[str, An
     return b.op(loss_op, [out, y], hint="loss", **attrs)
 
 
-def _differentiate(g: Graph, loss: str, wants: dict[str, tuple[str, Need]]) -> dict[str, str]:
-    """The backward graph; returns each trained parameter's gradient (of its slice, if sliced)."""
-    by_value = backward(g, loss, dict(wants.values()))
-    return {p: by_value[v] for p, (v, _) in wants.items()}
+def _differentiate(g: Graph, loss: str, wants: dict[str, tuple[str, Need]],
+                   grad_input: str | None = None) -> tuple[dict[str, str], str | None]:
+    """The backward graph; returns each trained parameter's gradient (of its slice, if sliced), and the
+    gradient of input `grad_input` if one is asked for."""
+    if not wants and not grad_input:  # a split part below every trained one: its step is never run
+        return {}, None
+    by_value = backward(g, loss, dict(wants.values()) | ({grad_input: FULL} if grad_input else {}))
+    return {p: by_value[v] for p, (v, _) in wants.items()}, by_value.get(grad_input) if grad_input else None
 
 
 def _add_optimizer(g: Graph, opt: Any, wants: dict[str, tuple[str, Need]], grads: dict[str, str],
@@ -422,9 +501,12 @@ def _add_optimizer(g: Graph, opt: Any, wants: dict[str, tuple[str, Need]], grads
     return state
 
 
-def _name_outputs(g: Graph, loss: str, out: str, state: list[StateEntry]) -> None:
-    """Graph outputs get stable, documented names: loss, the model output, then the updated state."""
-    rename = {loss: LOSS} | {s.output: updated(s.name) for s in state}
+def _name_outputs(g: Graph, loss: str, out: str, state: list[StateEntry], d_input: str | None = None) -> None:
+    """Graph outputs get stable, documented names: loss, the model output, then the updated state (and a
+    split part's input gradient)."""
+    if d_input is not None and (d_input in g.inputs or d_input in g.constants or d_input == out):
+        raise CompileError("a split part computes nothing between its input and output; move the cut")
+    rename = {loss: LOSS} | {s.output: updated(s.name) for s in state} | ({d_input: INPUT_GRADIENT} if d_input else {})
     taken = [new for old, new in rename.items() if new != old and new in g.types]
     if taken:
         raise CompileError(f"the model already has values named {', '.join(taken)}, which name the training "
@@ -434,4 +516,4 @@ def _name_outputs(g: Graph, loss: str, out: str, state: list[StateEntry]) -> Non
             g.rename_value(old, new)
     for s in state:
         s.output = rename[s.output]
-    g.outputs = [LOSS, out] + [s.output for s in state]
+    g.outputs = [LOSS, out] + [s.output for s in state] + ([INPUT_GRADIENT] if d_input else [])

@@ -19,7 +19,7 @@ import numpy as np
 
 from pockprop import args as cli_args
 from pockprop.artifact import onnx_wire
-from pockprop.artifact.contract import FORMAT_VERSION, REPORT_FILE
+from pockprop.artifact.contract import FORMAT_VERSION, OUTPUT_GRADIENT, REPORT_FILE
 from pockprop.runtime import checkpoint, guard, multilabel
 from pockprop.errors import ArtifactError, CheckpointError, DataError, Interrupted
 from pockprop.runtime.loop import fit
@@ -355,6 +355,8 @@ def inspect_command(args: argparse.Namespace) -> int:
            "preprocessing": trainer.pipeline.describe()}
     if m.lowerings is not None:  # compiled where ops had a choice of lowering, or with a target profile
         doc["lowerings"] = m.lowerings
+    if m.split is not None:
+        doc["split"] = m.split.to_json()
     if args.checkpoint_dir:
         doc["checkpoint"] = {"path": checkpoint.path_of(args.checkpoint_dir), "steps": trainer.steps,
                              "rejected": trainer.rejected, "schedule": trainer.schedule.to_json(),
@@ -364,8 +366,13 @@ def inspect_command(args: argparse.Namespace) -> int:
              f"ONNX opset {(m.onnx or {}).get('opset')}) - all {len(bundle.files)} file hashes verified",
              *(f"  input  {d.name}: {d.dtype}{list(d.shape)}"
                + (f", values {d.range[0]}..{d.range[1]}" if d.range else "") for d in m.data),
-             f"  preprocessing of raw data: {doc['preprocessing']}",
-             f"  labels {m.labels.name}: {m.labels.dtype}{list(m.labels.shape)}",
+             *([f"  split: part {m.split.index} of {m.split.parts} (cuts {m.split.cut_in or 'input'} .. "
+                f"{m.split.cut_out or 'output'}); "
+                + (f"its step returns the input gradient {m.split.input_gradient}" if m.split.input_gradient
+                   else "no input gradient: nothing below trains")] if m.split else []),
+             *([f"  preprocessing of raw data: {doc['preprocessing']}"] if not (m.split and m.split.index) else []),
+             f"  {'labels' if m.loss.get('name') != OUTPUT_GRADIENT else 'output gradient (labels)'} "
+             f"{m.labels.name}: {m.labels.dtype}{list(m.labels.shape)}",
              f"  loss {m.loss}; optimizer {m.optimizer}; lr {m.lr.initial}",
              f"  trainable: {t.get('count', '?'):,} of {t.get('total', '?'):,} parameters"
              + (f", scheme {m.scheme['name']}" if m.scheme else "")]

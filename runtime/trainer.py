@@ -22,7 +22,7 @@ import onnxruntime as ort
 from pockprop.runtime import checkpoint, data, export, guard, inputs, multilabel
 from pockprop.runtime.session import CPU, providers_for, session
 from pockprop.artifact import onnx_wire, safetensors, tuning
-from pockprop.artifact.contract import BY_ORT, TEACHER_LOGITS, Manifest, teacher_input, StateRole, StateSpec, TensorSpec
+from pockprop.artifact.contract import BY_ORT, OUTPUT_GRADIENT, TEACHER_LOGITS, Manifest, teacher_input, StateRole, StateSpec, TensorSpec
 from pockprop.errors import ArtifactError, CheckpointError, DataError, TrainingFailed
 from pockprop.artifact.manifest import Bundle, DirectoryFiles, Watched, open_artifact
 from pockprop.runtime.replay import ReplayBuffer
@@ -91,6 +91,9 @@ class Trainer:
         self._memory_bundle = None if os.path.exists(bundle.path) else bundle
         del infer_raw
         train_name = m.graphs.train_step
+        self._grad_input = m.split.input_gradient if m.split is not None else None
+        # a split part's loss is sum(output * output gradient): a scale the guard cannot judge (its updates it can)
+        self._judge_loss = m.loss.get("name") != OUTPUT_GRADIENT
         self._watched: list[Watched] = []  # the files the sessions keep reading (external data, mapped)
         # the step without onnxruntime's memory pattern, which would double its intermediates (runtime.session)
         self._train = _graph_session(bundle, train_name, threads, self.providers, self._watched, mem_pattern=False)
@@ -157,6 +160,8 @@ class Trainer:
         if extra:
             raise ArtifactError(f"{where}: the graph needs inputs {sorted(extra)} that the manifest does not describe")
         outputs = {m.outputs.loss: ((), "float32")} | {e.output: _spec(e) for e in self._entries}
+        if self._grad_input is not None:  # a split part's gradient of its input, shaped like it
+            outputs[self._grad_input] = _spec(self._inputs[0])
         _check_io(where, self._train.get_outputs(), outputs, "output")
 
     def _check_infer(self, bundle: Bundle, inputs: list[Any], outputs: list[Any], overridable: list[Any]) -> None:
@@ -184,6 +189,11 @@ class Trainer:
             self._infer_session = _graph_session(self._bundle(), self.manifest.graphs.infer, self._threads,
                                                  self.providers, self._watched)
         return self._infer_session
+
+    def session(self, name: str) -> ort.InferenceSession:
+        """A session of another graph file the manifest lists (a split part's vjp or apply graph), read and
+        verified like the step's."""
+        return _graph_session(self._bundle(), name, self._threads, self.providers, self._watched)
 
     def _check_files(self) -> None:
         """ArtifactError if a file that a session reads as it runs changed in place since it was loaded."""
@@ -232,6 +242,10 @@ class Trainer:
         self._views = [[v.numpy() for v in bufs] for bufs in self._bufs]  # zero-copy numpy views
         self._loss = ort.OrtValue.ortvalue_from_shape_and_type([], np.float32, "cpu", 0)
         self._loss_view = self._loss.numpy()
+        if self._grad_input is not None:
+            first = self._inputs[0]
+            self._grad_input_value = ort.OrtValue.ortvalue_from_shape_and_type(list(first.shape), np.dtype(first.dtype),
+                                                                               "cpu", 0)
         self._bindings = []
         for src, dst in ((0, 1), (1, 0)):
             b = self._train.io_binding()
@@ -239,6 +253,8 @@ class Trainer:
                 b.bind_ortvalue_input(e.input, i)
                 b.bind_ortvalue_output(e.output, o)
             b.bind_ortvalue_output(self.manifest.outputs.loss, self._loss)
+            if self._grad_input is not None:
+                b.bind_ortvalue_output(self._grad_input, self._grad_input_value)
             self._bindings.append(b)
         self._cur = 0
         self.load_state(state)
@@ -354,7 +370,7 @@ class Trainer:
                 return None
         loss = self._run(feeds, y, self.lr if lr is None else lr)
         nxt = 1 - self._cur
-        spike = None if self.guard == "off" else self.baseline.spike(loss)
+        spike = None if self.guard == "off" or not self._judge_loss else self.baseline.spike(loss)
         if spike is not None:  # this batch, or the current state: two in a row blame the state
             self._state_spikes += 1
             self._reject(spike)
@@ -368,8 +384,17 @@ class Trainer:
         self._cur = nxt  # accept: the new state becomes current; the old buffers take the next update
         self._state_loss, self._state_spikes = None, 0
         self.steps += 1
-        self.baseline.accepted(loss)
+        if self._judge_loss:
+            self.baseline.accepted(loss)
         return loss
+
+    def input_gradient(self) -> np.ndarray:
+        """A copy of the gradient of the loss with respect to the input, from the last step run (accepted or
+        not): a split part's step output (pockprop.runtime.split); ValueError for an artifact without it."""
+        if self._grad_input is None:
+            raise ValueError(f"{self.path}: this artifact's step has no input gradient (not a split part above "
+                             "a trained one)")
+        return self._grad_input_value.numpy().copy()
 
     def _update_problem(self, nxt: int) -> str | None:
         """Why the update in buffers `nxt` must not be accepted (full guard), or None."""
