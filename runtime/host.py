@@ -179,8 +179,8 @@ class Host:
                 raise Refused(409, "no_forward", f"client {client!r}: no forward of step {step} here to go back through")
             try:
                 return self._apply(client, kind, step, lr, tensors, digest)
-            except DataError as ex:  # the part's own checks (label range, ...): it changed nothing
-                raise Refused(400, "bad_tensor", str(ex)) from None
+            except DataError as ex:  # the part's own checks (label range, a step its guard rejects): nothing changed
+                raise Refused(400, "refused", str(ex)) from None
 
     def _replay(self, client: str, session: Session | None, kind: str, step: int,
                 digest: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

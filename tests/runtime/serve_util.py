@@ -16,6 +16,18 @@ from pockprop.runtime.serve import PartServer
 from pockprop.runtime.wire import CONTENT_TYPE, decode, encode
 
 
+def u_step(bottom: Any, middle: Any, head: Any, x: np.ndarray, y: np.ndarray) -> float:
+    """One step of a U-shaped split: the activation goes up, the head's gradient comes back down (the same
+    calls whether `middle` is local or a RemotePart)."""
+    a = bottom.forward(x)
+    h = middle.forward(a)
+    g2, loss = head.step(h, labels=y)
+    g1, _ = middle.step(a, grad_out=g2)
+    if g1 is not None:
+        bottom.step(x, grad_out=g1)
+    return loss
+
+
 @contextlib.contextmanager
 def serving(part: Any, directory: str | None = None, every: int = 0, timeout: float = 5.0,
             resume: bool = False, save_on_stop: bool = False) -> Iterator[PartServer]:

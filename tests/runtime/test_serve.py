@@ -20,6 +20,7 @@ from pockprop.runtime import wire
 from pockprop.runtime.host import POINTER
 from pockprop.runtime.remote import RemotePart
 from tests.runtime.fake_part import FakePart
+from tests.runtime import serve_util
 from tests.runtime.serve_util import DroppingProxy, post, serving
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,14 +39,7 @@ def batch(i: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def u_step(bottom: FakePart, middle: Any, head: FakePart, i: int) -> float:
-    """One U-shaped step: the activation goes up, the head's gradient comes back down."""
-    x, y = batch(i)
-    a = bottom.forward(x)
-    h = middle.forward(a)
-    g2, loss = head.step(h, labels=y)
-    g1, _ = middle.step(a, grad_out=g2)
-    bottom.step(x, grad_out=g1)
-    return loss
+    return serve_util.u_step(bottom, middle, head, *batch(i))
 
 
 def remote(server: Any, part: FakePart, client: str = "c0", **kw: Any) -> RemotePart:
