@@ -3,6 +3,7 @@ trains exactly like a local one, several clients share it, a retried step is app
 change nothing, and a restarted server continues from its checkpoint bit for bit."""
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import socket
@@ -15,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from pockprop import cli
 from pockprop.errors import RemoteError, RemoteUnavailable
 from pockprop.runtime import wire
 from pockprop.runtime.host import POINTER
@@ -287,3 +289,13 @@ def test_cli_refuses_bad_arguments_in_one_line(tmp_path: Path) -> None:
         r = subprocess.run([sys.executable, "-m", "tests.runtime.serve_child", "serve", art, "--port", "0", *args],
                            cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert r.returncode == 2 and match in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+@pytest.mark.parametrize("error", [RemoteError("http://h:1/v1/step: 409: client 'c0': step 2 ...", 409, "stale"),
+                                   RemoteUnavailable("http://h:1/v1/step: no answer after 4 tries")])
+def test_client_errors_are_one_line_exit_2(error: Exception, capsys: pytest.CaptureFixture[str]) -> None:
+    def command(_: Any) -> int:
+        raise error
+
+    assert cli._dispatch(argparse.Namespace(func=command, json=False), "pockprop split-train") == 2
+    assert capsys.readouterr().err == f"pockprop split-train: error: {error}\n"
