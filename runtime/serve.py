@@ -24,7 +24,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from pockprop import args as cli_args
 from pockprop.errors import Interrupted, UsageError
-from pockprop.runtime.host import KINDS, Host, Refused
+from pockprop.runtime.host import Host, Refused
 from pockprop.runtime.wire import CONTENT_TYPE, WireError, decode, encode
 
 PREFIX = "/v1/"
@@ -61,24 +61,18 @@ class Handler(BaseHTTPRequestHandler):
         if self.server.verbose:
             super().log_message(format, *args)
 
-    def _send(self, status: int, body: bytes, content_type: str) -> None:
+    def _send(self, status: int, body: bytes, content_type: str, close: bool = False) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
+        if close:  # the body was not read: the connection cannot carry another request
+            self.send_header("Connection", "close")
+            self.close_connection = True
         self.end_headers()
         self.wfile.write(body)
 
     def _error(self, status: int, code: str, message: str, close: bool = False) -> None:
-        if close:  # the body was not read: the connection cannot carry another request
-            self.close_connection = True
-        body = json.dumps({"error": message, "code": code}).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        if close:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(body)
+        self._send(status, json.dumps({"error": message, "code": code}).encode(), "application/json", close)
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
         self.busy = True
@@ -120,7 +114,7 @@ class Handler(BaseHTTPRequestHandler):
 
 
 class PartServer(ThreadingHTTPServer):
-    """A threading HTTP server of one Host; `close` waits for the requests in flight."""
+    """A threading HTTP server of one Host; `server_close` waits for the requests in flight."""
 
     daemon_threads = False  # server_close joins them: a step in flight finishes before the last checkpoint
     block_on_close = True

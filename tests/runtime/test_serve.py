@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from pockprop import cli
-from pockprop.errors import RemoteError, RemoteUnavailable
+from pockprop.errors import CheckpointError, RemoteError, RemoteUnavailable
 from pockprop.runtime import wire
-from pockprop.runtime.host import POINTER
+from pockprop.runtime.host import POINTER, Host
 from pockprop.runtime.remote import RemotePart
 from tests.runtime.fake_part import FakePart
 from tests.runtime import serve_util
@@ -261,6 +261,9 @@ def test_cli_serves_and_stops_on_sigterm_with_a_checkpoint(tmp_path: Path) -> No
         with RemotePart(line.split(" on ")[1].split(",")[0].strip(), "c0", parts[1].info.split_id,
                         parts[1].info.digest, timeout=5) as middle:
             got = [u_step(parts[0], middle, parts[2], i) for i in range(2)]
+            second = subprocess.run([sys.executable, "-m", "tests.runtime.serve_child", "serve", art, "--port", "0",
+                                     "--checkpoint", ckpt], cwd=ROOT, capture_output=True, text=True, timeout=60)
+            assert second.returncode == 2 and "in use by another" in second.stderr  # one server per directory
             start = time.monotonic()  # the client's kept-alive connection must not hold the stop for --timeout
             proc.send_signal(signal.SIGTERM)
             _, err = proc.communicate(timeout=30)
@@ -299,3 +302,23 @@ def test_client_errors_are_one_line_exit_2(error: Exception, capsys: pytest.Capt
 
     assert cli._dispatch(argparse.Namespace(func=command, json=False), "pockprop split-train") == 2
     assert capsys.readouterr().err == f"pockprop split-train: error: {error}\n"
+
+
+def test_a_checkpoint_of_another_part_or_a_broken_one_is_refused(tmp_path: Path) -> None:
+    ckpt = str(tmp_path / "ckpt")
+    part = FakePart(1, 3, 6, 5)
+    with serving(part, ckpt, save_on_stop=True):
+        pass
+    other = Host(FakePart(1, 3, 6, 5, seed=7), ckpt)
+    try:
+        with pytest.raises(CheckpointError, match="made for split 'fake-split', part digest"):
+            other.resume()
+    finally:
+        other.close()
+    (tmp_path / "ckpt" / POINTER).write_text('{"format": "pockprop-serve", "version": 1, "generation": "../x"}')
+    host = Host(FakePart(1, 3, 6, 5), ckpt)
+    try:
+        with pytest.raises(CheckpointError, match="not a readable serve checkpoint"):
+            host.resume()
+    finally:
+        host.close()
