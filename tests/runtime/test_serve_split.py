@@ -47,7 +47,8 @@ def test_remote_middle_equals_the_local_split(split_dir: Path) -> None:
     middle = Part.load(str(split_dir / "part1"))
     with serving(middle) as server, RemotePart(server.url, "dev0", middle.info.split_id, middle.info.digest) as r:
         assert r.info.boundary_in == middle.info.boundary_in and r.info.boundary_out == middle.info.boundary_out
-        got = [u_step(bottom, r, head, x, y) for x, y in batches(3)]
+        remote = SplitModel([bottom, r, head])  # the loop of a local split, a remote part in it
+        got = [remote.step(x, y) for x, y in batches(3)]
         sent, received = r.traffic[-1]
     assert got == want
     for mine, theirs in zip((bottom, middle, head), local.parts):
