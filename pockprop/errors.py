@@ -57,6 +57,21 @@ class TrainingFailed(Exception):
     rejected by the guard. No diverged state was saved: the last good checkpoint, if any, is unchanged."""
 
 
+class RemoteError(Exception):
+    """A part server refused a request (runtime.remote): another split or artifact, a stale or skipped step,
+    a tensor of the wrong shape or dtype. `status` is the HTTP status, `code` the server's reason code
+    (runtime.serve); the server changed nothing."""
+
+    def __init__(self, message: str, status: int = 0, code: str = ""):
+        super().__init__(message)
+        self.status, self.code = status, code
+
+
+class RemoteUnavailable(ConnectionError):
+    """No answer from a part server after every retry (refused, reset, timed out): the step may or may
+    not have been applied there; re-sending the same step number is safe (the server deduplicates)."""
+
+
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C, stopped at a consistent point; the message says what was saved (a KeyboardInterrupt, so
     whatever catches Ctrl-C catches it too)."""
