@@ -1,9 +1,9 @@
-"""Split fine-tuning on the input-drift digits task: plain split training against SFPrompt's local loss and
-pruning, through the device runtime (docs/split.md "Local loss and pruning").
+"""Split fine-tuning on a digits drift task: plain split training against SFPrompt's local loss and pruning,
+through the device runtime (docs/split.md "Local loss and pruning").
 
-The ResNet-18 of docs/accuracy.md, pre-trained on the clean source digits (experiments/accuracy.py's cached
-pre-training), is cut after `layer1`: the device holds the stem and layer1 (it must adapt to the inverted,
-noisy pixels), the server the rest with the loss. Every row fine-tunes the whole model for the same epochs,
+The ResNet-18 of docs/accuracy.md, pre-trained on the task's source digits (experiments/accuracy.py's cached
+pre-training), is cut after `layer1`: the device holds the stem and layer1, the server the rest with the
+loss. Every row fine-tunes the whole model for the same epochs,
 SGD momentum 0.9, cosine from the same lr, the same batch order per seed:
 - split:      every step forward to the server and its gradient back (runtime/split_train.split_step);
 - local:      the device's part trains through its auxiliary head alone; activations and labels of every
@@ -15,7 +15,7 @@ Reported per row (3 seeds): test accuracy of the split model (device part, serve
 the device sent and received per epoch, device compute (seconds in its own parts, and MACs from the
 artifacts' counts), and how many server steps.
 
-    python -m experiments.split [--quick] [--out out/split]
+    python -m experiments.split [--task feature] [--epochs 10] [--quick] [--out out/split]
 """
 from __future__ import annotations
 
@@ -126,16 +126,17 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny model and one seed (seconds; for tests)")
     ap.add_argument("--out", default="out/split")
-    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--task", default="feature", choices=["input", "feature", "output"])
+    ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--lr", type=float, default=0.01)
     args = ap.parse_args(argv)
     cfg = QUICK if args.quick else Config(epochs=args.epochs)
-    task = make_task("input", cfg.resolution, cfg.channels, seed=0)
+    task = make_task(args.task, cfg.resolution, cfg.channels, seed=0)
     state = pretrain(task, cfg, os.path.join("out", "accuracy") if not args.quick else args.out)
     directory = compile_all(cfg, state, args.out)
     records = []
     for seed in cfg.seeds:
-        task = make_task("input", cfg.resolution, cfg.channels, seed=seed)
+        task = make_task(args.task, cfg.resolution, cfg.channels, seed=seed)
         for row in ROWS:
             r = run(row, directory, task, cfg, seed, args.lr)
             log(f"  {row:12s} seed {seed}: accuracy {r['accuracy']:.1f}%, up {r['up'] / 1e6:.2f} MB, "
@@ -145,10 +146,11 @@ def main(argv: list[str] | None = None) -> None:
     text = table(records, cfg, data_bytes)
     print(text)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "split.json"), "w") as f:
-        json.dump({"config": {"model": cfg.model, "width": cfg.width, "epochs": cfg.epochs, "cut": CUT},
+    with open(os.path.join(args.out, f"split-{args.task}.json"), "w") as f:
+        json.dump({"config": {"model": cfg.model, "width": cfg.width, "epochs": cfg.epochs, "cut": CUT,
+                              "task": args.task, "lr": args.lr},
                    "records": records, "trainable": trainable_counts(directory)}, f, indent=1)
-    with open(os.path.join(args.out, "split.md"), "w") as f:
+    with open(os.path.join(args.out, f"split-{args.task}.md"), "w") as f:
         f.write(text + "\n")
 
 
