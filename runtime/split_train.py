@@ -123,7 +123,7 @@ def batches(n: int, batch: int, rng: np.random.Generator) -> Iterator[np.ndarray
         yield order[i * batch:(i + 1) * batch]
 
 
-def pruned(bottom: Part, head: Part, x: np.ndarray, y: np.ndarray, fraction: float, kind: str,
+def pruned(bottom: Part, head: Part, x: Any, y: np.ndarray, fraction: float, kind: str,
            traffic: Traffic) -> np.ndarray:
     """Indices of the samples to keep this round, scored on the device by its own part and auxiliary head
     (runtime/prune.py) and kept per class for class labels: the data and its scores never leave the device."""
@@ -131,9 +131,10 @@ def pruned(bottom: Part, head: Part, x: np.ndarray, y: np.ndarray, fraction: flo
         return np.arange(len(y))
     b = bottom.trainer.batch_size
     logits = []
+    take = (lambda i: {k: v[i:i + b] for k, v in x.items()}) if isinstance(x, dict) else (lambda i: x[i:i + b])
     with _Clock(traffic):
         for i in range(0, len(y) - len(y) % b, b):
-            logits.append(head.forward(bottom.forward(x[i:i + b])))
+            logits.append(head.forward(bottom.forward(take(i))))
     z = np.concatenate(logits)
     score = prune.scores(head.trainer.manifest.loss, z, y[:len(z)], kind)
     if y.ndim != 1:
@@ -143,3 +144,53 @@ def pruned(bottom: Part, head: Part, x: np.ndarray, y: np.ndarray, fraction: flo
     y = y[:len(z)]
     kept = [np.flatnonzero(y == c)[prune.keep(score[y == c], fraction)] for c in np.unique(y)]
     return np.sort(np.concatenate(kept))
+
+
+@dataclass
+class FitResult:
+    losses: list[float]  # the mean loss of each epoch (the local head's with a local loss)
+    traffic: Traffic
+
+
+def fit(parts: Sequence[PartLike], x: Any, y: np.ndarray, epochs: int, *, batch: int, lr: float | None = None,
+        seed: int = 0, local_head: Part | None = None, send_every: int = 1, prune_keep: float = 1.0,
+        prune_score: str = "el2n", schedule: Any = None, progress: Any = None) -> FitResult:
+    """Train a split for `epochs` over model-ready inputs `x` (an array, or a dict of arrays by input name)
+    and labels `y`, in shuffled full batches (order seeded). parts: the device's first part, the server's
+    part, and in a U-shaped split the device's last part. With `local_head` (a two-part split): local-loss
+    steps, one batch in `send_every` sent to the server, and from the second epoch pruning to `prune_keep`
+    of each class (scored by the head: an untrained head's scores say nothing). `schedule`: an object with
+    `lr(step)` (runtime.schedule.Schedule), else `lr` (None: each part's own). `progress(epoch, loss)` is
+    called after each epoch."""
+    if epochs < 1 or batch < 1 or send_every < 1:
+        raise DataError("split: epochs, batch and send_every must be >= 1")
+    if local_head is None and (prune_keep < 1.0 or send_every != 1):
+        raise DataError("split: pruning and send_every apply to local-loss training (a local head)")
+    if local_head is not None and len(parts) != 2:
+        raise DataError("split: a local loss trains a two-part split (device, server)")
+    n = len(y)
+    take = (lambda idx: {k: v[idx] for k, v in x.items()}) if isinstance(x, dict) else (lambda idx: x[idx])
+    traffic, rng, step, losses = Traffic(), np.random.default_rng(seed), 0, []
+    bottom = parts[0]
+    for epoch in range(epochs):
+        idx = np.arange(n)
+        if local_head is not None and epoch and prune_keep < 1.0:
+            assert isinstance(bottom, Part)
+            idx = pruned(bottom, local_head, x, y, prune_keep, prune_score, traffic)
+        total = []
+        for b in batches(len(idx), batch, rng):
+            sel = idx[b]
+            rate = schedule.lr(step) if schedule is not None else lr
+            if local_head is None:
+                total.append(split_step(parts, take(sel), y[sel], traffic, lr=rate))
+            else:
+                server = parts[1] if step % send_every == 0 else None
+                total.append(local_step(bottom, local_head, server, take(sel), y[sel], traffic, lr=rate,  # type: ignore[arg-type]
+                                        server_lr=rate))
+            step += 1
+        if not total:
+            raise DataError(f"split: fewer samples ({len(idx)}) than one batch ({batch})")
+        losses.append(float(np.mean(total)))
+        if progress is not None:
+            progress(epoch, losses[-1])
+    return FitResult(losses, traffic)
