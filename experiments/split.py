@@ -46,7 +46,19 @@ def compile_all(cfg: Config, state: dict[str, np.ndarray], out: str) -> str:
     head = compile_local_head(default_head(act, 10), arts[0], optimizer=cfg.optimizer())
     directory = os.path.join(out, f"split-{cfg.model}-{cfg.key()}")
     save_split(arts, directory, local_head=head)
+    with open(os.path.join(directory, "macs.json"), "w") as f:
+        json.dump(device_macs(arts, head), f)
     return directory
+
+
+def device_macs(arts: list[Any], head: Any) -> dict[str, int]:
+    """MACs per step on the device (compile-time counts, loss excluded): a plain split runs its part forward
+    (to send the activation) and then its step (forward again, backward); a local loss adds the head's step;
+    federated fine-tuning would run the whole model's step on the device."""
+    from pockprop.compiler.report import summarize
+
+    (f0, b0), (f1, b1), (fh, bh) = ((s["forward_macs"], s["backward_macs"]) for s in map(summarize, [*arts, head]))
+    return {"split": 2 * f0 + b0, "local": 2 * f0 + b0 + fh + bh, "whole_model": f0 + f1 + b0 + b1}
 
 
 def load(directory: str, cfg: Config) -> tuple[Any, Any, Any]:
