@@ -115,9 +115,9 @@ def trainable_counts(directory: str) -> dict[str, int]:
     return out
 
 
-def table(records: list[dict[str, Any]], cfg: Config, data_bytes: int) -> str:
+def table(records: list[dict[str, Any]], cfg: Config, data_bytes: int, macs: dict[str, int]) -> str:
     lines = ["| run | test accuracy (%) | device → server per epoch | server → device per epoch | device s per epoch "
-             "| server steps per epoch |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+             "| device GMACs per epoch | server steps per epoch |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     base = None
     for row in ROWS:
         rs = [r for r in records if r["row"] == row]
@@ -127,10 +127,15 @@ def table(records: list[dict[str, Any]], cfg: Config, data_bytes: int) -> str:
         up, down = np.mean([r["up"] for r in rs]) / cfg.epochs, np.mean([r["down"] for r in rs]) / cfg.epochs
         dev = np.mean([r["device_seconds"] for r in rs]) / cfg.epochs
         base = base or (up + down, dev)
+        gmacs = np.mean([r["steps"] for r in rs]) / cfg.epochs * macs["split" if row == "split" else "local"] / 1e9
         lines.append(f"| {row} | {acc.mean():.1f} ± {acc.std():.1f} | {up / 1e6:.2f} MB | {down / 1e6:.2f} MB | "
-                     f"{dev:.2f} ({dev / base[1]:.2f}×) | {np.mean([r['server_steps'] for r in rs]) / cfg.epochs:.0f} |")
+                     f"{dev:.2f} ({dev / base[1]:.2f}×) | {gmacs:.2f} | "
+                     f"{np.mean([r['server_steps'] for r in rs]) / cfg.epochs:.0f} |")
     lines.append("")
-    lines.append(f"Sending the fine-tuning images once instead (float32 model inputs): {data_bytes / 1e6:.2f} MB.")
+    lines.append(f"Sending the fine-tuning images once instead (float32 model inputs): {data_bytes / 1e6:.2f} MB. "
+                 f"Device MACs per step: split {macs['split'] / 1e6:.1f} M, local loss {macs['local'] / 1e6:.1f} M, "
+                 f"the whole model's step (federated training) {macs['whole_model'] / 1e6:.1f} M; pruning adds one "
+                 "forward of the device's part and head per scored sample.")
     return "\n".join(lines)
 
 
@@ -155,13 +160,15 @@ def main(argv: list[str] | None = None) -> None:
                 f"down {r['down'] / 1e6:.2f} MB, device {r['device_seconds']:.1f}s")
             records.append(r)
     data_bytes = int(task.target.x.nbytes + task.target.y.nbytes)
-    text = table(records, cfg, data_bytes)
+    with open(os.path.join(directory, "macs.json")) as f:
+        macs = json.load(f)
+    text = table(records, cfg, data_bytes, macs)
     print(text)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"split-{args.task}.json"), "w") as f:
         json.dump({"config": {"model": cfg.model, "width": cfg.width, "epochs": cfg.epochs, "cut": CUT,
                               "task": args.task, "lr": args.lr},
-                   "records": records, "trainable": trainable_counts(directory)}, f, indent=1)
+                   "records": records, "trainable": trainable_counts(directory), "macs": macs}, f, indent=1)
     with open(os.path.join(args.out, f"split-{args.task}.md"), "w") as f:
         f.write(text + "\n")
 
