@@ -1,7 +1,7 @@
 """The `pockprop` command: assembles the subcommands and maps what they raise to exit codes.
 
 Each subsystem owns its parsers and run functions: runtime.commands (train, eval, export, inspect, pack),
-runtime.plot (plot), runtime.tune (tune), compiler.cli (compile, ops), search.cli (search), bench.cli (bench). Their modules
+runtime.plot (plot), runtime.tune (tune), runtime.simulate (fleet), compiler.cli (compile, ops), search.cli (search), bench.cli (bench). Their modules
 import without torch (the compiler loads inside the run functions), so the device install, numpy and
 onnxruntime only, runs every device subcommand and answers a compiler one by naming the extra to install.
 
@@ -25,7 +25,8 @@ from pockprop.bench import cli as bench_cli
 from pockprop.compiler import cli as compiler_cli
 from pockprop.errors import (EXIT_BAD_INPUT, EXIT_BROKEN_PIPE, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TRAINING_FAILED,
                              ArtifactError, CompileError, DataError, TrainingFailed, UsageError)
-from pockprop.runtime import commands as runtime_commands, plot as runtime_plot, tune as runtime_tune
+from pockprop.runtime import commands as runtime_commands, plot as runtime_plot, simulate as runtime_simulate, \
+    tune as runtime_tune
 from pockprop.search import cli as search_cli
 
 # What a user can cause and fix: one line, exit 2. An OSError names a file the system refused (missing,
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pockprop {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")  # subcommands are Parsers too
     for add in (compiler_cli.add_parser, search_cli.add_parser, bench_cli.add_parser, runtime_commands.add_parser,
-                runtime_plot.add_parser, runtime_tune.add_parser):
+                runtime_plot.add_parser, runtime_tune.add_parser, runtime_simulate.add_parser):
         add(sub)
     return parser
 
