@@ -54,15 +54,15 @@ def _quiet_flower() -> Iterator[Any]:
             os.environ["PYTHONPATH"] = pythonpath
 
 
-def simulate(client: fleet.ClientSettings, server: fleet.ServerSettings, rounds: fleet.Rounds,
-             parallel: int = 2) -> fleet.Rounds:
-    """Run `server.clients` virtual devices for `server.rounds` rounds; the measured rounds. What the
-    ServerApp raises (a bad artifact or test set) is raised here; a client's error is a failed reply."""
+def simulate(client: Any, server: fleet.ServerSettings, rounds: fleet.Rounds, parallel: int = 2) -> fleet.Rounds:
+    """Run `server.clients` virtual devices of the ClientApp `client` (runtime.fleet.client_app) for
+    `server.rounds` rounds; the measured rounds. What the ServerApp raises (a bad artifact or test set) is
+    raised here; a client's error is a failed reply."""
     with _quiet_flower() as run_simulation:
         backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                    "init_args": {"num_cpus": parallel, "num_gpus": 0, "include_dashboard": False,
                                  "logging_level": logging.ERROR, "log_to_driver": False}}
-        run_simulation(server_app=fleet.server_app(server, rounds), client_app=fleet.client_app(client),
+        run_simulation(server_app=fleet.server_app(server, rounds), client_app=client,
                        num_supernodes=server.clients, backend_config=backend)
     if len(rounds.rows) != server.rounds + 1:
         raise UsageError(f"the simulation stopped after {max(len(rounds.rows) - 1, 0)} of {server.rounds} rounds "
@@ -150,7 +150,7 @@ def fleet_command(args: argparse.Namespace) -> int:
                   file=sys.stderr, flush=True)
 
     rounds = fleet.Rounds(on_row=on_row)
-    simulate(fleet.ClientSettings(args.artifact, args.data, args.partition, args.seed),
+    simulate(fleet.client_app(fleet.ClientSettings(args.artifact, args.data, args.partition, args.seed)),
              fleet.ServerSettings(args.artifact, args.test, args.rounds, args.clients, args.local_epochs, args.lr),
              rounds, parallel=args.parallel)
     dead = next((r for r in rounds.rows[1:] if r["replies"] == 0), None)
