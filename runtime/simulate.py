@@ -96,7 +96,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "bytes had the full model travelled, test accuracy) to --out. A real fleet runs "
                                    "the same apps on Flower's deployment engine: docs/federated.md.",
                        epilog="Exit codes: 0 done; 2 bad input (arguments, artifact, data, a partition that leaves a "
-                              "client without data, Flower not installed); 1 internal error.")
+                              "client without data, Flower not installed); 3 a round in which no client trained (the first "
+                              "client error is shown); 1 internal error.")
     f.add_argument("artifact", help="artifact directory or packed .pockprop file (every client and the server load it)")
     f.add_argument("--data", required=True, help="training data (.npz, .csv or image folder), cut into one shard "
                                                  "per client by --partition")
@@ -124,9 +125,9 @@ def fleet_command(args: argparse.Namespace) -> int:
     cli_args.check_not_inside(args.out, args.artifact, "--out")
     # everything a client or the server would refuse, refused here before Ray starts
     trainer = Trainer.load(args.artifact, threads=1)
-    for path in (args.data, args.test):
-        trainer.pipeline.check(trainer.pipeline.load(path))
-    data = trainer.pipeline.load(args.data)
+    data, test = trainer.pipeline.load(args.data), trainer.pipeline.load(args.test)
+    trainer.pipeline.check(data)
+    trainer.pipeline.check(test)
     partition(trainer.pipeline.labels(data.y, data.source), args.clients, args.partition, args.seed)
     if not fleet.params(trainer):
         raise UsageError(f"{args.artifact}: the artifact trains no tensor; nothing would travel")

@@ -87,6 +87,21 @@ def test_only_trainable_tensors_travel_and_optimizer_state_stays(setup: tuple[fl
     assert ctx.state["pockprop.client"]["round"] == 2
 
 
+def test_deployment_apps_take_their_settings_from_the_run_and_node_config(
+        setup: tuple[fleet.ClientSettings, Trainer], tmp_path: Path) -> None:
+    settings, trainer = setup  # `flwr run` loads pockprop.runtime.fleet:clientapp / :serverapp
+    assert type(fleet.clientapp).__name__ == "ClientApp" and type(fleet.serverapp).__name__ == "ServerApp"
+    own = dataset_npz(tmp_path / "device.npz", n=10, seed=5)  # a device's own data file (node config `data`)
+    ctx = Context(run_id=1, node_id=9, node_config={"data": str(own)}, state=RecordDict(),
+                  run_config={"artifact": settings.artifact})
+    reply = fleet.clientapp(_message(trainer, _params(trainer), 1), ctx)
+    assert reply.content["metrics"]["num-examples"] == 10
+    with pytest.raises(DataError, match="no `artifact`"):
+        fleet.train(None, _message(trainer, _params(trainer), 2), _context())
+    with pytest.raises(DataError, match="num-server-rounds"):
+        fleet.ServerSettings.from_config({"artifact": settings.artifact, "test": str(own)})
+
+
 def _bad_messages(trainer: Trainer, good: dict[str, np.ndarray]) -> list[tuple[str, Message, type, str]]:
     name = next(iter(good))
     wrong_shape = good | {name: np.zeros(tuple(d + 1 for d in good[name].shape), np.float32)}
