@@ -15,7 +15,8 @@ global tensors over that: the global tensors replace the param entries only.
 What a client refuses, before anything of its state changes: a message for another artifact (the manifest's
 sha256, `Trainer.digest`), a tensor of the wrong shape or dtype, holding NaN/Inf, missing or unknown, and a
 round not newer than its last one (a stale or replayed message). The error reaches the server as the reply's
-error; FedAvg averages the other replies.
+error; FedAvg averages the other replies. The server likewise leaves out a reply that is not the artifact's
+trainable tensors (`bad_reply`), so no client can corrupt the global tensors.
 
 Deployment (`flwr run`): `pockprop.runtime.fleet:clientapp` and `:serverapp` read their settings from the run
 config (`artifact`, `data`, `partition`, `seed`, `test`, `num-server-rounds`, `clients`, `local-epochs`, `lr`)
@@ -270,13 +271,11 @@ class Rounds:
     def sent(self, messages: list["Message"]) -> None:
         self._now = {"clients": len(messages), "bytes_down": sum(tensor_bytes(m.content[ARRAYS]) for m in messages)}
 
-    def received(self, rnd: int, replies: list["Message"]) -> None:
-        ok = [m for m in replies if not m.has_error()]
-        self._now |= {"replies": len(ok), "failures": [m.error.reason for m in replies if m.has_error()],
-                      "bytes_up": sum(tensor_bytes(m.content.array_records[ARRAYS]) for m in ok)}
+    def received(self, rnd: int, kept: list["Message"], failures: list[str], bytes_up: int) -> None:
+        self._now |= {"replies": len(kept), "failures": failures, "bytes_up": bytes_up}
         if self.keep_tensors:
             self.replies[rnd] = [(m.metadata.src_node_id, float(m.content[METRICS][WEIGHT]),
-                                  {k: v.numpy() for k, v in m.content[ARRAYS].items()}) for m in ok]
+                                  {k: v.numpy() for k, v in m.content[ARRAYS].items()}) for m in kept]
 
     def evaluated(self, rnd: int, arrays: dict[str, np.ndarray], metrics: dict[str, Any]) -> None:
         row = {"round": rnd, "clients": 0, "replies": 0, "failures": [], "bytes_up": 0, "bytes_down": 0} | self._now
@@ -290,8 +289,26 @@ class Rounds:
             self.on_row(row)
 
 
-def _fedavg(rounds: Rounds, **kwargs: Any) -> Any:
-    """Flower's FedAvg, watched: what each round sends and receives is measured; the averaging is FedAvg's."""
+def bad_reply(entries: list[StateSpec], content: Any) -> str | None:
+    """Why a client's reply must not be averaged (its tensors as check_arrays wants them, one ArrayRecord, a
+    positive num-examples), or None."""
+    metrics = content.metric_records.get(METRICS)
+    weight = metrics.get(WEIGHT) if metrics is not None else None
+    if not isinstance(weight, (int, float)) or not weight > 0:
+        return f"the reply's {METRICS!r} record has no positive {WEIGHT!r}"
+    if len(content.array_records) != 1 or ARRAYS not in content.array_records:
+        return f"the reply holds ArrayRecords {sorted(content.array_records)}, not one {ARRAYS!r}"
+    try:
+        check_arrays(entries, content.array_records[ARRAYS], "the reply")
+    except DataError as ex:
+        return str(ex)
+    return None
+
+
+def _fedavg(rounds: Rounds, entries: list[StateSpec], **kwargs: Any) -> Any:
+    """Flower's FedAvg, watched: what each round sends and receives is measured, and a reply that is not the
+    artifact's trainable tensors (bad_reply) is left out as a failure, so no client can corrupt the global
+    tensors; the averaging is FedAvg's."""
     from flwr.serverapp.strategy import FedAvg
 
     class Watched(FedAvg):
@@ -301,9 +318,17 @@ def _fedavg(rounds: Rounds, **kwargs: Any) -> Any:
             return messages
 
         def aggregate_train(self, server_round: int, replies: Any) -> Any:
-            replies = list(replies)
-            rounds.received(server_round, replies)
-            return super().aggregate_train(server_round, replies)
+            kept, failures, up = [], [], 0
+            for m in replies:
+                if not m.has_error():
+                    up += sum(tensor_bytes(r) for r in m.content.array_records.values())
+                why = m.error.reason if m.has_error() else bad_reply(entries, m.content)
+                if why is None:
+                    kept.append(m)
+                else:
+                    failures.append(f"node {m.metadata.src_node_id}: {' '.join(why.split())}")  # one line
+            rounds.received(server_round, kept, failures, up)
+            return super().aggregate_train(server_round, kept)
 
     return Watched(**kwargs)
 
@@ -327,7 +352,7 @@ def serve(s: ServerSettings, grid: Any, rounds: Rounds) -> Rounds:
         return MetricRecord({k: float(v) for k, v in m.items() if k in ("accuracy", "loss")})
 
     lr = s.lr if s.lr is not None else float(trainer.manifest.lr.initial)
-    strategy = _fedavg(rounds, fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=s.clients,
+    strategy = _fedavg(rounds, entries, fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=s.clients,
                        min_available_nodes=s.clients)
     config = ConfigRecord({"artifact": trainer.digest, "local-epochs": s.local_epochs, "lr": lr})
     strategy.start(grid=grid, initial_arrays=to_record(initial, entries), num_rounds=s.rounds, train_config=config,
