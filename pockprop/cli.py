@@ -1,10 +1,10 @@
 """The `pockprop` command: assembles the subcommands and maps what they raise to exit codes.
 
 Each subsystem owns its parsers and run functions: runtime.commands (train, eval, export, inspect, pack),
-runtime.plot (plot), runtime.tune (tune), runtime.serve (serve), runtime.split_cli (split-train), compiler.cli
-(compile, ops), search.cli (search), bench.cli (bench). Their modules import without torch (the compiler loads inside the run
-functions), so the device install, numpy and onnxruntime only, runs every device subcommand and answers a
-compiler one by naming the extra to install.
+runtime.plot (plot), runtime.tune (tune), runtime.serve (serve), runtime.split_cli (split-train),
+runtime.simulate (fleet), compiler.cli (compile, ops), search.cli (search), bench.cli (bench). Their modules
+import without torch (the compiler loads inside the run functions), so the device install, numpy and
+onnxruntime only, runs every device subcommand and answers a compiler one by naming the extra to install.
 
 Exit codes (pockprop.errors): 0 ok; 2 bad input (arguments, model, artifact, checkpoint, data, a file
 that cannot be read or written): one line on stderr; 3 training failed (diverged, or most steps rejected):
@@ -26,7 +26,8 @@ from pockprop.bench import cli as bench_cli
 from pockprop.compiler import cli as compiler_cli
 from pockprop.errors import (EXIT_BAD_INPUT, EXIT_BROKEN_PIPE, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TRAINING_FAILED,
                              ArtifactError, CompileError, DataError, RemoteError, TrainingFailed, UsageError)
-from pockprop.runtime import commands as runtime_commands, plot as runtime_plot, serve as runtime_serve, tune as runtime_tune
+from pockprop.runtime import commands as runtime_commands, plot as runtime_plot, serve as runtime_serve, \\
+    simulate as runtime_simulate, tune as runtime_tune
 from pockprop.runtime import split_cli as runtime_split
 from pockprop.search import cli as search_cli
 
@@ -42,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")  # subcommands are Parsers too
     for add in (compiler_cli.add_parser, search_cli.add_parser, bench_cli.add_parser, runtime_commands.add_parser,
                 runtime_plot.add_parser, runtime_tune.add_parser, runtime_serve.add_parser,
-                runtime_split.add_parser):
+                runtime_split.add_parser, runtime_simulate.add_parser):
         add(sub)
     return parser
 

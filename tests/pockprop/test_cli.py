@@ -30,7 +30,7 @@ def _subparsers() -> dict[str, argparse.ArgumentParser]:
 
 def test_every_subcommand_is_assembled() -> None:
     assert set(_subparsers()) == {"compile", "ops", "search", "bench", "train", "eval", "export", "inspect", "pack",
-                                  "plot", "tune", "serve", "split-train"}
+                                  "plot", "tune", "serve", "split-train", "fleet"}
 
 
 @pytest.mark.parametrize("command", sorted(_subparsers()))
