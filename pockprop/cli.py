@@ -26,7 +26,7 @@ from pockprop.bench import cli as bench_cli
 from pockprop.compiler import cli as compiler_cli
 from pockprop.errors import (EXIT_BAD_INPUT, EXIT_BROKEN_PIPE, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TRAINING_FAILED,
                              ArtifactError, CompileError, DataError, RemoteError, TrainingFailed, UsageError)
-from pockprop.runtime import commands as runtime_commands, plot as runtime_plot, serve as runtime_serve, \\
+from pockprop.runtime import commands as runtime_commands, plot as runtime_plot, serve as runtime_serve, \
     simulate as runtime_simulate, tune as runtime_tune
 from pockprop.runtime import split_cli as runtime_split
 from pockprop.search import cli as search_cli
