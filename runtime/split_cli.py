@@ -34,7 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=cli_args.integer(1), default=1, help="passes over the data")
     p.add_argument("--lr", type=cli_args.learning_rate, help="learning rate, cosine to 0 over the run (else each "
                                                               "part's compiled one, constant)")
-    p.add_argument("--seed", type=int, default=0, help="batch order")
+    p.add_argument("--seed", type=cli_args.seed, default=0, help="batch order")
     p.add_argument("--local-loss", action="store_true", help="train the device's part through its local head "
                                                              "(compile --local-head) without waiting for the server")
     p.add_argument("--send-every", type=cli_args.integer(1), default=1,
