@@ -433,6 +433,9 @@ def test_a_restart_between_vjp_and_apply_continues_bit_for_bit(tmp_path: Path) -
         assert middle.next_step == 3 and restarted.trainer.steps == 2
         with pytest.raises(RemoteError, match="its apply comes next"):
             middle.forward(a)
+        status, (m, again) = post(server.url, "vjp", meta(served[1], step=3), {"grad": np.stack([g + r[0], *r])})
+        assert status == 200 and m["replayed"] and np.array_equal(again["grad"][1], rin)  # the very same request
+        assert all(np.array_equal(again["param/" + k][0], v) for k, v in p0.items())
         middle.apply({k: p0[k] - p1[k] for k in p0})
         served[0].step(x, grad_out=gin - rin)
         got += [loss, p_step(served[0], middle, served[2], 3)]
