@@ -82,6 +82,13 @@ def _spec_json(spec: Any) -> dict[str, Any] | None:
     return None if spec is None else {"name": spec.name, "shape": list(spec.shape), "dtype": spec.dtype}
 
 
+def _replayed(answer: Answer, digest: str, other: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """`answer` again, to a retry (the request of the same sha256); 409 `stale` (`other` says why) to another."""
+    if answer.digest != digest:
+        raise Refused(409, "stale", f"{other}; a retry must resend the same request")
+    return answer.meta | {"replayed": True}, answer.tensors
+
+
 class Host:
     """`part` (runtime.split.Part, or anything with its `info`, `trainer`, `forward`, `step` and, for private
     backpropagation, `gradient_specs`, `vjp` and `apply`) served to several clients; with `directory`, checkpointed there every `every` applied steps (0: only by `save`).
@@ -229,23 +236,16 @@ class Host:
         if answer is None or step != session.last or answer.kind != kind:
             raise Refused(409, "stale", f"client {client!r}: step {step} is not after its last applied step "
                                         f"{session.last if session else 0}")
-        if answer.digest != digest:
-            raise Refused(409, "stale", f"client {client!r}: step {step} was applied with other tensors; "
-                                        "a retry must resend the same request")
-        return answer.meta | {"replayed": True}, answer.tensors
+        return _replayed(answer, digest, f"client {client!r}: step {step} was applied with other tensors")
 
     def _replay_vjp(self, client: str, session: Session, kind: str, step: int,
                     digest: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """A request at a step whose vjp is answered (not yet applied): only that vjp again, the same bytes."""
-        answer = session.vjp
-        assert answer is not None
+        assert session.vjp is not None
         if kind != "vjp":
             raise Refused(409, "vjp_answered", f"client {client!r}: step {step}'s vjp is answered; its apply comes "
                                                f"next, not {kind}")
-        if answer.digest != digest:
-            raise Refused(409, "stale", f"client {client!r}: step {step}'s vjp was answered for other tensors; "
-                                        "a retry must resend the same request")
-        return answer.meta | {"replayed": True}, answer.tensors
+        return _replayed(session.vjp, digest, f"client {client!r}: step {step}'s vjp was answered for other tensors")
 
     def _apply(self, client: str, kind: str, step: int, lr: float | None, want_grad: bool,
                tensors: dict[str, np.ndarray], digest: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

@@ -44,6 +44,15 @@ def u_step(bottom: FakePart, middle: Any, head: FakePart, i: int) -> float:
     return serve_util.u_step(bottom, middle, head, *batch(i))
 
 
+def private_parts(seed: int = 0) -> tuple[FakePart, FakePart, FakePart]:
+    bottom, _, head = u_parts(seed)
+    return bottom, FakePart(1, 3, n_in=6, n_out=5, seed=seed + 1, private=True), head
+
+
+def p_step(bottom: FakePart, middle: Any, head: FakePart, i: int, m: int = 3) -> float:
+    return private_step(bottom, middle, head, *batch(i), np.random.default_rng(i), m)
+
+
 def remote(server: Any, part: FakePart, client: str = "c0", **kw: Any) -> RemotePart:
     return RemotePart(server.url if isinstance(server, DroppingProxy) else server.url, client, part.info.split_id,
                       part.info.digest, timeout=5, **kw)
@@ -127,18 +136,20 @@ def test_two_clients_interleaved() -> None:
     assert same_state(mid, ref_mid) and mid.trainer.steps == 4
 
 
-@pytest.mark.parametrize("path", ["/v1/backward", "/v1/forward"])
-def test_a_lost_answer_is_retried_and_applied_once(path: str) -> None:
-    local, served = u_parts(), u_parts()
+@pytest.mark.parametrize("path,private", [("/v1/backward", False), ("/v1/forward", False), ("/v1/vjp", True),
+                                          ("/v1/apply", True)])
+def test_a_lost_answer_is_retried_and_applied_once(path: str, private: bool) -> None:
+    parts, step = (private_parts, p_step) if private else (u_parts, u_step)
+    local, served = parts(), parts()
     with serving(served[1]) as server:
         proxy = DroppingProxy(server.server_address[1], path)
         try:
             with remote(proxy, served[1], retries=2, backoff=0.01) as middle:
-                losses = [u_step(served[0], middle, served[2], i) for i in range(3)]
+                losses = [step(served[0], middle, served[2], i) for i in range(3)]
         finally:
             proxy.close()
     assert proxy.dropped == 1
-    assert losses == [u_step(*local, i) for i in range(3)]
+    assert losses == [step(*local, i) for i in range(3)]
     assert same_state(local[1], served[1]) and served[1].trainer.steps == 3
 
 
@@ -325,15 +336,6 @@ def test_a_checkpoint_of_another_part_or_a_broken_one_is_refused(tmp_path: Path)
 
 
 # -- private backpropagation (vjp, apply) and the input gradient declined --------------------------------------
-def private_parts(seed: int = 0) -> tuple[FakePart, FakePart, FakePart]:
-    bottom, _, head = u_parts(seed)
-    return bottom, FakePart(1, 3, n_in=6, n_out=5, seed=seed + 1, private=True), head
-
-
-def p_step(bottom: FakePart, middle: Any, head: FakePart, i: int, m: int = 3) -> float:
-    return private_step(bottom, middle, head, *batch(i), np.random.default_rng(i), m)
-
-
 def test_private_steps_equal_local_ones_and_the_plain_step() -> None:
     local, served = private_parts(), private_parts()
     with serving(served[1]) as server, remote(server, served[1]) as middle:
@@ -356,21 +358,6 @@ def test_private_steps_equal_local_ones_and_the_plain_step() -> None:
     assert all(same_state(a, b) for a, b in zip(plain, exact))
     for name, v in plain[1].trainer.state_dict().items():
         np.testing.assert_allclose(masked[1].trainer.state_dict()[name], v, rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("path", ["/v1/vjp", "/v1/apply"])
-def test_a_lost_private_answer_is_retried_and_applied_once(path: str) -> None:
-    local, served = private_parts(), private_parts()
-    with serving(served[1]) as server:
-        proxy = DroppingProxy(server.server_address[1], path)
-        try:
-            with remote(proxy, served[1], retries=2, backoff=0.01) as middle:
-                losses = [p_step(served[0], middle, served[2], i) for i in range(3)]
-        finally:
-            proxy.close()
-    assert proxy.dropped == 1
-    assert losses == [p_step(*local, i) for i in range(3)]
-    assert same_state(local[1], served[1]) and served[1].trainer.steps == 3
 
 
 def test_bad_private_requests_change_nothing() -> None:
