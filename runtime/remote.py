@@ -26,7 +26,7 @@ from urllib.parse import quote, urlsplit
 import numpy as np
 
 from pockprop.artifact.contract import TensorSpec
-from pockprop.errors import RemoteError, RemoteUnavailable
+from pockprop.errors import DataError, RemoteError, RemoteUnavailable
 from pockprop.runtime.wire import CONTENT_TYPE, PARAM, WireError, decode, encode
 
 PREFIX = "/v1/"
@@ -128,9 +128,12 @@ class RemotePart:
     def vjp(self, x: Any, grad_outs: Any) -> list[tuple[np.ndarray, dict[str, np.ndarray]]]:
         """For each output gradient, the gradient of the part's input and of each trained tensor at the
         server's current state, updating nothing (runtime.split.Part.vjp); the step's `apply` comes next."""
-        x = np.asarray(x)
-        grads = np.stack([np.asarray(g) for g in grad_outs])
-        _, out = self._post("vjp", {"grad": grads} if self._forwarded(x) else {"x": x, "grad": grads})
+        x, grads = np.asarray(x), [np.asarray(g) for g in grad_outs]
+        if not grads or len({(g.shape, g.dtype) for g in grads}) != 1:
+            raise DataError(f"vjp: expected one or more output gradients of one shape and dtype, got "
+                            f"{[(list(g.shape), g.dtype.name) for g in grads]}"[:300])
+        stacked = np.stack(grads)
+        _, out = self._post("vjp", {"grad": stacked} if self._forwarded(x) else {"x": x, "grad": stacked})
         params = {k.removeprefix(PARAM): v for k, v in out.items() if k.startswith(PARAM)}
         try:
             return [(out["grad"][i], {k: v[i] for k, v in params.items()}) for i in range(len(grads))]

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from pockprop import cli
-from pockprop.errors import CheckpointError, RemoteError, RemoteUnavailable
+from pockprop.errors import CheckpointError, DataError, RemoteError, RemoteUnavailable
 from pockprop.runtime import wire
 from pockprop.runtime.host import POINTER, Host
 from pockprop.runtime.remote import RemotePart
@@ -345,6 +345,8 @@ def test_private_steps_equal_local_ones_and_the_plain_step() -> None:
         assert middle.next_step == 4 and len(middle.traffic) == 3
         (gin, grads), = middle.vjp(served[0].forward(batch(3)[0]), [np.ones((B, 5), np.float32)])  # x sent along
         assert gin.shape == (B, 6) and sorted(grads) == ["b", "w"] and grads["w"].shape == (6, 5)
+        with pytest.raises(DataError, match="one or more output gradients"):
+            middle.vjp(gin, [])
     assert losses == [p_step(*local, i) for i in range(3)]
     assert all(same_state(a, b) for a, b in zip(local, served))
     # m = 3: the activation (4 x 6) and three output gradients (4 x 5) up, then the parameter gradients (35);
