@@ -10,10 +10,15 @@ What stays true:
   server came back from an older checkpoint than the client's). A client the server has not seen may start
   at any number (a new client, or one resuming from its own checkpoint).
 - A refused request changes nothing: tensors are checked (names, shape, dtype, finite) before the part runs.
-- `forward` keeps the activation it received until the same step's `backward`, so the activation crosses
-  the network once; steps of all clients are serialised by one lock on the shared part.
+- `forward` keeps the activation it received until the same step's `backward` (or `apply`), so the
+  activation crosses the network once; steps of all clients are serialised by one lock on the shared part.
+- Private backpropagation (a part with gradient graphs, runtime.split.Part.vjp/apply) takes a step in two
+  exchanges of the same number: `vjp` (m output gradients -> m input and parameter gradients, no state
+  change; answered once, a retry replays it) then `apply` (the combined parameter gradients: the update).
+  Between them the step's other exchanges are refused; `apply` without its `vjp` is refused.
+- A `step` or `backward` may decline the input gradient (`want_grad` false): its answer carries none.
 - A checkpoint holds the part's training state (Trainer.save_checkpoint) and every client's last step,
-  cached answer and pending activation, and switches from one to the next by one atomic rename: a server
+  cached answer, pending activation and a `vjp` answer awaiting its `apply`, and switches from one to the next by one atomic rename: a server
   killed at any moment restarts from a complete, consistent checkpoint.
 """
 from __future__ import annotations
@@ -29,12 +34,14 @@ from typing import Any
 import numpy as np
 
 from pockprop.artifact import safetensors
+from pockprop.artifact.contract import TensorSpec
 from pockprop.artifact.durable import write_atomic
 from pockprop.errors import ArtifactError, CheckpointError, DataError, TrainingFailed
 from pockprop.runtime import checkpoint
-from pockprop.runtime.wire import MAX_HEADER, nbytes
+from pockprop.runtime.wire import MAX_HEADER, PARAM, nbytes
 
-KINDS = ("forward", "backward", "step")
+KINDS = ("forward", "backward", "step", "vjp", "apply")
+MAX_VECTORS = 16  # output gradients one `vjp` may carry (P3EFT's m)
 POINTER = "serve.json"  # the checkpoint directory's current generation; replaced atomically
 SESSIONS = "sessions.safetensors"  # inside a generation, beside the part's checkpoint.safetensors
 FORMAT, VERSION = "pockprop-serve", 1
@@ -62,6 +69,7 @@ class Session:
     last: int = 0  # the last step applied for this client (0: none yet)
     answer: Answer | None = None  # the answer to step `last`, replayed to a retry
     pending: tuple[int, np.ndarray] | None = None  # (step, activation) from forward, until that step's backward
+    vjp: Answer | None = None  # the vjp answer of step last + 1, replayed to a retry until that step's apply
 
 
 def _loss_json(loss: float | None) -> float | str | None:
@@ -74,9 +82,16 @@ def _spec_json(spec: Any) -> dict[str, Any] | None:
     return None if spec is None else {"name": spec.name, "shape": list(spec.shape), "dtype": spec.dtype}
 
 
+def _replayed(answer: Answer, digest: str, other: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """`answer` again, to a retry (the request of the same sha256); 409 `stale` (`other` says why) to another."""
+    if answer.digest != digest:
+        raise Refused(409, "stale", f"{other}; a retry must resend the same request")
+    return answer.meta | {"replayed": True}, answer.tensors
+
+
 class Host:
-    """`part` (runtime.split.Part, or anything with its `info`, `trainer`, `forward` and `step`) served to
-    several clients; with `directory`, checkpointed there every `every` applied steps (0: only by `save`).
+    """`part` (runtime.split.Part, or anything with its `info`, `trainer`, `forward`, `step` and, for private
+    backpropagation, `gradient_specs`, `vjp` and `apply`) served to several clients; with `directory`, checkpointed there every `every` applied steps (0: only by `save`).
     Holds the directory's lock (runtime.checkpoint.lock) until `close`."""
 
     def __init__(self, part: Any, directory: str | None = None, every: int = 0):
@@ -88,6 +103,9 @@ class Host:
         self.labels = getattr(getattr(part.trainer, "manifest", None), "labels", None) if info.has_labels else None
         if info.has_labels and self.labels is None:
             raise ArtifactError(f"part {info.index}: it holds the loss but names no labels tensor")
+        specs = getattr(part, "gradient_specs", None)
+        # the trained tensors of vjp / apply; None: the part serves no private backpropagation
+        self.params: dict[str, TensorSpec] | None = specs() if specs and info.boundary_out is not None else None
         self.sessions: dict[str, Session] = {}
         self.lock = threading.Lock()
         self._since = 0  # steps applied since the last checkpoint
@@ -102,6 +120,8 @@ class Host:
         """The tensors a request of `kind` must carry, by name: their specs (name, shape, dtype)."""
         if kind not in KINDS:
             raise Refused(404, "unknown", f"no such exchange {kind!r} (one of {', '.join(KINDS)})")
+        if kind in ("vjp", "apply"):
+            return self._expected_private(kind)
         want: dict[str, Any] = {}
         if kind in ("forward", "step"):
             want["x"] = self.info.boundary_in
@@ -114,6 +134,18 @@ class Host:
             want["labels"] = self.labels
         return want
 
+    def _expected_private(self, kind: str) -> dict[str, Any]:
+        if self.params is None:
+            raise Refused(409, "no_gradients", f"part {self.info.index} has no private backpropagation (`vjp`, `apply`):"
+                                               " compile the split with --private-backprop; a part with the loss has"
+                                               " none")
+        if kind == "apply":
+            return {PARAM + name: spec for name, spec in self.params.items()}
+        out = self.info.boundary_out
+        assert out is not None
+        # `grad`: m stacked output gradients, 1 <= m <= MAX_VECTORS; `x` may be left out after a forward
+        return {"x": self.info.boundary_in, "grad": TensorSpec(out.name, (MAX_VECTORS, *out.shape), out.dtype)}
+
     def body_limit(self, kind: str) -> int:
         """The most bytes a request of `kind` can need: refused (413) beyond it before it is read."""
         return 8 + MAX_HEADER + sum(nbytes(tuple(s.shape), s.dtype) for s in self.expected(kind).values())
@@ -124,14 +156,14 @@ class Host:
         doc = {"split_id": i.split_id, "digest": i.digest, "index": i.index, "parts": i.parts,
                "has_labels": i.has_labels, "boundary_in": _spec_json(i.boundary_in),
                "boundary_out": _spec_json(i.boundary_out), "labels": _spec_json(self.labels),
-               "steps": int(self.part.trainer.steps)}
+               "steps": int(self.part.trainer.steps), "private": self.params is not None, "max_vectors": MAX_VECTORS}
         if client is not None:
             with self.lock:
                 doc["last_step"] = self.sessions[client].last if client in self.sessions else 0
         return doc
 
-    def _check_meta(self, meta: dict[str, Any]) -> tuple[str, int, float | None]:
-        client, step, lr = meta.get("client"), meta.get("step"), meta.get("lr")
+    def _check_meta(self, kind: str, meta: dict[str, Any]) -> tuple[str, int, float | None, bool]:
+        client, step, lr, want_grad = meta.get("client"), meta.get("step"), meta.get("lr"), meta.get("want_grad", True)
         if meta.get("split_id") != self.info.split_id:
             raise Refused(409, "mismatch", f"split {str(meta.get('split_id'))[:40]!r}: this server hosts part "
                                            f"{self.info.index} of split {self.info.split_id!r}")
@@ -145,16 +177,27 @@ class Host:
             raise Refused(400, "bad_request", f"step {step!r:.40}: expected an integer >= 1")
         if lr is not None and not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and 0 < lr < float("inf")):
             raise Refused(400, "bad_request", f"lr {lr!r:.40}: expected a finite number > 0")
-        return client, step, lr
+        if not isinstance(want_grad, bool) or not (want_grad or kind in ("step", "backward")):
+            raise Refused(400, "bad_request", f"want_grad {want_grad!r:.20}: expected true or false (false only on "
+                                              "step or backward)")
+        return client, step, lr, want_grad
 
     def _check_tensors(self, kind: str, tensors: dict[str, np.ndarray]) -> None:
         want = self.expected(kind)
-        if set(tensors) != set(want):
-            raise Refused(400, "bad_tensor", f"{kind} carries tensors {sorted(tensors)}; expected {sorted(want)}")
+        optional = {"x"} if kind == "vjp" else set()
+        if not set(want) - optional <= set(tensors) <= set(want):
+            raise Refused(400, "bad_tensor", f"{kind} carries tensors {sorted(tensors)}; expected {sorted(want)}"
+                                             + (" (x optional)" if optional else ""))
         for name, spec in want.items():
-            a = tensors[name]
-            if a.shape != tuple(spec.shape) or a.dtype.name != spec.dtype:
-                raise Refused(400, "bad_tensor", f"{name}: expected {spec.dtype}{list(spec.shape)} ({spec.name}), "
+            if name not in tensors:
+                continue
+            a, shape = tensors[name], list(spec.shape)
+            stacked = kind == "vjp" and name == "grad"  # m vectors: the first dimension is m, up to MAX_VECTORS
+            if stacked and a.ndim == len(shape) and 1 <= a.shape[0] <= MAX_VECTORS:
+                shape[0] = a.shape[0]
+            if list(a.shape) != shape or a.dtype.name != spec.dtype:
+                what = f"m (1 to {MAX_VECTORS}) x {list(spec.shape[1:])}" if stacked else str(list(spec.shape))
+                raise Refused(400, "bad_tensor", f"{name}: expected {spec.dtype}{what} ({spec.name}), "
                                                  f"got {a.dtype.name}{list(a.shape)}")
             if a.dtype.kind == "f" and not np.isfinite(a).all():
                 raise Refused(400, "bad_tensor", f"{name}: holds NaN or Inf")
@@ -164,7 +207,7 @@ class Host:
                digest: str = "") -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """Serve one request (`digest`: the request's sha256, to recognise a retry); Refused if it must not be."""
         self.expected(kind)
-        client, step, lr = self._check_meta(meta)
+        client, step, lr, want_grad = self._check_meta(kind, meta)
         with self.lock:
             session = self.sessions.get(client)
             last = session.last if session else 0
@@ -174,11 +217,16 @@ class Host:
                 raise Refused(409, "gap", f"client {client!r}: step {step} after step {last}; this server's state is "
                                           f"at your step {last} (restarted from an older checkpoint?): resume the "
                                           f"client from its step {last}")
+            if session is not None and session.vjp is not None and kind != "apply":  # step == last + 1
+                return self._replay_vjp(client, session, kind, step, digest)
             self._check_tensors(kind, tensors)
-            if kind == "backward" and (session is None or session.pending is None or session.pending[0] != step):
+            if (kind == "backward" or kind == "vjp" and "x" not in tensors) and (
+                    session is None or session.pending is None or session.pending[0] != step):
                 raise Refused(409, "no_forward", f"client {client!r}: no forward of step {step} here to go back through")
+            if kind == "apply" and (session is None or session.vjp is None):
+                raise Refused(409, "no_vjp", f"client {client!r}: no vjp of step {step} here: apply follows its vjp")
             try:
-                return self._apply(client, kind, step, lr, tensors, digest)
+                return self._apply(client, kind, step, lr, want_grad, tensors, digest)
             except DataError as ex:  # the part's own checks (label range, a step its guard rejects): nothing changed
                 raise Refused(400, "refused", str(ex)) from None
 
@@ -188,24 +236,41 @@ class Host:
         if answer is None or step != session.last or answer.kind != kind:
             raise Refused(409, "stale", f"client {client!r}: step {step} is not after its last applied step "
                                         f"{session.last if session else 0}")
-        if answer.digest != digest:
-            raise Refused(409, "stale", f"client {client!r}: step {step} was applied with other tensors; "
-                                        "a retry must resend the same request")
-        return answer.meta | {"replayed": True}, answer.tensors
+        return _replayed(answer, digest, f"client {client!r}: step {step} was applied with other tensors")
 
-    def _apply(self, client: str, kind: str, step: int, lr: float | None, tensors: dict[str, np.ndarray],
-               digest: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    def _replay_vjp(self, client: str, session: Session, kind: str, step: int,
+                    digest: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """A request at a step whose vjp is answered (not yet applied): only that vjp again, the same bytes."""
+        assert session.vjp is not None
+        if kind != "vjp":
+            raise Refused(409, "vjp_answered", f"client {client!r}: step {step}'s vjp is answered; its apply comes "
+                                               f"next, not {kind}")
+        return _replayed(session.vjp, digest, f"client {client!r}: step {step}'s vjp was answered for other tensors")
+
+    def _apply(self, client: str, kind: str, step: int, lr: float | None, want_grad: bool,
+               tensors: dict[str, np.ndarray], digest: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         session = self.sessions.get(client) or Session(last=step - 1)
-        if kind == "forward":
-            out = np.asarray(self.part.forward(tensors["x"]))
-            session.pending = (step, tensors["x"])
+        if kind in ("forward", "vjp"):  # nothing applied: the step stays open
+            x = tensors["x"] if "x" in tensors else session.pending[1]  # type: ignore[index]
+            if kind == "forward":
+                meta, out = {"step": step}, {"y": np.asarray(self.part.forward(x))}
+            else:
+                meta, out = {"step": step, "vectors": len(tensors["grad"])}, self._vjp(x, tensors["grad"])
+                session.vjp = Answer(kind, digest, meta, out)
+            session.pending = (step, x)
             self.sessions[client] = session
-            return {"step": step}, {"y": out}
-        x = session.pending[1] if kind == "backward" else tensors["x"]  # type: ignore[index]
-        grad, loss = self.part.step(x, grad_out=tensors.get("grad"), labels=tensors.get("labels"), lr=lr)
+            return meta, out
+        if kind == "apply":
+            assert self.params is not None
+            self.part.apply({name: tensors[PARAM + name] for name in self.params}, lr=lr)
+            grad = loss = None
+        else:
+            x = session.pending[1] if kind == "backward" else tensors["x"]  # type: ignore[index]
+            grad, loss = self.part.step(x, grad_out=tensors.get("grad"), labels=tensors.get("labels"), lr=lr,
+                                        want_grad=want_grad)
         out = {} if grad is None else {"grad": np.asarray(grad)}
         meta = {"step": step, "loss": _loss_json(loss), "server_steps": int(self.part.trainer.steps)}
-        session.last, session.pending = step, None
+        session.last, session.pending, session.vjp = step, None, None
         session.answer = Answer(kind, digest, meta, out)
         self.sessions[client] = session
         self._since += 1
@@ -215,6 +280,14 @@ class Host:
             except (CheckpointError, TrainingFailed) as ex:  # the step stands (its answer is cached): say so, go on
                 print(f"pockprop serve: warning: no checkpoint after step {step} of {client!r}: {ex}", file=sys.stderr)
         return meta, out
+
+    def _vjp(self, x: np.ndarray, grads: np.ndarray) -> dict[str, np.ndarray]:
+        """The part's vjp for each of the stacked output gradients, stacked the same way: `grad` (input
+        gradients) and PARAM + name (each trained tensor's)."""
+        assert self.params is not None
+        res = self.part.vjp(x, list(grads))
+        return {"grad": np.stack([np.asarray(g) for g, _ in res])} | {
+            PARAM + name: np.stack([np.asarray(p[name]) for _, p in res]) for name in self.params}
 
     # -- checkpoints ------------------------------------------------------------------------------------
     def save(self) -> str | None:
@@ -248,11 +321,11 @@ class Host:
         tensors: dict[str, np.ndarray] = {}
         clients = {}
         for i, (client, s) in enumerate(sorted(self.sessions.items())):
-            entry: dict[str, Any] = {"last": s.last, "answer": None, "pending": None}
-            if s.answer is not None:
-                a = s.answer
-                entry["answer"] = {"kind": a.kind, "digest": a.digest, "meta": a.meta, "tensors": list(a.tensors)}
-                tensors |= {f"{i}/answer/{k}": v for k, v in a.tensors.items()}
+            entry: dict[str, Any] = {"last": s.last, "answer": None, "pending": None, "vjp": None}
+            for field, a in (("answer", s.answer), ("vjp", s.vjp)):
+                if a is not None:
+                    entry[field] = {"kind": a.kind, "digest": a.digest, "meta": a.meta, "tensors": list(a.tensors)}
+                    tensors |= {f"{i}/{field}/{k}": v for k, v in a.tensors.items()}
             if s.pending is not None:
                 entry["pending"] = s.pending[0]
                 tensors[f"{i}/pending"] = s.pending[1]
@@ -294,10 +367,9 @@ class Host:
             sessions = {}
             for i, (client, e) in enumerate(sorted(doc["clients"].items())):
                 s = Session(last=int(e["last"]))
-                if e["answer"] is not None:
-                    a = e["answer"]
-                    s.answer = Answer(a["kind"], a["digest"], a["meta"],
-                                      {k: tensors[f"{i}/answer/{k}"] for k in a["tensors"]})
+                s.answer, s.vjp = (None if e.get(field) is None else Answer(
+                    e[field]["kind"], e[field]["digest"], e[field]["meta"],
+                    {k: tensors[f"{i}/{field}/{k}"] for k in e[field]["tensors"]}) for field in ("answer", "vjp"))
                 if e["pending"] is not None:
                     s.pending = (int(e["pending"]), tensors[f"{i}/pending"])
                 sessions[client] = s

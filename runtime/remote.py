@@ -1,5 +1,5 @@
 """A part of a split model hosted by `pockprop serve`, used like a local one: `RemotePart` has the `info`,
-`forward` and `step` of runtime.split.Part, so a training loop does not care where a part runs.
+`forward`, `step`, `vjp` and `apply` of runtime.split.Part, so a training loop does not care where a part runs.
 
 What stays true:
 - Each training step carries the next step number of this client (1, 2, ...), and a retry re-sends the very
@@ -7,7 +7,10 @@ What stays true:
   applied twice. Connection errors, timeouts and 503 answers are retried with exponential backoff; after the
   last try RemoteUnavailable says the step may or may not have been applied (re-sending it is safe).
 - A 4xx answer raises RemoteError with the server's one-line reason; nothing changed on the server.
-- `step` after `forward` of the same activation sends only the gradient (the server kept the activation).
+- `step` and `vjp` after `forward` of the same activation send only the gradients (the server kept the
+  activation). `vjp` and `apply` are one step (one number) of private backpropagation: `vjp` sends the m
+  output gradients and changes nothing, `apply` sends the combined parameter gradients and is the update.
+- `step(..., want_grad=False)` asks for no input gradient: none crosses the network.
 - `sent` / `received` count the bytes of every HTTP message (request line, headers, body; retries
   included), and `traffic` holds them per step.
 """
@@ -23,8 +26,8 @@ from urllib.parse import quote, urlsplit
 import numpy as np
 
 from pockprop.artifact.contract import TensorSpec
-from pockprop.errors import RemoteError, RemoteUnavailable
-from pockprop.runtime.wire import CONTENT_TYPE, WireError, decode, encode
+from pockprop.errors import DataError, RemoteError, RemoteUnavailable
+from pockprop.runtime.wire import CONTENT_TYPE, PARAM, WireError, decode, encode
 
 PREFIX = "/v1/"
 
@@ -106,24 +109,53 @@ class RemotePart:
         self._pending = (self.next_step, x.copy())
         return out["y"]
 
-    def step(self, x: Any, grad_out: Any = None, labels: Any = None,
-             lr: float | None = None) -> tuple[np.ndarray | None, float | None]:
-        """One training step of the remote part: (gradient of its input, loss or None)."""
+    def step(self, x: Any, grad_out: Any = None, labels: Any = None, lr: float | None = None,
+             want_grad: bool = True) -> tuple[np.ndarray | None, float | None]:
+        """One training step of the remote part: (gradient of its input, or None with `want_grad` False;
+        loss or None)."""
         x = np.asarray(x)
-        pending = self._pending
-        if labels is None and grad_out is not None and pending is not None and pending[0] == self.next_step \
-                and pending[1].shape == x.shape and np.array_equal(pending[1], x):
-            meta, out = self._post("backward", {"grad": np.asarray(grad_out)}, lr)
+        extra = {} if want_grad else {"want_grad": False}
+        if labels is None and grad_out is not None and self._forwarded(x):
+            meta, out = self._post("backward", {"grad": np.asarray(grad_out)}, lr, extra)
         else:
             tensors = {"x": x} | ({} if grad_out is None else {"grad": np.asarray(grad_out)}) | (
                 {} if labels is None else {"labels": np.asarray(labels)})
-            meta, out = self._post("step", tensors, lr)
+            meta, out = self._post("step", tensors, lr, extra)
+        self._stepped()
+        loss = meta.get("loss")
+        return out.get("grad"), None if loss is None else float(loss)
+
+    def vjp(self, x: Any, grad_outs: Any) -> list[tuple[np.ndarray, dict[str, np.ndarray]]]:
+        """For each output gradient, the gradient of the part's input and of each trained tensor at the
+        server's current state, updating nothing (runtime.split.Part.vjp); the step's `apply` comes next."""
+        x, grads = np.asarray(x), [np.asarray(g) for g in grad_outs]
+        if not grads or len({(g.shape, g.dtype) for g in grads}) != 1:
+            raise DataError(f"vjp: expected one or more output gradients of one shape and dtype, got "
+                            f"{[(list(g.shape), g.dtype.name) for g in grads]}"[:300])
+        stacked = np.stack(grads)
+        _, out = self._post("vjp", {"grad": stacked} if self._forwarded(x) else {"x": x, "grad": stacked})
+        params = {k.removeprefix(PARAM): v for k, v in out.items() if k.startswith(PARAM)}
+        try:
+            return [(out["grad"][i], {k: v[i] for k, v in params.items()}) for i in range(len(grads))]
+        except (KeyError, IndexError) as ex:
+            raise RemoteError(f"{self.url}: a vjp answer without {len(grads)} gradients ({ex})") from None
+
+    def apply(self, grads: dict[str, Any], lr: float | None = None) -> None:
+        """The step's update with the given gradients (one per trained tensor, runtime.split.Part.apply),
+        after this step's `vjp`."""
+        self._post("apply", {PARAM + k: np.asarray(v) for k, v in grads.items()}, lr)
+        self._stepped()
+
+    def _forwarded(self, x: np.ndarray) -> bool:
+        """The server keeps `x` from this step's forward."""
+        p = self._pending
+        return p is not None and p[0] == self.next_step and p[1].shape == x.shape and np.array_equal(p[1], x)
+
+    def _stepped(self) -> None:
         self._pending = None
         self.next_step += 1
         self.traffic.append((self.sent - self._mark[0], self.received - self._mark[1]))
         self._mark = (self.sent, self.received)
-        loss = meta.get("loss")
-        return out.get("grad"), None if loss is None else float(loss)
 
     def close(self) -> None:
         if self._conn is not None:
@@ -137,9 +169,10 @@ class RemotePart:
         self.close()
 
     # -- the wire -----------------------------------------------------------------------------------
-    def _post(self, kind: str, tensors: dict[str, np.ndarray],
-              lr: float | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        meta = {"client": self.client_id, "split_id": self.split_id, "digest": self.digest, "step": self.next_step}
+    def _post(self, kind: str, tensors: dict[str, np.ndarray], lr: float | None = None,
+              extra: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        meta = {"client": self.client_id, "split_id": self.split_id, "digest": self.digest,
+                "step": self.next_step} | (extra or {})
         if lr is not None:
             meta["lr"] = float(lr)
         body = self._exchange("POST", PREFIX + kind, encode(meta, tensors))

@@ -1,11 +1,12 @@
 """`pockprop serve`: one part of a split model served over HTTP/1.1 to several clients (runtime.host holds the
 protocol; docs/transport.md describes it).
 
-Endpoints: `GET /v1/info[?client=ID]` (JSON), `POST /v1/forward`, `/v1/backward`, `/v1/step` (runtime.wire
-messages both ways). A request must say its Content-Length, and one over what its exchange can need is
-refused (413) before its body is read; a socket idle for `timeout` seconds is closed. Errors answer JSON
-`{"error": one line, "code": reason}` with a 4xx status; the server's state is then unchanged. The standard
-library only: a device or a server needs nothing beyond the runtime's numpy and onnxruntime.
+Endpoints: `GET /v1/info[?client=ID]` (JSON), `POST /v1/forward`, `/v1/backward`, `/v1/step`, `/v1/vjp`,
+`/v1/apply` (runtime.wire messages both ways). A request must say its Content-Length, and one over what its
+exchange can need is refused (413) before its body is read; a socket idle for `timeout` seconds is closed.
+Errors answer JSON `{"error": one line, "code": reason}` with a 4xx status; the server's state is then
+unchanged. The standard library only: a device or a server needs nothing beyond the runtime's numpy and
+onnxruntime.
 """
 from __future__ import annotations
 

@@ -79,11 +79,11 @@ class Part:
         """The part's output on `x` with the current weights: the activation the next part takes."""
         return self.trainer.predict(x)
 
-    def step(self, x: Any, grad_out: Any = None, labels: Any = None,
-             lr: float | None = None) -> tuple[np.ndarray | None, float | None]:
-        """One training step: (the gradient of the part's input or None where it has none, the loss or None
-        below the last part). `grad_out`: the gradient of the part's output (every part but the last);
-        `labels`: the last part's. DataError for a missing, extra or malformed one, or a rejected step (the
+    def step(self, x: Any, grad_out: Any = None, labels: Any = None, lr: float | None = None,
+             want_grad: bool = True) -> tuple[np.ndarray | None, float | None]:
+        """One training step: (the gradient of the part's input or None where it has none or `want_grad` is
+        False, the loss or None below the last part). `grad_out`: the gradient of the part's output (every
+        part but the last); `labels`: the last part's. DataError for a missing, extra or malformed one, or a rejected step (the
         guard's reason: the state is unchanged, and the caller must not pass a gradient down)."""
         if self.info.has_labels:
             if labels is None or grad_out is not None:
@@ -98,9 +98,8 @@ class Part:
         loss = self.trainer.step(x, y, lr=lr)
         if loss is None:
             raise DataError(f"split: part {self.info.index} rejected the step: {self.trainer.last_rejection}")
-        grad = self.trainer.input_gradient() if self.info.spec.input_gradient else None
+        grad = self.trainer.input_gradient() if want_grad and self.info.spec.input_gradient else None
         return grad, (loss if self.info.has_labels else None)
-
 
     # -- private backpropagation (runtime/private_backprop.py): gradients without an update, and the update --
     def _gradient_sessions(self) -> tuple[Any, Any]:
@@ -111,6 +110,14 @@ class Part:
         if self._sessions is None:
             self._sessions = (self.trainer.session(spec.vjp), self.trainer.session(spec.apply))
         return self._sessions
+
+    def gradient_specs(self) -> dict[str, TensorSpec] | None:
+        """The trained tensors that `vjp` differentiates and `apply` updates, by name (shape, dtype); None for
+        a part without gradient graphs."""
+        if self.info.spec.vjp is None:
+            return None
+        return {e.name: TensorSpec(e.name, tuple(e.shape), e.dtype)
+                for e in self.trainer.manifest.state if e.role == StateRole.PARAM}
 
     def vjp(self, x: Any, grad_outs: Sequence[Any]) -> list[tuple[np.ndarray, dict[str, np.ndarray]]]:
         """For each output gradient, the gradient of the part's input and of each trained tensor at the current

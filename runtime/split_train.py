@@ -28,8 +28,8 @@ from pockprop.runtime.split import Part
 class PartLike(Protocol):
     def forward(self, x: Any) -> np.ndarray: ...
 
-    def step(self, x: Any, grad_out: Any = None, labels: Any = None,
-             lr: float | None = None) -> tuple[np.ndarray | None, float | None]: ...
+    def step(self, x: Any, grad_out: Any = None, labels: Any = None, lr: float | None = None,
+             want_grad: bool = True) -> tuple[np.ndarray | None, float | None]: ...
 
 
 def nbytes(a: Any) -> int:
@@ -100,8 +100,8 @@ def split_step(parts: Sequence[PartLike], x: Any, y: Any, traffic: Traffic, lr: 
 def local_step(bottom: Part, head: Part, server: PartLike | None, x: Any, y: Any, traffic: Traffic,
                lr: float | None = None, server_lr: float | None = None) -> float:
     """One local-loss step: the device's part and its auxiliary head step on the head's loss; with a
-    server, the activation (before this update) and the labels go to it and it steps its part alone (the
-    gradient it returns is not waited for, nor sent: a server in this mode may return none)."""
+    server, the activation (before this update) and the labels go to it and it steps its part alone,
+    asked for no input gradient (want_grad=False): none is computed into the answer nor sent."""
     with _Clock(traffic):
         a = bottom.forward(x)
         grad, loss = head.step(a, labels=y, lr=lr)
@@ -109,7 +109,7 @@ def local_step(bottom: Part, head: Part, server: PartLike | None, x: Any, y: Any
         bottom.step(x, grad_out=grad, lr=lr)
     if server is not None:
         traffic.up += nbytes(a) + nbytes(y)
-        server.step(a, labels=y, lr=server_lr)
+        server.step(a, labels=y, lr=server_lr, want_grad=False)
         traffic.server_steps += 1
     traffic.steps += 1
     assert loss is not None

@@ -23,6 +23,7 @@ MAGIC = b"PPT1"
 CONTENT_TYPE = "application/x-pockprop-tensors"
 MAX_HEADER = 64 * 1024  # bytes of JSON: names, shapes and a few scalars, never data
 MAX_DIMS = 8
+PARAM = "param/"  # a trained tensor's gradient travels as PARAM + its name (a `vjp` answer, an `apply` request)
 _PREFIX = struct.Struct("<4sI")
 
 

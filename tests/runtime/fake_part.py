@@ -1,5 +1,6 @@
-"""A numpy stand-in for runtime.split.Part (same `info`, `trainer`, `forward`, `step`): a linear layer
-y = x W + b with its exact gradients and plain SGD, optionally ending in softmax cross-entropy. The transport
+"""A numpy stand-in for runtime.split.Part (same `info`, `trainer`, `forward`, `step`, and with `private` its
+`gradient_specs`, `vjp`, `apply`): a linear layer y = x W + b with its exact gradients and plain SGD,
+optionally ending in softmax cross-entropy; vjp then apply computes exactly what step does. The transport
 tests run it on both sides, so a remote step can be compared bit for bit with a local one."""
 from __future__ import annotations
 
@@ -43,18 +44,19 @@ class FakePart:
     the logits of a softmax cross-entropy over int64 labels (batch,) and the part has no boundary out."""
 
     def __init__(self, index: int = 1, parts: int = 3, n_in: int = 6, n_out: int = 5, batch: int = 4,
-                 labels: bool = False, seed: int = 0, lr: float = 0.1, split_id: str = "fake-split"):
+                 labels: bool = False, seed: int = 0, lr: float = 0.1, split_id: str = "fake-split",
+                 private: bool = False):
         rng = np.random.default_rng(seed)
         w = rng.standard_normal((n_in, n_out)).astype(np.float32)
         b = rng.standard_normal(n_out).astype(np.float32)
         self.config = dict(index=index, parts=parts, n_in=n_in, n_out=n_out, batch=batch, labels=labels, seed=seed,
-                           lr=lr, split_id=split_id)
+                           lr=lr, split_id=split_id, private=private)
         digest = hashlib.sha256(json.dumps(self.config, sort_keys=True).encode()).hexdigest()
         boundary_in = TensorSpec(f"act{index}", (batch, n_in), "float32") if index > 0 else None
         boundary_out = None if labels else TensorSpec(f"act{index + 1}", (batch, n_out), "float32")
         self.info = RemoteInfo(index, parts, split_id, digest, boundary_in, boundary_out, labels)
         self.trainer = FakeTrainer(w, b, TensorSpec("labels", (batch,), "int64") if labels else None, digest)
-        self.lr = lr
+        self.lr, self.private = lr, private
 
     @classmethod
     def load(cls, path: str, threads: int | None = None) -> "FakePart":
@@ -71,8 +73,8 @@ class FakePart:
         t = self.trainer
         return (np.asarray(x, np.float32) @ t.w + t.b).astype(np.float32)
 
-    def step(self, x: Any, grad_out: Any = None, labels: Any = None,
-             lr: float | None = None) -> tuple[np.ndarray | None, float | None]:
+    def step(self, x: Any, grad_out: Any = None, labels: Any = None, lr: float | None = None,
+             want_grad: bool = True) -> tuple[np.ndarray | None, float | None]:
         x = np.asarray(x, np.float32)
         y = self.forward(x)
         loss = None
@@ -88,8 +90,25 @@ class FakePart:
             grad_out = (p / len(labels)).astype(np.float32)
         g = np.asarray(grad_out, np.float32)
         t, rate = self.trainer, np.float32(self.lr if lr is None else lr)
-        grad_in = None if self.info.boundary_in is None else (g @ t.w.T).astype(np.float32)
-        t.w = (t.w - rate * (x.T @ g)).astype(np.float32)
-        t.b = (t.b - rate * g.sum(axis=0)).astype(np.float32)
-        t.steps += 1
+        grad_in = None if self.info.boundary_in is None or not want_grad else (g @ t.w.T).astype(np.float32)
+        self._update(x.T @ g, g.sum(axis=0), rate)
         return grad_in, loss
+
+    def _update(self, gw: np.ndarray, gb: np.ndarray, rate: np.float32) -> None:
+        t = self.trainer
+        t.w = (t.w - rate * gw).astype(np.float32)
+        t.b = (t.b - rate * gb).astype(np.float32)
+        t.steps += 1
+
+    def gradient_specs(self) -> dict[str, TensorSpec] | None:
+        t = self.trainer
+        return {"w": TensorSpec("w", t.w.shape, "float32"), "b": TensorSpec("b", t.b.shape, "float32")} \
+            if self.private else None
+
+    def vjp(self, x: Any, grad_outs: Any) -> list[tuple[np.ndarray, dict[str, np.ndarray]]]:
+        x, t = np.asarray(x, np.float32), self.trainer
+        return [((g @ t.w.T).astype(np.float32), {"w": (x.T @ g).astype(np.float32), "b": g.sum(axis=0)})
+                for g in (np.asarray(g, np.float32) for g in grad_outs)]
+
+    def apply(self, grads: dict[str, Any], lr: float | None = None) -> None:
+        self._update(grads["w"], grads["b"], np.float32(self.lr if lr is None else lr))

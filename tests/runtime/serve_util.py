@@ -116,3 +116,22 @@ class _ProxyHandler(socketserver.StreamRequestHandler):
                     return  # the server applied it; the client never hears
                 self.wfile.write(answer[0])
                 self.wfile.flush()
+
+
+def private_step(bottom: Any, middle: Any, head: Any, x: np.ndarray, y: np.ndarray, rng: np.random.Generator,
+                 m: int = 3) -> float:
+    """One U-shaped step with private backpropagation through `middle`: the head's gradient g goes up hidden
+    as z_1 = g + r among random vectors z_2 = r, z_3, ...; the device combines the answers with (1, -1, 0, ...)
+    and sends the parameter gradients back to be applied (the same calls whether `middle` is local or remote)."""
+    a = bottom.forward(x)
+    h = middle.forward(a)
+    g, loss = head.step(h, labels=y)
+    if m == 1:  # no mask: the true gradient alone
+        ((gin, grads),) = middle.vjp(a, [g])
+    else:
+        r = rng.standard_normal((m - 1, *g.shape)).astype(g.dtype)
+        (gin, p0), (rin, p1), *_ = middle.vjp(a, [g + r[0], *r])
+        gin, grads = gin - rin, {k: p0[k] - p1[k] for k in p0}
+    middle.apply(grads)
+    bottom.step(x, grad_out=gin)
+    return loss

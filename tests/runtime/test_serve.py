@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 
 from pockprop import cli
-from pockprop.errors import CheckpointError, RemoteError, RemoteUnavailable
+from pockprop.errors import CheckpointError, DataError, RemoteError, RemoteUnavailable
 from pockprop.runtime import wire
 from pockprop.runtime.host import POINTER, Host
 from pockprop.runtime.remote import RemotePart
 from tests.runtime.fake_part import FakePart
 from tests.runtime import serve_util
-from tests.runtime.serve_util import DroppingProxy, post, serving
+from tests.runtime.serve_util import DroppingProxy, post, private_step, serving
 
 ROOT = Path(__file__).resolve().parents[2]
 B = 4
@@ -42,6 +42,15 @@ def batch(i: int) -> tuple[np.ndarray, np.ndarray]:
 
 def u_step(bottom: FakePart, middle: Any, head: FakePart, i: int) -> float:
     return serve_util.u_step(bottom, middle, head, *batch(i))
+
+
+def private_parts(seed: int = 0) -> tuple[FakePart, FakePart, FakePart]:
+    bottom, _, head = u_parts(seed)
+    return bottom, FakePart(1, 3, n_in=6, n_out=5, seed=seed + 1, private=True), head
+
+
+def p_step(bottom: FakePart, middle: Any, head: FakePart, i: int, m: int = 3) -> float:
+    return private_step(bottom, middle, head, *batch(i), np.random.default_rng(i), m)
 
 
 def remote(server: Any, part: FakePart, client: str = "c0", **kw: Any) -> RemotePart:
@@ -127,18 +136,20 @@ def test_two_clients_interleaved() -> None:
     assert same_state(mid, ref_mid) and mid.trainer.steps == 4
 
 
-@pytest.mark.parametrize("path", ["/v1/backward", "/v1/forward"])
-def test_a_lost_answer_is_retried_and_applied_once(path: str) -> None:
-    local, served = u_parts(), u_parts()
+@pytest.mark.parametrize("path,private", [("/v1/backward", False), ("/v1/forward", False), ("/v1/vjp", True),
+                                          ("/v1/apply", True)])
+def test_a_lost_answer_is_retried_and_applied_once(path: str, private: bool) -> None:
+    parts, step = (private_parts, p_step) if private else (u_parts, u_step)
+    local, served = parts(), parts()
     with serving(served[1]) as server:
         proxy = DroppingProxy(server.server_address[1], path)
         try:
             with remote(proxy, served[1], retries=2, backoff=0.01) as middle:
-                losses = [u_step(served[0], middle, served[2], i) for i in range(3)]
+                losses = [step(served[0], middle, served[2], i) for i in range(3)]
         finally:
             proxy.close()
     assert proxy.dropped == 1
-    assert losses == [u_step(*local, i) for i in range(3)]
+    assert losses == [step(*local, i) for i in range(3)]
     assert same_state(local[1], served[1]) and served[1].trainer.steps == 3
 
 
@@ -322,3 +333,115 @@ def test_a_checkpoint_of_another_part_or_a_broken_one_is_refused(tmp_path: Path)
             host.resume()
     finally:
         host.close()
+
+
+# -- private backpropagation (vjp, apply) and the input gradient declined --------------------------------------
+def test_private_steps_equal_local_ones_and_the_plain_step() -> None:
+    local, served = private_parts(), private_parts()
+    with serving(served[1]) as server, remote(server, served[1]) as middle:
+        assert middle._exchange("GET", "/v1/info", None)["private"] is True
+        losses = [p_step(served[0], middle, served[2], i) for i in range(3)]
+        sent, received = middle.traffic[-1]
+        assert middle.next_step == 4 and len(middle.traffic) == 3
+        (gin, grads), = middle.vjp(served[0].forward(batch(3)[0]), [np.ones((B, 5), np.float32)])  # x sent along
+        assert gin.shape == (B, 6) and sorted(grads) == ["b", "w"] and grads["w"].shape == (6, 5)
+        with pytest.raises(DataError, match="one or more output gradients"):
+            middle.vjp(gin, [])
+    assert losses == [p_step(*local, i) for i in range(3)]
+    assert all(same_state(a, b) for a, b in zip(local, served))
+    # m = 3: the activation (4 x 6) and three output gradients (4 x 5) up, then the parameter gradients (35);
+    # the output (4 x 5), three input gradients (4 x 6) and three parameter gradient sets (35) down
+    floats = 4 * (B * 6 + 3 * B * 5 + 35 + B * 5 + 3 * (B * 6 + 35))
+    assert floats < sent + received < floats + 2500
+    # unmasked (m = 1), vjp then apply is the plain step bit for bit; masked, up to rounding
+    plain, masked, exact = u_parts(), private_parts(), private_parts()
+    for i in range(3):
+        u_step(*plain, i), p_step(*masked, i), p_step(*exact, i, m=1)
+    assert all(same_state(a, b) for a, b in zip(plain, exact))
+    for name, v in plain[1].trainer.state_dict().items():
+        np.testing.assert_allclose(masked[1].trainer.state_dict()[name], v, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_private_requests_change_nothing() -> None:
+    part = FakePart(1, 3, 6, 5, private=True)
+    now = {"steps": 0, "state": part.trainer.state_dict()}  # what every refusal must leave as it was
+    x, g = np.ones((B, 6), np.float32), np.ones((2, B, 5), np.float32)
+    grads = {"param/w": np.ones((6, 5), np.float32), "param/b": np.ones(5, np.float32)}
+
+    def refused(kind: str, tensors: dict[str, np.ndarray], code: str, match: str, step: int = 1, **kw: Any) -> None:
+        status, doc = post(server.url, kind, meta(part, step=step, **kw), tensors)
+        assert (status // 100, doc.get("code")) == (4, code) and match in doc["error"] or pytest.fail(f"{status}: {doc}")
+        assert "\n" not in doc["error"] and part.trainer.steps == now["steps"]
+        assert all(np.array_equal(v, part.trainer.state_dict()[k]) for k, v in now["state"].items())
+
+    with serving(part) as server:
+        refused("apply", grads, "no_vjp", "apply follows its vjp")
+        refused("vjp", {"grad": g}, "no_forward", "no forward of step 1")
+        refused("vjp", {"x": x, "grad": np.ones((17, B, 5), np.float32)}, "bad_tensor", "m (1 to 16)")
+        refused("vjp", {"x": x, "grad": np.ones((B, 5), np.float32)}, "bad_tensor", "got float32[4, 5]")
+        refused("vjp", {"x": x, "grad": np.full((2, B, 5), np.nan, np.float32)}, "bad_tensor", "NaN or Inf")
+        refused("vjp", {"x": x, "grads": g}, "bad_tensor", "expected ['grad', 'x'] (x optional)")
+        refused("forward", {"x": x}, "bad_request", "want_grad", want_grad=False)
+        status, answer = post(server.url, "vjp", meta(part), {"x": x, "grad": g})
+        assert status == 200 and answer[1]["param/w"].shape == (2, 6, 5) and answer[0]["vectors"] == 2
+        assert post(server.url, "vjp", meta(part), {"x": x, "grad": g})[1][0]["replayed"]  # a retry: the same answer
+        refused("vjp", {"x": x, "grad": 2 * g}, "stale", "answered for other tensors")
+        refused("forward", {"x": x}, "vjp_answered", "its apply comes next")
+        refused("step", {"x": x, "grad": g[0]}, "vjp_answered", "its apply comes next")
+        refused("apply", grads | {"param/v": grads["param/b"]}, "bad_tensor", "carries tensors")
+        refused("apply", {"param/w": grads["param/w"].T.copy(), "param/b": grads["param/b"]}, "bad_tensor",
+                "expected float32[6, 5]")
+        refused("apply", grads | {"param/b": np.full(5, np.inf, np.float32)}, "bad_tensor", "NaN or Inf")
+        refused("apply", grads, "gap", "after step 0", step=2)
+        assert post(server.url, "apply", meta(part), grads)[0] == 200 and part.trainer.steps == 1
+        now = {"steps": 1, "state": part.trainer.state_dict()}
+        assert post(server.url, "apply", meta(part), grads)[1][0]["replayed"]  # a retry: not applied again
+        refused("apply", {k: 2 * v for k, v in grads.items()}, "stale", "applied with other tensors")
+        refused("vjp", {"x": x, "grad": g}, "stale", "not after its last applied step")
+    plain = FakePart(1, 3, 6, 5)
+    with serving(plain) as server:
+        status, doc = post(server.url, "vjp", meta(plain), {"x": x, "grad": g})
+        assert (status, doc["code"]) == (409, "no_gradients") and "--private-backprop" in doc["error"]
+        with remote(server, plain) as client, pytest.raises(RemoteError, match="no private backpropagation"):
+            client.apply({"w": grads["param/w"], "b": grads["param/b"]})
+
+
+def test_a_restart_between_vjp_and_apply_continues_bit_for_bit(tmp_path: Path) -> None:
+    local, served = private_parts(), private_parts()
+    ref = [p_step(*local, i) for i in range(4)]
+    ckpt = str(tmp_path / "ckpt")
+    with serving(served[1], ckpt, every=1, save_on_stop=True) as server, remote(server, served[1]) as middle:
+        got = [p_step(served[0], middle, served[2], i) for i in range(2)]
+        x, y = batch(2)  # step 3 up to its vjp; then the server stops (a checkpoint holds the vjp answer)
+        a = served[0].forward(x)
+        g, loss = served[2].step(middle.forward(a), labels=y)
+        r = np.random.default_rng(2).standard_normal((2, *g.shape)).astype(g.dtype)
+        (gin, p0), (rin, p1), _ = middle.vjp(a, [g + r[0], *r])
+    restarted = FakePart(1, 3, 6, 5, seed=1, private=True)
+    with serving(restarted, ckpt, every=1, resume=True) as server, remote(server, restarted) as middle:
+        assert middle.next_step == 3 and restarted.trainer.steps == 2
+        with pytest.raises(RemoteError, match="its apply comes next"):
+            middle.forward(a)
+        status, (m, again) = post(server.url, "vjp", meta(served[1], step=3), {"grad": np.stack([g + r[0], *r])})
+        assert status == 200 and m["replayed"] and np.array_equal(again["grad"][1], rin)  # the very same request
+        assert all(np.array_equal(again["param/" + k][0], v) for k, v in p0.items())
+        middle.apply({k: p0[k] - p1[k] for k in p0})
+        served[0].step(x, grad_out=gin - rin)
+        got += [loss, p_step(served[0], middle, served[2], 3)]
+    assert got == ref and same_state(restarted, local[1]) and same_state(served[0], local[0])
+
+
+def test_a_declined_input_gradient_is_not_sent() -> None:
+    local, served = u_parts(), u_parts()
+    with serving(served[1]) as server, remote(server, served[1]) as middle:
+        for i, want in enumerate((True, True, False, False)):  # backward (after a forward), then step (x sent)
+            a, ref_a = served[0].forward(batch(i)[0]), local[0].forward(batch(i)[0])
+            h = middle.forward(a) if i < 3 else served[1].forward(a)
+            g2, _ = served[2].step(h, labels=batch(i)[1])
+            ref_g2, _ = local[2].step(local[1].forward(ref_a), labels=batch(i)[1])
+            got, _ = middle.step(a, grad_out=g2, want_grad=want)
+            ref, _ = local[1].step(ref_a, grad_out=ref_g2, want_grad=want)
+            assert (got is None) == (ref is None) == (not want) and (not want or np.array_equal(got, ref))
+    assert same_state(local[1], served[1]) and served[1].trainer.steps == 4
+    # the same exchanges but the input gradient (4 x 6 float32) and its entry in the JSON header
+    assert 4 * B * 6 < middle.traffic[1][1] - middle.traffic[2][1] < 4 * B * 6 + 100

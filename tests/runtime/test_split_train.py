@@ -85,7 +85,9 @@ def test_pruning_scores_on_the_device_and_keeps_the_hardest(tmp_path):
     x, y = rng.standard_normal((12, 3, 8, 8)).astype(np.float32), rng.integers(0, 5, 12)
     traffic = Traffic()
     kept = pruned(bottom, head, x, y, 0.5, "el2n", traffic)
-    assert len(kept) == 6 and list(kept) == sorted(kept) and traffic.up == traffic.down == 0
+    per_class = [int(np.ceil(0.5 * (y == c).sum())) for c in np.unique(y)]  # half of each class, rounded up
+    assert [int((y[kept] == c).sum()) for c in np.unique(y)] == per_class
+    assert list(kept) == sorted(kept) and traffic.up == traffic.down == 0
     assert list(pruned(bottom, head, x, y, 1.0, "el2n", traffic)) == list(range(12))
 
 
