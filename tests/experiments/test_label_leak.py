@@ -1,0 +1,51 @@
+"""The label-leak attacks' scoring (experiments/label_leak.py) and one short run of both modes."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from experiments.label_leak import auc, direction_scores, leak_auc, least_energy, norm_scores, spectral_scores, train
+from pockprop.runtime.private_backprop import mask
+
+
+def test_auc_matches_sklearn_with_ties():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        y = rng.integers(0, 2, 30)
+        y[:2] = [0, 1]
+        s = rng.integers(0, 5, 30).astype(float)  # many ties
+        assert auc(s, y) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    assert auc([0.1, 0.2, 0.9], [0, 0, 1]) == 1.0 and auc([0.9, 0.2, 0.1], [1, 0, 0]) == 1.0
+    assert auc([1.0, 1.0], [0, 1]) == 0.5
+    assert leak_auc([0.9, 0.8, 0.1], [0, 0, 1]) == 1.0  # a reversed score leaks as much
+    with pytest.raises(ValueError, match="both"):
+        auc([1.0, 2.0], [1, 1])
+
+
+def test_scores():
+    v = np.array([[3.0, 4.0], [0.0, -2.0], [6.0, 8.0]])
+    np.testing.assert_allclose(norm_scores(v), [5, 2, 10])
+    np.testing.assert_allclose(direction_scores(v, 0), [1, -0.8, 1])
+    s = spectral_scores(np.array([[0.0], [0.1], [-0.1], [0.05], [5.0]]))
+    assert s.argmax() == 4  # the lone outlier scores highest
+
+
+def test_least_energy_recovers_the_gradient_from_one_server_view():
+    """The documented limit: the span of what one server receives contains g, and with large noise g is its
+    least-energy direction."""
+    g = np.random.default_rng(0).standard_normal((16, 8))
+    guess = least_energy(mask(g, 2, seed=0).vectors)
+    cos = abs(guess.ravel() @ g.ravel()) / np.linalg.norm(guess) / np.linalg.norm(g)
+    assert cos > 0.99
+
+
+def test_protected_training_equals_plain_and_hides_the_cut_gradient():
+    plain, private = train("plain", epochs=1), train("private", m=2, epochs=1)
+    for n, w in plain["middle"].items():
+        np.testing.assert_allclose(private["middle"][n], w, rtol=1e-4, atol=1e-5)
+    assert private["accuracy"] == plain["accuracy"]
+    assert plain["epochs"][0]["g"]["norm"] > 0.9 and plain["epochs"][0]["g"]["direction"] > 0.9
+    for name in ("z0", "z1", "z0+z1", "z0-z1"):
+        assert max(private["epochs"][0][name].values()) < 0.65, name
+    assert private["server_backwards_per_step"] == 2 and private["bytes_up_per_step"] > 2 * plain["bytes_up_per_step"]
