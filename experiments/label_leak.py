@@ -35,7 +35,7 @@ import time
 
 import numpy as np
 
-from pockprop.runtime.private_backprop import mask, combine, combine_params
+from pockprop.runtime.private_backprop import combine, combine_params, mask
 
 
 # ---- attack scores and the rank-based AUC (numpy only) ----
@@ -144,9 +144,58 @@ def _data(positive: int):
     return x, (y == positive).astype(np.int64), xt, (yt == positive).astype(np.int64)
 
 
-def train(mode: str, *, m: int = 2, epochs: int = 6, batch: int = 32, lr: float = 0.1, seed: int = 0,
-          positive: int = 0, scale: float = 8.0) -> dict:
-    """One run; returns per-epoch attack AUCs, the accuracy, the final middle weights and the costs."""
+def mixing_coefficients(n: int, width: int, std: float, rng: np.random.Generator) -> np.ndarray:
+    """P3EFT's secret mixing weights (n, width): c_i = 1/n + sum_j a_ij, a antisymmetric with N(0, std^2)
+    entries, so every feature's weights sum to 1 and equal parameter sets start as the unmixed model."""
+    a = np.zeros((n, n, width))
+    for i, j in itertools.combinations(range(n), 2):
+        a[i, j] = std * rng.standard_normal(width)
+        a[j, i] = -a[i, j]
+    return 1.0 / n + a.sum(axis=1)
+
+
+def _fit_adversary(h: np.ndarray, y: np.ndarray):
+    """The client's stand-in for the server's attacker on one parameter set's activations: a logistic regression."""
+    from sklearn.linear_model import LogisticRegression
+
+    return LogisticRegression(max_iter=200).fit(h.reshape(len(h), -1), y)
+
+
+class _Observed:
+    """Per epoch, per quantity the server sees, each attack's scores of every sample but the known positive."""
+
+    def __init__(self):
+        self.scores: dict[str, dict[str, list]] = {}
+        self.labels: list[np.ndarray] = []
+
+    def add(self, seen: dict[str, np.ndarray], y: np.ndarray) -> None:
+        pos = np.flatnonzero(y == 1)
+        if not len(pos):
+            return
+        keep = np.arange(len(y)) != pos[0]
+        for name, v in seen.items():
+            o = self.scores.setdefault(name, {"norm": [], "direction": [], "spectral": []})
+            o["norm"].append(norm_scores(v)[keep])
+            o["direction"].append(direction_scores(v, pos[0])[keep])
+            o["spectral"].append(spectral_scores(v)[keep])
+        self.labels.append(y[keep])
+
+    def aucs(self) -> dict[str, dict[str, float]]:
+        lab = np.concatenate(self.labels)
+        return {name: {att: leak_auc(np.concatenate(s), lab) for att, s in o.items()}
+                for name, o in self.scores.items()}
+
+
+def train(mode: str, *, m: int = 2, n: int = 2, epochs: int = 6, batch: int = 32, lr: float = 0.1,
+          seed: int = 0, positive: int = 0, scale: float = 8.0, mix_std: float = 1.0, adv: float = 1.0) -> dict:
+    """One run; returns per-epoch attack AUCs, the accuracy, the final middle weights and the costs.
+
+    mode: "plain" (the server gets g), "private" (m masked vectors), "mixed" (n parameter sets of the server's
+    part mixed by the client with secret coefficients, each trained through private backprop with m vectors,
+    plus the adversarial regulariser of weight ``adv`` from the second epoch on).
+    """
+    import copy
+
     import torch
     import torch.nn.functional as F
 
@@ -154,123 +203,163 @@ def train(mode: str, *, m: int = 2, epochs: int = 6, batch: int = 32, lr: float 
     x, y, xt, yt = _data(positive)
     bottom, middle, top = _model(seed)
     order_rng, mask_rng = np.random.default_rng(seed), np.random.default_rng(seed + 1)
-    epochs_out, bytes_up, bytes_down, vjps, t_mask = [], 0, 0, 0, 0.0
+    copies = [copy.deepcopy(middle) for _ in range(n)] if mode == "mixed" else [middle]
+    initial = copy.deepcopy(middle)  # the server's own reference: what its part computed before training
+    coef = mixing_coefficients(len(copies), 32, mix_std, mask_rng) if mode == "mixed" else np.ones((1, 32))
+    coef_t = torch.from_numpy(coef.astype(np.float32))[:, None, :]
+    adversaries, prior = None, float(y.mean())
+    epochs_out, bytes_up, bytes_down, vjps, t_mask, rel_err = [], 0, 0, 0, 0.0, 0.0
     for epoch in range(epochs):
-        obs: dict[str, list] = {}
-        labels_seen, upd_norm, pos_count = [], [], []
+        observed, upd_norm, pos_count, hs_epoch = _Observed(), [], [], [[] for _ in copies]
         perm = order_rng.permutation(len(x))
         for start in range(0, len(x) - batch + 1, batch):
             idx = perm[start:start + batch]
             xb, yb = torch.from_numpy(x[idx]), torch.from_numpy(y[idx])
             a = bottom(xb)
             a_np = a.detach().numpy()
-            h = middle(torch.from_numpy(a_np))
-            h_np = h.detach().numpy()
-            hc = torch.from_numpy(h_np).requires_grad_(True)
-            loss = F.cross_entropy(top(hc), yb)
-            top_grads = torch.autograd.grad(loss, [hc, *top.parameters()])
-            g = top_grads[0].numpy()
-            vjp = server_vjp(middle, a_np)
-            if mode == "plain":
-                ((grad_a, mid_grads),) = vjp([g])
-                seen = {"g": g}
-                bytes_up += g.nbytes
-                bytes_down += grad_a.nbytes
-                vjps += 1
-            else:
-                t0 = time.perf_counter()
-                masked = mask(g, m, rng=mask_rng, scale=scale)
-                t_mask += time.perf_counter() - t0
-                answers = vjp(list(masked.vectors))
-                grad_a = combine(masked.secret, [ans[0] for ans in answers])
-                mid_grads = combine_params(masked.secret, [ans[1] for ans in answers])
-                seen = combinations(masked.vectors)
-                seen["least-energy"] = least_energy(masked.vectors)
-                bytes_up += sum(v.nbytes for v in masked.vectors) + sum(v.nbytes for v in mid_grads.values())
-                bytes_down += sum(ans[0].nbytes + sum(t.nbytes for t in ans[1].values()) for ans in answers)
-                vjps += m
-            seen["h (forward)"] = h_np
-            pos = np.flatnonzero(y[idx] == 1)
-            if len(pos):
-                keep = np.arange(batch) != pos[0]
-                for name, v in seen.items():
-                    o = obs.setdefault(name, {"norm": [], "direction": [], "spectral": []})
-                    o["norm"].append(norm_scores(v)[keep])
-                    o["direction"].append(direction_scores(v, pos[0])[keep])
-                    o["spectral"].append(spectral_scores(v)[keep])
-                labels_seen.append(y[idx][keep])
-            upd_norm.append(np.sqrt(sum(float((t ** 2).sum()) for t in mid_grads.values())))
+            with torch.no_grad():
+                hs_np = [mid(torch.from_numpy(a_np)).numpy() for mid in copies]
+                h0 = initial(torch.from_numpy(a_np)).numpy()
+            hs = [torch.from_numpy(h).requires_grad_(True) for h in hs_np]
+            loss = F.cross_entropy(top((coef_t * torch.stack(hs)).sum(0)), yb)
+            if adversaries is not None and adv > 0:
+                for h, lr_model in zip(hs, adversaries):
+                    logit = h @ torch.from_numpy(lr_model.coef_[0].astype(np.float32)) + float(lr_model.intercept_[0])
+                    loss = loss + adv * F.binary_cross_entropy_with_logits(logit, torch.full_like(logit, prior))
+            grads = torch.autograd.grad(loss, [*hs, *top.parameters()])
+            cut, top_grads = [g.numpy() for g in grads[:len(hs)]], grads[len(hs):]
+            seen = {"a (server input)": a_np}
+            grad_a = np.zeros_like(a_np)
+            all_mid_grads = []
+            for i, (mid, g) in enumerate(zip(copies, cut)):
+                tag = f"copy {i}: " if mode == "mixed" else ""
+                vjp = server_vjp(mid, a_np)
+                if mode == "plain":
+                    ((gi, mid_grads),) = vjp([g])
+                    seen["g"] = g
+                    bytes_up += g.nbytes
+                    bytes_down += gi.nbytes
+                    vjps += 1
+                else:
+                    t0 = time.perf_counter()
+                    masked = mask(g, m, rng=mask_rng, scale=scale)
+                    t_mask += time.perf_counter() - t0
+                    answers = vjp(list(masked.vectors))
+                    gi = combine(masked.secret, [ans[0] for ans in answers])
+                    mid_grads = combine_params(masked.secret, [ans[1] for ans in answers])
+                    ((true_gi, _),) = vjp([g])  # measurement only: the combination's rounding error
+                    rel_err = max(rel_err, float(np.abs(gi - true_gi).max() / max(np.abs(true_gi).max(), 1e-30)))
+                    seen.update({tag + k: v for k, v in combinations(masked.vectors).items()})
+                    seen[tag + "least-energy"] = least_energy(masked.vectors)
+                    bytes_up += sum(v.nbytes for v in masked.vectors) + sum(v.nbytes for v in mid_grads.values())
+                    bytes_down += sum(ans[0].nbytes + sum(t.nbytes for t in ans[1].values()) for ans in answers)
+                    vjps += m
+                seen[tag + "h (forward)"] = hs_np[i]
+                seen[tag + "h - h at start"] = hs_np[i] - h0
+                hs_epoch[i].append(hs_np[i])
+                grad_a += gi
+                all_mid_grads.append(mid_grads)
+            if mode == "mixed":
+                seen["sum of the copies' h"] = sum(hs_np)
+            observed.add(seen, y[idx])
+            upd_norm.append(np.sqrt(sum(float((t ** 2).sum()) for mg in all_mid_grads for t in mg.values())))
             pos_count.append(int(y[idx].sum()))
-            # every party's SGD step: the client's parts with its own gradients, the server's with mid_grads
+            # every party's SGD step: the client's parts with its own gradients, the server's with the combined ones
             a.backward(torch.from_numpy(grad_a))
             with torch.no_grad():
-                for p, gp in zip(top.parameters(), top_grads[1:]):
+                for p, gp in zip(top.parameters(), top_grads):
                     p -= lr * gp
-                for n, p in middle.named_parameters():
-                    p -= lr * torch.from_numpy(mid_grads[n])
+                for mid, mid_grads in zip(copies, all_mid_grads):
+                    for name, p in mid.named_parameters():
+                        p -= lr * torch.from_numpy(mid_grads[name])
                 for p in bottom.parameters():
                     p -= lr * p.grad
                     p.grad = None
-        lab = np.concatenate(labels_seen)
-        row = {name: {att: leak_auc(np.concatenate(s), lab) for att, s in o.items()} for name, o in obs.items()}
+        row = observed.aucs()
         rho = np.corrcoef(np.argsort(np.argsort(upd_norm)), np.argsort(np.argsort(pos_count)))[0, 1]
         row["update norm vs #positives (Spearman)"] = float(rho)
         epochs_out.append(row)
+        if mode == "mixed":
+            ys = y[perm[:len(hs_epoch[0]) * batch]]
+            adversaries = [_fit_adversary(np.concatenate(h), ys) for h in hs_epoch]
     with torch.no_grad():
-        pred = top(middle(bottom(torch.from_numpy(xt)))).argmax(1).numpy()
+        a = bottom(torch.from_numpy(xt))
+        pred = top((coef_t * torch.stack([mid(a) for mid in copies])).sum(0)).argmax(1).numpy()
     steps = epochs * (len(x) // batch)
     return {"epochs": epochs_out, "accuracy": float((pred == yt).mean()),
             "balanced_accuracy": float(0.5 * ((pred[yt == 1] == 1).mean() + (pred[yt == 0] == 0).mean())),
-            "middle": {n: p.detach().numpy().copy() for n, p in middle.named_parameters()},
+            "middle": {name: p.detach().numpy().copy() for name, p in copies[0].named_parameters()},
             "bytes_up_per_step": bytes_up / steps, "bytes_down_per_step": bytes_down / steps,
-            "server_backwards_per_step": vjps / steps, "mask_ms_per_step": 1e3 * t_mask / steps}
+            "server_backwards_per_step": vjps / steps, "mask_ms_per_step": 1e3 * t_mask / steps,
+            "max_rel_error": rel_err}
 
 
 # ---- the tables ----
 
-def _fmt_row(name: str, r: dict) -> str:
-    return f"| {name} | {r['norm']:.3f} | {r['direction']:.3f} | {r['spectral']:.3f} |"
+RUNS = {  # name -> train() arguments
+    "plain": {"mode": "plain"},
+    "private m=2": {"mode": "private", "m": 2},
+    "private m=3": {"mode": "private", "m": 3},
+    "mixed n=2, m=2": {"mode": "mixed", "n": 2, "m": 2, "adv": 0.0},
+    "mixed n=2, m=2, adversarial 1.0": {"mode": "mixed", "n": 2, "m": 2, "adv": 1.0},
+}
+
+
+def _received(name: str) -> bool:
+    """A quantity formed from the masked vectors alone (each, sums, differences), not the adaptive attack."""
+    tail = name.split(": ")[-1]
+    return tail.startswith("z") or tail == "sum"
+
+
+def summary(row: dict) -> dict[str, float]:
+    """Worst leak AUC over the three attacks, per kind of observed quantity (forward, gradient channel)."""
+    worst: dict[str, float] = {}
+    for name, r in row.items():
+        if not isinstance(r, dict):
+            continue
+        if _received(name):
+            key = "received vectors, their sums and differences"
+        else:
+            key = name.split(": ")[-1].replace("sum of the copies' h", "h (forward)")
+        worst[key] = max(worst.get(key, 0.0), *r.values())
+    return worst
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=6)
-    ap.add_argument("--m", type=int, nargs="+", default=[2, 3])
-    ap.add_argument("--scale", type=float, default=8.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    runs = {"plain": train("plain", epochs=args.epochs, seed=args.seed)}
-    for m in args.m:
-        runs[f"m={m}"] = train("private", m=m, epochs=args.epochs, seed=args.seed, scale=args.scale)
-    plain = runs["plain"]
-    print("### Leak AUC per epoch (norm / direction attack), first to last epoch\n")
-    print("| run | observed | " + " | ".join(f"epoch {e + 1}" for e in range(args.epochs)) + " |")
+    runs = {name: train(epochs=args.epochs, seed=args.seed, **RUNS[name]) for name in args.runs}
+    print("### Worst leak AUC (max over the norm, direction and spectral attacks) per epoch\n")
+    print("| run | observed | " + " | ".join(f"ep {e + 1}" for e in range(args.epochs)) + " |")
     print("|---|---|" + "---|" * args.epochs)
     for run, res in runs.items():
-        names = [n for n in res["epochs"][0] if isinstance(res["epochs"][0][n], dict)]
-        for n in names:
-            cells = " | ".join(f"{e[n]['norm']:.2f} / {e[n]['direction']:.2f}" for e in res["epochs"])
-            print(f"| {run} | {n} | {cells} |")
-    print("\n### Last epoch: leak AUC by attack\n")
+        rows = [summary(e) for e in res["epochs"]]
+        for key in rows[0]:
+            print(f"| {run} | {key} | " + " | ".join(f"{r[key]:.2f}" for r in rows) + " |")
+    print("\n### Last epoch, each observed quantity and attack\n")
+    print("| run | observed | norm | direction | spectral |\n|---|---|---|---|---|")
     for run, res in runs.items():
-        last = res["epochs"][-1]
-        print(f"\n{run}\n\n| observed | norm | direction | spectral |\n|---|---|---|---|")
-        for n, r in last.items():
+        for name, r in res["epochs"][-1].items():
             if isinstance(r, dict):
-                print(_fmt_row(n, r))
-        print(f"\nupdate norm vs #positives in the batch (Spearman, last epoch): "
-              f"{last['update norm vs #positives (Spearman)']:.3f}")
+                print(f"| {run} | {name} | {r['norm']:.3f} | {r['direction']:.3f} | {r['spectral']:.3f} |")
     print("\n### Cost and accuracy\n")
-    print("| run | test accuracy | balanced accuracy | max abs diff of server weights vs plain | "
-          "bytes up / step | bytes down / step | server backwards / step | masking ms / step |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| run | test acc. | balanced acc. | server weights vs plain (max abs diff) | combination rel. error "
+          "(max per step) | bytes up / step | bytes down / step | server backwards / step | masking ms / step | "
+          "update norm vs #positives (Spearman, last epoch) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    plain = runs.get("plain")
     for run, res in runs.items():
-        diff = max(float(np.abs(res["middle"][n] - plain["middle"][n]).max()) for n in plain["middle"])
-        print(f"| {run} | {res['accuracy']:.4f} | {res['balanced_accuracy']:.4f} | {diff:.2e} | "
-              f"{res['bytes_up_per_step']:.0f} | {res['bytes_down_per_step']:.0f} | "
-              f"{res['server_backwards_per_step']:.0f} | {res['mask_ms_per_step']:.2f} |")
-    print(f"\n(bytes exclude the forward activations, the same in every run; {time.perf_counter() - t0:.0f} s)")
+        diff = (max(float(np.abs(res["middle"][n] - plain["middle"][n]).max()) for n in plain["middle"])
+                if plain else float("nan"))
+        print(f"| {run} | {res['accuracy']:.4f} | {res['balanced_accuracy']:.4f} | {diff:.1e} | "
+              f"{res['max_rel_error']:.1e} | {res['bytes_up_per_step']:.0f} | {res['bytes_down_per_step']:.0f} | "
+              f"{res['server_backwards_per_step']:.0f} | {res['mask_ms_per_step']:.2f} | "
+              f"{res['epochs'][-1]['update norm vs #positives (Spearman)']:.2f} |")
+    print(f"\n(bytes exclude the forward activations, the same in every unmixed run; {time.perf_counter() - t0:.0f} s)")
 
 
 if __name__ == "__main__":

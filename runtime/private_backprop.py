@@ -187,3 +187,4 @@ def private_vjp(vjp: ServerVjp, g: np.ndarray, m: int = 2, *, seed: int | None =
         raise DataError(f"the server answered {len(answers)} of {masked.m} masked vectors")
     grad_in = combine(masked.secret, [a[0] for a in answers])
     return grad_in, combine_params(masked.secret, [a[1] for a in answers])
+

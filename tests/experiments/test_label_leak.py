@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from experiments.label_leak import auc, direction_scores, leak_auc, least_energy, norm_scores, spectral_scores, train
+from experiments.label_leak import (auc, direction_scores, leak_auc, least_energy, mixing_coefficients, norm_scores,
+                                    spectral_scores, summary, train)
 from pockprop.runtime.private_backprop import mask
 
 
@@ -49,3 +50,17 @@ def test_protected_training_equals_plain_and_hides_the_cut_gradient():
     for name in ("z0", "z1", "z0+z1", "z0-z1"):
         assert max(private["epochs"][0][name].values()) < 0.65, name
     assert private["server_backwards_per_step"] == 2 and private["bytes_up_per_step"] > 2 * plain["bytes_up_per_step"]
+
+
+def test_mixing_coefficients_sum_to_one_per_feature():
+    c = mixing_coefficients(3, 5, 2.0, np.random.default_rng(0))
+    assert c.shape == (3, 5)
+    np.testing.assert_allclose(c.sum(axis=0), 1.0, rtol=1e-12)
+    assert np.abs(c - 1 / 3).max() > 0.5  # secret and far from the plain average
+
+
+def test_summary_groups_what_the_server_received():
+    row = {"z0": {"norm": 0.5, "direction": 0.52}, "z0-z1": {"norm": 0.55, "direction": 0.5},
+           "least-energy": {"norm": 0.9}, "copy 1: h (forward)": {"norm": 0.7}, "update norm": 0.1}
+    assert summary(row) == {"received vectors, their sums and differences": 0.55, "least-energy": 0.9,
+                            "h (forward)": 0.7}

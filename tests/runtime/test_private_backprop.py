@@ -7,24 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from experiments.label_leak import combinations, direction_scores, leak_auc, norm_scores
+from experiments.label_leak import combinations, direction_scores, leak_auc, norm_scores, server_vjp
 from pockprop.errors import DataError
 from pockprop.runtime.private_backprop import combine, combine_params, mask, private_vjp
-
-
-def _torch_vjp(middle: nn.Module, x: np.ndarray):
-    """The server's gradients-only backward, by torch autograd: list of cotangents -> [(grad_x, {name: grad})]."""
-    names, params = zip(*middle.named_parameters())
-
-    def vjp(cotangents):
-        xt = torch.from_numpy(x).requires_grad_(True)
-        out = middle(xt)
-        res = []
-        for z in cotangents:
-            grads = torch.autograd.grad(out, (xt, *params), torch.from_numpy(z), retain_graph=True)
-            res.append((grads[0].numpy(), {n: g.numpy() for n, g in zip(names, grads[1:])}))
-        return res
-    return vjp
 
 
 def _middles(dtype):
@@ -44,7 +29,7 @@ def test_combination_is_the_true_vjp(dtype, rtol, which, m):
     np_dtype = np.float64 if dtype == torch.float64 else np.float32
     x = rng.standard_normal(shape).astype(np_dtype)
     g = rng.standard_normal((shape[0], 4)).astype(np_dtype)
-    vjp = _torch_vjp(middle, x)
+    vjp = server_vjp(middle, x)  # torch autograd: the reference of the server's gradients-only backward
     ((want_x, want_p),) = vjp([g])
     got_x, got_p = private_vjp(vjp, g, m, seed=3)
     # float32: the answers to the (larger) masked vectors each carry their own rounding; scale it by the largest
