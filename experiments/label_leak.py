@@ -95,6 +95,14 @@ def combinations(vectors) -> dict[str, np.ndarray]:
     return out
 
 
+def invert_update(grad_w: np.ndarray, inputs: np.ndarray) -> np.ndarray:
+    """The server's optimizer-inversion attack on a linear layer it trains: its weight gradient is
+    grad_w = G^T @ inputs (G the per-sample gradients of the layer's output, inputs known to the server), so
+    G = (grad_w @ pinv(inputs))^T, exactly where the batch's inputs are linearly independent (batch <= width)."""
+    rows = inputs.reshape(len(inputs), -1).astype(np.float64)
+    return (grad_w.astype(np.float64) @ np.linalg.pinv(rows)).T
+
+
 def least_energy(vectors) -> np.ndarray:
     """The adaptive attacker's guess: the unit combination of the vectors with the smallest Frobenius norm."""
     flat = np.stack([v.reshape(-1).astype(np.float64) for v in vectors])
@@ -187,12 +195,14 @@ class _Observed:
 
 
 def train(mode: str, *, m: int = 2, n: int = 2, epochs: int = 6, batch: int = 32, lr: float = 0.1,
-          seed: int = 0, positive: int = 0, scale: float = 8.0, mix_std: float = 1.0, adv: float = 1.0) -> dict:
+          seed: int = 0, positive: int = 0, scale: float = 8.0, mix_std: float = 1.0, adv: float = 1.0,
+          train_server: bool = True) -> dict:
     """One run; returns per-epoch attack AUCs, the accuracy, the final middle weights and the costs.
 
     mode: "plain" (the server gets g), "private" (m masked vectors), "mixed" (n parameter sets of the server's
     part mixed by the client with secret coefficients, each trained through private backprop with m vectors,
-    plus the adversarial regulariser of weight ``adv`` from the second epoch on).
+    plus the adversarial regulariser of weight ``adv`` from the second epoch on). ``train_server=False``
+    freezes the server's part: its backward returns input gradients only and it applies no update.
     """
     import copy
 
@@ -236,7 +246,7 @@ def train(mode: str, *, m: int = 2, n: int = 2, epochs: int = 6, batch: int = 32
                 vjp = server_vjp(mid, a_np)
                 if mode == "plain":
                     ((gi, mid_grads),) = vjp([g])
-                    seen["g"] = g
+                    seen[tag + "g"] = g
                     bytes_up += g.nbytes
                     bytes_down += gi.nbytes
                     vjps += 1
@@ -246,14 +256,21 @@ def train(mode: str, *, m: int = 2, n: int = 2, epochs: int = 6, batch: int = 32
                     t_mask += time.perf_counter() - t0
                     answers = vjp(list(masked.vectors))
                     gi = combine(masked.secret, [ans[0] for ans in answers])
-                    mid_grads = combine_params(masked.secret, [ans[1] for ans in answers])
+                    mid_grads = combine_params(masked.secret, [ans[1] for ans in answers]) if train_server else {}
                     ((true_gi, _),) = vjp([g])  # measurement only: the combination's rounding error
                     rel_err = max(rel_err, float(np.abs(gi - true_gi).max() / max(np.abs(true_gi).max(), 1e-30)))
                     seen.update({tag + k: v for k, v in combinations(masked.vectors).items()})
                     seen[tag + "least-energy"] = least_energy(masked.vectors)
                     bytes_up += sum(v.nbytes for v in masked.vectors) + sum(v.nbytes for v in mid_grads.values())
-                    bytes_down += sum(ans[0].nbytes + sum(t.nbytes for t in ans[1].values()) for ans in answers)
+                    bytes_down += sum(ans[0].nbytes + sum(t.nbytes for t in ans[1].values() if train_server)
+                                      for ans in answers)
                     vjps += m
+                if train_server:
+                    with torch.no_grad():
+                        last_in = mid[:-1](torch.from_numpy(a_np)).numpy()
+                    seen[tag + "applied update, inverted"] = invert_update(mid_grads["4.weight"], last_in)
+                else:
+                    mid_grads = {}
                 seen[tag + "h (forward)"] = hs_np[i]
                 seen[tag + "h - h at start"] = hs_np[i] - h0
                 hs_epoch[i].append(hs_np[i])
@@ -271,12 +288,14 @@ def train(mode: str, *, m: int = 2, n: int = 2, epochs: int = 6, batch: int = 32
                     p -= lr * gp
                 for mid, mid_grads in zip(copies, all_mid_grads):
                     for name, p in mid.named_parameters():
-                        p -= lr * torch.from_numpy(mid_grads[name])
+                        if train_server:
+                            p -= lr * torch.from_numpy(mid_grads[name])
                 for p in bottom.parameters():
                     p -= lr * p.grad
                     p.grad = None
         row = observed.aucs()
-        rho = np.corrcoef(np.argsort(np.argsort(upd_norm)), np.argsort(np.argsort(pos_count)))[0, 1]
+        rho = (np.corrcoef(np.argsort(np.argsort(upd_norm)), np.argsort(np.argsort(pos_count)))[0, 1]
+               if train_server else float("nan"))
         row["update norm vs #positives (Spearman)"] = float(rho)
         epochs_out.append(row)
         if mode == "mixed":
@@ -300,6 +319,8 @@ RUNS = {  # name -> train() arguments
     "plain": {"mode": "plain"},
     "private m=2": {"mode": "private", "m": 2},
     "private m=3": {"mode": "private", "m": 3},
+    "plain, server part frozen": {"mode": "plain", "train_server": False},
+    "private m=2, server part frozen": {"mode": "private", "m": 2, "train_server": False},
     "mixed n=2, m=2": {"mode": "mixed", "n": 2, "m": 2, "adv": 0.0},
     "mixed n=2, m=2, adversarial 1.0": {"mode": "mixed", "n": 2, "m": 2, "adv": 1.0},
 }

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from experiments.label_leak import (auc, direction_scores, leak_auc, least_energy, mixing_coefficients, norm_scores,
-                                    spectral_scores, summary, train)
+from experiments.label_leak import (auc, direction_scores, invert_update, leak_auc, least_energy, mixing_coefficients,
+                                    norm_scores, spectral_scores, summary, train)
 from pockprop.runtime.private_backprop import mask
 
 
@@ -41,6 +41,13 @@ def test_least_energy_recovers_the_gradient_from_one_server_view():
     assert cos > 0.99
 
 
+def test_invert_update_recovers_per_sample_gradients_of_a_linear_layer():
+    """The documented limit on the applied update: a linear layer's weight gradient is G^T X with X known."""
+    rng = np.random.default_rng(0)
+    G, X = rng.standard_normal((8, 3)), rng.standard_normal((8, 20))
+    np.testing.assert_allclose(invert_update(G.T @ X, X), G, atol=1e-9)
+
+
 def test_protected_training_equals_plain_and_hides_the_cut_gradient():
     plain, private = train("plain", epochs=1), train("private", m=2, epochs=1)
     for n, w in plain["middle"].items():
@@ -49,6 +56,7 @@ def test_protected_training_equals_plain_and_hides_the_cut_gradient():
     assert plain["epochs"][0]["g"]["norm"] > 0.9 and plain["epochs"][0]["g"]["direction"] > 0.9
     for name in ("z0", "z1", "z0+z1", "z0-z1"):
         assert max(private["epochs"][0][name].values()) < 0.65, name
+    assert private["epochs"][0]["applied update, inverted"]["norm"] > 0.9  # the applied update is not protected
     assert private["server_backwards_per_step"] == 2 and private["bytes_up_per_step"] > 2 * plain["bytes_up_per_step"]
 
 
