@@ -15,8 +15,8 @@ vectors only:
   direction in the row space of ``g`` (where the label signal lives, so the noise covers it) and a random
   norm of ``scale`` to ``3 * scale`` times the batch's largest gradient row norm;
 - the last is ``(g - sum_{j<m} a_j z_j) / a_m``, i.e. the gradient buried under that noise;
-- the coefficients are fresh for every batch (magnitudes in [1/2, 2], random signs) and the vectors are
-  sent in a random order.
+- the coefficients are fresh for every batch, with random signs and magnitudes about a factor of 2 apart
+  (so no sum or difference of two vectors cancels the noise), and the vectors are sent in a random order.
 
 What stays true, and what does not (docs/split.md, "Label privacy", has the measurements): each vector and
 each fixed combination of them (sums, differences) carry the label signal only as a small perturbation of
@@ -41,7 +41,7 @@ from pockprop.errors import DataError
 __all__ = ["Masked", "mask", "combine", "combine_params", "private_vjp"]
 
 NOISE = ("rowspace", "isotropic")
-_COEF_RANGE = 2.0  # secret coefficients have magnitudes in [1/2, 2]: bounded away from 0 for conditioning
+_JITTER = 0.15  # log2 jitter of the secret coefficients' magnitudes: neighbours stay >= 2^0.7 = 1.6x apart
 _RADIUS_SPREAD = 3.0  # noise row norms in [scale, 3 * scale] x the largest gradient row norm
 
 
@@ -112,7 +112,12 @@ def mask(g: np.ndarray, m: int = 2, *, seed: int | None = None, rng: np.random.G
     unit = float(norms.max()) if norms.max() > 0 else 1.0
     basis = _row_space(rows) if noise == "rowspace" else None
 
-    coef = np.exp(rng.uniform(-np.log(_COEF_RANGE), np.log(_COEF_RANGE), m)) * rng.choice([-1.0, 1.0], m)
+    # Magnitudes a factor of about 2 apart (2^(j - (m-1)/2), jittered), in random order with random signs: no
+    # two are close to equal, so no sum or difference of two vectors cancels the noise and bares g.
+    # The gradient-carrying vector (the last here) takes the largest magnitude, which keeps it and the float
+    # rounding of its answer small; the send order is shuffled below, so this says nothing to the server.
+    levels = np.arange(m) - (m - 1) / 2 + rng.uniform(-_JITTER, _JITTER, m)
+    coef = 2.0 ** np.r_[rng.permutation(levels[:-1]), levels[-1]] * rng.choice([-1.0, 1.0], m)
     vectors = []
     rest = rows.copy()
     for j in range(m - 1):

@@ -49,7 +49,8 @@ def test_invert_update_recovers_per_sample_gradients_of_a_linear_layer():
 
 
 def test_protected_training_equals_plain_and_hides_the_cut_gradient():
-    plain, private = train("plain", epochs=1), train("private", m=2, epochs=1)
+    # lr 0.1: at the experiment's 0.3 this net amplifies float rounding from step to step (docs/split.md)
+    plain, private = train("plain", epochs=1, lr=0.1), train("private", m=2, epochs=1, lr=0.1)
     for n, w in plain["middle"].items():
         np.testing.assert_allclose(private["middle"][n], w, rtol=1e-4, atol=1e-5)
     assert private["accuracy"] == plain["accuracy"]
