@@ -13,7 +13,8 @@ vectors only:
 
 - ``m - 1`` of them are pure noise, drawn without looking at any label: each sample's row has a random
   direction in the row space of ``g`` (where the label signal lives, so the noise covers it) and a random
-  norm of ``scale`` to ``3 * scale`` times the batch's largest gradient row norm;
+  norm of ``scale`` to ``3 * scale`` times a unit: a moving average of earlier batches' largest gradient
+  row norms (:class:`Masker`);
 - the last is ``(g - sum_{j<m} a_j z_j) / a_m``, i.e. the gradient buried under that noise;
 - the coefficients are fresh for every batch, with random signs and magnitudes about a factor of 2 apart
   (so no sum or difference of two vectors cancels the noise), and the vectors are sent in a random order.
@@ -38,7 +39,7 @@ import numpy as np
 
 from pockprop.errors import DataError
 
-__all__ = ["Masked", "mask", "combine", "combine_params", "private_vjp"]
+__all__ = ["Masked", "Masker", "mask", "combine", "combine_params", "private_vjp"]
 
 NOISE = ("rowspace", "isotropic")
 _JITTER = 0.15  # log2 jitter of the secret coefficients' magnitudes: neighbours stay >= 2^0.7 = 1.6x apart
@@ -88,28 +89,42 @@ def _row_space(rows: np.ndarray) -> np.ndarray | None:
     return vt[s > s[0] * 1e-7]
 
 
-def mask(g: np.ndarray, m: int = 2, *, seed: int | None = None, rng: np.random.Generator | None = None,
-         scale: float = 8.0, noise: str = "rowspace") -> Masked:
-    """Hide the cut gradient ``g`` (batch first) among ``m`` vectors; see the module docstring.
-
-    Reproducible from ``seed`` (or driven by ``rng``); a fresh mask per batch is the caller's part.
-    """
-    g = _check_array("the cut gradient", g)
+def _check_options(m: int, scale: float, noise: str) -> None:
     if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 2:
         raise DataError(f"private backprop needs m >= 2 vectors (one alone would be the gradient), got {m!r}")
     if not (isinstance(scale, (int, float)) and np.isfinite(scale) and scale > 0):
         raise DataError(f"the noise scale must be a positive number, got {scale!r}")
     if noise not in NOISE:
         raise DataError(f"noise must be one of {', '.join(NOISE)}, got {noise!r}")
+
+
+def _largest_row_norm(rows: np.ndarray) -> float:
+    top = float(np.linalg.norm(rows, axis=1).max())
+    return top if top > 0 else 1.0
+
+
+def mask(g: np.ndarray, m: int = 2, *, seed: int | None = None, rng: np.random.Generator | None = None,
+         scale: float = 4.0, noise: str = "rowspace", unit: float | None = None) -> Masked:
+    """Hide the cut gradient ``g`` (batch first) among ``m`` vectors; see the module docstring.
+
+    Noise row norms are ``scale`` to ``3 * scale`` times ``unit``. Without ``unit``, the batch's largest
+    gradient row norm is used, and the noise level then tells the server that batch-level number; a
+    :class:`Masker` passes a unit drawn from earlier batches only. Reproducible from ``seed`` (or driven
+    by ``rng``); a fresh mask per batch is the caller's part.
+    """
+    g = _check_array("the cut gradient", g)
+    _check_options(m, scale, noise)
     if rng is not None and seed is not None:
         raise DataError("give seed or rng, not both")
+    if unit is not None and not (isinstance(unit, (int, float)) and np.isfinite(unit) and unit > 0):
+        raise DataError(f"the noise unit must be a positive number, got {unit!r}")
     rng = rng if rng is not None else np.random.default_rng(seed)
 
     n = g.shape[0]
     rows = g.reshape(n, -1).astype(np.float64)
     d = rows.shape[1]
-    norms = np.linalg.norm(rows, axis=1)
-    unit = float(norms.max()) if norms.max() > 0 else 1.0
+    if unit is None:
+        unit = _largest_row_norm(rows)
     basis = _row_space(rows) if noise == "rowspace" else None
 
     # Magnitudes a factor of about 2 apart (2^(j - (m-1)/2), jittered), in random order with random signs: no
@@ -173,12 +188,36 @@ def combine_params(secret: np.ndarray, answers: Sequence[Mapping[str, np.ndarray
     return out
 
 
+class Masker:
+    """A client's masking state across batches: its random generator and the noise unit.
+
+    The unit is an exponential moving average (``decay``) of the batches' largest cut-gradient row norms,
+    taken *before* the batch at hand is seen, so the noise level says nothing about that batch (the first
+    batch, having no past, uses its own).
+    """
+
+    def __init__(self, m: int = 2, *, scale: float = 4.0, noise: str = "rowspace", decay: float = 0.9,
+                 seed: int | None = None):
+        _check_options(m, scale, noise)
+        if not 0.0 <= decay < 1.0:
+            raise DataError(f"the noise unit's decay must be in [0, 1), got {decay!r}")
+        self.m, self.scale, self.noise, self.decay = m, scale, noise, decay
+        self.rng = np.random.default_rng(seed)
+        self.unit: float | None = None
+
+    def __call__(self, g: np.ndarray) -> Masked:
+        g = _check_array("the cut gradient", g)
+        top = _largest_row_norm(g.reshape(g.shape[0], -1).astype(np.float64))
+        unit = top if self.unit is None else self.unit
+        masked = mask(g, self.m, rng=self.rng, scale=self.scale, noise=self.noise, unit=unit)
+        self.unit = top if self.unit is None else self.decay * self.unit + (1.0 - self.decay) * top
+        return masked
+
+
 ServerVjp = Callable[[list[np.ndarray]], Sequence[tuple[np.ndarray, Mapping[str, np.ndarray]]]]
 
 
-def private_vjp(vjp: ServerVjp, g: np.ndarray, m: int = 2, *, seed: int | None = None,
-                rng: np.random.Generator | None = None, scale: float = 8.0,
-                noise: str = "rowspace") -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def private_vjp(vjp: ServerVjp, g: np.ndarray, masker: Masker) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """The server part's (input gradient, parameter gradients) for the cut gradient ``g``, asked privately.
 
     ``vjp`` is the server's gradients-only backward for the batch it last ran forward, given a list of
@@ -186,10 +225,9 @@ def private_vjp(vjp: ServerVjp, g: np.ndarray, m: int = 2, *, seed: int | None =
     runtime that is ``lambda zs: server_part.vjp(x, zs)``. The combined parameter gradients are what the
     client then asks the server to apply (``server_part.apply(grads, lr)``).
     """
-    masked = mask(g, m, seed=seed, rng=rng, scale=scale, noise=noise)
+    masked = masker(g)
     answers = list(vjp(list(masked.vectors)))
     if len(answers) != masked.m:
         raise DataError(f"the server answered {len(answers)} of {masked.m} masked vectors")
     grad_in = combine(masked.secret, [a[0] for a in answers])
     return grad_in, combine_params(masked.secret, [a[1] for a in answers])
-

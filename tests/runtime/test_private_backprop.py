@@ -9,7 +9,7 @@ from torch import nn
 
 from experiments.label_leak import combinations, direction_scores, leak_auc, norm_scores, server_vjp
 from pockprop.errors import DataError
-from pockprop.runtime.private_backprop import combine, combine_params, mask, private_vjp
+from pockprop.runtime.private_backprop import Masker, combine, combine_params, mask, private_vjp
 
 
 def _middles(dtype):
@@ -31,7 +31,7 @@ def test_combination_is_the_true_vjp(dtype, rtol, which, m):
     g = rng.standard_normal((shape[0], 4)).astype(np_dtype)
     vjp = server_vjp(middle, x)  # torch autograd: the reference of the server's gradients-only backward
     ((want_x, want_p),) = vjp([g])
-    got_x, got_p = private_vjp(vjp, g, m, seed=3)
+    got_x, got_p = private_vjp(vjp, g, Masker(m, seed=3))
     # float32: the answers to the (larger) masked vectors each carry their own rounding; scale it by the largest
     atol = 0 if dtype == torch.float64 else 1e-5 * max(np.abs(want_x).max(), 1e-3)
     np.testing.assert_allclose(got_x, want_x, rtol=rtol, atol=atol)
@@ -66,9 +66,11 @@ def test_zero_gradient_and_isotropic_noise():
     np.testing.assert_allclose(sum(s * v for s, v in zip(iso.secret, iso.vectors)), 1.0, rtol=1e-12)
 
 
-def _synthetic_batch(rng, n=32, d=16, positives=4):
+def _synthetic_batch(rng, n=32, d=16):
     """Cut gradients whose norm separates the labels perfectly: positives have norm 4-5, negatives 0.5-1,
-    all near one shared direction (as a trained head makes them)."""
+    all near one shared direction (as a trained head makes them). 1 to 8 positives a batch: a noise level
+    taken from the batch itself would show across batches."""
+    positives = int(rng.integers(1, 9))
     y = np.zeros(n, np.int64)
     y[rng.choice(n, positives, replace=False)] = 1
     base = rng.standard_normal(d)
@@ -80,12 +82,12 @@ def _synthetic_batch(rng, n=32, d=16, positives=4):
 
 def test_masked_vectors_carry_no_label_signal():
     rng = np.random.default_rng(0)
-    plain, masked, labels = [], {}, []
-    for step in range(40):
+    plain, masked, labels, masker = [], {}, [], Masker(2, seed=0)
+    for _ in range(60):
         g, y = _synthetic_batch(rng)
         plain.append(g)
         labels.append(y)
-        for name, v in combinations(mask(g, 2, seed=step).vectors).items():
+        for name, v in combinations(masker(g).vectors).items():
             masked.setdefault(name, []).append(v)
     y = np.concatenate(labels)
     assert leak_auc(np.concatenate([norm_scores(g) for g in plain]), y) == 1.0
@@ -112,6 +114,7 @@ def test_masked_vectors_carry_no_label_signal():
     (np.ones((2, 3)), 2, {"scale": 0.0}, "positive number"),
     (np.ones((2, 3)), 2, {"noise": "gaussian"}, "noise must be"),
     (np.ones((2, 3)), 2, {"seed": 1, "rng": np.random.default_rng(0)}, "not both"),
+    (np.ones((2, 3)), 2, {"unit": -1.0}, "unit must be"),
 ])
 def test_mask_refuses_bad_input(g, m, kw, match):
     with pytest.raises(DataError, match=match):
@@ -136,4 +139,16 @@ def test_combine_refuses_bad_answers():
     with pytest.raises(DataError, match="'w' has non-finite"):
         combine_params(secret, [{"w": a}, {"w": a * np.nan}])
     with pytest.raises(DataError, match="answered 1 of 2"):
-        private_vjp(lambda zs: [(zs[0], {})], np.ones((2, 3)), 2, seed=0)
+        private_vjp(lambda zs: [(zs[0], {})], np.ones((2, 3)), Masker(2, seed=0))
+
+
+def test_masker_checks_options_and_takes_its_unit_from_earlier_batches():
+    with pytest.raises(DataError, match="m >= 2"):
+        Masker(1)
+    with pytest.raises(DataError, match="decay"):
+        Masker(2, decay=1.0)
+    masker = Masker(2, decay=0.5, seed=0)
+    masker(np.ones((2, 4)))  # row norm 2: the first batch sets the unit
+    assert masker.unit == 2.0
+    masker(np.full((2, 4), 3.0))  # row norm 6, seen after its own mask was drawn
+    assert masker.unit == 4.0
