@@ -7,23 +7,28 @@ click-through setting). The model: a small CNN split U-shaped, as the split runt
     server middle  conv(8->16) ReLU maxpool flatten linear(256->32)  a -> h (B,32)
     client top     ReLU linear(32->16) ReLU linear(16->2) + cross-entropy (the labels stay here)
 
-Each step the server sees a (forward), then the cut gradient g = dL/dh (B,32) the client sends back.
-Plain mode: the server gets g. Protected mode (pockprop.runtime.private_backprop): it gets m masked
-vectors, answers each with its gradients-only backward, and applies the parameter gradients the client
-combined. Both modes start from the same weights and see the same batches, so their runs differ by float
-rounding only.
+Each step the server sees a (its input) and h (its output), then what the client sends back at the cut:
+- "plain": the cut gradient g = dL/dh (B,32); the server updates its part itself;
+- "private": m masked vectors (pockprop.runtime.private_backprop); it answers each with its gradients-only
+  backward and applies the parameter gradients the client combined. Same weights, same batches as plain:
+  the runs differ by float rounding only;
+- "mixed": P3EFT's multi-adapter mixing: n copies of the server's part, mixed per feature by the client with
+  secret weights, each trained through private backprop, optionally with P3EFT's adversarial regulariser
+  (a logistic regression the client fits on each copy's h every epoch; the loss pulls its predictions to
+  the class prior);
+- train_server=False freezes the server's part: no parameter gradients, no update.
 
-The attacks (norm and direction: Li et al., ICLR 2022; spectral: P3EFT's evaluation), scored as a leak AUC = max(AUC, 1 - AUC) of the score against the true
-labels (0.5 is chance, 1.0 full recovery), pooled over each epoch's samples:
-- norm: the L2 norm of each sample's row;
-- direction: the cosine of each sample's row with the row of one known positive of the same batch (the
-  attacker's side information in Li et al.), that sample excluded.
-The server-side quantities attacked: g itself (plain); each received vector, every pairwise sum and
-difference and the sum of all (protected); and an adaptive attacker's least-energy combination of the
-received vectors (the span search the protocol does not defend against with one server). Also reported:
-the spectral AUC of the forward activations h (their projection on the batch's first principal
-direction; the forward path is not protected) and the rank correlation of the applied update's norm with
-the batch's positive count.
+The attacks, each scored as a leak AUC = max(AUC, 1 - AUC) against the true labels (0.5 is chance, 1.0 full
+recovery), pooled over an epoch's samples:
+- norm (Li et al., ICLR 2022): each sample's row norm;
+- direction (Li et al.): the cosine of each row with the row of one known positive of the same batch (the
+  attacker's side information), that sample excluded;
+- spectral (P3EFT's evaluation): the projection on the batch's first principal direction, label-free.
+The quantities attacked: a; h and h minus what the server's initial weights give; g (plain); each received
+vector, every pairwise sum and difference and the total (protected); the least-energy combination of the
+received vectors (an adaptive attacker's search of their span); and the per-sample gradients the server
+solves for from the update it applies to its last linear layer. Also: the rank correlation of the applied
+update's norm with the batch's positive count.
 
 `python -m experiments.label_leak` prints the markdown tables docs/split.md quotes.
 """

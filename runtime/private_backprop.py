@@ -24,9 +24,9 @@ each fixed combination of them (sums, differences) carry the label signal only a
 label-independent noise. The server still knows that ``g`` lies in the span of the ``m`` vectors it got
 for a batch; an adaptive server that searches that span (for instance for its least-energy direction,
 which is ``g``'s when the noise is large) can recover the gradient. P3EFT sends the vectors to distinct
-non-colluding servers for that reason; with one server this is obfuscation, not a guarantee. The inputs
-and activations of the server's part, and the combined parameter update the server applies, are not
-hidden at all.
+non-colluding servers for that reason; with one server this is obfuscation, not a guarantee. Nor are
+the inputs and activations of the server's part hidden, or the combined parameter update the server
+applies: for a linear layer at least as wide as the batch, that update gives every sample's gradient back.
 
 numpy only: this runs on the device.
 """
@@ -43,7 +43,7 @@ __all__ = ["Masked", "Masker", "mask", "combine", "combine_params", "private_vjp
 
 NOISE = ("rowspace", "isotropic")
 _JITTER = 0.15  # log2 jitter of the secret coefficients' magnitudes: neighbours stay >= 2^0.7 = 1.6x apart
-_RADIUS_SPREAD = 3.0  # noise row norms in [scale, 3 * scale] x the largest gradient row norm
+_RADIUS_SPREAD = 3.0  # noise row norms in [scale, 3 * scale] x the noise unit
 
 
 @dataclass(frozen=True)
