@@ -39,7 +39,7 @@ import numpy as np
 
 from pockprop.errors import DataError
 
-__all__ = ["Masked", "Masker", "mask", "combine", "combine_params", "private_vjp"]
+__all__ = ["Masked", "Masker", "mask", "combine", "combine_params", "private_vjp", "private_step"]
 
 NOISE = ("rowspace", "isotropic")
 _JITTER = 0.15  # log2 jitter of the secret coefficients' magnitudes: neighbours stay >= 2^0.7 = 1.6x apart
@@ -231,3 +231,18 @@ def private_vjp(vjp: ServerVjp, g: np.ndarray, masker: Masker) -> tuple[np.ndarr
         raise DataError(f"the server answered {len(answers)} of {masked.m} masked vectors")
     grad_in = combine(masked.secret, [a[0] for a in answers])
     return grad_in, combine_params(masked.secret, [a[1] for a in answers])
+
+
+def private_step(part, x: np.ndarray, g: np.ndarray, masker: Masker, lr: float | None = None) -> np.ndarray:
+    """One training step of a server's part of a split (runtime/split.py ``Part``, compiled with
+    ``--private-backprop``) on its input ``x`` and the cut gradient ``g``, asked privately: the part
+    answers the masked vectors (``part.vjp``), then applies the combined parameter gradients
+    (``part.apply``). Returns the gradient of the part's input, for the part below.
+
+    With a remote part, ``part`` is whatever offers the same two calls; the server sees the masked vectors
+    and the combined update, never ``g``.
+    """
+    grad_in, grads = private_vjp(lambda zs: part.vjp(x, zs), g, masker)
+    if grads:
+        part.apply(grads, lr)
+    return grad_in
