@@ -193,7 +193,8 @@ class Masker:
 
     The unit is an exponential moving average (``decay``) of the batches' largest cut-gradient row norms,
     taken *before* the batch at hand is seen, so the noise level says nothing about that batch (the first
-    batch, having no past, uses its own).
+    batch, having no past, uses its own). Nothing of it needs saving with a checkpoint: a new one after a
+    restart draws fresh secrets and takes its unit from its first batch again.
     """
 
     def __init__(self, m: int = 2, *, scale: float = 4.0, noise: str = "rowspace", decay: float = 0.9,
