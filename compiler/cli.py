@@ -77,7 +77,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "written to local_head/, so the device trains its part with a local loss (SFPrompt)")
     p.add_argument("--private-backprop", action="store_true",
                    help="with --split-at: give the server's parts the gradient and update graphs that private "
-                        "backpropagation needs, so labels are not exposed through the gradients (docs/split.md)")
+                        "backpropagation needs: the device sends the label-dependent gradient hidden among random "
+                        "vectors (docs/split.md: what that protects and what not)")
     p.add_argument("-o", "--output", required=True, help="artifact directory to write")
     p.set_defaults(func=compile_command)
 
