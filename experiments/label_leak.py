@@ -11,7 +11,7 @@ Each step the server sees a (its input) and h (its output), then what the client
 - "plain": the cut gradient g = dL/dh (B,32); the server updates its part itself;
 - "private": m masked vectors (pockprop.runtime.private_backprop); it answers each with its gradients-only
   backward and applies the parameter gradients the client combined. Same weights, same batches as plain:
-  the runs differ by float rounding only;
+  the runs differ by float rounding only; with decoys=True, m masked vectors that hide g among m - 2 decoys;
 - "mixed": P3EFT's multi-adapter mixing: n copies of the server's part, mixed per feature by the client with
   secret weights, each trained through private backprop, optionally with P3EFT's adversarial regulariser
   (a logistic regression the client fits on each copy's h every epoch; the loss pulls its predictions to
@@ -26,7 +26,10 @@ recovery), pooled over an epoch's samples:
 - spectral (P3EFT's evaluation): the projection on the batch's first principal direction, label-free.
 The quantities attacked: a; h and h minus what the server's initial weights give; g (plain); each received
 vector, every pairwise sum and difference and the total (protected); the least-energy combination of the
-received vectors (an adaptive attacker's search of their span); and the per-sample gradients the server
+received vectors and the m - 1 low-energy candidates (an adaptive attacker's search of their span), of which
+it picks one without labels (the most skewed row norms), with the one known positive (the candidate in which
+its row's norm ranks highest) and, as an upper bound, with all labels (per batch and attack, the one that
+separates them best); and the per-sample gradients the server
 solves for from the update it applies to its last linear layer. Also: the rank correlation of the applied
 update's norm with the batch's positive count.
 
@@ -132,6 +135,12 @@ def tail_weight(v: np.ndarray) -> float:
     r = np.linalg.norm(v.reshape(len(v), -1), axis=1)
     r = r - r.mean()
     return float((r ** 3).mean() / max((r ** 2).mean() ** 1.5, 1e-300))
+
+
+def known_row_rank(v: np.ndarray, ref: int) -> float:
+    """The fraction of rows whose norm is below that of row ``ref`` (a sample the attacker knows is positive)."""
+    r = np.linalg.norm(v.reshape(len(v), -1), axis=1)
+    return float((r < r[ref]).mean())
 
 
 # ---- the U-split and its training (torch: the experiment's reference of the split runtime) ----
@@ -306,6 +315,11 @@ def train(mode: str, *, m: int = 2, n: int = 2, epochs: int = 6, batch: int = 32
                     seen[tag + "least-energy"] = least_energy(masked.vectors)
                     candidates = low_energy(masked.vectors)
                     seen[tag + "low-energy, label-free pick"] = max(candidates, key=tail_weight)
+                    known = np.flatnonzero(y[idx] == 1)
+                    if len(known):  # the direction attack's side information used to choose: the candidate
+                        # in which the known positive's row stands out most
+                        seen[tag + "low-energy, pick by the known positive"] = max(
+                            candidates, key=lambda c: known_row_rank(c, known[0]))
                     oracles.append((tag + "low-energy, oracle pick (labels)", candidates))
                     bytes_up += sum(v.nbytes for v in masked.vectors) + sum(v.nbytes for v in mid_grads.values())
                     bytes_down += sum(ans[0].nbytes + sum(t.nbytes for t in ans[1].values() if train_server)
@@ -366,13 +380,18 @@ def train(mode: str, *, m: int = 2, n: int = 2, epochs: int = 6, batch: int = 32
 # ---- the tables ----
 
 TWIN = {"private m=2": "plain", "private m=3": "plain",  # the unprotected run each would equal, up to rounding
-        "private m=2, server part frozen": "plain, server part frozen"}
+        "private m=2, server part frozen": "plain, server part frozen", "private m=6, decoys": "plain",
+        "private m=6, decoys, server part frozen": "plain, server part frozen",
+        "private m=10, decoys, server part frozen": "plain, server part frozen"}
 RUNS = {  # name -> train() arguments
     "plain": {"mode": "plain"},
     "private m=2": {"mode": "private", "m": 2},
     "private m=3": {"mode": "private", "m": 3},
     "plain, server part frozen": {"mode": "plain", "train_server": False},
     "private m=2, server part frozen": {"mode": "private", "m": 2, "train_server": False},
+    "private m=6, decoys": {"mode": "private", "m": 6, "decoys": True},
+    "private m=6, decoys, server part frozen": {"mode": "private", "m": 6, "decoys": True, "train_server": False},
+    "private m=10, decoys, server part frozen": {"mode": "private", "m": 10, "decoys": True, "train_server": False},
     "mixed n=2, m=2": {"mode": "mixed", "n": 2, "m": 2, "adv": 0.0, "lr": 0.1},  # diverges at 0.3
     "mixed n=2, m=2, adversarial 1.0": {"mode": "mixed", "n": 2, "m": 2, "adv": 1.0, "lr": 0.1},
 }

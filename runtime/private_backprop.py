@@ -19,14 +19,22 @@ vectors only:
 - the coefficients are fresh for every batch, with random signs and magnitudes about a factor of 2 apart
   (so no sum or difference of two vectors cancels the noise), and the vectors are sent in a random order.
 
+With ``Masker(m, decoys=True)`` (``m >= 3``) the span of the vectors holds more than ``g`` and noise: the
+vectors mix, by a secret random orthogonal matrix, one shared large noise ``N`` with ``g`` and ``m - 2``
+decoys, each made of gradient rows (``g``'s own, and earlier batches' when ``history`` > 0) in a random order
+with random signs, their norms and ``g``'s on a shuffled grid (:func:`_mask_with_decoys`). Cancelling ``N``
+leaves ``g`` and the decoys, each whole, and nothing in them says which is ``g``.
+
 What stays true, and what does not (docs/split.md, "Label privacy", has the measurements): each vector and
 each fixed combination of them (sums, differences) carry the label signal only as a small perturbation of
 label-independent noise. The server still knows that ``g`` lies in the span of the ``m`` vectors it got
-for a batch; an adaptive server that searches that span (for instance for its least-energy direction,
-which is ``g``'s when the noise is large) can recover the gradient. P3EFT sends the vectors to distinct
-non-colluding servers for that reason; with one server this is obfuscation, not a guarantee. Nor are
-the inputs and activations of the server's part hidden, or the combined parameter update the server
-applies: for a linear layer at least as wide as the batch, that update gives every sample's gradient back.
+for a batch. Without decoys, that span's least-energy direction is ``g``'s: an adaptive server recovers the
+gradient. With decoys, a server that searches the span finds ``g`` among ``m - 1`` equally plausible
+candidates: it picks the right one in about one batch in ``m - 1``, which bounds, and does not remove, what
+it learns. P3EFT sends the vectors to distinct non-colluding servers for that reason; with one server this
+is obfuscation, not a guarantee. Nor are the inputs and activations of the server's part hidden, or the
+combined parameter update the server applies: for a linear layer at least as wide as the batch, that update
+gives every sample's gradient back (a frozen server part applies none).
 
 numpy only: this runs on the device.
 """
@@ -153,7 +161,7 @@ def mask(g: np.ndarray, m: int = 2, *, seed: int | None = None, rng: np.random.G
                   secret=coef[order].copy())
 
 
-_ENERGY_SPREAD = 2.0  # log2 half-width of the energies of g and the decoys (exchangeable, see _mask_with_decoys)
+_ENERGY_STEP = 1.0  # log2 step between the norms of g and the decoys (a shuffled grid, see _mask_with_decoys)
 
 
 def _mask_with_decoys(g: np.ndarray, rows: np.ndarray, m: int, rng: np.random.Generator, noise_unit: float,
@@ -163,7 +171,7 @@ def _mask_with_decoys(g: np.ndarray, rows: np.ndarray, m: int, rng: np.random.Ge
 
     Each decoy is ``n`` rows drawn from ``g``'s own rows and the ``pool`` (earlier batches' gradient rows), each
     with a random sign, so it is a cut gradient in everything but which sample's row sits where. ``g``'s norm
-    and the decoys' are ``c * 2^t`` with the ``t`` drawn alike, so ``g``'s rank among them is uniform. Every
+    and the decoys' are ``c * 2^t`` with ``t`` a shuffled grid, so ``g``'s rank among them is uniform. Every
     vector, sum and difference carries ``N`` with a coefficient of at least about 0.6 (``N``'s rows are
     ``noise_unit`` to 3 times that); the combinations that cancel ``N`` span ``g`` and the decoys together.
     """
@@ -175,10 +183,9 @@ def _mask_with_decoys(g: np.ndarray, rows: np.ndarray, m: int, rng: np.random.Ge
         raise DataError(f"the decoy pool must be finite rows of the gradient's width {d}, got shape {list(pool.shape)}")
     source = np.vstack([rows, pool])
     # log2 norms of g and the decoys: a grid, shuffled (g's place in it is uniform) and jittered. Grid steps
-    # (2^(4/(m-2)) at least 2^0.8) keep the Gram's eigen-combinations whole: two near-equal energies would blend
+    # (a factor of 2^0.6 at least) keep the Gram's eigen-combinations whole: two near-equal energies would blend
     # g with a decoy, and a blend shows g's row pattern in every batch where a whole decoy shows nothing.
-    step = 2 * _ENERGY_SPREAD / (m - 2)
-    t = rng.permutation(np.linspace(-_ENERGY_SPREAD, _ENERGY_SPREAD, m - 1)) + rng.uniform(-step / 5, step / 5, m - 1)
+    t = rng.permutation(_ENERGY_STEP * np.arange(m - 1)) + rng.uniform(-_ENERGY_STEP / 5, _ENERGY_STEP / 5, m - 1)
     size = float(np.linalg.norm(rows))
     ref = (size if size > 0 else noise_unit * np.sqrt(n)) * 2.0 ** -t[0]
     basis = [rows]
@@ -247,6 +254,9 @@ def combine_params(secret: np.ndarray, answers: Sequence[Mapping[str, np.ndarray
 
 class Masker:
     """A client's masking state across batches: its random generator and the noise unit.
+
+    ``decoys`` selects decoy masking (``m >= 3``); its decoys draw on this batch's gradient rows and on those
+    of the last ``history`` batches (0: this batch's only, whose rows then match ``g``'s as a set).
 
     The unit is an exponential moving average (``decay``) of the batches' largest cut-gradient row norms,
     taken *before* the batch at hand is seen, so the noise level says nothing about that batch (the first
