@@ -54,6 +54,7 @@ def test_low_energy_candidates_and_the_oracle_pick():
         candidates = low_energy(vectors)
         assert len(candidates) == 3 and all(abs(np.linalg.norm(c) - 1) < 1e-9 for c in candidates)
         hits += abs(least_energy(vectors).ravel() @ g.ravel()) / np.linalg.norm(g) > 0.9
+        obs.add({}, y)  # the labels; the oracle adds its scores beside them
         obs.add_oracle("oracle", candidates, y)
     assert obs.aucs()["oracle"]["norm"] > 0.95
     assert 1 <= hits <= 12  # about one batch in three
