@@ -11,7 +11,7 @@ Each step the server sees a (its input) and h (its output), then what the client
 - "plain": the cut gradient g = dL/dh (B,32); the server updates its part itself;
 - "private": m masked vectors (pockprop.runtime.private_backprop); it answers each with its gradients-only
   backward and applies the parameter gradients the client combined. Same weights, same batches as plain:
-  the runs differ by float rounding only;
+  the runs differ by float rounding only; with decoys=True, m masked vectors that hide g among m - 2 decoys;
 - "mixed": P3EFT's multi-adapter mixing: n copies of the server's part, mixed per feature by the client with
   secret weights, each trained through private backprop, optionally with P3EFT's adversarial regulariser
   (a logistic regression the client fits on each copy's h every epoch; the loss pulls its predictions to
@@ -26,7 +26,10 @@ recovery), pooled over an epoch's samples:
 - spectral (P3EFT's evaluation): the projection on the batch's first principal direction, label-free.
 The quantities attacked: a; h and h minus what the server's initial weights give; g (plain); each received
 vector, every pairwise sum and difference and the total (protected); the least-energy combination of the
-received vectors (an adaptive attacker's search of their span); and the per-sample gradients the server
+received vectors and the m - 1 low-energy candidates (an adaptive attacker's search of their span), of which
+it picks one without labels (the most skewed row norms), with the one known positive (the candidate in which
+its row's norm ranks highest) and, as an upper bound, with all labels (per batch and attack, the one that
+separates them best); and the per-sample gradients the server
 solves for from the update it applies to its last linear layer. Also: the rank correlation of the applied
 update's norm with the batch's positive count.
 
@@ -109,10 +112,35 @@ def invert_update(grad_w: np.ndarray, inputs: np.ndarray) -> np.ndarray:
 
 
 def least_energy(vectors) -> np.ndarray:
-    """The adaptive attacker's guess: the unit combination of the vectors with the smallest Frobenius norm."""
-    flat = np.stack([v.reshape(-1).astype(np.float64) for v in vectors])
+    """The adaptive attacker's guess: the unit combination of the vectors with the smallest Frobenius norm,
+    scaled to norm 1 (its size is the batch's, not a sample's: scaling it away makes scores comparable
+    across batches)."""
+    return low_energy(vectors)[0]
+
+
+def low_energy(vectors) -> list[np.ndarray]:
+    """The adaptive attacker's candidates: the combinations of the vectors along the Gram matrix's eigenvectors,
+    all but the largest (the shared noise), least energy first, each scaled to norm 1. With decoy masking g
+    is one of them, whole."""
+    stack = np.stack(vectors).astype(np.float64)
+    flat = stack.reshape(len(vectors), -1)
     _, eigvec = np.linalg.eigh(flat @ flat.T)
-    return np.tensordot(eigvec[:, 0], np.stack(vectors).astype(np.float64), axes=1)
+    out = [np.tensordot(eigvec[:, k], stack, axes=1) for k in range(max(len(vectors) - 1, 1))]
+    return [c / max(np.linalg.norm(c), 1e-300) for c in out]
+
+
+def tail_weight(v: np.ndarray) -> float:
+    """Label-free choice among candidates: the skewness of the row norms (an imbalanced task's gradient has a
+    few large rows, its minority class)."""
+    r = np.linalg.norm(v.reshape(len(v), -1), axis=1)
+    r = r - r.mean()
+    return float((r ** 3).mean() / max((r ** 2).mean() ** 1.5, 1e-300))
+
+
+def known_row_rank(v: np.ndarray, ref: int) -> float:
+    """The fraction of rows whose norm is below that of row ``ref`` (a sample the attacker knows is positive)."""
+    r = np.linalg.norm(v.reshape(len(v), -1), axis=1)
+    return float((r < r[ref]).mean())
 
 
 # ---- the U-split and its training (torch: the experiment's reference of the split runtime) ----
@@ -193,6 +221,23 @@ class _Observed:
             o["spectral"].append(spectral_scores(v)[keep])
         self.labels.append(y[keep])
 
+    def add_oracle(self, name: str, candidates, y: np.ndarray) -> None:
+        """The upper bound of any choice among ``candidates``: per batch and attack, the one (and the sign) that
+        separates this batch's labels best, chosen with the labels."""
+        pos = np.flatnonzero(y == 1)
+        if not len(pos):
+            return
+        keep = np.arange(len(y)) != pos[0]
+        o = self.scores.setdefault(name, {"norm": [], "direction": [], "spectral": []})
+        for att, fn in (("norm", norm_scores), ("direction", lambda v: direction_scores(v, pos[0])),
+                        ("spectral", spectral_scores)):
+            if y[keep].all() or not y[keep].any():  # one class left once the known positive is set aside
+                o[att].append(fn(candidates[0])[keep])
+                continue
+            scored = [fn(c)[keep] for c in candidates]
+            best = max(scored, key=lambda sc: leak_auc(sc, y[keep]))
+            o[att].append(best if auc(best, y[keep]) >= 0.5 else -best)
+
     def aucs(self) -> dict[str, dict[str, float]]:
         lab = np.concatenate(self.labels)
         return {name: {att: leak_auc(np.concatenate(s), lab) for att, s in o.items()}
@@ -201,13 +246,14 @@ class _Observed:
 
 def train(mode: str, *, m: int = 2, n: int = 2, epochs: int = 6, batch: int = 32, lr: float = 0.3,
           seed: int = 0, positive: int = 0, scale: float = 4.0, mix_std: float = 1.0, adv: float = 1.0,
-          train_server: bool = True) -> dict:
+          train_server: bool = True, decoys: bool = False) -> dict:
     """One run; returns per-epoch attack AUCs, the accuracy, the final middle weights and the costs.
 
     mode: "plain" (the server gets g), "private" (m masked vectors), "mixed" (n parameter sets of the server's
     part mixed by the client with secret coefficients, each trained through private backprop with m vectors,
     plus the adversarial regulariser of weight ``adv`` from the second epoch on). ``train_server=False``
     freezes the server's part: its backward returns input gradients only and it applies no update.
+    ``decoys`` masks with decoys (m >= 3, :class:`Masker`'s ``decoys``).
     """
     import copy
 
@@ -223,7 +269,7 @@ def train(mode: str, *, m: int = 2, n: int = 2, epochs: int = 6, batch: int = 32
     coef = mixing_coefficients(len(copies), 32, mix_std, mix_rng) if mode == "mixed" else np.ones((1, 32))
     coef_t = torch.from_numpy(coef.astype(np.float32))[:, None, :]
     adversaries, prior = None, float(y.mean())
-    maskers = [Masker(m, scale=scale, seed=seed + 2 + i) for i in range(len(copies))] if mode != "plain" else []
+    maskers = [Masker(m, scale=scale, decoys=decoys, seed=seed + 2 + i) for i in range(len(copies))] if mode != "plain" else []
     epochs_out, bytes_up, bytes_down, vjps, t_mask, rel_err = [], 0, 0, 0, 0.0, []
     for epoch in range(epochs):
         observed, upd_norm, pos_count, hs_epoch = _Observed(), [], [], [[] for _ in copies]
@@ -246,7 +292,7 @@ def train(mode: str, *, m: int = 2, n: int = 2, epochs: int = 6, batch: int = 32
             cut, top_grads = [g.numpy() for g in grads[:len(hs)]], grads[len(hs):]
             seen = {"a (server input)": a_np}
             grad_a = np.zeros_like(a_np)
-            all_mid_grads = []
+            all_mid_grads, oracles = [], []
             for i, (mid, g) in enumerate(zip(copies, cut)):
                 tag = f"copy {i}: " if mode == "mixed" else ""
                 vjp = server_vjp(mid, a_np)
@@ -267,6 +313,14 @@ def train(mode: str, *, m: int = 2, n: int = 2, epochs: int = 6, batch: int = 32
                     rel_err.append(float(np.abs(gi - true_gi).max() / max(np.abs(true_gi).max(), 1e-30)))
                     seen.update({tag + k: v for k, v in combinations(masked.vectors).items()})
                     seen[tag + "least-energy"] = least_energy(masked.vectors)
+                    candidates = low_energy(masked.vectors)
+                    seen[tag + "low-energy, label-free pick"] = max(candidates, key=tail_weight)
+                    known = np.flatnonzero(y[idx] == 1)
+                    if len(known):  # the direction attack's side information used to choose: the candidate
+                        # in which the known positive's row stands out most
+                        seen[tag + "low-energy, pick by the known positive"] = max(
+                            candidates, key=lambda c: known_row_rank(c, known[0]))
+                    oracles.append((tag + "low-energy, oracle pick (labels)", candidates))
                     bytes_up += sum(v.nbytes for v in masked.vectors) + sum(v.nbytes for v in mid_grads.values())
                     bytes_down += sum(ans[0].nbytes + sum(t.nbytes for t in ans[1].values() if train_server)
                                       for ans in answers)
@@ -285,6 +339,8 @@ def train(mode: str, *, m: int = 2, n: int = 2, epochs: int = 6, batch: int = 32
             if mode == "mixed":
                 seen["sum of the copies' h"] = sum(hs_np)
             observed.add(seen, y[idx])
+            for name, candidates in oracles:
+                observed.add_oracle(name, candidates, y[idx])
             upd_norm.append(np.sqrt(sum(float((t ** 2).sum()) for mg in all_mid_grads for t in mg.values())))
             pos_count.append(int(y[idx].sum()))
             # every party's SGD step: the client's parts with its own gradients, the server's with the combined ones
@@ -324,13 +380,18 @@ def train(mode: str, *, m: int = 2, n: int = 2, epochs: int = 6, batch: int = 32
 # ---- the tables ----
 
 TWIN = {"private m=2": "plain", "private m=3": "plain",  # the unprotected run each would equal, up to rounding
-        "private m=2, server part frozen": "plain, server part frozen"}
+        "private m=2, server part frozen": "plain, server part frozen", "private m=6, decoys": "plain",
+        "private m=6, decoys, server part frozen": "plain, server part frozen",
+        "private m=10, decoys, server part frozen": "plain, server part frozen"}
 RUNS = {  # name -> train() arguments
     "plain": {"mode": "plain"},
     "private m=2": {"mode": "private", "m": 2},
     "private m=3": {"mode": "private", "m": 3},
     "plain, server part frozen": {"mode": "plain", "train_server": False},
     "private m=2, server part frozen": {"mode": "private", "m": 2, "train_server": False},
+    "private m=6, decoys": {"mode": "private", "m": 6, "decoys": True},
+    "private m=6, decoys, server part frozen": {"mode": "private", "m": 6, "decoys": True, "train_server": False},
+    "private m=10, decoys, server part frozen": {"mode": "private", "m": 10, "decoys": True, "train_server": False},
     "mixed n=2, m=2": {"mode": "mixed", "n": 2, "m": 2, "adv": 0.0, "lr": 0.1},  # diverges at 0.3
     "mixed n=2, m=2, adversarial 1.0": {"mode": "mixed", "n": 2, "m": 2, "adv": 1.0, "lr": 0.1},
 }

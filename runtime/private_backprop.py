@@ -19,14 +19,22 @@ vectors only:
 - the coefficients are fresh for every batch, with random signs and magnitudes about a factor of 2 apart
   (so no sum or difference of two vectors cancels the noise), and the vectors are sent in a random order.
 
+With ``Masker(m, decoys=True)`` (``m >= 3``) the span of the vectors holds more than ``g`` and noise: the
+vectors mix, by a secret random orthogonal matrix, one shared large noise ``N`` with ``g`` and ``m - 2``
+decoys, each made of gradient rows (``g``'s own, and earlier batches' when ``history`` > 0) in a random order
+with random signs, their norms and ``g``'s on a shuffled grid (:func:`_mask_with_decoys`). Cancelling ``N``
+leaves ``g`` and the decoys, each whole, and nothing in them says which is ``g``.
+
 What stays true, and what does not (docs/split.md, "Label privacy", has the measurements): each vector and
 each fixed combination of them (sums, differences) carry the label signal only as a small perturbation of
 label-independent noise. The server still knows that ``g`` lies in the span of the ``m`` vectors it got
-for a batch; an adaptive server that searches that span (for instance for its least-energy direction,
-which is ``g``'s when the noise is large) can recover the gradient. P3EFT sends the vectors to distinct
-non-colluding servers for that reason; with one server this is obfuscation, not a guarantee. Nor are
-the inputs and activations of the server's part hidden, or the combined parameter update the server
-applies: for a linear layer at least as wide as the batch, that update gives every sample's gradient back.
+for a batch. Without decoys, that span's least-energy direction is ``g``'s: an adaptive server recovers the
+gradient. With decoys, a server that searches the span finds ``g`` among ``m - 1`` equally plausible
+candidates: it picks the right one in about one batch in ``m - 1``, which bounds, and does not remove, what
+it learns. P3EFT sends the vectors to distinct non-colluding servers for that reason; with one server this
+is obfuscation, not a guarantee. Nor are the inputs and activations of the server's part hidden, or the
+combined parameter update the server applies: for a linear layer at least as wide as the batch, that update
+gives every sample's gradient back (a frozen server part applies none).
 
 numpy only: this runs on the device.
 """
@@ -104,13 +112,18 @@ def _largest_row_norm(rows: np.ndarray) -> float:
 
 
 def mask(g: np.ndarray, m: int = 2, *, seed: int | None = None, rng: np.random.Generator | None = None,
-         scale: float = 4.0, noise: str = "rowspace", unit: float | None = None) -> Masked:
+         scale: float = 4.0, noise: str = "rowspace", unit: float | None = None,
+         pool: np.ndarray | None = None) -> Masked:
     """Hide the cut gradient ``g`` (batch first) among ``m`` vectors; see the module docstring.
 
     Noise row norms are ``scale`` to ``3 * scale`` times ``unit``. Without ``unit``, the batch's largest
     gradient row norm is used, and the noise level then tells the server that batch-level number; a
     :class:`Masker` passes a unit drawn from earlier batches only. Reproducible from ``seed`` (or driven
     by ``rng``); a fresh mask per batch is the caller's part.
+
+    With ``pool`` (rows of earlier batches' cut gradients, ``(P, d)``, possibly empty), the vectors hide ``g``
+    among ``m - 2`` decoys drawn from the pool and ``g``'s own rows instead (:func:`_mask_with_decoys`);
+    that needs ``m >= 3``.
     """
     g = _check_array("the cut gradient", g)
     _check_options(m, scale, noise)
@@ -125,6 +138,8 @@ def mask(g: np.ndarray, m: int = 2, *, seed: int | None = None, rng: np.random.G
     d = rows.shape[1]
     if unit is None:
         unit = _largest_row_norm(rows)
+    if pool is not None:
+        return _mask_with_decoys(g, rows, m, rng, scale * unit, noise, pool)
     basis = _row_space(rows) if noise == "rowspace" else None
 
     # Magnitudes a factor of about 2 apart (2^(j - (m-1)/2), jittered), in random order with random signs: no
@@ -144,6 +159,55 @@ def mask(g: np.ndarray, m: int = 2, *, seed: int | None = None, rng: np.random.G
     order = rng.permutation(m)  # the gradient-carrying vector is not always the last one sent
     return Masked(vectors=tuple(vectors[i].reshape(g.shape).astype(g.dtype) for i in order),
                   secret=coef[order].copy())
+
+
+_ENERGY_STEP = 1.0  # log2 step between the norms of g and the decoys (a shuffled grid, see _mask_with_decoys)
+
+
+def _mask_with_decoys(g: np.ndarray, rows: np.ndarray, m: int, rng: np.random.Generator, noise_unit: float,
+                      noise: str, pool: np.ndarray) -> Masked:
+    """The ``m`` vectors are mixtures, by a secret random orthogonal ``m x m`` matrix ``Q``, of a shared noise
+    ``N`` and of ``g`` and ``m - 2`` decoys: ``z = Q @ [N, g, d_1, ..]``, and ``secret = Q[:, 1]``.
+
+    Each decoy is ``n`` rows drawn from ``g``'s own rows and the ``pool`` (earlier batches' gradient rows), each
+    with a random sign, so it is a cut gradient in everything but which sample's row sits where. ``g``'s norm
+    and the decoys' are ``c * 2^t`` with ``t`` a shuffled grid, so ``g``'s rank among them is uniform. Every
+    vector, sum and difference carries ``N`` with a coefficient of at least about 0.6 (``N``'s rows are
+    ``noise_unit`` to 3 times that); the combinations that cancel ``N`` span ``g`` and the decoys together.
+    """
+    if m < 3:
+        raise DataError(f"decoy masking needs m >= 3 vectors (the noise, the gradient and a decoy), got {m}")
+    pool = np.asarray(pool, dtype=np.float64)
+    n, d = rows.shape
+    if pool.ndim != 2 or pool.shape[1] != d or not np.isfinite(pool).all():
+        raise DataError(f"the decoy pool must be finite rows of the gradient's width {d}, got shape {list(pool.shape)}")
+    source = np.vstack([rows, pool])
+    # log2 norms of g and the decoys: a grid, shuffled (g's place in it is uniform) and jittered. Grid steps
+    # (a factor of 2^0.6 at least) keep the Gram's eigen-combinations whole: two near-equal energies would blend
+    # g with a decoy, and a blend shows g's row pattern in every batch where a whole decoy shows nothing.
+    t = rng.permutation(_ENERGY_STEP * np.arange(m - 1)) + rng.uniform(-_ENERGY_STEP / 5, _ENERGY_STEP / 5, m - 1)
+    size = float(np.linalg.norm(rows))
+    ref = (size if size > 0 else noise_unit * np.sqrt(n)) * 2.0 ** -t[0]
+    basis = [rows]
+    for k in range(1, m - 1):
+        decoy = source[rng.choice(len(source), n, replace=len(source) < n)] * rng.choice([-1.0, 1.0], (n, 1))
+        if not decoy.any():  # nothing gradient-like to draw from yet (zero gradients): random rows instead
+            decoy = _unit_rows(rng, n, None, d)
+        basis.append(decoy * (ref * 2.0 ** t[k] / np.linalg.norm(decoy)))
+    space = _row_space(source) if noise == "rowspace" else None
+    shared = noise_unit * rng.uniform(1.0, _RADIUS_SPREAD, (n, 1)) * _unit_rows(rng, n, space, d)
+    # N's coefficients: magnitudes at least 1.57 times apart, so no sum or difference of two vectors cancels N
+    # The mixing matrix is orthogonal beyond that column: the Gram matrix of the vectors then has g and the
+    # decoys (nearly orthogonal: random signs) as its eigen-combinations, each whole, never a blend whose
+    # norm pattern would show g's rows (a blend leaks in every batch; a whole decoy, never).
+    # (2^0.85 +- 0.1 apart: m vectors span 1.8^(m-1), and the answers to the largest must stay float32-exact).
+    first = 2.0 ** rng.permutation(0.85 * np.arange(m) + rng.uniform(-0.1, 0.1, m)) * rng.choice([-1.0, 1.0], m)
+    q, r = np.linalg.qr(np.column_stack([first, rng.standard_normal((m, m - 1))]))
+    q *= np.sign(np.diag(r))  # q[:, 0] = first / |first|; the other columns, random orthonormal
+    shared *= 1.0 / np.abs(q[:, 0]).min()  # the vector with the least of N still carries noise_unit of it per row
+    secret = q[:, 1].copy()  # q^T secret = e_1 (q orthogonal): sum_j secret_j z_j = g
+    vectors = q @ np.stack([shared, *basis]).reshape(m, -1)
+    return Masked(vectors=tuple(v.reshape(g.shape).astype(g.dtype) for v in vectors), secret=secret)
 
 
 def _check_secret(secret: np.ndarray, count: int, what: str) -> np.ndarray:
@@ -191,6 +255,9 @@ def combine_params(secret: np.ndarray, answers: Sequence[Mapping[str, np.ndarray
 class Masker:
     """A client's masking state across batches: its random generator and the noise unit.
 
+    ``decoys`` selects decoy masking (``m >= 3``); its decoys draw on this batch's gradient rows and on those
+    of the last ``history`` batches (0: this batch's only, whose rows then match ``g``'s as a set).
+
     The unit is an exponential moving average (``decay``) of the batches' largest cut-gradient row norms,
     taken *before* the batch at hand is seen, so the noise level says nothing about that batch (the first
     batch, having no past, uses its own). Nothing of it needs saving with a checkpoint: a new one after a
@@ -198,20 +265,33 @@ class Masker:
     """
 
     def __init__(self, m: int = 2, *, scale: float = 4.0, noise: str = "rowspace", decay: float = 0.9,
-                 seed: int | None = None):
+                 decoys: bool = False, history: int = 0, seed: int | None = None):
         _check_options(m, scale, noise)
         if not 0.0 <= decay < 1.0:
             raise DataError(f"the noise unit's decay must be in [0, 1), got {decay!r}")
+        if decoys and m < 3:
+            raise DataError(f"decoy masking needs m >= 3 vectors (the noise, the gradient and a decoy), got {m}")
+        if isinstance(history, bool) or not isinstance(history, int) or history < 0:
+            raise DataError(f"the decoy history must be a number of batches >= 0, got {history!r}")
         self.m, self.scale, self.noise, self.decay = m, scale, noise, decay
+        self.decoys, self.history = decoys, history
         self.rng = np.random.default_rng(seed)
         self.unit: float | None = None
+        self.past: list[np.ndarray] = []  # the last `history` batches' gradient rows: the decoys' pool
 
     def __call__(self, g: np.ndarray) -> Masked:
         g = _check_array("the cut gradient", g)
-        top = _largest_row_norm(g.reshape(g.shape[0], -1).astype(np.float64))
+        rows = g.reshape(g.shape[0], -1).astype(np.float64)
+        top = _largest_row_norm(rows)
         unit = top if self.unit is None else self.unit
-        masked = mask(g, self.m, rng=self.rng, scale=self.scale, noise=self.noise, unit=unit)
+        pool = None
+        if self.decoys:
+            past = [p for p in self.past if p.shape[1] == rows.shape[1]]
+            pool = np.vstack(past) if past else np.zeros((0, rows.shape[1]))
+        masked = mask(g, self.m, rng=self.rng, scale=self.scale, noise=self.noise, unit=unit, pool=pool)
         self.unit = top if self.unit is None else self.decay * self.unit + (1.0 - self.decay) * top
+        if self.decoys and self.history:
+            self.past = [*self.past, rows][-self.history:]
         return masked
 
 

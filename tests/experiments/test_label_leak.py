@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from experiments.label_leak import (auc, direction_scores, invert_update, leak_auc, least_energy, mixing_coefficients,
-                                    norm_scores, spectral_scores, summary, train)
-from pockprop.runtime.private_backprop import mask
+from experiments.label_leak import (_Observed, auc, direction_scores, invert_update, leak_auc, least_energy, low_energy,
+                                    mixing_coefficients, norm_scores, spectral_scores, summary, tail_weight, train)
+from pockprop.runtime.private_backprop import Masker, mask
 
 
 def test_auc_matches_sklearn_with_ties():
@@ -41,6 +41,26 @@ def test_least_energy_recovers_the_gradient_from_one_server_view():
     assert cos > 0.99
 
 
+def test_low_energy_candidates_and_the_oracle_pick():
+    """With decoys, g is one of the m - 1 low-energy candidates: the oracle (labels in hand) always finds it,
+    the least-energy attack only when g happens to be the smallest."""
+    rng = np.random.default_rng(0)
+    masker, obs, hits = Masker(4, decoys=True, seed=0), _Observed(), 0
+    for _ in range(20):
+        y = (rng.random(32) < 0.2).astype(np.int64)
+        y[:2] = [1, 0]
+        g = np.where(y[:, None] == 1, 5.0, 1.0) * (1 + 0.1 * rng.standard_normal((32, 6)))  # the norm gives y away
+        vectors = masker(g).vectors
+        candidates = low_energy(vectors)
+        assert len(candidates) == 3 and all(abs(np.linalg.norm(c) - 1) < 1e-9 for c in candidates)
+        hits += abs(least_energy(vectors).ravel() @ g.ravel()) / np.linalg.norm(g) > 0.9
+        obs.add({}, y)  # the labels; the oracle adds its scores beside them
+        obs.add_oracle("oracle", candidates, y)
+    assert obs.aucs()["oracle"]["norm"] > 0.95
+    assert 1 <= hits <= 12  # about one batch in three
+    assert tail_weight(np.r_[np.full((9, 2), 1.0), [[5.0, 5.0]]]) > tail_weight(np.r_[np.full((9, 2), 1.0), [[0.2, 0.2]]])
+
+
 def test_invert_update_recovers_per_sample_gradients_of_a_linear_layer():
     """The documented limit on the applied update: a linear layer's weight gradient is G^T X with X known."""
     rng = np.random.default_rng(0)
@@ -51,9 +71,12 @@ def test_invert_update_recovers_per_sample_gradients_of_a_linear_layer():
 def test_protected_training_equals_plain_and_hides_the_cut_gradient():
     # lr 0.1: at the experiment's 0.3 this net amplifies float rounding from step to step (docs/split.md)
     plain, private = train("plain", epochs=1, lr=0.1), train("private", m=2, epochs=1, lr=0.1)
+    decoys = train("private", m=3, decoys=True, epochs=1, lr=0.1)
     for n, w in plain["middle"].items():
         np.testing.assert_allclose(private["middle"][n], w, rtol=1e-4, atol=1e-5)
-    assert private["accuracy"] == plain["accuracy"]
+        np.testing.assert_allclose(decoys["middle"][n], w, rtol=1e-4, atol=1e-5)
+    assert private["accuracy"] == plain["accuracy"] == decoys["accuracy"]
+    assert max(decoys["epochs"][0]["z0"].values()) < 0.65 and private["epochs"][0]["least-energy"]["norm"] > 0.9
     assert plain["epochs"][0]["g"]["norm"] > 0.9 and plain["epochs"][0]["g"]["direction"] > 0.9
     for name in ("z0", "z1", "z0+z1", "z0-z1"):
         assert max(private["epochs"][0][name].values()) < 0.65, name

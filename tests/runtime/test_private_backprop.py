@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from experiments.label_leak import combinations, direction_scores, leak_auc, norm_scores, server_vjp
+from experiments.label_leak import (combinations, direction_scores, leak_auc, least_energy, low_energy, norm_scores,
+                                    server_vjp)
 from pockprop.errors import DataError
 from pockprop.runtime.private_backprop import Masker, combine, combine_params, mask, private_step, private_vjp
 
@@ -24,8 +25,8 @@ def _middles(dtype):
 
 @pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-9), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("which", [0, 1], ids=["linear", "nonlinear"])
-@pytest.mark.parametrize("m", [2, 3])
-def test_combination_is_the_true_vjp(dtype, rtol, which, m):
+@pytest.mark.parametrize("m, decoys", [(2, False), (3, False), (3, True), (6, True)])
+def test_combination_is_the_true_vjp(dtype, rtol, which, m, decoys):
     middle, shape = _middles(dtype)[which]
     rng = np.random.default_rng(1)
     np_dtype = np.float64 if dtype == torch.float64 else np.float32
@@ -33,13 +34,14 @@ def test_combination_is_the_true_vjp(dtype, rtol, which, m):
     g = rng.standard_normal((shape[0], 4)).astype(np_dtype)
     vjp = server_vjp(middle, x)  # torch autograd: the reference of the server's gradients-only backward
     ((want_x, want_p),) = vjp([g])
-    got_x, got_p = private_vjp(vjp, g, Masker(m, seed=3))
-    # float32: the answers to the (larger) masked vectors each carry their own rounding; scale it by the largest
-    atol = 0 if dtype == torch.float64 else 1e-5 * max(np.abs(want_x).max(), 1e-3)
-    np.testing.assert_allclose(got_x, want_x, rtol=rtol, atol=atol)
+    got_x, got_p = private_vjp(vjp, g, Masker(m, decoys=decoys, seed=3))
+    # float32: the answers to the (larger) masked vectors each carry their own rounding; scale it by the largest.
+    # Decoy masking's shared noise grows with m (its coefficients are 1.8x apart): m = 6 rounds to ~2e-5
+    tol = 0 if dtype == torch.float64 else 1e-4 if decoys and m > 3 else 1e-5
+    np.testing.assert_allclose(got_x, want_x, rtol=rtol, atol=tol * max(np.abs(want_x).max(), 1e-3))
     assert got_x.dtype == want_x.dtype and sorted(got_p) == sorted(want_p)
     for n in want_p:
-        np.testing.assert_allclose(got_p[n], want_p[n], rtol=rtol, atol=0 if atol == 0 else 1e-5 * np.abs(want_p[n]).max())
+        np.testing.assert_allclose(got_p[n], want_p[n], rtol=rtol, atol=tol * np.abs(want_p[n]).max())
 
 
 def test_mask_is_seeded_fresh_and_exact():
@@ -82,14 +84,41 @@ def _synthetic_batch(rng, n=32, d=16):
     return (rows * size[:, None] * np.where(y == 1, -1.0, 1.0)[:, None]).astype(np.float32), y
 
 
-def test_masked_vectors_carry_no_label_signal():
+def test_decoy_masking_is_exact_and_hides_g_among_gradient_like_candidates():
     rng = np.random.default_rng(0)
-    plain, masked, labels, masker = [], {}, [], Masker(2, seed=0)
+    g = rng.standard_normal((32, 8))
+    masker, whole = Masker(4, decoys=True, history=2, seed=0), 0
+    for _ in range(20):  # the first batch draws from its own rows, the later ones from the pool as well
+        masked = masker(g)
+        assert masked.m == 4 and all(v.shape == g.shape for v in masked.vectors)
+        np.testing.assert_allclose(sum(s * v for s, v in zip(masked.secret, masked.vectors)), g, atol=1e-9)
+        # the combinations that cancel the shared noise span g and the decoys; g is one of them, whole, unless a
+        # decoy's energy comes close to g's (the two then blend)
+        cos = [abs(c.ravel() @ g.ravel()) / np.linalg.norm(g) for c in low_energy(masked.vectors)]
+        assert len(cos) == 3 and sum(c * c for c in cos) > 0.98
+        whole += max(cos) > 0.95
+    assert whole >= 15
+    # zero gradients and zero pools still give noise-carrying vectors that combine to zero
+    zero = Masker(3, decoys=True, history=1, seed=0)
+    for _ in range(2):
+        masked = zero(np.zeros((4, 3)))
+        assert all(np.linalg.norm(v) > 0 for v in masked.vectors)
+        np.testing.assert_allclose(sum(s * v for s, v in zip(masked.secret, masked.vectors)), 0, atol=1e-9)
+
+
+@pytest.mark.parametrize("m, decoys", [(2, False), (8, True)])
+def test_masked_vectors_carry_no_label_signal(m, decoys):
+    rng, masker = np.random.default_rng(0), Masker(m, decoys=decoys, seed=0)
+    plain, masked, labels = [], {}, []
     for _ in range(60):
         g, y = _synthetic_batch(rng)
         plain.append(g)
         labels.append(y)
-        for name, v in combinations(masker(g).vectors).items():
+        vectors = masker(g).vectors
+        seen = combinations(vectors)
+        if decoys:  # the span search: g is one of m - 1 candidates, the least-energy one 1 time in m - 1
+            seen["least-energy"] = least_energy(vectors)
+        for name, v in seen.items():
             masked.setdefault(name, []).append(v)
     y = np.concatenate(labels)
     assert leak_auc(np.concatenate([norm_scores(g) for g in plain]), y) == 1.0
@@ -149,6 +178,14 @@ def test_masker_checks_options_and_takes_its_unit_from_earlier_batches():
         Masker(1)
     with pytest.raises(DataError, match="decay"):
         Masker(2, decay=1.0)
+    with pytest.raises(DataError, match="decoy masking needs m >= 3"):
+        Masker(2, decoys=True)
+    with pytest.raises(DataError, match="decoy history"):
+        Masker(3, decoys=True, history=-1)
+    with pytest.raises(DataError, match="decoy masking needs m >= 3"):
+        mask(np.ones((2, 3)), 2, pool=np.ones((1, 3)))
+    with pytest.raises(DataError, match="decoy pool"):
+        mask(np.ones((2, 3)), 3, pool=np.ones((1, 4)))
     masker = Masker(2, decay=0.5, seed=0)
     masker(np.ones((2, 4)))  # row norm 2: the first batch sets the unit
     assert masker.unit == 2.0
