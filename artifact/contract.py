@@ -230,10 +230,13 @@ class SliceSpec:
 
 
 class StateRole(str, Enum):
-    """What a state tensor is: a trainable tensor, or optimizer state (slots, the step counter)."""
+    """What a state tensor is: a trainable tensor, optimizer state (slots, the step counter), or a statistic the
+    step updates without training it (BatchNorm's running mean and variance with batchnorm="train"), which the
+    inference graph reads like a parameter."""
 
     PARAM = "param"
     OPTIMIZER = "optimizer"
+    STATISTIC = "statistic"
 
 
 @dataclass(frozen=True)
@@ -283,7 +286,7 @@ class StateSpec:
         what = f"state {t.name!r}"
         if s.get("role") not in [r.value for r in StateRole] or not isinstance(s.get("input"), str) \
                 or not isinstance(s.get("output"), str):
-            raise _fail(where, f"{what}: needs role param|optimizer, input and output")
+            raise _fail(where, f"{what}: needs role param|optimizer|statistic, input and output")
         for k in ("param", "slot"):
             if s.get(k) is not None and not isinstance(s[k], str):
                 raise _fail(where, f"{what}: {k} must be a name, got {s[k]!r}")

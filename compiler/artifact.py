@@ -57,6 +57,11 @@ class StateEntry:
                              param=param, slot=slot), initial)
 
     @classmethod
+    def statistic(cls, name: str, output: str, initial: np.ndarray) -> "StateEntry":
+        """A running statistic the step updates (compiler/batchnorm.py), fed as input `name`."""
+        return cls(StateSpec(name, StateRole.STATISTIC, name, output, tuple(initial.shape), initial.dtype.name), initial)
+
+    @classmethod
     def step(cls, output: str) -> "StateEntry":
         """The optimizer's step counter (a float32 scalar, 0 at first)."""
         return cls(StateSpec(contract.STEP, StateRole.OPTIMIZER, contract.STEP, output, (), "float32", slot="step"),

@@ -17,6 +17,7 @@ from pockprop.artifact.contract import (APPLY_FILE, INPUT_GRADIENT, LABELS, LOSS
 from pockprop.artifact import external as external_data
 from pockprop.artifact.external import ExternalArrays
 from pockprop.autodiff.backward import backward
+from pockprop.compiler import batchnorm as bn_modes
 from pockprop.compiler import lora as lora_adapters
 from pockprop.compiler import preprocess as preprocess_steps
 from pockprop.compiler.artifact import Artifact, StateEntry
@@ -152,7 +153,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, labels: Any = None,
             output: str | None = None, target_profile: str | dict[str, Any] | TargetProfile | None = None,
             lora: Any = None, kd: dict[str, Any] | str | None = None,
             prompt: dict[str, Any] | int | None = None,
-            pos_weight: float | Sequence[float] | None = None) -> Artifact:
+            pos_weight: float | Sequence[float] | None = None, batchnorm: str = "frozen") -> Artifact:
     """Compile `model` into one ONNX training step (forward, loss, backward, update) + inference graph.
 
     example_inputs: a tensor, a tuple of positional tensors, or a dict of keyword tensors
@@ -187,11 +188,15 @@ def compile(model: torch.nn.Module, example_inputs: Any, labels: Any = None,
     prompt={"tokens": P, "init": "vocab"|"random"} prepends a trainable soft prompt after the embedding
     layer (compiler/prompt.py); it trains with what `trainable` or `scheme` selects, or alone if neither
     is given.
+    batchnorm: "frozen" (the default: batch norm with its running statistics, as traced in eval form) or
+    "train" (as PyTorch's model.train(): batch statistics in the step, the running statistics updated as
+    state; compiler/batchnorm.py).
 
     The same as `compile_traced(trace_model(model, example_inputs), ...)`; use those two to compile
     one model with several schemes while tracing it once.
     """
     _check_options(loss, label_smoothing, trainable, scheme, kd, pos_weight)
+    bn_modes.check_mode(batchnorm)
     parse_optimizer(optimizer)
     parse_prompt(prompt)
     if scheme is not None:
@@ -202,7 +207,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, labels: Any = None,
         lora = lora_adapters.parse_spec(lora)
     return compile_traced(trace_model(model, example_inputs, output, prompt), labels, loss, optimizer, trainable,
                           scheme=scheme, label_smoothing=label_smoothing, name=name, preprocess=preprocess,
-                          optimize=optimize, target_profile=target_profile, lora=lora, kd=kd, pos_weight=pos_weight)
+                          optimize=optimize, target_profile=target_profile, lora=lora, kd=kd, pos_weight=pos_weight,
+                          batchnorm=batchnorm)
 
 
 def compile_traced(tm: TracedModel, labels: Any = None, loss: str = "cross_entropy",
@@ -212,7 +218,8 @@ def compile_traced(tm: TracedModel, labels: Any = None, loss: str = "cross_entro
                    optimize: bool = True, choose_lowering: Chooser | None = None,
                    target_profile: str | dict[str, Any] | TargetProfile | None = None, lora: Any = None,
                    kd: dict[str, Any] | str | None = None,
-                   pos_weight: float | Sequence[float] | None = None, part: PartOptions | None = None) -> Artifact:
+                   pos_weight: float | Sequence[float] | None = None, part: PartOptions | None = None,
+                   batchnorm: str = "frozen") -> Artifact:
     """`compile` of an already traced model (see `trace_model`); the arguments mean the same.
 
     choose_lowering: picks each node's lowering among those its op offers (passes/lowerings.py); by
@@ -220,6 +227,7 @@ def compile_traced(tm: TracedModel, labels: Any = None, loss: str = "cross_entro
     part: set by compiler/split.py for one part of a split model (PartOptions); trainable, scheme and
     lora are then the whole model's, already resolved into it."""
     loss_op, kd_spec = _check_options(loss, label_smoothing, trainable, scheme, kd, pos_weight)
+    bn_modes.check_mode(batchnorm)
     target = None if target_profile is None else load_target_profile(target_profile)
     if choose_lowering is None:
         choose_lowering = chooser_for(target)
@@ -246,11 +254,21 @@ def compile_traced(tm: TracedModel, labels: Any = None, loss: str = "cross_entro
     chosen = [p for p in traced.parameters if p in needs]  # model order
 
     full_values = {p: traced.graph.constants[p] for p in chosen}
-    # the inference graph: each adapted weight an input with a default, which the runtime feeds merged
-    infer_values = full_values | {ad.spec.weight: traced.graph.constants[ad.spec.weight] for ad in adapters}
+    if batchnorm == "train" and kd_spec is not None:
+        raise CompileError("batchnorm='train' with loss 'kd' is not supported")
+    stat_values = {s: traced.graph.constants[s] for s in bn_modes.statistics(traced.graph)} if batchnorm == "train" \
+        else {}
+    # the inference graph: each adapted weight an input with a default, which the runtime feeds merged; and
+    # the running statistics that the step updates
+    infer_values = full_values | {ad.spec.weight: traced.graph.constants[ad.spec.weight] for ad in adapters} \
+        | stat_values
     infer, _ = _lift(traced.graph.copy(), dict.fromkeys(infer_values, FULL))
     infer = choose_lowerings((INFERENCE if optimize else UNOPTIMIZED)(infer).graph, choose_lowering).graph
+    # (copied after the inference graph: each copy takes fresh value names from the trace's counter)
     train_src = lora_adapters.insert(traced.graph.copy(), adapters)
+    stats: list[bn_modes.Statistic] = []
+    if batchnorm == "train":
+        train_src, stats = bn_modes.train_mode(train_src)
     adapted = {n: v for ad in adapters for n, v in ((ad.spec.a, ad.a_value), (ad.spec.b, ad.b_value))}
     train_fwd, wants = _lift(train_src, {p: needs[p] for p in chosen} | dict.fromkeys(adapted, FULL))
     if optimize:
@@ -261,8 +279,9 @@ def compile_traced(tm: TracedModel, labels: Any = None, loss: str = "cross_entro
     loss_attrs = _loss_attrs(loss_op, label_smoothing, pos_weight, traced.graph.types[traced.graph.outputs[0]])
     if part is not None and part.output_gradient:
         loss_op, loss_attrs = OUTPUT_GRADIENT, {}
+    statistics = [StateEntry.statistic(s.name, s.updated, stat_values[s.name]) for s in stats]
     train, state = _training_graph(train_fwd, wants, full_values | adapted, loss_op, labels, opt, loss_attrs,
-                                   optimize, kd_spec, originals, grad_input)
+                                   optimize, kd_spec, originals, grad_input, statistics)
     train = choose_lowerings(train, choose_lowering).graph
 
     model_name = name or tm.name
@@ -386,16 +405,18 @@ def _training_graph(fwd: Graph, wants: dict[str, tuple[str, Need]], full_values:
                     loss_op: str, labels: Any, opt: Any, loss_attrs: dict[str, Any],
                     optimize: bool, kd: KDSpec | None = None,
                     originals: dict[str, np.ndarray] | None = None,
-                    grad_input: str | None = None) -> tuple[Graph, list[StateEntry]]:
+                    grad_input: str | None = None,
+                    statistics: list[StateEntry] | None = None) -> tuple[Graph, list[StateEntry]]:
     """The training step from the forward graph, in named stages: (the kd teacher,) loss, gradients,
     optimizer update, output names, then the training pass pipeline. `originals`: each trained input's
     value before training, which a teacher="model" copy reads. `grad_input`: a data input whose gradient
-    the step also returns, as INPUT_GRADIENT (a split part's input)."""
+    the step also returns, as INPUT_GRADIENT (a split part's input). `statistics`: state the forward graph
+    updates itself (train-mode batch norm's running statistics), returned beside the optimizer's."""
     g = fwd.copy()
     out = g.outputs[0]
     loss = _add_loss(g, out, loss_op, labels, loss_attrs, kd, originals or {})
     grads, d_input = _differentiate(g, loss, wants, grad_input)
-    state = _add_optimizer(g, opt, wants, grads, full_values)
+    state = _add_optimizer(g, opt, wants, grads, full_values) + list(statistics or [])
     _name_outputs(g, loss, out, state, d_input)
     g = (TRAINING if optimize else UNOPTIMIZED)(g).graph
     g.verify()

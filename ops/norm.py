@@ -62,8 +62,9 @@ class BatchNorm(Op):
 @aten("aten._native_batch_norm_legit_no_training.default")
 def _batch_norm(b: Builder, x: str, w: str | None, bias: str | None, mean: str, var: str,
                 momentum: float, eps: float) -> list[str | None]:
-    # torch returns (y, save_mean, save_invstd); in eval form only y is ever used
-    return [b.op("batch_norm", [x, w, bias, mean, var], eps=float(eps)), None, None]
+    # torch returns (y, save_mean, save_invstd); in eval form only y is ever used. The momentum (0.0 for a
+    # cumulative average) is kept for compiler/batchnorm.py, which trains batch norm as train mode does.
+    return [b.op("batch_norm", [x, w, bias, mean, var], eps=float(eps), momentum=float(momentum)), None, None]
 
 
 @register

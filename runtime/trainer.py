@@ -100,7 +100,7 @@ class Trainer:
         self._check_train(bundle)
         self._check_infer(bundle, *infer)
         infer_params = {a.name for a in infer[2]}
-        self._infer_params = [e for e in self._entries if e.role == StateRole.PARAM and e.parameter in infer_params]
+        self._infer_params = [e for e in self._entries if e.role in _WEIGHTS and e.parameter in infer_params]
         pred = next(o for o in infer[1] if o.name == m.outputs.prediction)
         self._infer_session: ort.InferenceSession | None = None
         # class indices are checked against the classes axis (the last): of (N, C) logits, and of (N, T, V)
@@ -171,7 +171,7 @@ class Trainer:
         if len(inputs) != len(self._inputs):
             raise ArtifactError(f"{where}: the graph needs inputs {[a.name for a in inputs]}; "
                                 f"the manifest feeds only {[d.name for d in self._inputs]}")
-        full = {e.parameter: (e.parameter_shape, e.dtype) for e in self._entries if e.role == StateRole.PARAM}
+        full = {e.parameter: (e.parameter_shape, e.dtype) for e in self._entries if e.role in _WEIGHTS}
         have = {a.name for a in overridable}
         _check_io(where, overridable, {k: v for k, v in full.items() if k in have}, "parameter")
         adapted = {ad.weight: (ad.shape, self._entries_by_name[ad.a].dtype) for ad in m.adapters}
@@ -434,10 +434,11 @@ class Trainer:
 
     # -- inference -------------------------------------------------------------------------------
     def full_parameters(self) -> dict[str, np.ndarray]:
-        """Each trainable parameter's full current value (slices written into their frozen tensor)."""
+        """Each trainable parameter's full current value (slices written into their frozen tensor), and each
+        running statistic the step updates (batchnorm="train"): what the model's weights are now."""
         out = {}
         for e, view in zip(self._entries, self._views[self._cur]):
-            if e.role != StateRole.PARAM:
+            if e.role not in _WEIGHTS:
                 continue
             if e.slice is not None:
                 full = out.get(e.parameter)
@@ -580,6 +581,9 @@ def _graph_session(bundle: Bundle, name: str, threads: int | None, providers: li
 
 
 KD_LOGITS = "kd/teacher_logits"  # checkpoint tensor: a round's teacher logits (runtime.loop, kd_previous)
+
+
+_WEIGHTS = (StateRole.PARAM, StateRole.STATISTIC)  # the state tensors the inference graph reads
 
 
 def _check_state(state: dict[str, np.ndarray], entries: list[StateSpec], where: str) -> None:
