@@ -68,6 +68,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "without one the cost model chooses (docs/tuning.md)")
     p.add_argument("--tune-kit", metavar="DIR", help="also write the tuning kit of the training step to DIR, for "
                                                      "`pockprop tune` on the target")
+    p.add_argument("--batchnorm", choices=["frozen", "train"], default="frozen",
+                   help="frozen: batch norm with its running statistics, as in eval mode; train: as PyTorch's "
+                        "model.train(), batch statistics in the step and the running statistics updated as state")
     p.add_argument("--split-at", action="append", metavar="MODULE",
                    help="cut the model after this module (a path like 'layer2'; twice for a U-shaped split whose "
                         "head and loss stay on the device) into part artifacts part0/, part1/, ... with an index "
@@ -147,7 +150,7 @@ def compile_command(args: argparse.Namespace) -> int:
     art = compile(model, examples, loss=args.loss, optimizer=_optimizer(args), pos_weight=args.pos_weight,
                   trainable=args.trainable, scheme=args.scheme, label_smoothing=args.label_smoothing,
                   name=args.model.split(":")[-1], preprocess=preprocess, output=args.model_output,
-                  target_profile=target, lora=args.lora, kd=args.kd, prompt=_prompt(args))
+                  target_profile=target, lora=args.lora, kd=args.kd, prompt=_prompt(args), batchnorm=args.batchnorm)
     art.source = spec.source()
     if args.report:
         from pockprop.compiler.report import compile_report, format_report
@@ -181,7 +184,8 @@ def _compile_split(args: argparse.Namespace, model: Any, examples: Any, preproce
     """`compile --split-at`: the parts and their index (compiler/split.py)."""
     from pockprop.compiler.split import compile_split, holders, save_split
 
-    for flag, given in (("--report", args.report), ("--tune-kit", args.tune_kit)):
+    for flag, given in (("--report", args.report), ("--tune-kit", args.tune_kit),
+                        ("--batchnorm train", args.batchnorm == "train")):
         if given:
             raise UsageError(f"{flag} does not apply to a split model (--split-at)")
     arts = compile_split(model, examples, args.split_at, loss=args.loss, optimizer=_optimizer(args),
