@@ -1,4 +1,5 @@
 """Normalization: batch norm in eval form (frozen statistics) and layer norm (statistics of each sample).
+(Batch norm in train mode is built from primitive ops by compiler/batchnorm.py.)
 
 Batch norm's affine weight and bias may be trainable; its statistics never are (they are buffers). With
 the statistics frozen, batch norm is a per-channel affine map, so its VJP is elementwise. Layer norm
