@@ -235,22 +235,11 @@ def compile_traced(tm: TracedModel, labels: Any = None, loss: str = "cross_entro
     spec = load_scheme(scheme) if scheme is not None else None
     lora_spec = lora_adapters.parse_spec(lora) if lora is not None else None
     traced = tm.traced
-    resolved = None
     if part is not None:
-        needs, resolved = dict(part.needs), part.scheme
-    elif spec is not None:
-        resolved = resolve_scheme(spec, tm.layers, tm.shapes)
-        needs = resolved.needs()
-    elif trainable is None and (tm.adapters or lora_spec is not None or tm.prompt is not None):
-        needs = {}  # only the adapters and the prompt, as peft trains
+        needs, resolved, adapters = dict(part.needs), part.scheme, list(part.adapters)
     else:
-        needs = {p: FULL for p in _select(trainable, traced)}
-    if tm.prompt is not None:
-        needs[tm.prompt] = FULL
-    adapters = list(part.adapters) if part is not None else _adapters(tm, lora_spec, needs)
+        needs, resolved, adapters = resolve_training(tm, trainable, spec, lora_spec)
     grad_input = traced.user_inputs[0] if part is not None and part.input_gradient else None
-    if not needs and not adapters and part is None:
-        raise CompileError("the model has no parameters to train")
     chosen = [p for p in traced.parameters if p in needs]  # model order
 
     full_values = {p: traced.graph.constants[p] for p in chosen}
@@ -318,6 +307,27 @@ def compile_traced(tm: TracedModel, labels: Any = None, loss: str = "cross_entro
         lowerings=record_lowerings(train, target),
         extra_models=extra,
     )
+
+
+def resolve_training(tm: TracedModel, trainable: str | Iterable[str] | None, scheme: Scheme | None,
+                     lora: lora_adapters.LoraSpec | None) -> tuple[dict[str, Need], Any, list[lora_adapters.Adapter]]:
+    """What a compile trains: (the part of each trained parameter, the resolved scheme or None, the LoRA
+    adapters), from `trainable` patterns or a scheme (neither: every parameter, or with adapters or a soft
+    prompt only those), the prompt always; CompileError if that is nothing."""
+    resolved = None
+    if scheme is not None:
+        resolved = resolve_scheme(scheme, tm.layers, tm.shapes)
+        needs = resolved.needs()
+    elif trainable is None and (tm.adapters or lora is not None or tm.prompt is not None):
+        needs = {}  # only the adapters and the prompt, as peft trains
+    else:
+        needs = {p: FULL for p in _select(trainable, tm.traced)}
+    if tm.prompt is not None:
+        needs[tm.prompt] = FULL
+    adapters = _adapters(tm, lora, needs)
+    if not needs and not adapters:
+        raise CompileError("the model has no parameters to train")
+    return needs, resolved, adapters
 
 
 def _adapters(tm: TracedModel, spec: lora_adapters.LoraSpec | None,

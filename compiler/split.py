@@ -27,13 +27,13 @@ from pockprop.artifact.contract import APPLY_FILE, INPUT_GRADIENT, VJP_FILE, Spl
 from pockprop.artifact.durable import write_atomic
 from pockprop.compiler import lora as lora_adapters
 from pockprop.compiler.artifact import Artifact
-from pockprop.compiler.compile import (PartOptions, TracedModel, _check_options, _select, compile_traced,
+from pockprop.compiler.compile import (PartOptions, TracedModel, _check_options, compile_traced, resolve_training,
                                        trace_model)
 from pockprop.compiler.optim import parse_optimizer
-from pockprop.compiler.scheme import Scheme, load_scheme, resolve_scheme
+from pockprop.compiler.scheme import load_scheme
 from pockprop.errors import CompileError
 from pockprop.ir import Graph, Role
-from pockprop.ops.registry import FULL, Need
+from pockprop.ops.registry import FULL
 from pockprop.tracing.trace import Traced
 
 INDEX_FILE = "split.json"
@@ -132,28 +132,6 @@ def cut(tm: TracedModel, paths: Sequence[str]) -> list[TracedModel]:
     return parts
 
 
-def _whole_needs(tm: TracedModel, trainable: Any, scheme: Scheme | None,
-                 lora: lora_adapters.LoraSpec | None) -> tuple[dict[str, Need], Any, list[lora_adapters.Adapter]]:
-    """What the unsplit compile would train: (needs, resolved scheme, adapters), as compile_traced picks."""
-    resolved = None
-    if scheme is not None:
-        resolved = resolve_scheme(scheme, tm.layers, tm.shapes)
-        needs = resolved.needs()
-    elif trainable is None and (tm.adapters or lora is not None or tm.prompt is not None):
-        needs = {}
-    else:
-        needs = {p: FULL for p in _select(trainable, tm.traced)}
-    if tm.prompt is not None:
-        needs[tm.prompt] = FULL
-    adapters = list(tm.adapters)
-    if lora is not None:
-        taken = {ad.spec.weight for ad in adapters} | set(needs)
-        adapters += lora_adapters.plan(lora, tm.traced.graph, tm.traced.parameters, taken)
-    if not needs and not adapters:
-        raise CompileError("the model has no parameters to train")
-    return needs, resolved, adapters
-
-
 def compile_split(model: torch.nn.Module, example_inputs: Any, split_at: str | Sequence[str], labels: Any = None,
                   loss: str = "cross_entropy", optimizer: str | dict[str, Any] = "sgd",
                   trainable: str | Iterable[str] | None = None, *, scheme: Any = None, label_smoothing: float = 0.0,
@@ -177,7 +155,7 @@ def compile_split(model: torch.nn.Module, example_inputs: Any, split_at: str | S
     spec = load_scheme(scheme) if scheme is not None else None
     lora_spec = lora_adapters.parse_spec(lora) if lora is not None else None
     tm = trace_model(model, example_inputs, output, prompt)
-    needs, resolved, adapters = _whole_needs(tm, trainable, spec, lora_spec)
+    needs, resolved, adapters = resolve_training(tm, trainable, spec, lora_spec)
     parts = cut(tm, paths)
     trains = [bool({p for p in needs if p in pt.traced.parameters}
                    or any(a.spec.weight in pt.traced.parameters for a in adapters)) for pt in parts]
