@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 
 from pockprop.errors import DataError
 from pockprop.runtime import prune
+from pockprop.runtime.data import batch_indices
 from pockprop.runtime.split import Part
 
 
@@ -116,11 +117,9 @@ def local_step(bottom: Part, head: Part, server: PartLike | None, x: Any, y: Any
     return loss
 
 
-def batches(n: int, batch: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
-    """Shuffled full batches of indices into n samples (the last partial batch dropped)."""
-    order = rng.permutation(n)
-    for i in range(n // batch):
-        yield order[i * batch:(i + 1) * batch]
+def _rows(x: Any, idx: Any) -> Any:
+    """Rows `idx` of model-ready inputs: an array, or a dict of arrays by input name."""
+    return {k: v[idx] for k, v in x.items()} if isinstance(x, dict) else x[idx]
 
 
 def pruned(bottom: Part, head: Part, x: Any, y: np.ndarray, fraction: float, kind: str,
@@ -131,10 +130,9 @@ def pruned(bottom: Part, head: Part, x: Any, y: np.ndarray, fraction: float, kin
         return np.arange(len(y))
     b = bottom.trainer.batch_size
     logits = []
-    take = (lambda i: {k: v[i:i + b] for k, v in x.items()}) if isinstance(x, dict) else (lambda i: x[i:i + b])
     with _Clock(traffic):
         for i in range(0, len(y) - len(y) % b, b):
-            logits.append(head.forward(bottom.forward(take(i))))
+            logits.append(head.forward(bottom.forward(_rows(x, slice(i, i + b)))))
     z = np.concatenate(logits)
     score = prune.scores(head.trainer.manifest.loss, z, y[:len(z)], kind)
     if y.ndim != 1:
@@ -169,7 +167,6 @@ def fit(parts: Sequence[PartLike], x: Any, y: np.ndarray, epochs: int, *, batch:
     if local_head is not None and len(parts) != 2:
         raise DataError("split: a local loss trains a two-part split (device, server)")
     n = len(y)
-    take = (lambda idx: {k: v[idx] for k, v in x.items()}) if isinstance(x, dict) else (lambda idx: x[idx])
     traffic, rng, step, losses = Traffic(), np.random.default_rng(seed), 0, []
     bottom = parts[0]
     for epoch in range(epochs):
@@ -177,19 +174,19 @@ def fit(parts: Sequence[PartLike], x: Any, y: np.ndarray, epochs: int, *, batch:
         if local_head is not None and epoch and prune_keep < 1.0:
             assert isinstance(bottom, Part)
             idx = pruned(bottom, local_head, x, y, prune_keep, prune_score, traffic)
+        if len(idx) < batch:
+            raise DataError(f"split: fewer samples ({len(idx)}) than one batch ({batch})")
         total = []
-        for b in batches(len(idx), batch, rng):
+        for b in batch_indices(rng.permutation(len(idx)), batch):
             sel = idx[b]
             rate = schedule.lr(step) if schedule is not None else lr
             if local_head is None:
-                total.append(split_step(parts, take(sel), y[sel], traffic, lr=rate))
+                total.append(split_step(parts, _rows(x, sel), y[sel], traffic, lr=rate))
             else:
                 server = parts[1] if step % send_every == 0 else None
-                total.append(local_step(bottom, local_head, server, take(sel), y[sel], traffic, lr=rate,  # type: ignore[arg-type]
+                total.append(local_step(bottom, local_head, server, _rows(x, sel), y[sel], traffic, lr=rate,  # type: ignore[arg-type]
                                         server_lr=rate))
             step += 1
-        if not total:
-            raise DataError(f"split: fewer samples ({len(idx)}) than one batch ({batch})")
         losses.append(float(np.mean(total)))
         if progress is not None:
             progress(epoch, losses[-1])
