@@ -71,28 +71,18 @@ def load(directory: str, cfg: Config) -> tuple[Any, Any, Any]:
 
 
 def run(row: str, directory: str, task: Any, cfg: Config, seed: int, lr: float) -> dict[str, Any]:
-    from pockprop.runtime.split_train import Traffic, batches, local_step, pruned, split_step
+    from pockprop.runtime.split_train import fit
 
     bottom, server, head = load(directory, cfg)
     x, y = task.target.x, task.target.y
     keep = 0.5 if row == "local+prune" else 1.0
     full, per_epoch = len(y) // cfg.batch, int(np.ceil(keep * len(y))) // cfg.batch
-    total = full + (cfg.epochs - 1) * per_epoch
+    total = full + (cfg.epochs - 1) * per_epoch  # the first epoch is never pruned (fit)
     sched = Schedule("cosine", lr, total_steps=total)
-    traffic, rng, step = Traffic(), np.random.default_rng(seed), 0
     t0 = time.perf_counter()
-    for epoch in range(cfg.epochs):
-        # the first epoch trains on everything: an untrained head's scores say nothing yet
-        idx = pruned(bottom, head, x, y, keep, "el2n", traffic) if row != "split" and epoch else np.arange(len(y))
-        for b in batches(len(idx), cfg.batch, rng):
-            sel = idx[b]
-            rate = sched.lr(step)
-            if row == "split":
-                split_step([bottom, server], x[sel], y[sel], traffic, lr=rate)
-            else:
-                send = row != "local/2" or step % 2 == 0
-                local_step(bottom, head, server if send else None, x[sel], y[sel], traffic, lr=rate, server_lr=rate)
-            step += 1
+    traffic = fit([bottom, server], x, y, cfg.epochs, batch=cfg.batch, seed=seed, schedule=sched,
+                  local_head=None if row == "split" else head, send_every=2 if row == "local/2" else 1,
+                  prune_keep=keep).traffic
     correct = 0
     tx, ty = task.test.x, task.test.y
     b = cfg.batch
