@@ -157,17 +157,15 @@ def compile_split(model: torch.nn.Module, example_inputs: Any, split_at: str | S
     tm = trace_model(model, example_inputs, output, prompt)
     needs, resolved, adapters = resolve_training(tm, trainable, spec, lora_spec)
     parts = cut(tm, paths)
-    trains = [bool({p for p in needs if p in pt.traced.parameters}
-                   or any(a.spec.weight in pt.traced.parameters for a in adapters)) for pt in parts]
-    earliest = trains.index(True)
+    shares = [({p: n for p, n in needs.items() if p in pt.traced.parameters},
+               [a for a in adapters if a.spec.weight in pt.traced.parameters]) for pt in parts]  # what each trains
+    earliest = next(k for k, (part_needs, part_adapters) in enumerate(shares) if part_needs or part_adapters)
     arts = []
-    for k, pt in enumerate(parts):
+    for k, (pt, (part_needs, part_adapters)) in enumerate(zip(parts, shares)):
         params = set(pt.traced.parameters)
         last = k == len(parts) - 1
         options = PartOptions(
-            needs={p: n for p, n in needs.items() if p in params},
-            adapters=[a for a in adapters if a.spec.weight in params],
-            output_gradient=not last, input_gradient=k > earliest,
+            needs=part_needs, adapters=part_adapters, output_gradient=not last, input_gradient=k > earliest,
             gradients=private and holders(len(parts))[k] == "server" and k > earliest,
             scheme=None if resolved is None else dataclasses.replace(
                 resolved, updates=[u for u in resolved.updates if set(u.layer.params) <= params]))
