@@ -68,9 +68,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "without one the cost model chooses (docs/tuning.md)")
     p.add_argument("--tune-kit", metavar="DIR", help="also write the tuning kit of the training step to DIR, for "
                                                      "`pockprop tune` on the target")
-    p.add_argument("--batchnorm", choices=["frozen", "train"], default="frozen",
+    p.add_argument("--batchnorm", choices=["frozen", "train"],
                    help="frozen: batch norm with its running statistics, as in eval mode; train: as PyTorch's "
-                        "model.train(), batch statistics in the step and the running statistics updated as state")
+                        "model.train(), batch statistics in the step and the running statistics updated as state "
+                        "(default: what the --scheme file says, else frozen)")
     p.add_argument("--split-at", action="append", metavar="MODULE",
                    help="cut the model after this module (a path like 'layer2'; twice for a U-shaped split whose "
                         "head and loss stay on the device) into part artifacts part0/, part1/, ... with an index "

@@ -153,7 +153,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, labels: Any = None,
             output: str | None = None, target_profile: str | dict[str, Any] | TargetProfile | None = None,
             lora: Any = None, kd: dict[str, Any] | str | None = None,
             prompt: dict[str, Any] | int | None = None,
-            pos_weight: float | Sequence[float] | None = None, batchnorm: str = "frozen") -> Artifact:
+            pos_weight: float | Sequence[float] | None = None, batchnorm: str | None = None) -> Artifact:
     """Compile `model` into one ONNX training step (forward, loss, backward, update) + inference graph.
 
     example_inputs: a tensor, a tuple of positional tensors, or a dict of keyword tensors
@@ -188,19 +188,19 @@ def compile(model: torch.nn.Module, example_inputs: Any, labels: Any = None,
     prompt={"tokens": P, "init": "vocab"|"random"} prepends a trainable soft prompt after the embedding
     layer (compiler/prompt.py); it trains with what `trainable` or `scheme` selects, or alone if neither
     is given.
-    batchnorm: "frozen" (the default: batch norm with its running statistics, as traced in eval form) or
-    "train" (as PyTorch's model.train(): batch statistics in the step, the running statistics updated as
-    state; compiler/batchnorm.py).
+    batchnorm: "frozen" (batch norm with its running statistics, as traced in eval form) or "train" (as
+    PyTorch's model.train(): batch statistics in the step, the running statistics updated as state;
+    compiler/batchnorm.py); None (the default): the scheme's `batchnorm`, else frozen.
 
     The same as `compile_traced(trace_model(model, example_inputs), ...)`; use those two to compile
     one model with several schemes while tracing it once.
     """
     _check_options(loss, label_smoothing, trainable, scheme, kd, pos_weight)
-    bn_modes.check_mode(batchnorm)
     parse_optimizer(optimizer)
     parse_prompt(prompt)
     if scheme is not None:
         scheme = load_scheme(scheme)  # a bad scheme fails before the slow trace
+    batchnorm_mode(batchnorm, scheme)
     if target_profile is not None:
         target_profile = load_target_profile(target_profile)  # so does a bad profile
     if lora is not None:
@@ -219,7 +219,7 @@ def compile_traced(tm: TracedModel, labels: Any = None, loss: str = "cross_entro
                    target_profile: str | dict[str, Any] | TargetProfile | None = None, lora: Any = None,
                    kd: dict[str, Any] | str | None = None,
                    pos_weight: float | Sequence[float] | None = None, part: PartOptions | None = None,
-                   batchnorm: str = "frozen") -> Artifact:
+                   batchnorm: str | None = None) -> Artifact:
     """`compile` of an already traced model (see `trace_model`); the arguments mean the same.
 
     choose_lowering: picks each node's lowering among those its op offers (passes/lowerings.py); by
@@ -227,12 +227,12 @@ def compile_traced(tm: TracedModel, labels: Any = None, loss: str = "cross_entro
     part: set by compiler/split.py for one part of a split model (PartOptions); trainable, scheme and
     lora are then the whole model's, already resolved into it."""
     loss_op, kd_spec = _check_options(loss, label_smoothing, trainable, scheme, kd, pos_weight)
-    bn_modes.check_mode(batchnorm)
     target = None if target_profile is None else load_target_profile(target_profile)
     if choose_lowering is None:
         choose_lowering = chooser_for(target)
     opt = parse_optimizer(optimizer)
     spec = load_scheme(scheme) if scheme is not None else None
+    batchnorm = batchnorm_mode(batchnorm, spec)
     lora_spec = lora_adapters.parse_spec(lora) if lora is not None else None
     traced = tm.traced
     if part is not None:
@@ -307,6 +307,18 @@ def compile_traced(tm: TracedModel, labels: Any = None, loss: str = "cross_entro
         lowerings=record_lowerings(train, target),
         extra_models=extra,
     )
+
+
+def batchnorm_mode(batchnorm: str | None, scheme: Scheme | str | None) -> str:
+    """The batch-norm mode of a compile: the argument, else the scheme's (a preset's: frozen); CompileError when
+    they disagree."""
+    own = scheme.batchnorm if isinstance(scheme, Scheme) else "frozen"
+    if batchnorm is None:
+        return own
+    bn_modes.check_mode(batchnorm)
+    if isinstance(scheme, Scheme) and own != batchnorm and own != "frozen":
+        raise CompileError(f"batchnorm={batchnorm!r}, but the scheme {scheme.name} says batchnorm: {own}")
+    return batchnorm
 
 
 def resolve_training(tm: TracedModel, trainable: str | Iterable[str] | None, scheme: Scheme | None,

@@ -38,6 +38,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from pockprop.compiler.batchnorm import MODES as BATCHNORM_MODES
 from pockprop.compiler.blocks import blocks
 from pockprop.errors import CompileError
 from pockprop.ir import Graph, module_of
@@ -66,8 +67,17 @@ class Rule:
 
 @dataclass(frozen=True)
 class Scheme:
+    """Rules, and how the step treats batch norm: "frozen" (running statistics, eval form) or "train" (batch
+    statistics, running statistics updated; compiler/batchnorm.py), a scheme option like the rules."""
+
     name: str
     rules: tuple[Rule, ...]
+    batchnorm: str = "frozen"
+
+    def __post_init__(self) -> None:
+        if self.batchnorm not in BATCHNORM_MODES:
+            raise CompileError(f"scheme {self.name}: batchnorm {self.batchnorm!r} is not one of "
+                               f"{', '.join(BATCHNORM_MODES)}")
 
 
 @dataclass
@@ -137,9 +147,10 @@ class ResolvedScheme:
 def scheme_from_dict(d: dict[str, Any], name: str = "custom") -> Scheme:
     if not isinstance(d, dict) or not isinstance(d.get("rules"), list) or not d["rules"]:
         raise CompileError(f"scheme {name}: expected a mapping with a non-empty list 'rules'")
-    unknown = set(d) - {"name", "rules"}
+    unknown = set(d) - {"name", "rules", "batchnorm"}
     if unknown:
-        raise CompileError(f"scheme {name}: unknown keys {', '.join(sorted(unknown))} (expected name, rules)")
+        raise CompileError(f"scheme {name}: unknown keys {', '.join(sorted(unknown))} (expected name, rules, "
+                           "batchnorm)")
     rules = []
     for i, r in enumerate(d["rules"]):
         if not isinstance(r, dict) or "match" not in r:
@@ -149,7 +160,7 @@ def scheme_from_dict(d: dict[str, Any], name: str = "custom") -> Scheme:
             raise CompileError(f"scheme {name}: rule {i + 1} ({r['match']!r}) has unknown keys {', '.join(sorted(extra))}")
         rules.append(Rule(str(r["match"]), str(r.get("update", "full")), _ratio(r.get("ratio", 1.0), r["match"]),
                           bool(r.get("bias", False))))
-    return Scheme(str(d.get("name", name)), tuple(rules))
+    return Scheme(str(d.get("name", name)), tuple(rules), str(d.get("batchnorm", "frozen")))
 
 
 def _ratio(v: Any, pattern: str) -> float:
@@ -270,6 +281,11 @@ def _ffn_input(block: list[Layer]) -> Layer | None:
 
     width = in_out(linear[-1])[0]
     return next((l for l in linear[:-1] if in_out(l)[1] == width), None)
+
+
+def preset_scheme(name: str, layers: list[Layer], batchnorm: str = "frozen") -> Scheme:
+    """A preset resolved against the model's layers as explicit rules (a layer named twice is ruled once)."""
+    return Scheme(name, tuple(dict.fromkeys(_preset_rules(name, layers))), batchnorm)
 
 
 def _preset_rules(name: str, layers: list[Layer]) -> tuple[Rule, ...]:

@@ -153,6 +153,9 @@ def compile_split(model: torch.nn.Module, example_inputs: Any, split_at: str | S
     _check_options(loss, label_smoothing, trainable, scheme, None, pos_weight)
     parse_optimizer(optimizer)
     spec = load_scheme(scheme) if scheme is not None else None
+    if getattr(spec, "batchnorm", "frozen") != "frozen":
+        raise CompileError(f"split: the scheme {spec.name} trains batch norm in train mode, which a split model "
+                           "does not support")
     lora_spec = lora_adapters.parse_spec(lora) if lora is not None else None
     tm = trace_model(model, example_inputs, output, prompt)
     needs, resolved, adapters = resolve_training(tm, trainable, spec, lora_spec)

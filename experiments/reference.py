@@ -83,7 +83,7 @@ def run_task(name: str, cfg: Config, out: str) -> dict[str, Any]:
         lr = max(cfg.lrs, key=lambda v: (grid[v], -v))
         tests = [100 * accuracy(finetune_torch(state, splits[s][0], cfg, s, lr, bn_train), *test) for s in cfg.seeds]
         row = {"lr": lr, "val_grid": {str(k): v for k, v in grid.items()}, "test": tests,
-               "mean": float(np.mean(tests)), "std": float(np.std(tests)), "seconds": time.perf_counter() - t0}
+               "mean": float(np.mean(tests)), "std": float(np.std(tests, ddof=1)) if len(tests) > 1 else 0.0, "seconds": time.perf_counter() - t0}
         result["rows"][mode] = row
         log(f"[{name}] {mode:16s} lr {lr:g} (val " + ", ".join(f"{k:g}: {100 * v:.1f}%" for k, v in grid.items())
             + f"): test {row['mean']:.1f} ± {row['std']:.1f}  ({', '.join(f'{t:.1f}' for t in tests)})")

@@ -7,8 +7,10 @@
     drift = drift_probe(model, (64,), data)           # TBFT: which block to fine-tune, with energy
 
 Modules: options (candidates, options, schemes), contribution (probes through the device runtime, the
-cache), costs (memory and MAC figures from the compile report), energy (the energy model), solver
-(exact multiple-choice knapsack), select (search), drift (drift_probe), result, plot. docs/search.md.
+cache, the device-seconds clock), costs (memory and MAC figures from the compile report), energy (the energy
+model), solver (exact multiple-choice knapsack), select (search), finalists (successive halving, greedy
+selection, the final decision among presets and searched sets), drift (drift_probe), result, plot.
+docs/search.md.
 """
 from __future__ import annotations
 

@@ -37,8 +37,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                       "(needs the [compile] extra)",
                        description="Contribution analysis: fine-tune each candidate layer's bias and weight slices "
                                    "briefly through the device runtime, measure the validation gain over the "
-                                   "classifier-only baseline, cost each option from the compile report, and pick the "
-                                   "best set under the budget (exact knapsack). --drift instead probes "
+                                   "classifier-only baseline, cost each option from the compile report, probe the "
+                                   "best third again for longer at several learning rates, pick the best set under "
+                                   "the budget (exact knapsack) and a greedy set measured together; then fine-tune "
+                                   "every candidate that fits (each preset, those sets) with the recipe at each "
+                                   "learning rate and return the best on validation. --drift instead probes "
                                    "tbft-front/middle/rear. See docs/search.md.")
     cli_args.add_model_spec(
         s, metavar="MODEL_OR_ARTIFACT", input_shape="the zoo model's; model only",
@@ -83,6 +86,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--steps", type=cli_args.positive_int, help="fine-tuning steps per probe (instead of --epochs)")
     s.add_argument("--repeats", type=cli_args.positive_int, default=1,
                    help="average each probe over this many data orders")
+    s.add_argument("--final-epochs", type=cli_args.number(0, lo_open=True),
+                   help="the recipe of the longer runs (refined options, greedy selection, final candidates, --drift): "
+                        "this many epochs, cosine from the learning rate to 0 (default: 5 x --epochs)")
+    s.add_argument("--lrs", type=cli_args.numbers(lo=0, lo_open=True),
+                   help="learning rates the longer runs try, each candidate keeping its best on validation, e.g. "
+                        "0.003,0.01,0.03 (default: --lr / 3, --lr, 3 x --lr)")
+    s.add_argument("--batchnorm", choices=["frozen", "train", "both"], default="frozen",
+                   help="the candidates' batch norm: frozen statistics, train mode (batch statistics, running "
+                        "statistics updated), or both, each candidate in each mode")
+    s.add_argument("--budget-time", type=cli_args.number(0, lo_open=True), metavar="SECONDS",
+                   help="start no new probe once the probes have spent this many device-seconds fine-tuning")
+    s.add_argument("--no-validate", action="store_true",
+                   help="return the knapsack's selection of the screen probes, without the longer runs")
     s.add_argument("--optimizer", choices=["sgd", "adamw"], help="probe optimizer (default: an artifact's, else sgd)")
     s.add_argument("--lr", type=cli_args.learning_rate, help="probe learning rate (default: an artifact's, else 0.01)")
     s.add_argument("--momentum", type=cli_args.momentum, help="sgd momentum (default: 0.9)")
@@ -250,6 +266,11 @@ def search_command(args: argparse.Namespace) -> int:
         optimizer["momentum"] = args.momentum if args.momentum is not None else float(opt.get("momentum", 0.9))
     config = FinetuneConfig(batch=batch, epochs=args.epochs, steps=args.steps, optimizer=optimizer,
                             seed=args.seed, threads=args.threads, repeats=args.repeats)
+    recipe = None
+    if args.final_epochs is not None:
+        recipe = FinetuneConfig(batch=batch, epochs=args.final_epochs, optimizer=optimizer, seed=args.seed,
+                                threads=args.threads, repeats=args.repeats, schedule="cosine")
+    longer = dict(recipe=recipe, lrs=args.lrs, batchnorm=args.batchnorm, budget_time=args.budget_time)
     data = _load_data(args, pipeline)
     progress = not args.no_progress
     print(f"pockprop search: {args.model}: {len(data.y_train)} training / {len(data.y_val)} validation samples, "
@@ -261,18 +282,19 @@ def search_command(args: argparse.Namespace) -> int:
         tm = trace_model(model, (zeros_input(batch, shape[1:], pipeline.dtype),))
     if args.drift:
         drift = drift_probe(model, shape, data, config=config, progress=progress, cache_dir=args.cache,
-                            preprocess=pre, traced=tm, metric=args.metric)
+                            preprocess=pre, traced=tm, metric=args.metric, **longer)
         print(drift.table())
         if args.json:
             _write(args.json, json.dumps(drift.to_json(), indent=1) + "\n")
         if args.output:
-            _write(args.output, _preset_yaml(tm.layers, drift.scheme))
+            _write(args.output, _preset_yaml(tm.layers, drift.scheme, drift.batchnorm))
             print(f"wrote {args.output}")
         return EXIT_OK
     result = search(model, shape, data, budget_memory=parse_bytes(args.budget_memory), budget_ms=args.budget_ms,
                     ratios=args.ratios, config=config, cache_dir=args.cache, progress=progress, preprocess=pre,
                     candidates=args.candidates, max_layers=args.max_layers, metric=args.metric,
-                    memory=args.memory, name=None, budget_params=parse_params(args.budget_params), traced=tm)
+                    memory=args.memory, name=None, budget_params=parse_params(args.budget_params), traced=tm,
+                    validate=not args.no_validate, **longer)
     result.model = args.model
     print(result.table())
     if args.output:
@@ -289,12 +311,12 @@ def search_command(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _preset_yaml(layers: Any, preset: str) -> str:
+def _preset_yaml(layers: Any, preset: str, batchnorm: str = "frozen") -> str:
     """A preset resolved against the model's layers as explicit rules (what --drift chose), as YAML."""
     import yaml
 
-    from pockprop.compiler.scheme import Scheme, _preset_rules
+    from pockprop.compiler.scheme import preset_scheme
     from pockprop.search.options import scheme_dict
 
-    rules = tuple(dict.fromkeys(_preset_rules(preset, layers)))  # the head can be in the rear block too
-    return f"# pockprop search --drift: {preset}\n" + yaml.safe_dump(scheme_dict(Scheme(preset, rules)), sort_keys=False)
+    scheme = preset_scheme(preset, layers, batchnorm)  # the head can be in the rear block too: ruled once
+    return f"# pockprop search --drift: {preset}\n" + yaml.safe_dump(scheme_dict(scheme), sort_keys=False)

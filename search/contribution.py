@@ -25,8 +25,8 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -34,6 +34,7 @@ from pockprop.runtime import data as rdata
 from pockprop.artifact.durable import write_atomic
 from pockprop.artifact.contract import MANIFEST_FILE, Manifest
 from pockprop.artifact.manifest import Bundle
+from pockprop.runtime.schedule import Schedule
 from pockprop.runtime.trainer import Trainer
 
 from pockprop.compiler.compile import TracedModel, compile_traced
@@ -41,8 +42,9 @@ from pockprop.compiler.scheme import Scheme
 from pockprop.search.costs import figures, median_ms
 from pockprop.search.options import SearchError, scheme_dict
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 METRICS = ("accuracy", "loss")
+SCHEDULES = ("constant", "cosine")
 LABELS_PER_SAMPLE = ("search needs one class label per sample (classification), got labels of shape {shape} per "
                      "sample: per-token labels are not supported by search yet")
 
@@ -119,7 +121,8 @@ def _default_optimizer() -> dict[str, Any]:
 
 @dataclass
 class FinetuneConfig:
-    """How every probe trains: `steps` steps if given, else `epochs` (a float) x the full batches of an epoch."""
+    """How a probe trains: `steps` steps if given, else `epochs` (a float) x the full batches of an epoch, at
+    optimizer["lr"], constant or (schedule "cosine") decayed to 0 over the run."""
 
     batch: int = 32
     epochs: float = 2.0
@@ -128,6 +131,18 @@ class FinetuneConfig:
     seed: int = 0
     threads: int | None = None  # onnxruntime intra-op threads (not part of the cache key)
     repeats: int = 1  # probes averaged over this many data orders (seeds seed, seed+1, ...)
+    schedule: str = "constant"  # or "cosine"
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise SearchError(f"schedule {self.schedule!r}: use one of {', '.join(SCHEDULES)}")
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.get("lr", 0.01))
+
+    def with_lr(self, lr: float) -> "FinetuneConfig":
+        return replace(self, optimizer=dict(self.optimizer) | {"lr": float(lr)})
 
     def total_steps(self, n_train: int) -> int:
         per_epoch = n_train // self.batch
@@ -158,6 +173,8 @@ def trainer_of(art: Any, threads: int | None = None) -> Trainer:
 def finetune(trainer: Trainer, data: SearchData, config: FinetuneConfig, seed: int) -> dict[str, Any]:
     """Train `config.total_steps` steps in seeded epoch orders, then evaluate on the validation data."""
     total = config.total_steps(len(data.x_train))
+    trainer.schedule = Schedule(config.schedule, config.lr, total_steps=total if config.schedule == "cosine" else 0)
+    start = time.perf_counter()
     times: list[float] = []
     losses: list[float] = []
     epoch = 0
@@ -175,7 +192,7 @@ def finetune(trainer: Trainer, data: SearchData, config: FinetuneConfig, seed: i
     m = trainer.evaluate(data.x_val, data.y_val)
     return {"accuracy": float(m.get("accuracy", 0.0)), "loss": float(m["loss"]), "steps": total,
             "rejected": trainer.rejected, "train_loss": float(np.mean(losses[-10:])) if losses else float("nan"),
-            "ms": median_ms(times)}
+            "ms": median_ms(times), "seconds": time.perf_counter() - start}
 
 
 def model_fingerprint(model: Any, tm: TracedModel) -> str:
@@ -192,17 +209,26 @@ def model_fingerprint(model: Any, tm: TracedModel) -> str:
 
 
 class ProbeCache:
-    """Probe results on disk, one JSON file per probe (see the module docstring); None = no cache."""
+    """Probe results on disk, one JSON file per probe (see the module docstring); None = no cache. It also
+    counts the device-seconds of the probes run (cache hits cost none) against `budget_time`, if given."""
 
-    def __init__(self, directory: str | None, context: dict[str, Any]) -> None:
-        self.directory, self.context = directory, context
+    def __init__(self, directory: str | None, context: dict[str, Any], budget_time: float | None = None) -> None:
+        self.directory, self.context, self.budget_time = directory, context, budget_time
         self.hits = self.runs = 0
+        self.seconds = 0.0  # fine-tuning and evaluation wall time of the probes run in this call
+        self._compiled: tuple[str, Any] | None = None  # the last artifact: a learning-rate grid compiles once
         if directory:
             os.makedirs(directory, exist_ok=True)
 
-    def key(self, scheme: Scheme, kind: str) -> str:
-        doc = {"v": CACHE_VERSION, "kind": kind, "scheme": scheme_dict(scheme)["rules"]} | self.context
+    def key(self, scheme: Scheme, kind: str, config: FinetuneConfig) -> str:
+        rules = {k: v for k, v in scheme_dict(scheme).items() if k != "name"}
+        doc = {"v": CACHE_VERSION, "kind": kind, "scheme": rules, "config": config.key()} | self.context
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+    @property
+    def time_left(self) -> bool:
+        """False once the probes run have spent `budget_time` device-seconds."""
+        return self.budget_time is None or self.seconds < self.budget_time
 
     def get(self, key: str) -> dict[str, Any] | None:
         if not self.directory:
@@ -221,17 +247,32 @@ class ProbeCache:
             write_atomic(os.path.join(self.directory, f"{key[:40]}.json"), (json.dumps(doc, indent=1) + "\n").encode())
 
 
+def compiled(tm: TracedModel, scheme: Scheme | str, config: FinetuneConfig, cache: ProbeCache, loss: str,
+             preprocess: dict[str, Any] | None, batchnorm: str | None = None) -> Any:
+    """The artifact of `scheme` (the last one is kept: probes at several learning rates compile once; the rate
+    each runs at is the schedule's, not the compiled one)."""
+    spec = scheme if isinstance(scheme, Scheme) else Scheme(scheme, (), batchnorm or "frozen")
+    opt = {k: v for k, v in config.optimizer.items() if k != "lr"}
+    key = json.dumps([scheme if isinstance(scheme, str) else None, scheme_dict(spec), opt, loss], sort_keys=True)
+    if cache._compiled is None or cache._compiled[0] != key:
+        art = compile_traced(tm, loss=loss, optimizer=config.optimizer, scheme=scheme, preprocess=preprocess,
+                             batchnorm=batchnorm if isinstance(scheme, str) else None)
+        cache._compiled = (key, art)
+    return cache._compiled[1]
+
+
 def probe(tm: TracedModel, scheme: Scheme | str, data: SearchData, config: FinetuneConfig, cache: ProbeCache, *,
-          loss: str = "cross_entropy", preprocess: dict[str, Any] | None = None, what: str = "") -> dict[str, Any]:
-    """Compile `scheme`, fine-tune it (config.repeats times) and evaluate it: {"accuracy", "loss", "ms",
-    "figures", "cached"}; from the cache when it holds this probe."""
-    spec = scheme if isinstance(scheme, Scheme) else Scheme(scheme, ())
-    key = cache.key(spec, "probe" if isinstance(scheme, Scheme) else f"preset:{scheme}")
+          loss: str = "cross_entropy", preprocess: dict[str, Any] | None = None, what: str = "",
+          batchnorm: str | None = None) -> dict[str, Any]:
+    """Compile `scheme` (a preset name: in `batchnorm` mode), fine-tune it (config.repeats times) and evaluate
+    it: {"accuracy", "loss", "ms", "seconds", "figures", "cached"}; from the cache when it holds this probe."""
+    spec = scheme if isinstance(scheme, Scheme) else Scheme(scheme, (), batchnorm or "frozen")
+    key = cache.key(spec, "probe" if isinstance(scheme, Scheme) else f"preset:{scheme}", config)
     hit = cache.get(key)
     if hit is not None:
         cache.hits += 1
         return hit | {"cached": True}
-    art = compile_traced(tm, loss=loss, optimizer=config.optimizer, scheme=scheme, preprocess=preprocess)
+    art = compiled(tm, scheme, config, cache, loss, preprocess, batchnorm)
     runs = []
     for r in range(max(1, config.repeats)):
         trainer = trainer_of(art, config.threads)
@@ -239,10 +280,37 @@ def probe(tm: TracedModel, scheme: Scheme | str, data: SearchData, config: Finet
     result = {"accuracy": float(np.mean([r["accuracy"] for r in runs])), "loss": float(np.mean([r["loss"] for r in runs])),
               "ms": float(np.median([r["ms"] for r in runs])), "steps": runs[0]["steps"],
               "rejected": int(sum(r["rejected"] for r in runs)), "train_loss": float(np.mean([r["train_loss"] for r in runs])),
-              "figures": figures(art)}
+              "seconds": float(sum(r["seconds"] for r in runs)), "lr": config.lr, "figures": figures(art)}
     cache.runs += 1
+    cache.seconds += result["seconds"]
     cache.put(key, result, what)
     return result | {"cached": False}
+
+
+def better(a: dict[str, Any], b: dict[str, Any] | None, metric: str = "accuracy") -> bool:
+    """Whether probe result `a` beats `b` on validation: accuracy, then loss (metric "loss": loss only)."""
+    if b is None:
+        return True
+    if metric == "loss":
+        return a["loss"] < b["loss"]
+    return (a["accuracy"], -a["loss"]) > (b["accuracy"], -b["loss"])
+
+
+def probe_lrs(tm: TracedModel, scheme: Scheme | str, data: SearchData, config: FinetuneConfig, lrs: Sequence[float],
+              cache: ProbeCache, *, metric: str = "accuracy", **kw: Any) -> dict[str, Any]:
+    """`probe` at each learning rate of `lrs` (config's otherwise); the best on validation (`better`; ties: the
+    earlier rate), with "grid": {lr: accuracy} of every rate tried. Stops early when the time budget is spent
+    (at least one rate runs)."""
+    best, grid = None, {}
+    for lr in lrs or (config.lr,):
+        if best is not None and not cache.time_left:
+            break
+        r = probe(tm, scheme, data, config.with_lr(lr), cache, **kw)
+        grid[f"{lr:g}"] = r["accuracy"]
+        if better(r, best, metric):
+            best = r
+    assert best is not None
+    return best | {"grid": grid}
 
 
 def score(gain: float, loss_gain: float, n_val: int, metric: str) -> float:

@@ -73,6 +73,8 @@ class Option:
     ms: float = 0.0  # measured ms per step over the baseline (>= 0)
     params: int = 0  # trainable parameters over the baseline
     cached: bool = False
+    rung: int = 0  # 0: the screen's probe; k: re-probed by successive halving's round k (search/finalists.py)
+    lr: float | None = None  # the learning rate of the probe that measured it
 
     @property
     def name(self) -> str:
@@ -139,9 +141,9 @@ def enumerate_options(layers: Sequence[Layer], ratios: Sequence[float], weight_w
     return out
 
 
-def scheme_of(head: Layer, chosen: Iterable[Option], name: str = "search") -> Scheme:
+def scheme_of(head: Layer, chosen: Iterable[Option], name: str = "search", batchnorm: str = "frozen") -> Scheme:
     """The head in full plus one rule per chosen option."""
-    return Scheme(name, (Rule(glob.escape(head.path), "full"),) + tuple(o.rule() for o in chosen))
+    return Scheme(name, (Rule(glob.escape(head.path), "full"),) + tuple(o.rule() for o in chosen), batchnorm)
 
 
 def scheme_dict(scheme: Scheme) -> dict[str, Any]:
@@ -155,4 +157,4 @@ def scheme_dict(scheme: Scheme) -> dict[str, Any]:
             if r.bias:
                 d["bias"] = True
         rules.append(d)
-    return {"name": scheme.name, "rules": rules}
+    return {"name": scheme.name, "rules": rules} | ({"batchnorm": scheme.batchnorm} if scheme.batchnorm != "frozen" else {})

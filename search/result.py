@@ -44,15 +44,22 @@ class SearchResult:
     seconds: float = 0.0
     model: str = ""
     budget_params: int | None = None  # trainable-parameter budget, as a count
-    fallback: str | None = None  # why the validated result replaced the knapsack's selection (search step 6)
+    decision: str | None = None  # which final candidate won and why (search step 6); None without validation
+    finalists: list[Any] = field(default_factory=list)  # search/finalists.Finalist, every final candidate
+    lr: float | None = None  # the learning rate the winner was fine-tuned with (chosen on validation)
+    probe_seconds: float = 0.0  # device-seconds of the probes run in this call
+    budget_time: float | None = None
+    stages: dict[str, Any] = field(default_factory=dict)  # what each stage did (counts, greedy trials)
 
     def yaml(self) -> str:
         """The scheme as YAML for `pockprop compile --scheme` (pockprop.compiler.scheme.scheme_from_dict format)."""
         head = (f"# pockprop search: {self.model}, memory budget {human_bytes(self.budget_memory)} ({self.memory} "
                 f"memory){f', {self.budget_ms:g} ms/step' if self.budget_ms else ''}"
                 f"{f', {self.budget_params:,} trainable parameters' if self.budget_params is not None else ''}\n"
-                f"# estimated gain {100 * self.estimate.get('estimated_gain', 0.0):+.2f} points of validation accuracy; "
-                f"compiled {self.memory} memory {human_bytes(self.estimate['memory_bytes'])}\n")
+                f"# compiled {self.memory} memory {human_bytes(self.estimate['memory_bytes'])}, trainable "
+                f"{self.estimate.get('trainable_percent', 0.0):.2f}%"
+                + (f"; validation accuracy {100 * self.estimate['accuracy']:.1f}% fine-tuned with lr {self.lr:g}"
+                   if self.lr is not None else "") + "\n")
         return head + yaml.safe_dump(scheme_dict(self.scheme), sort_keys=False)
 
     def table(self) -> str:
@@ -78,17 +85,38 @@ class SearchResult:
                      f"{human_bytes(e['training_bytes'])}, extra over classifier {human_bytes(e['extra_bytes'])}, "
                      f"est. peak {human_bytes(e['peak_bytes'])}); trainable {e['trainable_percent']:.2f}%; "
                      f"backward {human_macs(e['backward_macs'])} MACs")
-        line = f"  estimated gain (sum of probes) {100 * e['estimated_gain']:+.1f} points"
-        if "accuracy" in e:
-            line += f"; fine-tuned together: val accuracy {100 * e['accuracy']:.1f}% ({100 * e['gain']:+.1f} points)"
-        lines.append(line)
-        if self.fallback:
-            lines.append(f"  validated: {self.fallback}")
+        if not self.finalists:
+            lines.append(f"  estimated gain (sum of probes) {100 * e['estimated_gain']:+.1f} points")
+        else:
+            lines += ["", self.finalists_table(), f"decision: {self.decision}"]
+        cost = f"probes: {self.probes_run} run ({self.probe_seconds:.1f} device-seconds), {self.probes_cached} from cache"
+        if self.budget_time is not None:
+            cost += f"; time budget {self.budget_time:g} s" + (" (spent: later probes skipped)"
+                                                                if self.probe_seconds >= self.budget_time else "")
+        lines.append(cost)
         return "\n".join(lines)
+
+    def finalists_table(self) -> str:
+        """The final candidates: validation accuracy at their best learning rate, costs, or why not run."""
+        rows = [("", "candidate", "val acc", "val loss", "lr", "trainable", "memory", "")]
+        for f in self.finalists:
+            r, g = f.result or {}, f.figures
+            won = f.result is not None and f.scheme.rules == self.scheme.rules and \
+                f.scheme.batchnorm == self.scheme.batchnorm
+            rows.append(("*" if won else "", f.label, f"{100 * r['accuracy']:.1f}%" if r else "-",
+                         f"{r['loss']:.4f}" if r else "-", f"{r['lr']:g}" if r else "-",
+                         f"{g.get('trainable_percent', 0.0):.2f}%",
+                         human_bytes(g.get("training_bytes" if self.memory == "training" else "peak_bytes", 0)), f.why))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        return "\n".join(["final candidates (the recipe, each at its best learning rate on validation):"] +
+                         ["  " + "  ".join(c.rjust(w) if 1 < i < 7 else c.ljust(w) for i, (c, w) in
+                                           enumerate(zip(r, widths))).rstrip() for r in rows])
 
     def to_json(self) -> dict[str, Any]:
         return {"model": self.model, "budget_memory": self.budget_memory, "budget_ms": self.budget_ms,
-                "budget_params": self.budget_params, "fallback": self.fallback,
+                "budget_params": self.budget_params, "decision": self.decision, "lr": self.lr,
+                "finalists": [f.to_json() for f in self.finalists], "probe_seconds": self.probe_seconds,
+                "budget_time": self.budget_time, "stages": self.stages,
                 "memory": self.memory, "metric": self.metric, "scheme": scheme_dict(self.scheme),
                 "chosen": [o.label for o in self.chosen], "options": [o.to_json() for o in self.options],
                 "baseline": self.baseline, "estimate": self.estimate,

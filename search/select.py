@@ -15,12 +15,16 @@
    selection's estimated cost - X - 1) and it solves again. Each round excludes the previous
    selection, and choosing nothing (the baseline) always fits, so this ends; the returned scheme
    respects the budget by its own compile report (and, for budget_ms, by its own measured step time).
-6. With `validate=True` the chosen scheme is fine-tuned like a probe, to report the gain the
-   options achieve together (not only the sum of their separate gains). Gains need not add up (two
-   options can chase the same error, or together move the model too far): if the selection together
-   gains less than the best single option that fits the budget (or less than nothing), that option
-   (or the classifier alone) is returned instead, and `fallback` says why. Its figures were measured by
-   its own probe, so the result still carries evidence for exactly what it returns.
+6. With `validate=True` (search/finalists.py): before the knapsack, the best third of the options is probed
+   again three times longer at every rate of a small grid (successive halving, `rungs` rounds), replacing
+   their screen gains; after it, a greedy forward selection measures options together with the recipe, and
+   the final decision fine-tunes every candidate that fits the budgets (each preset, the knapsack's
+   selection, the greedy selection, the best single option, in each batch-norm mode) with the recipe at
+   every rate of the grid and returns the best on validation, with its learning rate; `decision` says which
+   and why, `finalists` holds every candidate's figures and result. Gains need not add up, and the options'
+   probes are short: only the joint, recipe-length runs decide.
+7. `budget_time` bounds the device-seconds spent fine-tuning probes (cache hits cost none): once spent,
+   no new probe starts and every stage goes on with what was measured.
 
 A budget on trainable parameters (`budget_params`: a count, or a fraction of the model's parameters
 when below 1) bounds what a device would send when fleets exchange only the trained tensors; it is an
@@ -30,6 +34,7 @@ combined with `budget_ms`.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -38,7 +43,10 @@ import torch
 from pockprop.runtime.progress import Progress
 
 from pockprop.compiler.compile import TracedModel, compile_traced, trace_model
+from pockprop.compiler import batchnorm as bn_modes
 from pockprop.search.contribution import FinetuneConfig, ProbeCache, SearchData, model_fingerprint, probe, score
+from pockprop.search.finalists import Finalist, art_compiler, decide, greedy, refine, runner
+from pockprop.search.finalists import candidates as final_candidates
 from pockprop.search.costs import difference, figures, memory_of
 from pockprop.search.options import SearchError, candidate_layers, enumerate_options, head_of, parse_ratios, scheme_of
 from pockprop.search.result import SearchResult, human_bytes
@@ -71,15 +79,41 @@ def zeros_input(batch: int, shape: Sequence[int], dtype: Any) -> torch.Tensor:
     return torch.from_numpy(np.zeros((batch, *shape), np.dtype(dtype)))
 
 
+BATCHNORM_CHOICES = ("frozen", "train", "both")
+
+
 def prepare(model: torch.nn.Module, input_shape: Sequence[int], data: SearchData, config: FinetuneConfig,
-            traced: TracedModel | None, loss: str, cache_dir: str | None) -> tuple[TracedModel, ProbeCache]:
+            traced: TracedModel | None, loss: str, cache_dir: str | None,
+            budget_time: float | None = None) -> tuple[TracedModel, ProbeCache]:
     """The trace (batch = config.batch) and the probe cache keyed by model, data, config and loss."""
     shape = sample_shape(input_shape, data)
     config.total_steps(len(data.x_train))  # fail early on a batch larger than the data
     tm = traced if traced is not None else trace_model(model, (zeros_input(config.batch, shape, data.x_train.dtype),))
-    context = {"model": model_fingerprint(model, tm), "data": data.fingerprint(), "config": config.key(),
-               "loss": loss, "input": [config.batch, *shape]}
-    return tm, ProbeCache(cache_dir, context)
+    context = {"model": model_fingerprint(model, tm), "data": data.fingerprint(), "loss": loss,
+               "input": [config.batch, *shape]}
+    return tm, ProbeCache(cache_dir, context, budget_time)
+
+
+def recipe_of(config: FinetuneConfig, recipe: FinetuneConfig | None,
+              lrs: Sequence[float] | None) -> tuple[FinetuneConfig, tuple[float, ...]]:
+    """The final runs' recipe (default: the probes' config, 5 times as long, cosine) and learning-rate grid
+    (default: config's lr / 3, x 1, x 3)."""
+    recipe = recipe or replace(config, epochs=5 * config.epochs, steps=None if config.steps is None
+                               else 5 * config.steps, schedule="cosine")
+    grid = tuple(float(v) for v in lrs) if lrs else (config.lr / 3, config.lr, 3 * config.lr)
+    if not all(v > 0 for v in grid):
+        raise SearchError(f"learning rates must be positive, got {', '.join(f'{v:g}' for v in grid)}")
+    return recipe, grid
+
+
+def modes_of(batchnorm: str, tm: TracedModel) -> tuple[str, ...]:
+    """The batch-norm modes the candidates are tried in: "frozen", "train" or "both" (a model without batch
+    norm has one mode)."""
+    if batchnorm not in BATCHNORM_CHOICES:
+        raise SearchError(f"batchnorm {batchnorm!r}: use one of {', '.join(BATCHNORM_CHOICES)}")
+    if not bn_modes.statistics(tm.traced.graph):
+        return ("frozen",)
+    return ("frozen", "train") if batchnorm == "both" else (batchnorm,)
 
 
 def search(model: torch.nn.Module, input_shape: Sequence[int], data: SearchData, *, budget_memory: int,
@@ -89,7 +123,9 @@ def search(model: torch.nn.Module, input_shape: Sequence[int], data: SearchData,
            max_layers: int | None = None, metric: str = "accuracy", memory: str = "training",
            loss: str = "cross_entropy", weight_with_bias: bool = True, validate: bool = True,
            name: str | None = None, traced: TracedModel | None = None, max_rounds: int = 32,
-           budget_params: float | None = None) -> SearchResult:
+           budget_params: float | None = None, batchnorm: str = "frozen", recipe: FinetuneConfig | None = None,
+           lrs: Sequence[float] | None = None, rungs: int = 1, eta: int = 3, greedy_steps: int = 3,
+           greedy_width: int = 4, budget_time: float | None = None) -> SearchResult:
     """Choose an update scheme for `model` that fits `budget_memory` bytes (see the module docstring).
 
     input_shape: the model input, with or without the batch dimension (the batch is config.batch).
@@ -97,6 +133,13 @@ def search(model: torch.nn.Module, input_shape: Sequence[int], data: SearchData,
     metric: "accuracy" (loss breaks ties) or "loss". candidates: fnmatch patterns limiting the layers;
     max_layers: only the last N candidate layers. preprocess: recorded in the probes' artifacts only
     (the data is model-ready already). traced: a TracedModel of `model` to reuse (batch config.batch).
+    validate=False stops after the knapsack (no refinement, greedy selection or final decision).
+    batchnorm: the candidates' batch-norm mode, "frozen", "train" or "both" (the options are screened in
+    train mode then). recipe: how the final candidates are fine-tuned (default: the probes' config, 5 times
+    as long, cosine); lrs: the learning-rate grid of the longer runs (default: config's lr / 3, x 1, x 3).
+    rungs, eta: successive halving; greedy_steps, greedy_width: forward selection (search/finalists.py).
+    budget_time: device-seconds of probing; once spent, no new probe starts (the screen's first probe and
+    the classifier's final run always run).
     """
     t0 = time.perf_counter()
     config = config or FinetuneConfig()
@@ -108,18 +151,23 @@ def search(model: torch.nn.Module, input_shape: Sequence[int], data: SearchData,
         raise SearchError(f"the trainable-parameter budget must be positive, got {budget_params}")
     if budget_params is not None and budget_ms is not None:
         raise SearchError("give a step-time budget or a trainable-parameter budget, not both")
+    if budget_time is not None and not budget_time > 0:
+        raise SearchError(f"the time budget must be positive, got {budget_time} s")
     score(0.0, 0.0, 1, metric)  # validates the metric
     memory_of({"training_bytes": 0, "peak_bytes": 0}, memory)
     ratio_values = parse_ratios(ratios)
-    tm, cache = prepare(model, input_shape, data, config, traced, loss, cache_dir)
+    tm, cache = prepare(model, input_shape, data, config, traced, loss, cache_dir, budget_time)
+    modes = modes_of(batchnorm, tm)
+    mode = modes[-1]  # the screen's: train mode when it is among the modes
+    recipe, grid = recipe_of(config, recipe, lrs)
     layers = tm.layers
     head = head_of(layers)
     options = enumerate_options(candidate_layers(layers, candidates, max_layers), ratio_values, weight_with_bias)
-    bar = ProbeProgress(len(options) + 1 + int(validate), "search ", enabled=progress)
+    bar = ProbeProgress(len(options) + 1, "search ", enabled=progress)
     run = lambda scheme, what: probe(tm, scheme, data, config, cache, loss=loss, preprocess=preprocess, what=what)  # noqa: E731
 
     bar.update(0, "classifier baseline", force=True)
-    base = run(scheme_of(head, [], "classifier"), "baseline")
+    base = run(scheme_of(head, [], "classifier", mode), "baseline")
     base_fig = base["figures"]
     base_mem = memory_of(base_fig, memory)
     if base_mem > budget_memory:
@@ -136,16 +184,26 @@ def search(model: torch.nn.Module, input_shape: Sequence[int], data: SearchData,
             raise SearchError(f"the classifier-only baseline alone trains {base_fig['trainable_params']:,} parameters, "
                               f"over the budget of {max_params:,} ({100 * max_params / total:.2f}% of {total:,})")
     n_val = len(data.y_val)
+    screened = []
     for i, o in enumerate(options):
+        if not cache.time_left:
+            break
         bar.update(i + 1, o.label)
-        r = run(scheme_of(head, [o]), o.label)
-        o.accuracy, o.loss, o.cached = r["accuracy"], r["loss"], r["cached"]
+        r = run(scheme_of(head, [o], "search", mode), o.label)
+        o.accuracy, o.loss, o.cached, o.lr = r["accuracy"], r["loss"], r["cached"], config.lr
         o.gain, o.loss_gain = r["accuracy"] - base["accuracy"], base["loss"] - r["loss"]
         o.score = score(o.gain, o.loss_gain, n_val, metric)
         cost = difference(r["figures"], base_fig, memory)
         o.memory_bytes, o.backward_macs = cost["memory_bytes"], int(cost["backward_macs"])
         o.ms = max(0.0, r["ms"] - base["ms"])
         o.params = int(r["figures"]["trainable_params"] - base_fig["trainable_params"])
+        screened.append(o)
+    options = screened  # with a time budget, the options it left unprobed are not candidates
+    bar.update(len(options) + 1, "screened", force=True)
+    bar.close()
+    run_lrs = runner(tm, data, cache, grid, metric, loss, preprocess, progress)
+    refined = refine(options, head, mode, run_lrs, config, recipe, n_val, metric, eta, rungs,
+                     lambda: cache.time_left) if validate else 0
 
     mem_cap = float(budget_memory - base_mem)
     ms_cap = None if budget_ms is None else float(budget_ms - base["ms"])
@@ -155,7 +213,7 @@ def search(model: torch.nn.Module, input_shape: Sequence[int], data: SearchData,
     while True:
         rounds += 1
         chosen = solve(options, mem_cap, ms_cap if ms_cap is not None else params_cap, cost2=cost2)
-        scheme = scheme_of(head, chosen, name or f"search-{human_bytes(budget_memory)}")
+        scheme = scheme_of(head, chosen, name or f"search-{human_bytes(budget_memory)}", mode)
         art = compile_traced(tm, loss=loss, optimizer=config.optimizer, scheme=scheme, preprocess=preprocess)
         fig = figures(art)
         over = memory_of(fig, memory) - budget_memory
@@ -167,7 +225,7 @@ def search(model: torch.nn.Module, input_shape: Sequence[int], data: SearchData,
         if (over <= 0 and over_ms <= 0) or not chosen:
             break
         if rounds >= max_rounds:  # the baseline always fits
-            chosen, scheme = [], scheme_of(head, [], scheme.name)
+            chosen, scheme = [], scheme_of(head, [], scheme.name, mode)
             fig, together = base_fig, None
             break
         if over > 0:
@@ -175,42 +233,57 @@ def search(model: torch.nn.Module, input_shape: Sequence[int], data: SearchData,
         if over_ms > 0:
             ms_cap = min(ms_cap, sum(o.ms for o in chosen)) - over_ms - 1e-6  # type: ignore[type-var]
 
-    def estimate_of(fig: dict[str, Any], chosen: list[Any]) -> dict[str, Any]:
-        return dict(fig) | {
+    estimate = dict(fig) | {
+        "memory_bytes": memory_of(fig, memory), "extra_bytes": fig["training_bytes"] - base_fig["training_bytes"],
+        "estimated_gain": sum(o.gain for o in chosen), "estimated_score": sum(o.score for o in chosen),
+        "estimated_memory_bytes": base_mem + sum(o.memory_bytes for o in chosen)}
+    stages: dict[str, Any] = {"screened": len(options), "refined": refined, "rounds": rounds}
+    finalists: list[Finalist] = []
+    decision = lr = None
+    if validate:
+        def over_budget(f: dict[str, Any]) -> str:
+            if memory_of(f, memory) > budget_memory:
+                return f"over the memory budget ({human_bytes(memory_of(f, memory))} > {human_bytes(budget_memory)})"
+            if max_params is not None and f["trainable_params"] > max_params:
+                return f"over the parameter budget ({f['trainable_params']:,} > {max_params:,})"
+            return ""
+
+        art_of = art_compiler(tm, config, cache, loss, preprocess)
+        start = run_lrs(scheme_of(head, [], "classifier", mode), recipe)
+        picked, _, trials = greedy(options, head, mode, start, run_lrs, recipe,
+                                   lambda sc: over_budget(figures(art_of(sc))), metric, greedy_steps, greedy_width,
+                                   lambda: cache.time_left)
+        stages["greedy"] = trials
+        searched = {"searched": scheme} if chosen else {}
+        if picked:
+            searched["greedy"] = scheme_of(head, picked, "greedy", mode)
+        single = max((o for o in options if o.score > 0 and base_mem + o.memory_bytes <= budget_memory
+                      and (params_cap is None or o.params <= params_cap)), key=lambda o: o.score, default=None)
+        if single is not None:
+            searched["best option"] = scheme_of(head, [single], "best option", mode)
+        best, finalists = decide(final_candidates(layers, modes, searched), art_of, over_budget, run_lrs, recipe,
+                                 metric, budget_ms, lambda: cache.time_left)
+        assert best is not None and best.result is not None  # the classifier fits (checked above) and always runs
+        sources = {"searched": chosen, "greedy": picked, "best option": [single] if single else []}
+        chosen = sources.get(best.name, [])
+        scheme = replace(best.scheme, name=name or f"search-{human_bytes(budget_memory)}")
+        fig = best.figures
+        lr = best.result["lr"]
+        run_count = sum(f.result is not None for f in finalists)
+        decision = (f"{best.label} is the best of {run_count} candidates fine-tuned with the recipe on validation "
+                    f"({100 * best.result['accuracy']:.1f}% at lr {lr:g}); "
+                    f"{sum(bool(f.why) for f in finalists)} set aside (over a budget or out of time)")
+        estimate = dict(fig) | {
             "memory_bytes": memory_of(fig, memory), "extra_bytes": fig["training_bytes"] - base_fig["training_bytes"],
             "estimated_gain": sum(o.gain for o in chosen), "estimated_score": sum(o.score for o in chosen),
-            "estimated_memory_bytes": base_mem + sum(o.memory_bytes for o in chosen)}
-
-    estimate = estimate_of(fig, chosen)
-    fallback = None
-    if validate:
-        bar.update(len(options) + 1, "chosen scheme together")
-        together = together or (run(scheme, "chosen") if chosen else base)
-        gain = together["accuracy"] - base["accuracy"]
-        fits = [o for o in options if base_mem + o.memory_bytes <= budget_memory and o.gain > 0
-                and (ms_cap is None or o.ms <= ms_cap) and (params_cap is None or o.params <= params_cap)]
-        single = max(fits, key=lambda o: (o.gain, -o.memory_bytes), default=None)
-        if len(chosen) > 1 and single is not None and single.gain > gain:
-            fallback = (f"the {len(chosen)} options together gained {100 * gain:+.1f} points, less than "
-                        f"{single.label} alone ({100 * single.gain:+.1f}); returning that option")
-            chosen, scheme = [single], scheme_of(head, [single], scheme.name)
-        elif chosen and gain < 0 and (single is None or single.gain <= 0):
-            fallback = (f"the chosen options together lost {100 * -gain:.1f} points against the classifier alone; "
-                        f"returning the classifier alone")
-            chosen, scheme = [], scheme_of(head, [], scheme.name)
-        if fallback is not None:
-            art = compile_traced(tm, loss=loss, optimizer=config.optimizer, scheme=scheme, preprocess=preprocess)
-            fig = figures(art)
-            together = run(scheme, "chosen") if chosen else base
-            gain = together["accuracy"] - base["accuracy"]
-            estimate = estimate_of(fig, chosen)
-        estimate |= {"accuracy": together["accuracy"], "loss": together["loss"], "ms": together["ms"], "gain": gain}
-    bar.update(bar.total, "done")
-    bar.close()
+            "estimated_memory_bytes": base_mem + sum(o.memory_bytes for o in chosen),
+            "accuracy": best.result["accuracy"], "loss": best.result["loss"], "ms": best.result["ms"],
+            "gain": best.result["accuracy"] - start["accuracy"], "lr": lr}
     front = [(c, g) for c, g, _ in frontier(options)]
     baseline = {"accuracy": base["accuracy"], "loss": base["loss"], "ms": base["ms"], "memory_bytes": base_mem,
                 "figures": base_fig}
     return SearchResult(scheme, options, chosen, baseline, estimate, int(budget_memory), budget_ms, memory, metric,
                         front, cache.runs, cache.hits, rounds, time.perf_counter() - t0,
-                        name or type(model).__name__, budget_params=max_params, fallback=fallback)
-
+                        name or type(model).__name__, budget_params=max_params, decision=decision,
+                        finalists=finalists, lr=lr, probe_seconds=cache.seconds, budget_time=budget_time,
+                        stages=stages)

@@ -124,3 +124,35 @@ def test_cli(tmp_path):
     assert r.returncode == 0, r.stderr
     roles = [s["role"] for s in json.loads((tmp_path / "a" / "manifest.json").read_text())["state"]]
     assert roles.count("statistic") == 2 * 20  # ResNet-18's 20 batch norms
+
+
+def test_a_scheme_carries_its_batchnorm_mode(tmp_path):
+    """`batchnorm: train` in a scheme (what `pockprop search` writes) compiles as batchnorm="train"; an explicit
+    batchnorm that contradicts it is refused, and so is a split model."""
+    from pockprop.compiler.scheme import Scheme, scheme_from_dict
+    from pockprop.compiler.split import compile_split
+    from pockprop.search.options import scheme_dict
+
+    d = {"name": "s", "rules": [{"match": "10", "update": "full"}, {"match": "1", "update": "bias"}],
+         "batchnorm": "train"}
+    scheme = scheme_from_dict(d)
+    assert scheme.batchnorm == "train" and scheme_dict(scheme) == d
+    a = pockprop.compile(model(), X, optimizer=SGD, scheme=scheme)
+    b = pockprop.compile(model(), X, optimizer=SGD, scheme=scheme_from_dict(d | {"batchnorm": "frozen"}),
+                         batchnorm="train")
+    assert a.files()["train_step.onnx"] == b.files()["train_step.onnx"]
+    assert [s for s in a.state if s.role == StateRole.STATISTIC]
+    assert "batchnorm" not in scheme_dict(scheme_from_dict(d | {"batchnorm": "frozen"}))  # the default is not written
+    with pytest.raises(CompileError, match="says batchnorm: train"):
+        pockprop.compile(model(), X, optimizer=SGD, scheme=scheme, batchnorm="frozen")
+    with pytest.raises(CompileError, match="batchnorm 'eval' is not one of"):
+        Scheme("s", (), "eval")
+    with pytest.raises(CompileError, match="split model"):
+        compile_split(model(), X, ["3"], optimizer=SGD, scheme=scheme)
+    path = tmp_path / "s.yaml"
+    path.write_text("name: s\nbatchnorm: train\nrules:\n- match: fc\n  update: full\n")
+    r = subprocess.run([sys.executable, "-m", "pockprop", "compile", "models:resnet18", "--input-shape", "2,3,16,16",
+                        "--scheme", str(path), "-o", str(tmp_path / "a")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    roles = [s["role"] for s in json.loads((tmp_path / "a" / "manifest.json").read_text())["state"]]
+    assert roles.count("statistic") == 2 * 20  # the scheme file's mode, with no --batchnorm given

@@ -14,7 +14,9 @@ from pockprop.search import FinetuneConfig, SearchData, SearchError, drift_probe
 from pockprop.search import contribution, select
 from pockprop.search.costs import figures, memory_of
 from pockprop.search.energy import E_BYTE, E_MAC, bytes_moved
-from pockprop.search.options import parse_ratios
+from pockprop.compiler.scheme import Layer, preset_scheme
+from pockprop.search.finalists import greedy, refine
+from pockprop.search.options import Option, parse_ratios
 from pockprop.ops.builder import Builder
 from pockprop.ir import Graph, TensorType
 from pockprop.models.data import digits_flat
@@ -47,7 +49,7 @@ def test_search_respects_the_budget_and_its_yaml_compiles(data: SearchData, tmp_
     model = tiny_mlp()
     budget = 6 * 1024
     r = search(model, (64,), data, budget_memory=budget, config=CONFIG, progress=False)
-    assert r.chosen, "a 6 KB budget leaves room for some option"
+    assert r.decision and r.lr in (CONFIG.lr / 3, CONFIG.lr, 3 * CONFIG.lr) and r.finalists
     assert {o.layer for o in r.options} == {"layers.0", "layers.2", "layers.4"}  # the head layers.6 is the baseline
     assert len({o.layer for o in r.chosen}) == len(r.chosen)
     assert r.estimate["memory_bytes"] <= budget
@@ -59,7 +61,8 @@ def test_search_respects_the_budget_and_its_yaml_compiles(data: SearchData, tmp_
     assert memory_of(figures(art), "training") == r.estimate["memory_bytes"] <= budget
     assert [u.kind for u in art.scheme.updates if u.layer.path == "layers.6"] == ["full"]
     doc = r.to_json()
-    assert json.loads(json.dumps(doc))["scheme"]["rules"][0] == {"match": "layers.6", "update": "full"}
+    assert {"match": "layers.6", "update": "full"} in json.loads(json.dumps(doc))["scheme"]["rules"]
+    assert "final candidates" in r.table() and f"lr {r.lr:g}" in r.yaml()
     assert all(o.label.split(":")[0] in r.table() for o in r.options)
     png = tmp_path / "s.png"
     assert r.plot(str(png)) == str(png) and png.read_bytes()[:4] == b"\x89PNG"
@@ -83,7 +86,8 @@ def test_non_additive_costs_are_tightened_until_the_compiled_scheme_fits(data: S
 def test_cache_skips_done_probes_and_resumes_an_interrupted_search(data: SearchData, tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     cache = str(tmp_path / "cache")
-    kw = dict(budget_memory=8 * 1024, config=CONFIG, progress=False, cache_dir=cache, ratios="1/4,1", max_layers=2)
+    kw = dict(budget_memory=8 * 1024, config=CONFIG, progress=False, cache_dir=cache, ratios="1/4,1", max_layers=2,
+              validate=False)
     real, calls = contribution.finetune, []
 
     def dies_after_three(*args, **kwargs):  # type: ignore[no-untyped-def]
@@ -98,9 +102,9 @@ def test_cache_skips_done_probes_and_resumes_an_interrupted_search(data: SearchD
     counted = []
     monkeypatch.setattr(contribution, "finetune", lambda *a, **k: counted.append(1) or real(*a, **k))
     resumed = search(tiny_mlp(), (64,), data, **kw)
-    total = 1 + len(resumed.options) + 1  # baseline, options, the chosen scheme together
-    assert resumed.probes_cached >= 3  # the three finished before the interruption (and the chosen scheme, if it
-    assert resumed.probes_run + resumed.probes_cached == total  # is a single option: same rules, same key)
+    total = 1 + len(resumed.options)  # baseline, options
+    assert resumed.probes_cached >= 3  # the three finished before the interruption
+    assert resumed.probes_run + resumed.probes_cached == total
     assert len(counted) == resumed.probes_run <= total - 3
     counted.clear()
     again = search(tiny_mlp(), (64,), data, **kw)
@@ -109,6 +113,12 @@ def test_cache_skips_done_probes_and_resumes_an_interrupted_search(data: SearchD
     assert [o.gain for o in again.options] == [o.gain for o in resumed.options]
     other = search(tiny_mlp(), (64,), data, **(kw | {"config": FinetuneConfig(batch=16, steps=13)}))
     assert other.probes_cached == 0, "another fine-tuning config is another cache key"
+    full = search(tiny_mlp(), (64,), data, **(kw | {"validate": True}))  # the longer runs are cached too
+    assert full.probes_run > 0 and full.probe_seconds > 0
+    counted.clear()
+    full_again = search(tiny_mlp(), (64,), data, **(kw | {"validate": True}))
+    assert full_again.probes_run == 0 and not counted and full_again.probe_seconds == 0
+    assert full_again.scheme == full.scheme and full_again.lr == full.lr
 
 
 def test_probes_see_the_same_data_order(data: SearchData) -> None:
@@ -188,40 +198,112 @@ def test_trainable_parameter_budget_bounds_the_compiled_scheme(data: SearchData)
                progress=False)
 
 
-@pytest.mark.parametrize("singles", ["gain", "lose"])
-def test_a_selection_that_loses_together_falls_back(data: SearchData, monkeypatch: pytest.MonkeyPatch,
-                                                    singles: str) -> None:
-    """Probe gains need not add up: a selection that does worse together than its best single option (or
-    than the classifier alone) is replaced by that option (or by the classifier)."""
-    real_probe = select.probe
+def test_the_decision_returns_the_best_candidate_that_fits(data: SearchData, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Presets and searched sets are candidates on equal terms: whichever does best with the recipe on
+    validation (at its own best learning rate) is returned, if it fits; those over a budget are set aside."""
+    real = contribution.probe
+    lrs = (0.01, 0.02)
 
-    def solve_two(options, *a, **k):  # type: ignore[no-untyped-def]
-        """Two options of different layers, whatever the budget allows (the knapsack's answer is not the point)."""
-        best = {}
-        for o in options:
-            best.setdefault(o.layer, o)
-        return list(best.values())[:2]
-
-    def probe(tm, scheme, *a, what="", **k):  # type: ignore[no-untyped-def]
-        r = real_probe(tm, scheme, *a, what=what, **k)
-        if len(scheme.rules) > 2:  # head + two options: the together run does badly
-            return dict(r, accuracy=0.0)
-        if len(scheme.rules) == 2:  # one option: layers.4's all gain ("gain"), or every option loses ("lose")
-            good = singles == "gain" and scheme.rules[1].pattern == "layers.4"
-            return dict(r, accuracy=1.0 if good else 0.0)
+    def probe(tm, scheme, data, config, cache, **k):  # type: ignore[no-untyped-def]
+        r = real(tm, scheme, data, config, cache, **k)
+        if config.schedule == "cosine" and scheme.name in ("bias-only", "full") and config.lr == 0.02:
+            return dict(r, accuracy=1.0)  # the recipe makes bias-only (and full, which does not fit) the best
         return r
 
-    monkeypatch.setattr(select, "solve", solve_two)
-    monkeypatch.setattr(select, "probe", probe)
-    r = search(tiny_mlp(), (64,), data, budget_memory=1 << 20, config=CONFIG, progress=False)
-    assert r.fallback and "validated:" in r.table() and r.to_json()["fallback"] == r.fallback
-    if singles == "gain":
-        assert "less than" in r.fallback
-        fits = [o for o in r.options if o.gain > 0]
-        assert {o.layer for o in fits} == {"layers.4"}
-        assert r.chosen == [max(fits, key=lambda o: (o.gain, -o.memory_bytes))]
-        assert r.estimate["accuracy"] == 1.0  # the probe of exactly what is returned
-        assert r.estimate["memory_bytes"] == r.baseline["memory_bytes"] + r.chosen[0].memory_bytes
-    else:
-        assert "classifier alone" in r.fallback and r.chosen == []
-        assert [x.pattern for x in r.scheme.rules] == ["layers.6"] and r.estimate["accuracy"] == r.baseline["accuracy"]
+    monkeypatch.setattr(contribution, "probe", probe)
+    r = search(tiny_mlp(), (64,), data, budget_memory=6 * 1024, config=CONFIG, progress=False, lrs=lrs)
+    layers = trace_model(tiny_mlp(), (torch.zeros(16, 64),)).layers
+    assert r.scheme.rules == preset_scheme("bias-only", layers).rules and r.chosen == [] and r.lr == 0.02
+    assert r.decision.startswith("bias-only is the best") and r.estimate["accuracy"] == 1.0
+    names = {f.name: f for f in r.finalists}
+    assert names["full"].result is None and names["full"].why.startswith("over the memory budget")
+    assert names["classifier"].result["grid"] == {"0.01": pytest.approx(names["classifier"].result["grid"]["0.01"]),
+                                                  "0.02": pytest.approx(names["classifier"].result["grid"]["0.02"])}
+    assert r.estimate["memory_bytes"] <= 6 * 1024 and r.to_json()["lr"] == 0.02
+
+
+def test_the_time_budget_stops_new_probes(data: SearchData) -> None:
+    r = search(tiny_mlp(), (64,), data, budget_memory=6 * 1024, config=CONFIG, progress=False, budget_time=1e-9)
+    assert r.options == [] and r.probe_seconds > 0  # the baseline ran; no option started after it
+    ran = [f.name for f in r.finalists if f.result is not None]
+    assert ran == ["classifier"] and r.scheme.rules == r.finalists[0].scheme.rules
+    assert all(f.why for f in r.finalists if f.name != "classifier")
+    assert "time budget 1e-09 s (spent" in r.table()
+
+
+class _Fake:
+    """Options and a recipe run whose validation accuracy is a table over the set of options trained."""
+
+    def __init__(self, table: dict[frozenset[str], float]) -> None:
+        self.table, self.runs = table, []
+
+    def __call__(self, scheme, cfg):  # type: ignore[no-untyped-def]
+        key = frozenset(r.pattern for r in scheme.rules[1:])
+        self.runs.append((key, cfg))
+        return {"accuracy": self.table.get(key, 0.0), "loss": 1.0, "lr": cfg.lr}
+
+
+def _options(*spec: tuple[str, float]) -> list[Option]:
+    return [Option(layer, "bias", gain=g, score=g) for layer, g in spec]
+
+
+def test_greedy_measures_options_together() -> None:
+    head = Layer("fc", "linear", "fc.weight", "fc.bias")
+    opts = _options(("a", 0.3), ("b", 0.2), ("c", 0.1))
+    start = {"accuracy": 0.3, "loss": 1.0, "lr": 0.1}
+    clash = _Fake({frozenset("a"): 0.6, frozenset("b"): 0.5, frozenset("ab"): 0.4, frozenset("ac"): 0.55})
+    chosen, best, trials = greedy(opts, head, "frozen", start, clash, CONFIG, lambda s: "", "accuracy")
+    assert [o.layer for o in chosen] == ["a"] and best["accuracy"] == 0.6  # together they do worse: not added
+    assert len(trials) == 5  # a, b, c; then a+b, a+c
+    adds = _Fake({frozenset("a"): 0.6, frozenset("b"): 0.5, frozenset("ab"): 0.7, frozenset("abc"): 0.65})
+    chosen, best, _ = greedy(opts, head, "frozen", start, adds, CONFIG, lambda s: "", "accuracy")
+    assert [o.layer for o in chosen] == ["a", "b"] and best["accuracy"] == 0.7
+    over = lambda s: "over" if len(s.rules) > 2 else ""  # noqa: E731  (the budget fits one option only)
+    chosen, _, _ = greedy(opts, head, "frozen", start, adds, CONFIG, over, "accuracy")
+    assert [o.layer for o in chosen] == ["a"]
+
+
+def test_refine_probes_the_best_third_longer() -> None:
+    head = Layer("fc", "linear", "fc.weight", "fc.bias")
+    opts = _options(*[(str(i), g) for i, g in enumerate([0.05, 0.4, -0.1, 0.3, 0.2, 0.1])])
+    fake = _Fake({frozenset(): 0.5, frozenset("1"): 0.5, frozenset("3"): 0.9})
+    recipe = FinetuneConfig(batch=16, epochs=10.0, schedule="cosine")
+    done = refine(opts, head, "frozen", fake, FinetuneConfig(batch=16, epochs=2.0), recipe, 100, "accuracy")
+    assert done == 2  # ceil(5 with a gain / 3)
+    assert {k for k, _ in fake.runs} == {frozenset(), frozenset("1"), frozenset("3")}
+    assert all(c.epochs == 6.0 and c.schedule == "cosine" for _, c in fake.runs)  # 3 x longer, the recipe's way
+    by = {o.layer: o for o in opts}
+    assert by["3"].gain == pytest.approx(0.4) and by["3"].rung == 1 and by["1"].gain == 0.0
+    assert by["4"].gain == 0.2 and by["4"].rung == 0  # not in the best third: the screen's gain stays
+
+
+def test_batchnorm_both_tries_each_candidate_in_each_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+                                torch.nn.Linear(16, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+                                torch.nn.Linear(16, 10)).eval()
+    x, y = digits_flat("train")
+    d = SearchData.split(x[:200], y[:200], val_fraction=0.25, seed=0)
+    real = contribution.probe
+
+    def probe(tm, scheme, data, config, cache, **k):  # type: ignore[no-untyped-def]
+        r = real(tm, scheme, data, config, cache, **k)
+        won = config.schedule == "cosine" and getattr(scheme, "name", "") == "bias-only" and scheme.batchnorm == "train"
+        return dict(r, accuracy=1.0) if won else r
+
+    monkeypatch.setattr(contribution, "probe", probe)
+    r = search(model, (64,), d, budget_memory=1 << 20, config=CONFIG, progress=False, batchnorm="both",
+               greedy_steps=1, greedy_width=1)
+    labels = {f.label for f in r.finalists}
+    assert {"classifier", "classifier +bn", "bias-only +bn", "full +bn"} <= labels
+    assert r.scheme.batchnorm == "train" and "batchnorm: train" in r.yaml()
+    path = tmp_path / "s.yaml"
+    path.write_text(r.yaml())
+    art = compile(model, (torch.zeros(16, 64),), optimizer=CONFIG.optimizer, scheme=str(path))
+    assert any(e.role.value == "statistic" for e in art.manifest().state)
+    with pytest.raises(SearchError, match="batchnorm"):
+        search(model, (64,), d, budget_memory=1 << 20, config=CONFIG, progress=False, batchnorm="sometimes")
+    dr = drift_probe(model, (64,), d, config=CONFIG, progress=False, batchnorm="both")
+    assert set(dr.accuracy) == {f"{s}{m}" for s in ("classifier", "tbft-front", "tbft-middle", "tbft-rear")
+                                for m in ("", " +bn")}
+    assert dr.chosen in dr.gains and dr.chosen.endswith("+bn") == (dr.batchnorm == "train")

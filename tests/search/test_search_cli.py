@@ -38,6 +38,9 @@ def test_help_lists_the_options(capsys: pytest.CaptureFixture[str]) -> None:
     (["--budget-memory", "2MB", "--preprocess", "{nope"], "--preprocess"),
     (["--budget-memory", "2MB", "--preprocess", '{"sharpen": 1}'], "data preprocess: unknown steps ['sharpen']"),
     (["--budget-memory", "10", "--max-layers", "1"], "baseline alone needs"),
+    (["--budget-memory", "2MB", "--lrs", "0.1,-1"], "--lrs"),
+    (["--budget-memory", "2MB", "--budget-time", "0"], "--budget-time"),
+    (["--budget-memory", "2MB", "--batchnorm", "sometimes"], "--batchnorm"),
 ])
 def test_bad_input_exits_2(raw_npz: Path, capsys: pytest.CaptureFixture[str], args: list[str], needle: str) -> None:
     code = main(["search", "models:mlp", "--data", str(raw_npz), *FAST, *args])
@@ -84,6 +87,26 @@ def test_search_writes_a_scheme_that_compiles_with_weights(raw_npz: Path, tmp_pa
     assert "drift probe" in out and "mJ" in out
     assert main(["compile", "models:mlp", *common, "--input-shape", "16,64", "--scheme", str(out_yaml),
                  "-o", str(tmp_path / "art2")]) == 0
+
+
+def test_longer_runs_options(raw_npz: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--lrs, --final-epochs, --budget-time and --batchnorm reach the search: the JSON records the final candidates,
+    each run at the given rates, the device-seconds spent, and the learning rate chosen."""
+    js = tmp_path / "s.json"
+    code = main(["search", "models:mlp", "--data", str(raw_npz), "--budget-memory", "20KB", *FAST, "--lrs",
+                 "0.02,0.05", "--final-epochs", "1", "--budget-time", "600", "--batchnorm", "both", "--json", str(js)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    doc = json.loads(js.read_text())
+    assert doc["lr"] in (0.02, 0.05) and doc["budget_time"] == 600 and 0 < doc["probe_seconds"] < 600
+    ran = [f for f in doc["finalists"] if f["accuracy"] is not None]
+    assert ran and all(set(f["grid"]) == {"0.02", "0.05"} for f in ran)
+    assert not any(f["name"].endswith("+bn") for f in doc["finalists"])  # an MLP has no batch norm: one mode
+    assert "final candidates" in out and "device-seconds" in out
+    capsys.readouterr()
+    assert main(["search", "models:mlp", "--data", str(raw_npz), "--budget-memory", "20KB", *FAST,
+                 "--no-validate", "--json", str(js)]) == 0
+    assert json.loads(js.read_text())["finalists"] == []
 
 
 def test_artifact_without_source_exits_2(raw_npz: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,0 +1,195 @@
+"""The search's later stages: longer probes for the promising options, greedy joint selection, and the final
+decision among every candidate, each fine-tuned with the deployment recipe and its own learning rate.
+
+Short single-option probes rank options cheaply but badly: layers that need more steps or a larger learning
+rate look worse than they are, and gains do not add up (options chase the same error, or together move the
+model too far). So after the screen (select.py):
+
+- `refine` (successive halving): the best 1/eta of the options are probed again eta times longer (capped at
+  the recipe's length), each at every rate of the grid, against the classifier probed the same way; their
+  gains are replaced by these. `rungs` rounds, each keeping 1/eta of the previous.
+- `greedy` (forward selection, measured together): from the classifier alone, try adding each of the `width`
+  best remaining options (one per layer, within the budgets), fine-tune every such scheme with the recipe at
+  every rate, keep the best if it beats the current scheme on validation, and repeat up to `steps` times.
+  Interactions are measured, not assumed.
+- `decide`: the candidates (every preset, the knapsack's selection, the greedy selection and the best single
+  option, each in every batch-norm mode asked for) are compiled; those over a budget are set aside with the
+  reason; the rest are fine-tuned with the recipe at every rate of the grid, and the best on validation wins
+  (`contribution.better`: accuracy, then loss; ties go to the earlier candidate, cheapest first).
+
+Every run goes through contribution.probe: the device runtime, the cache, and the device-seconds clock that
+`budget_time` bounds; once it is spent no new run starts (the candidates not run say so).
+"""
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Sequence
+
+from pockprop.compiler.scheme import Layer, Scheme, preset_scheme
+from pockprop.errors import CompileError
+from pockprop.search.contribution import FinetuneConfig, better, compiled, probe_lrs, score
+from pockprop.search.costs import figures
+from pockprop.search.options import Option, scheme_of
+
+PRESETS = ("classifier", "bias-only", "sparse", "last-k:1", "last-k:2", "tbft-front", "tbft-middle", "tbft-rear",
+           "full")
+
+Run = Callable[[Scheme, FinetuneConfig], dict[str, Any]]  # probe_lrs bound to the search's trace, data, cache
+
+
+@dataclass
+class Finalist:
+    """One candidate of the final decision: its scheme (batch-norm mode included), compiled figures, and either
+    its recipe run (best learning rate) or why it was not run."""
+
+    name: str
+    scheme: Scheme
+    figures: dict[str, Any] = field(default_factory=dict)
+    result: dict[str, Any] | None = None
+    why: str = ""  # set when it was not run or cannot be returned: over a budget, out of time
+
+    @property
+    def label(self) -> str:
+        return self.name + (" +bn" if self.scheme.batchnorm == "train" else "")
+
+    def to_json(self) -> dict[str, Any]:
+        from pockprop.search.options import scheme_dict
+
+        r = self.result or {}
+        return {"name": self.label, "scheme": scheme_dict(self.scheme), "why": self.why,
+                "accuracy": r.get("accuracy"), "loss": r.get("loss"), "lr": r.get("lr"), "grid": r.get("grid"),
+                "ms": r.get("ms"), "trainable_params": self.figures.get("trainable_params"),
+                "training_bytes": self.figures.get("training_bytes"), "peak_bytes": self.figures.get("peak_bytes")}
+
+
+def longer(config: FinetuneConfig, recipe: FinetuneConfig, factor: float) -> FinetuneConfig:
+    """`recipe` run `factor` times as long as `config`'s probes, at most as long as the recipe itself."""
+    if config.steps is not None:
+        steps = min(math.ceil(config.steps * factor), recipe.steps or math.ceil(config.steps * factor))
+        return replace(recipe, steps=steps)
+    return replace(recipe, epochs=min(config.epochs * factor, recipe.epochs), steps=None)
+
+
+def refine(options: list[Option], head: Layer, mode: str, run: Run, config: FinetuneConfig,
+           recipe: FinetuneConfig, n_val: int, metric: str, eta: int = 3, rungs: int = 1,
+           time_left: Callable[[], bool] = lambda: True) -> int:
+    """Successive halving over the options (module doc); returns the number of options re-probed."""
+    pool = sorted((o for o in options if o.gain > 0 or o.loss_gain > 0), key=lambda o: -o.score)
+    done, factor = 0, 1.0
+    for rung in range(1, rungs + 1):
+        factor *= eta
+        pool = pool[:math.ceil(len(pool) / eta)]
+        if not pool or not time_left():
+            break
+        cfg = longer(config, recipe, factor)
+        ref = run(scheme_of(head, [], "classifier", mode), cfg)
+        for o in pool:
+            if not time_left():
+                break
+            r = run(scheme_of(head, [o], o.label, mode), cfg)
+            o.accuracy, o.loss, o.lr, o.rung = r["accuracy"], r["loss"], r["lr"], rung
+            o.gain, o.loss_gain = r["accuracy"] - ref["accuracy"], ref["loss"] - r["loss"]
+            o.score = score(o.gain, o.loss_gain, n_val, metric)
+            done += 1
+        pool.sort(key=lambda o: -o.score)
+        if cfg.epochs >= recipe.epochs and cfg.steps == recipe.steps:
+            break
+    return done
+
+
+def greedy(options: list[Option], head: Layer, mode: str, start: dict[str, Any], run: Run, recipe: FinetuneConfig,
+           over: Callable[[Scheme], str], metric: str, steps: int = 3, width: int = 4,
+           time_left: Callable[[], bool] = lambda: True) -> tuple[list[Option], dict[str, Any], list[dict[str, Any]]]:
+    """Forward selection measured together (module doc): (chosen options, their recipe run, every trial)."""
+    ranked = sorted((o for o in options if o.score > 0), key=lambda o: -o.score)
+    chosen: list[Option] = []
+    current, trials = start, []
+    for _ in range(steps):
+        best: tuple[Option, dict[str, Any]] | None = None
+        tried = 0
+        for o in ranked:
+            if tried >= width or not time_left():
+                break
+            if any(c.layer == o.layer for c in chosen):
+                continue
+            scheme = scheme_of(head, chosen + [o], "greedy", mode)
+            if over(scheme):
+                continue
+            tried += 1
+            r = run(scheme, recipe)
+            trials.append({"options": [c.label for c in chosen + [o]], "accuracy": r["accuracy"], "loss": r["loss"],
+                           "lr": r["lr"]})
+            if best is None or better(r, best[1], metric):
+                best = (o, r)
+        if best is None or not better(best[1], current, metric):
+            break
+        chosen.append(best[0])
+        current = best[1]
+    return chosen, current, trials
+
+
+def candidates(layers: list[Layer], modes: Sequence[str], searched: dict[str, Scheme]) -> list[tuple[str, Scheme]]:
+    """(name, scheme) of every preset the model has and every searched scheme, in each mode; cheapest kinds
+    first (ties in the decision go to the earlier)."""
+    out: list[tuple[str, Scheme]] = []
+    for mode in modes:
+        for name in PRESETS:
+            try:
+                out.append((name, preset_scheme(name, layers, mode)))
+            except CompileError:  # a model with fewer blocks than the preset needs
+                continue
+        out += [(name, replace(s, batchnorm=mode)) for name, s in searched.items()]
+    seen, unique = set(), []
+    for name, s in out:  # a searched scheme equal to a preset (or to another searched one) runs once
+        key = (tuple(sorted(s.rules, key=repr)), s.batchnorm)
+        if key not in seen:
+            seen.add(key)
+            unique.append((name, s))
+    return unique
+
+
+def decide(cands: list[tuple[str, Scheme]], art_of: Callable[[Scheme], Any], over: Callable[[dict[str, Any]], str],
+           run: Run, recipe: FinetuneConfig, metric: str, budget_ms: float | None = None,
+           time_left: Callable[[], bool] = lambda: True) -> tuple[Finalist | None, list[Finalist]]:
+    """Compile every candidate, set aside those over a budget, run the rest with the recipe at every rate; the
+    best on validation and every finalist (module doc)."""
+    finalists = [Finalist(name, s) for name, s in cands]
+    for f in finalists:
+        f.figures = figures(art_of(f.scheme))
+        f.why = over(f.figures)
+    runnable = sorted((f for f in finalists if not f.why), key=lambda f: f.figures["training_bytes"])
+    best: Finalist | None = None
+    for f in runnable:
+        if not time_left() and f.name != "classifier":
+            f.why = "not run: the time budget was spent"
+            continue
+        f.result = run(f.scheme, recipe)
+        if budget_ms is not None and f.result["ms"] > budget_ms:
+            f.why = f"over the step-time budget ({f.result['ms']:.2f} ms > {budget_ms:g} ms)"
+            continue
+        if best is None or better(f.result, best.result, metric):
+            best = f
+    return best, finalists
+
+
+def art_compiler(tm: Any, config: FinetuneConfig, cache: Any, loss: str,
+                 preprocess: dict[str, Any] | None) -> Callable[[Scheme], Any]:
+    return lambda scheme: compiled(tm, scheme, config, cache, loss, preprocess)
+
+
+def runner(tm: Any, data: Any, cache: Any, lrs: Sequence[float], metric: str, loss: str,
+           preprocess: dict[str, Any] | None, progress: bool = False) -> Run:
+    """probe_lrs bound to the search's trace, data and cache; with `progress`, one line per run on stderr."""
+    def run(scheme: Scheme, cfg: FinetuneConfig) -> dict[str, Any]:
+        before = cache.seconds
+        r = probe_lrs(tm, scheme, data, cfg, lrs, cache, metric=metric, loss=loss, preprocess=preprocess,
+                      what=scheme.name)
+        if progress:
+            length = f"{cfg.steps} steps" if cfg.steps is not None else f"{cfg.epochs:g} epochs"
+            print(f"search: {scheme.name}{' +bn' if scheme.batchnorm == 'train' else ''} ({len(scheme.rules)} rules, "
+                  f"{length}): val accuracy {100 * r['accuracy']:.1f}% at lr {r['lr']:g} "
+                  f"[{cache.seconds - before:.1f}s, {cache.seconds:.0f}s in all]", file=sys.stderr, flush=True)
+        return r
+    return run
