@@ -30,8 +30,9 @@ from typing import Any, Callable, Sequence
 from pockprop.compiler.scheme import Layer, Scheme, preset_scheme
 from pockprop.errors import CompileError
 from pockprop.search.contribution import FinetuneConfig, better, compiled, probe_lrs, score
-from pockprop.search.costs import figures
+from pockprop.search.costs import figures, memory_of
 from pockprop.search.options import Option, scheme_of
+from pockprop.search.result import human_bytes
 
 PRESETS = ("classifier", "bias-only", "sparse", "last-k:1", "last-k:2", "tbft-front", "tbft-middle", "tbft-rear",
            "full")
@@ -172,6 +173,70 @@ def decide(cands: list[tuple[str, Scheme]], art_of: Callable[[Scheme], Any], ove
         if best is None or better(f.result, best.result, metric):
             best = f
     return best, finalists
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """What a returned scheme must fit: memory (of the `metric`, search/costs.py), trainable parameters, and
+    (checked on its run) ms per step."""
+
+    memory: int
+    metric: str = "training"
+    params: int | None = None
+    ms: float | None = None
+
+    def over(self, fig: dict[str, Any]) -> str:
+        """Why a compiled scheme's figures do not fit, or ""."""
+        used = memory_of(fig, self.metric)
+        if used > self.memory:
+            return f"over the memory budget ({human_bytes(used)} > {human_bytes(self.memory)})"
+        if self.params is not None and fig["trainable_params"] > self.params:
+            return f"over the parameter budget ({fig['trainable_params']:,} > {self.params:,})"
+        return ""
+
+    def over_option(self, o: Option, base: dict[str, Any]) -> bool:
+        """Whether the classifier plus option `o` is over the memory or parameter budget, by their costs."""
+        return (memory_of(base, self.metric) + o.memory_bytes > self.memory
+                or (self.params is not None and base["trainable_params"] + o.params > self.params))
+
+
+@dataclass
+class Final:
+    """What the stages after the knapsack found: the winner, every candidate, the options behind the winner
+    (none for a preset), the classifier's recipe run, the greedy trials, and the decision in words."""
+
+    best: Finalist
+    finalists: list[Finalist]
+    chosen: list[Option]
+    start: dict[str, Any]
+    trials: list[dict[str, Any]]
+    decision: str
+
+
+def finish(options: list[Option], head: Layer, layers: list[Layer], modes: Sequence[str], knapsack: list[Option],
+           knapsack_scheme: Scheme, single: Option | None, run: Run, art_of: Callable[[Scheme], Any],
+           budgets: Budgets, recipe: FinetuneConfig, metric: str, steps: int, width: int,
+           time_left: Callable[[], bool]) -> Final:
+    """Greedy selection, then the decision among the presets, the knapsack's selection, the greedy selection
+    and the best single option (`single`), each in every mode (module doc)."""
+    mode = modes[-1]
+    start = run(scheme_of(head, [], "classifier", mode), recipe)
+    picked, _, trials = greedy(options, head, mode, start, run, recipe, lambda sc: budgets.over(figures(art_of(sc))),
+                               metric, steps, width, time_left)
+    searched = {"searched": knapsack_scheme} if knapsack else {}
+    if picked:
+        searched["greedy"] = scheme_of(head, picked, "greedy", mode)
+    if single is not None:
+        searched["best option"] = scheme_of(head, [single], "best option", mode)
+    best, finalists = decide(candidates(layers, modes, searched), art_of, budgets.over, run, recipe, metric,
+                             budgets.ms, time_left)
+    assert best is not None and best.result is not None  # the classifier fits (search checks it) and always runs
+    sources = {"searched": knapsack, "greedy": picked, "best option": [single] if single else []}
+    r = best.result
+    decision = (f"{best.label} is the best of {sum(f.result is not None for f in finalists)} candidates fine-tuned "
+                f"with the recipe on validation ({100 * r['accuracy']:.1f}% at lr {r['lr']:g}); "
+                f"{sum(bool(f.why) for f in finalists)} set aside (over a budget or out of time)")
+    return Final(best, finalists, sources.get(best.name, []), start, trials, decision)
 
 
 def art_compiler(tm: Any, config: FinetuneConfig, cache: Any, loss: str,

@@ -45,8 +45,7 @@ from pockprop.runtime.progress import Progress
 from pockprop.compiler.compile import TracedModel, compile_traced, trace_model
 from pockprop.compiler import batchnorm as bn_modes
 from pockprop.search.contribution import FinetuneConfig, ProbeCache, SearchData, model_fingerprint, probe, score
-from pockprop.search.finalists import Finalist, art_compiler, decide, greedy, refine, runner
-from pockprop.search.finalists import candidates as final_candidates
+from pockprop.search.finalists import Budgets, art_compiler, finish, refine, runner
 from pockprop.search.costs import difference, figures, memory_of
 from pockprop.search.options import SearchError, candidate_layers, enumerate_options, head_of, parse_ratios, scheme_of
 from pockprop.search.result import SearchResult, human_bytes
@@ -233,57 +232,33 @@ def search(model: torch.nn.Module, input_shape: Sequence[int], data: SearchData,
         if over_ms > 0:
             ms_cap = min(ms_cap, sum(o.ms for o in chosen)) - over_ms - 1e-6  # type: ignore[type-var]
 
-    estimate = dict(fig) | {
-        "memory_bytes": memory_of(fig, memory), "extra_bytes": fig["training_bytes"] - base_fig["training_bytes"],
-        "estimated_gain": sum(o.gain for o in chosen), "estimated_score": sum(o.score for o in chosen),
-        "estimated_memory_bytes": base_mem + sum(o.memory_bytes for o in chosen)}
-    stages: dict[str, Any] = {"screened": len(options), "refined": refined, "rounds": rounds}
-    finalists: list[Finalist] = []
-    decision = lr = None
-    if validate:
-        def over_budget(f: dict[str, Any]) -> str:
-            if memory_of(f, memory) > budget_memory:
-                return f"over the memory budget ({human_bytes(memory_of(f, memory))} > {human_bytes(budget_memory)})"
-            if max_params is not None and f["trainable_params"] > max_params:
-                return f"over the parameter budget ({f['trainable_params']:,} > {max_params:,})"
-            return ""
-
-        art_of = art_compiler(tm, config, cache, loss, preprocess)
-        start = run_lrs(scheme_of(head, [], "classifier", mode), recipe)
-        picked, _, trials = greedy(options, head, mode, start, run_lrs, recipe,
-                                   lambda sc: over_budget(figures(art_of(sc))), metric, greedy_steps, greedy_width,
-                                   lambda: cache.time_left)
-        stages["greedy"] = trials
-        searched = {"searched": scheme} if chosen else {}
-        if picked:
-            searched["greedy"] = scheme_of(head, picked, "greedy", mode)
-        single = max((o for o in options if o.score > 0 and base_mem + o.memory_bytes <= budget_memory
-                      and (params_cap is None or o.params <= params_cap)), key=lambda o: o.score, default=None)
-        if single is not None:
-            searched["best option"] = scheme_of(head, [single], "best option", mode)
-        best, finalists = decide(final_candidates(layers, modes, searched), art_of, over_budget, run_lrs, recipe,
-                                 metric, budget_ms, lambda: cache.time_left)
-        assert best is not None and best.result is not None  # the classifier fits (checked above) and always runs
-        sources = {"searched": chosen, "greedy": picked, "best option": [single] if single else []}
-        chosen = sources.get(best.name, [])
-        scheme = replace(best.scheme, name=name or f"search-{human_bytes(budget_memory)}")
-        fig = best.figures
-        lr = best.result["lr"]
-        run_count = sum(f.result is not None for f in finalists)
-        decision = (f"{best.label} is the best of {run_count} candidates fine-tuned with the recipe on validation "
-                    f"({100 * best.result['accuracy']:.1f}% at lr {lr:g}); "
-                    f"{sum(bool(f.why) for f in finalists)} set aside (over a budget or out of time)")
-        estimate = dict(fig) | {
+    def estimate_of(fig: dict[str, Any], chosen: list[Any]) -> dict[str, Any]:
+        return dict(fig) | {
             "memory_bytes": memory_of(fig, memory), "extra_bytes": fig["training_bytes"] - base_fig["training_bytes"],
             "estimated_gain": sum(o.gain for o in chosen), "estimated_score": sum(o.score for o in chosen),
-            "estimated_memory_bytes": base_mem + sum(o.memory_bytes for o in chosen),
-            "accuracy": best.result["accuracy"], "loss": best.result["loss"], "ms": best.result["ms"],
-            "gain": best.result["accuracy"] - start["accuracy"], "lr": lr}
+            "estimated_memory_bytes": base_mem + sum(o.memory_bytes for o in chosen)}
+
+    estimate = estimate_of(fig, chosen)
+    stages: dict[str, Any] = {"screened": len(options), "refined": refined, "rounds": rounds}
+    final = None
+    if validate:
+        budgets = Budgets(budget_memory, memory, max_params, budget_ms)
+        single = max((o for o in options if o.score > 0 and not budgets.over_option(o, base_fig)),
+                     key=lambda o: o.score, default=None)
+        final = finish(options, head, layers, modes, chosen, scheme, single, run_lrs,
+                       art_compiler(tm, config, cache, loss, preprocess), budgets, recipe, metric, greedy_steps,
+                       greedy_width, lambda: cache.time_left)
+        stages["greedy"] = final.trials
+        chosen, fig = final.chosen, final.best.figures
+        scheme = replace(final.best.scheme, name=name or f"search-{human_bytes(budget_memory)}")
+        r = final.best.result
+        estimate = estimate_of(fig, chosen) | {"accuracy": r["accuracy"], "loss": r["loss"], "ms": r["ms"],
+                                               "gain": r["accuracy"] - final.start["accuracy"], "lr": r["lr"]}
     front = [(c, g) for c, g, _ in frontier(options)]
     baseline = {"accuracy": base["accuracy"], "loss": base["loss"], "ms": base["ms"], "memory_bytes": base_mem,
                 "figures": base_fig}
     return SearchResult(scheme, options, chosen, baseline, estimate, int(budget_memory), budget_ms, memory, metric,
                         front, cache.runs, cache.hits, rounds, time.perf_counter() - t0,
-                        name or type(model).__name__, budget_params=max_params, decision=decision,
-                        finalists=finalists, lr=lr, probe_seconds=cache.seconds, budget_time=budget_time,
-                        stages=stages)
+                        name or type(model).__name__, budget_params=max_params,
+                        decision=final.decision if final else None, finalists=final.finalists if final else [],
+                        lr=estimate.get("lr"), probe_seconds=cache.seconds, budget_time=budget_time, stages=stages)

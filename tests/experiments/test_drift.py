@@ -102,7 +102,7 @@ def test_accuracy_runs_end_to_end(tmp_path, monkeypatch):
     from experiments import accuracy as acc
 
     tiny = acc.Config(width=2, resolution=8, pretrain_epochs=1, epochs=1, seeds=(0,),
-                      schemes=("full", "classifier", "searched"), ratios=(1.0,), search_epochs=0.25,
+                      schemes=("full", "classifier", "tbft-rear", "searched"), ratios=(1.0,), search_epochs=0.25,
                       search_max_layers=2, lrs=(0.01,), threads=1)
     monkeypatch.setattr(acc, "QUICK", tiny)
     doc = tmp_path / "doc.md"
@@ -112,7 +112,8 @@ def test_accuracy_runs_end_to_end(tmp_path, monkeypatch):
     assert acc.main(["--quick", "--task", "output", "--out", str(out), "--doc", str(doc)]) == 0
     result = json.loads((out / "output.json").read_text())
     rows = {r["scheme"]: r for r in result["rows"]}
-    assert set(rows) == {"full", "classifier", "searched"}
+    assert set(rows) == {"full", "classifier", "tbft-rear", "full +bn", "classifier +bn", "tbft-rear +bn",
+                         "searched"}  # each preset in each mode
     assert rows["full"]["trainable_percent"] == pytest.approx(100.0) and rows["full"]["memory_ratio"] == 1.0
     assert rows["classifier"]["training_bytes"] < rows["full"]["training_bytes"]
     assert rows["searched"]["training_bytes"] <= result["search"]["budget_bytes"]
@@ -122,5 +123,8 @@ def test_accuracy_runs_end_to_end(tmp_path, monkeypatch):
     text = doc.read_text()
     assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text
     assert f"{ib}\ninput tables\n{ie}" in text  # the task that did not run keeps its section
-    assert "| full |" in text and "Drift probe: picks" in text and "Targets: within 1 point" in text
+    assert "| full |" in text and "| full +bn |" in text and "Drift probe (" in text and "picks **" in text
+    assert "Targets: within 1 point of the best other row" in text and "final candidates" in text
+    assert result["probe"]["best"] in ("tbft-rear", "tbft-rear +bn")  # the only tbft row of this run
+    assert result["probe"]["picks_best"] == (result["probe"]["block"] == "rear")
     assert any(f.startswith("pretrained-") and f.endswith(".safetensors") for f in os.listdir(out))
