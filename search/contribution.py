@@ -287,13 +287,29 @@ def probe(tm: TracedModel, scheme: Scheme | str, data: SearchData, config: Finet
     return result | {"cached": False}
 
 
+def rank(r: dict[str, Any], metric: str = "accuracy") -> tuple[float, ...]:
+    """A probe result's standing on validation, larger is better: accuracy, then loss (metric "loss": loss)."""
+    return (-r["loss"],) if metric == "loss" else (r["accuracy"], -r["loss"])
+
+
 def better(a: dict[str, Any], b: dict[str, Any] | None, metric: str = "accuracy") -> bool:
-    """Whether probe result `a` beats `b` on validation: accuracy, then loss (metric "loss": loss only)."""
-    if b is None:
-        return True
-    if metric == "loss":
-        return a["loss"] < b["loss"]
-    return (a["accuracy"], -a["loss"]) > (b["accuracy"], -b["loss"])
+    """Whether probe result `a` beats `b` on validation (`rank`)."""
+    return b is None or rank(a, metric) > rank(b, metric)
+
+
+def confirm(tm: TracedModel, scheme: Scheme | str, data: SearchData, config: FinetuneConfig, result: dict[str, Any],
+            orders: int, cache: ProbeCache, **kw: Any) -> dict[str, Any]:
+    """`result` (a run at config's seed) averaged with `orders` more data orders (seeds seed+1, ...) at its
+    learning rate: one lucky batch order does not decide (validation sets are small, and picking the best of
+    many noisy runs favours luck)."""
+    if orders < 1:
+        return result
+    more = probe(tm, scheme, data, replace(config.with_lr(result["lr"]), seed=config.seed + 1, repeats=orders),
+                 cache, **kw)
+    n = 1 + orders
+    return result | {"accuracy": (result["accuracy"] + orders * more["accuracy"]) / n,
+                     "loss": (result["loss"] + orders * more["loss"]) / n, "orders": n,
+                     "first": {"accuracy": result["accuracy"], "loss": result["loss"]}}
 
 
 def probe_lrs(tm: TracedModel, scheme: Scheme | str, data: SearchData, config: FinetuneConfig, lrs: Sequence[float],

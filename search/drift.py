@@ -7,7 +7,9 @@ presets tbft-front / tbft-middle / tbft-rear (compiler/scheme.py; each with the 
 classifier baseline from one trace, fine-tunes each through the device runtime with the same data order
 (search/contribution.py) and the deployment recipe (`recipe`; default: the probe config 5 times as long,
 cosine) at every rate of a small grid, keeping each scheme's best rate on validation (a short probe at one
-rate favours the rear: earlier blocks need more steps and larger rates before their change pays off), in
+rate favours the rear: earlier blocks need more steps and larger rates before their change pays off), then
+runs each block at its rate with `orders` more data orders and scores it by the mean (one batch order is a
+noisy judge on a small validation set), in
 each batch-norm mode asked for ("both": frozen and train, every block scored against the frozen
 classifier), and picks the block with the best score over the classifier, the same score `search` maximizes (metric "accuracy": the accuracy gain, the validation
 loss breaking ties; or "loss"); remaining ties go to the lower energy per step, then the earlier
@@ -22,7 +24,7 @@ from typing import Any, Sequence
 
 import torch
 
-from pockprop.search.contribution import FinetuneConfig, SearchData, probe_lrs, score
+from pockprop.search.contribution import FinetuneConfig, SearchData, confirm, probe_lrs, score
 from pockprop.search.energy import E_BYTE, E_MAC, SOURCE
 from pockprop.search.result import human_bytes, human_macs
 from pockprop.search.select import ProbeProgress, modes_of, prepare, recipe_of
@@ -63,7 +65,7 @@ class DriftResult:
             f, e = self.figures.get(s, {}), self.energy[s]
             rows.append((s + (" *" if s == self.chosen else ""), f"{100 * self.accuracy[s]:.1f}%",
                          f"{100 * self.gains[s]:+.1f}" if s in self.gains else "-", f"{self.loss.get(s, 0.0):.4f}",
-                         f"{self.lr[s]:g}" if s in self.lr else "-",
+                         f"{self.lr[s]:.3g}" if s in self.lr else "-",
                          f"{f.get('trainable_percent', 0.0):.1f}%", human_macs(f.get("backward_macs", 0)),
                          human_bytes(e["bytes"]), f"{e['joules'] * 1e3:.3f} mJ", f"{self.ms.get(s, 0.0):.2f}"))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -87,7 +89,7 @@ def drift_probe(model: torch.nn.Module, input_shape: Sequence[int], data: Search
                 loss: str = "cross_entropy", preprocess: dict[str, Any] | None = None,
                 traced: Any = None, metric: str = "accuracy", recipe: FinetuneConfig | None = None,
                 lrs: Sequence[float] | None = None, batchnorm: str = "frozen",
-                budget_time: float | None = None) -> DriftResult:
+                budget_time: float | None = None, orders: int = 2) -> DriftResult:
     """Probe tbft-front/middle/rear against the classifier and choose the block (module docstring)."""
     t0 = time.perf_counter()
     config = config or FinetuneConfig()
@@ -100,8 +102,11 @@ def drift_probe(model: torch.nn.Module, input_shape: Sequence[int], data: Search
     for m, mode in enumerate(modes):
         for i, s in enumerate(SCHEMES):
             bar.update(m * len(SCHEMES) + i, f"{s} ({mode} batch norm)", force=i == 0)
-            results[label(s, mode)] = probe_lrs(tm, s, data, recipe, grid, cache, metric=metric, loss=loss,
-                                                preprocess=preprocess, what=s, batchnorm=mode)
+            kw = dict(loss=loss, preprocess=preprocess, what=s, batchnorm=mode)
+            r = probe_lrs(tm, s, data, recipe, grid, cache, metric=metric, **kw)
+            if s != "classifier" and cache.time_left:  # the blocks' standing from 1 + orders data orders
+                r = confirm(tm, s, data, recipe, r, orders, cache, **kw)
+            results[label(s, mode)] = r
     bar.update(bar.total, "done")
     bar.close()
     acc = {s: r["accuracy"] for s, r in results.items()}

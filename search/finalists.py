@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 
 from pockprop.compiler.scheme import Layer, Scheme, preset_scheme
 from pockprop.errors import CompileError
-from pockprop.search.contribution import FinetuneConfig, better, compiled, probe_lrs, score
+from pockprop.search.contribution import FinetuneConfig, better, compiled, confirm, probe_lrs, rank, score
 from pockprop.search.costs import figures, memory_of
 from pockprop.search.options import Option, scheme_of
 from pockprop.search.result import human_bytes
@@ -37,7 +37,7 @@ from pockprop.search.result import human_bytes
 PRESETS = ("classifier", "bias-only", "sparse", "last-k:1", "last-k:2", "tbft-front", "tbft-middle", "tbft-rear",
            "full")
 
-Run = Callable[[Scheme, FinetuneConfig], dict[str, Any]]  # probe_lrs bound to the search's trace, data, cache
+Run = Callable[..., dict[str, Any]]  # (scheme, config) -> probe_lrs's best on the grid; see runner()
 
 
 @dataclass
@@ -113,7 +113,7 @@ def greedy(options: list[Option], head: Layer, mode: str, start: dict[str, Any],
         for o in ranked:
             if tried >= width or not time_left():
                 break
-            if any(c.layer == o.layer for c in chosen):
+            if any(c.paths & o.paths for c in chosen):
                 continue
             scheme = scheme_of(head, chosen + [o], "greedy", mode)
             if over(scheme):
@@ -153,15 +153,17 @@ def candidates(layers: list[Layer], modes: Sequence[str], searched: dict[str, Sc
 
 def decide(cands: list[tuple[str, Scheme]], art_of: Callable[[Scheme], Any], over: Callable[[dict[str, Any]], str],
            run: Run, recipe: FinetuneConfig, metric: str, budget_ms: float | None = None,
-           time_left: Callable[[], bool] = lambda: True) -> tuple[Finalist | None, list[Finalist]]:
-    """Compile every candidate, set aside those over a budget, run the rest with the recipe at every rate; the
-    best on validation and every finalist (module doc)."""
+           time_left: Callable[[], bool] = lambda: True, final_few: int = 3,
+           orders: int = 2) -> tuple[Finalist | None, list[Finalist]]:
+    """Compile every candidate, set aside those over a budget, run the rest with the recipe at every rate, and
+    run the `final_few` best again with `orders` more data orders at their rates: the best mean on validation
+    wins, and every finalist is returned (module doc)."""
     finalists = [Finalist(name, s) for name, s in cands]
     for f in finalists:
         f.figures = figures(art_of(f.scheme))
         f.why = over(f.figures)
     runnable = sorted((f for f in finalists if not f.why), key=lambda f: f.figures["training_bytes"])
-    best: Finalist | None = None
+    ran: list[Finalist] = []
     for f in runnable:
         if not time_left() and f.name != "classifier":
             f.why = "not run: the time budget was spent"
@@ -170,9 +172,18 @@ def decide(cands: list[tuple[str, Scheme]], art_of: Callable[[Scheme], Any], ove
         if budget_ms is not None and f.result["ms"] > budget_ms:
             f.why = f"over the step-time budget ({f.result['ms']:.2f} ms > {budget_ms:g} ms)"
             continue
-        if best is None or better(f.result, best.result, metric):
-            best = f
-    return best, finalists
+        ran.append(f)
+    if not ran:
+        return None, finalists
+    top = sorted(ran, key=lambda f: rank(f.result, metric), reverse=True)[:final_few]  # stable: cheaper first
+    confirmed = []
+    for f in top:
+        if orders and time_left():
+            assert f.result is not None
+            f.result = run(f.scheme, recipe, orders=orders, first=f.result)
+            confirmed.append(f)
+    pool = confirmed or top[:1]
+    return max(pool, key=lambda f: rank(f.result, metric)), finalists
 
 
 @dataclass(frozen=True)
@@ -234,7 +245,7 @@ def finish(options: list[Option], head: Layer, layers: list[Layer], modes: Seque
     sources = {"searched": knapsack, "greedy": picked, "best option": [single] if single else []}
     r = best.result
     decision = (f"{best.label} is the best of {sum(f.result is not None for f in finalists)} candidates fine-tuned "
-                f"with the recipe on validation ({100 * r['accuracy']:.1f}% at lr {r['lr']:g}); "
+                f"with the recipe on validation ({100 * r['accuracy']:.1f}% at lr {r['lr']:.3g}); "
                 f"{sum(bool(f.why) for f in finalists)} set aside (over a budget or out of time)")
     return Final(best, finalists, sources.get(best.name, []), start, trials, decision)
 
@@ -247,14 +258,20 @@ def art_compiler(tm: Any, config: FinetuneConfig, cache: Any, loss: str,
 def runner(tm: Any, data: Any, cache: Any, lrs: Sequence[float], metric: str, loss: str,
            preprocess: dict[str, Any] | None, progress: bool = False) -> Run:
     """probe_lrs bound to the search's trace, data and cache; with `progress`, one line per run on stderr."""
-    def run(scheme: Scheme, cfg: FinetuneConfig) -> dict[str, Any]:
+    def run(scheme: Scheme, cfg: FinetuneConfig, orders: int = 0, first: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The best on the grid; with `orders`, `first` (that run) confirmed with more data orders."""
         before = cache.seconds
-        r = probe_lrs(tm, scheme, data, cfg, lrs, cache, metric=metric, loss=loss, preprocess=preprocess,
-                      what=scheme.name)
+        kw = dict(loss=loss, preprocess=preprocess, what=scheme.name)
+        if orders:
+            assert first is not None
+            r = confirm(tm, scheme, data, cfg, first, orders, cache, **kw)
+        else:
+            r = probe_lrs(tm, scheme, data, cfg, lrs, cache, metric=metric, **kw)
         if progress:
             length = f"{cfg.steps} steps" if cfg.steps is not None else f"{cfg.epochs:g} epochs"
             print(f"search: {scheme.name}{' +bn' if scheme.batchnorm == 'train' else ''} ({len(scheme.rules)} rules, "
-                  f"{length}): val accuracy {100 * r['accuracy']:.1f}% at lr {r['lr']:g} "
-                  f"[{cache.seconds - before:.1f}s, {cache.seconds:.0f}s in all]", file=sys.stderr, flush=True)
+                  f"{length}{f', {1 + orders} data orders' if orders else ''}): val accuracy "
+                  f"{100 * r['accuracy']:.1f}% at lr {r['lr']:.3g} [{cache.seconds - before:.1f}s, "
+                  f"{cache.seconds:.0f}s in all]", file=sys.stderr, flush=True)
         return r
     return run

@@ -60,9 +60,10 @@ class Option:
     """One way to update one layer, with what probing it measured (filled in by the search)."""
 
     layer: str
-    update: str  # "bias" | "weight"
+    update: str  # "bias" | "weight" | "block"
     ratio: float = 1.0
     bias: bool = False  # weight options: the bias is trained too
+    members: tuple[str, ...] = ()  # block options: the layers trained in full
     accuracy: float = 0.0  # validation accuracy after the probe's fine-tuning
     loss: float = 0.0  # validation loss after it
     gain: float = 0.0  # accuracy - baseline accuracy
@@ -78,19 +79,26 @@ class Option:
 
     @property
     def name(self) -> str:
-        if self.update == "bias":
-            return "bias"
+        if self.update in ("bias", "block"):
+            return self.update
         return f"weight@{ratio_text(self.ratio)}" + ("+bias" if self.bias else "")
+
+    @property
+    def paths(self) -> set[str]:
+        """The layers this option updates: two options of one search never share one."""
+        return set(self.members) if self.update == "block" else {self.layer}
 
     @property
     def label(self) -> str:
         return f"{self.layer}:{self.name}"
 
-    def rule(self) -> Rule:
+    def rules(self) -> tuple[Rule, ...]:
+        if self.update == "block":
+            return tuple(Rule(glob.escape(p), "full") for p in self.members)
         pattern = glob.escape(self.layer)  # a module path matched literally, whatever characters it has
         if self.update == "bias":
-            return Rule(pattern, "bias")
-        return Rule(pattern, "weight", self.ratio, self.bias)
+            return (Rule(pattern, "bias"),)
+        return (Rule(pattern, "weight", self.ratio, self.bias),)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self) | {"name": self.name}
@@ -141,9 +149,23 @@ def enumerate_options(layers: Sequence[Layer], ratios: Sequence[float], weight_w
     return out
 
 
+def block_options(layers: Sequence[Layer], candidates: Sequence[Layer]) -> list[Option]:
+    """One option per block of the model (compiler/blocks.py) with a candidate layer: every candidate layer of
+    the block in full. Blocks are for the greedy selection (measured together), not the knapsack, whose
+    options are one layer each."""
+    head = head_of(layers)
+    paths = {l.path for l in candidates}
+    out: dict[str, list[str]] = {}
+    for l in layers:
+        if l.path in paths and l.block != head.block:
+            out.setdefault(l.block, []).append(l.path)
+    return [Option(b, "block", members=tuple(m)) for b, m in out.items()]
+
+
 def scheme_of(head: Layer, chosen: Iterable[Option], name: str = "search", batchnorm: str = "frozen") -> Scheme:
-    """The head in full plus one rule per chosen option."""
-    return Scheme(name, (Rule(glob.escape(head.path), "full"),) + tuple(o.rule() for o in chosen), batchnorm)
+    """The head in full plus the rules of each chosen option."""
+    return Scheme(name, (Rule(glob.escape(head.path), "full"),) + tuple(r for o in chosen for r in o.rules()),
+                  batchnorm)
 
 
 def scheme_dict(scheme: Scheme) -> dict[str, Any]:

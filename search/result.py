@@ -58,19 +58,19 @@ class SearchResult:
                 f"{f', {self.budget_params:,} trainable parameters' if self.budget_params is not None else ''}\n"
                 f"# compiled {self.memory} memory {human_bytes(self.estimate['memory_bytes'])}, trainable "
                 f"{self.estimate.get('trainable_percent', 0.0):.2f}%"
-                + (f"; validation accuracy {100 * self.estimate['accuracy']:.1f}% fine-tuned with lr {self.lr:g}"
+                + (f"; validation accuracy {100 * self.estimate['accuracy']:.1f}% fine-tuned with lr {self.lr:.3g}"
                    if self.lr is not None else "") + "\n")
         return head + yaml.safe_dump(scheme_dict(self.scheme), sort_keys=False)
 
     def table(self) -> str:
         """Every option (chosen ones marked *), then the chosen scheme's compiled figures."""
         b = self.baseline
-        rows = [("", "layer", "option", "val acc", "gain", "Δloss", "memory", "bwd MACs", "ms")]
+        rows = [("", "layer", "option", "val acc", "gain", "Δloss", "memory", "bwd MACs", "ms", "rung")]
         chosen = {o.label for o in self.chosen}
         for o in self.options:
             rows.append(("*" if o.label in chosen else "", o.layer, o.name, f"{100 * o.accuracy:.1f}%",
                          f"{100 * o.gain:+.1f}", f"{o.loss_gain:+.3f}", human_bytes(o.memory_bytes),
-                         human_macs(o.backward_macs), f"{o.ms:.2f}"))
+                         human_macs(o.backward_macs), f"{o.ms:.2f}", str(o.rung)))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = [f"search over {len(self.options)} options ({self.probes_run} probed, {self.probes_cached} from cache); "
                  f"baseline (classifier only): val accuracy {100 * b['accuracy']:.1f}%, loss {b['loss']:.4f}, "
@@ -104,7 +104,7 @@ class SearchResult:
             won = f.result is not None and f.scheme.rules == self.scheme.rules and \
                 f.scheme.batchnorm == self.scheme.batchnorm
             rows.append(("*" if won else "", f.label, f"{100 * r['accuracy']:.1f}%" if r else "-",
-                         f"{r['loss']:.4f}" if r else "-", f"{r['lr']:g}" if r else "-",
+                         f"{r['loss']:.4f}" if r else "-", f"{r['lr']:.3g}" if r else "-",
                          f"{g.get('trainable_percent', 0.0):.2f}%",
                          human_bytes(g.get("training_bytes" if self.memory == "training" else "peak_bytes", 0)), f.why))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

@@ -47,7 +47,8 @@ from pockprop.compiler import batchnorm as bn_modes
 from pockprop.search.contribution import FinetuneConfig, ProbeCache, SearchData, model_fingerprint, probe, score
 from pockprop.search.finalists import Budgets, art_compiler, finish, refine, runner
 from pockprop.search.costs import difference, figures, memory_of
-from pockprop.search.options import SearchError, candidate_layers, enumerate_options, head_of, parse_ratios, scheme_of
+from pockprop.search.options import (SearchError, block_options, candidate_layers, enumerate_options, head_of,
+                                     parse_ratios, scheme_of)
 from pockprop.search.result import SearchResult, human_bytes
 from pockprop.search.solver import frontier, solve
 
@@ -161,7 +162,10 @@ def search(model: torch.nn.Module, input_shape: Sequence[int], data: SearchData,
     recipe, grid = recipe_of(config, recipe, lrs)
     layers = tm.layers
     head = head_of(layers)
-    options = enumerate_options(candidate_layers(layers, candidates, max_layers), ratio_values, weight_with_bias)
+    cands = candidate_layers(layers, candidates, max_layers)
+    options = enumerate_options(cands, ratio_values, weight_with_bias)
+    if validate:  # whole blocks, for the greedy selection (the knapsack takes one layer per option)
+        options += [b for b in block_options(layers, cands) if len(b.members) > 1]
     bar = ProbeProgress(len(options) + 1, "search ", enabled=progress)
     run = lambda scheme, what: probe(tm, scheme, data, config, cache, loss=loss, preprocess=preprocess, what=what)  # noqa: E731
 
@@ -204,6 +208,7 @@ def search(model: torch.nn.Module, input_shape: Sequence[int], data: SearchData,
     refined = refine(options, head, mode, run_lrs, config, recipe, n_val, metric, eta, rungs,
                      lambda: cache.time_left) if validate else 0
 
+    layer_options = [o for o in options if o.update != "block"]
     mem_cap = float(budget_memory - base_mem)
     ms_cap = None if budget_ms is None else float(budget_ms - base["ms"])
     params_cap = None if max_params is None else float(max_params - base_fig["trainable_params"])
@@ -211,7 +216,7 @@ def search(model: torch.nn.Module, input_shape: Sequence[int], data: SearchData,
     rounds = 0
     while True:
         rounds += 1
-        chosen = solve(options, mem_cap, ms_cap if ms_cap is not None else params_cap, cost2=cost2)
+        chosen = solve(layer_options, mem_cap, ms_cap if ms_cap is not None else params_cap, cost2=cost2)
         scheme = scheme_of(head, chosen, name or f"search-{human_bytes(budget_memory)}", mode)
         art = compile_traced(tm, loss=loss, optimizer=config.optimizer, scheme=scheme, preprocess=preprocess)
         fig = figures(art)
@@ -254,7 +259,7 @@ def search(model: torch.nn.Module, input_shape: Sequence[int], data: SearchData,
         r = final.best.result
         estimate = estimate_of(fig, chosen) | {"accuracy": r["accuracy"], "loss": r["loss"], "ms": r["ms"],
                                                "gain": r["accuracy"] - final.start["accuracy"], "lr": r["lr"]}
-    front = [(c, g) for c, g, _ in frontier(options)]
+    front = [(c, g) for c, g, _ in frontier(layer_options)]
     baseline = {"accuracy": base["accuracy"], "loss": base["loss"], "ms": base["ms"], "memory_bytes": base_mem,
                 "figures": base_fig}
     return SearchResult(scheme, options, chosen, baseline, estimate, int(budget_memory), budget_ms, memory, metric,

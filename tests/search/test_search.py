@@ -62,7 +62,7 @@ def test_search_respects_the_budget_and_its_yaml_compiles(data: SearchData, tmp_
     assert [u.kind for u in art.scheme.updates if u.layer.path == "layers.6"] == ["full"]
     doc = r.to_json()
     assert {"match": "layers.6", "update": "full"} in json.loads(json.dumps(doc))["scheme"]["rules"]
-    assert "final candidates" in r.table() and f"lr {r.lr:g}" in r.yaml()
+    assert "final candidates" in r.table() and f"lr {r.lr:.3g}" in r.yaml()
     assert all(o.label.split(":")[0] in r.table() for o in r.options)
     png = tmp_path / "s.png"
     assert r.plot(str(png)) == str(png) and png.read_bytes()[:4] == b"\x89PNG"
