@@ -153,14 +153,14 @@ def candidates(layers: list[Layer], modes: Sequence[str], searched: dict[str, Sc
 
 def decide(cands: list[tuple[str, Scheme]], art_of: Callable[[Scheme], Any], over: Callable[[dict[str, Any]], str],
            run: Run, recipe: FinetuneConfig, metric: str, budget_ms: float | None = None,
-           time_left: Callable[[], bool] = lambda: True, final_few: int = 3,
-           orders: int = 2) -> tuple[Finalist | None, list[Finalist]]:
+           time_left: Callable[[], bool] = lambda: True, final_few: int = 3, orders: int = 2,
+           figures_of: Callable[[Any], dict[str, Any]] = figures) -> tuple[Finalist | None, list[Finalist]]:
     """Compile every candidate, set aside those over a budget, run the rest with the recipe at every rate, and
     run the `final_few` best again with `orders` more data orders at their rates: the best mean on validation
     wins, and every finalist is returned (module doc)."""
     finalists = [Finalist(name, s) for name, s in cands]
     for f in finalists:
-        f.figures = figures(art_of(f.scheme))
+        f.figures = figures_of(art_of(f.scheme))
         f.why = over(f.figures)
     runnable = sorted((f for f in finalists if not f.why), key=lambda f: f.figures["training_bytes"])
     ran: list[Finalist] = []

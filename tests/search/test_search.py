@@ -14,9 +14,9 @@ from pockprop.search import FinetuneConfig, SearchData, SearchError, drift_probe
 from pockprop.search import contribution, select
 from pockprop.search.costs import figures, memory_of
 from pockprop.search.energy import E_BYTE, E_MAC, bytes_moved
-from pockprop.compiler.scheme import Layer, preset_scheme
-from pockprop.search.finalists import greedy, refine
-from pockprop.search.options import Option, parse_ratios
+from pockprop.compiler.scheme import Layer, Rule, Scheme, preset_scheme
+from pockprop.search.finalists import decide, greedy, refine
+from pockprop.search.options import Option, block_options, candidate_layers, parse_ratios, scheme_of
 from pockprop.ops.builder import Builder
 from pockprop.ir import Graph, TensorType
 from pockprop.models.data import digits_flat
@@ -307,3 +307,41 @@ def test_batchnorm_both_tries_each_candidate_in_each_mode(tmp_path: Path, monkey
     assert set(dr.accuracy) == {f"{s}{m}" for s in ("classifier", "tbft-front", "tbft-middle", "tbft-rear")
                                 for m in ("", " +bn")}
     assert dr.chosen in dr.gains and dr.chosen.endswith("+bn") == (dr.batchnorm == "train")
+
+
+def test_block_options_take_whole_blocks_and_never_overlap_in_greedy() -> None:
+    layers = [Layer("conv1", "conv2d", "conv1.weight", block="stem"),
+              Layer("l1.conv1", "conv2d", "l1.conv1.weight", block="l1"),
+              Layer("l1.bn1", "batch_norm", "l1.bn1.weight", "l1.bn1.bias", block="l1"),
+              Layer("fc", "linear", "fc.weight", "fc.bias", block="fc")]
+    blocks = block_options(layers, candidate_layers(layers))
+    assert [(b.layer, b.members) for b in blocks] == [("stem", ("conv1",)), ("l1", ("l1.conv1", "l1.bn1"))]
+    assert [r.pattern for r in scheme_of(layers[-1], [blocks[1]]).rules] == ["fc", "l1.conv1", "l1.bn1"]
+    inside = Option("l1.bn1", "bias", gain=0.3, score=0.3)
+    block = blocks[1]
+    block.gain = block.score = 0.4
+    fake = _Fake({frozenset({"l1.conv1", "l1.bn1"}): 0.8, frozenset({"l1.bn1"}): 0.7})
+    chosen, best, trials = greedy([block, inside], layers[-1], "frozen", {"accuracy": 0.1, "loss": 1.0}, fake,
+                                  CONFIG, lambda s: "", "accuracy")
+    assert chosen == [block] and best["accuracy"] == 0.8 and len(trials) == 2  # the bias inside it is not added
+
+
+def test_the_final_few_are_confirmed_with_more_data_orders() -> None:
+    """The best of many noisy first runs is often lucky: the top candidates run again with more data orders
+    and the best mean wins."""
+    cands = [("lucky", Scheme("lucky", (Rule("a", "bias"),))), ("steady", Scheme("steady", (Rule("a", "full"),))),
+             ("weak", Scheme("weak", (Rule("fc", "full"),)))]
+    first = {"lucky": 0.9, "steady": 0.85, "weak": 0.5}
+    later = {"lucky": 0.7, "steady": 0.86, "weak": 0.99}
+
+    def run(scheme, cfg, orders=0, **k):  # type: ignore[no-untyped-def]
+        if orders:
+            acc = (k["first"]["accuracy"] + orders * later[scheme.name]) / (1 + orders)
+            return {"accuracy": acc, "loss": 1.0, "lr": 0.1, "ms": 1.0, "orders": 1 + orders}
+        return {"accuracy": first[scheme.name], "loss": 1.0, "lr": 0.1, "ms": 1.0}
+
+    fig = {"training_bytes": 1, "trainable_params": 1}
+    best, fin = decide(cands, lambda s: None, lambda f: "", run, CONFIG, "accuracy", final_few=2,
+                       figures_of=lambda art: fig)
+    assert best.name == "steady" and best.result["orders"] == 3  # 0.857 beats lucky's 0.767; weak never confirmed
+    assert {f.name: "orders" in f.result for f in fin} == {"lucky": True, "steady": True, "weak": False}
