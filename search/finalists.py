@@ -9,10 +9,11 @@ model too far). So after the screen (select.py):
   the recipe's length), each at every rate of the grid, against the classifier probed the same way; their
   gains are replaced by these. `rungs` rounds, each keeping 1/eta of the previous.
 - `greedy` (forward selection, measured together): from the classifier alone, try adding each of the `width`
-  best remaining options (one per layer, within the budgets), fine-tune every such scheme with the recipe at
+  best remaining layer options and the `width` best blocks (no layer twice, within the budgets), fine-tune every such scheme with the recipe at
   every rate, keep the best if it beats the current scheme on validation, and repeat up to `steps` times.
   Interactions are measured, not assumed.
-- `decide`: the candidates (every preset, the knapsack's selection, the greedy selection and the best single
+- `decide`: the candidates (every preset, and each preset over a budget cut to the largest input-channel
+  ratio of 1/2, 1/4, 1/8 that fits, the knapsack's selection, the greedy selection and the best single
   option, each in every batch-norm mode asked for) are compiled; those over a budget are set aside with the
   reason; the rest are fine-tuned with the recipe at every rate of the grid, and the best on validation wins
   (`contribution.better`: accuracy, then loss; ties go to the earlier candidate, cheapest first).
@@ -22,16 +23,17 @@ Every run goes through contribution.probe: the device runtime, the cache, and th
 """
 from __future__ import annotations
 
+import glob
 import math
 import sys
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
-from pockprop.compiler.scheme import Layer, Scheme, preset_scheme
+from pockprop.compiler.scheme import Layer, Rule, Scheme, preset_scheme, resolve_scheme
 from pockprop.errors import CompileError
 from pockprop.search.contribution import FinetuneConfig, better, compiled, confirm, probe_lrs, rank, score
 from pockprop.search.costs import figures, memory_of
-from pockprop.search.options import Option, scheme_of
+from pockprop.search.options import Option, ratio_text, scheme_of
 from pockprop.search.result import human_bytes
 
 PRESETS = ("classifier", "bias-only", "sparse", "last-k:1", "last-k:2", "tbft-front", "tbft-middle", "tbft-rear",
@@ -61,7 +63,8 @@ class Finalist:
         r = self.result or {}
         return {"name": self.label, "scheme": scheme_dict(self.scheme), "why": self.why,
                 "accuracy": r.get("accuracy"), "loss": r.get("loss"), "lr": r.get("lr"), "grid": r.get("grid"),
-                "ms": r.get("ms"), "trainable_params": self.figures.get("trainable_params"),
+                "ms": r.get("ms"), "orders": r.get("orders", 1), "first": r.get("first"),
+                "trainable_params": self.figures.get("trainable_params"),
                 "training_bytes": self.figures.get("training_bytes"), "peak_bytes": self.figures.get("peak_bytes")}
 
 
@@ -109,16 +112,17 @@ def greedy(options: list[Option], head: Layer, mode: str, start: dict[str, Any],
     current, trials = start, []
     for _ in range(steps):
         best: tuple[Option, dict[str, Any]] | None = None
-        tried = 0
+        tried = {"block": 0, "layer": 0}  # up to `width` of each: blocks rank below single layers on short probes
         for o in ranked:
-            if tried >= width or not time_left():
+            kind = "block" if o.update == "block" else "layer"
+            if not time_left():
                 break
-            if any(c.paths & o.paths for c in chosen):
+            if tried[kind] >= width or any(c.paths & o.paths for c in chosen):
                 continue
             scheme = scheme_of(head, chosen + [o], "greedy", mode)
             if over(scheme):
                 continue
-            tried += 1
+            tried[kind] += 1
             r = run(scheme, recipe)
             trials.append({"options": [c.label for c in chosen + [o]], "accuracy": r["accuracy"], "loss": r["loss"],
                            "lr": r["lr"]})
@@ -129,6 +133,42 @@ def greedy(options: list[Option], head: Layer, mode: str, start: dict[str, Any],
         chosen.append(best[0])
         current = best[1]
     return chosen, current, trials
+
+
+SCALES = (1 / 2, 1 / 4, 1 / 8)  # a preset over a budget is also tried at these input-channel ratios
+
+
+def scaled(scheme: Scheme, ratio: float, layers: list[Layer], shapes: dict[str, tuple[int, ...]],
+           head: Layer) -> Scheme | None:
+    """`scheme` with every whole conv/linear weight but the head's cut to the first `ratio` of its input
+    channels (bias kept; other updates as they were): a preset brought down to a budget, as a user would
+    by hand. None when it has no such weight."""
+    rules, cut = [], False
+    for u in resolve_scheme(scheme, layers, shapes).updates:
+        path, l = glob.escape(u.layer.path), u.layer
+        if u.weight is not None and u.weight.is_full and l.op in ("conv2d", "linear") and l.path != head.path \
+                and len(l.shape) >= 2:
+            rules.append(Rule(path, "weight", ratio, bias=l.bias is not None))
+            cut = True
+        elif u.weight is not None:
+            rules.append(Rule(path, "full") if u.weight.is_full else Rule(path, "weight", u.ratio, u.bias))
+        elif u.bias:
+            rules.append(Rule(path, "bias"))
+    return Scheme(f"{scheme.name}@{ratio_text(ratio)}", tuple(rules), scheme.batchnorm) if cut else None
+
+
+def fitted(cands: list[tuple[str, Scheme]], over: Callable[[Scheme], str], layers: list[Layer],
+           shapes: dict[str, tuple[int, ...]], head: Layer) -> list[tuple[str, Scheme]]:
+    """Each preset among `cands` that is over a budget, at the largest ratio of SCALES that fits, if any."""
+    out = []
+    for name, s in cands:
+        if name in PRESETS and name not in ("classifier", "bias-only") and over(s):
+            for r in SCALES:
+                small = scaled(s, r, layers, shapes, head)
+                if small is not None and not over(small):
+                    out.append((small.name, small))
+                    break
+    return out
 
 
 def candidates(layers: list[Layer], modes: Sequence[str], searched: dict[str, Scheme]) -> list[tuple[str, Scheme]]:
@@ -224,28 +264,30 @@ class Final:
     decision: str
 
 
-def finish(options: list[Option], head: Layer, layers: list[Layer], modes: Sequence[str], knapsack: list[Option],
-           knapsack_scheme: Scheme, single: Option | None, run: Run, art_of: Callable[[Scheme], Any],
-           budgets: Budgets, recipe: FinetuneConfig, metric: str, steps: int, width: int,
-           time_left: Callable[[], bool]) -> Final:
+def finish(options: list[Option], head: Layer, layers: list[Layer], shapes: dict[str, tuple[int, ...]],
+           modes: Sequence[str], knapsack: list[Option], knapsack_scheme: Scheme, single: Option | None, run: Run,
+           art_of: Callable[[Scheme], Any], budgets: Budgets, recipe: FinetuneConfig, metric: str, steps: int,
+           width: int, time_left: Callable[[], bool]) -> Final:
     """Greedy selection, then the decision among the presets, the knapsack's selection, the greedy selection
     and the best single option (`single`), each in every mode (module doc)."""
     mode = modes[-1]
     start = run(scheme_of(head, [], "classifier", mode), recipe)
-    picked, _, trials = greedy(options, head, mode, start, run, recipe, lambda sc: budgets.over(figures(art_of(sc))),
-                               metric, steps, width, time_left)
+    over = lambda sc: budgets.over(figures(art_of(sc)))  # noqa: E731
+    picked, _, trials = greedy(options, head, mode, start, run, recipe, over, metric, steps, width, time_left)
     searched = {"searched": knapsack_scheme} if knapsack else {}
     if picked:
         searched["greedy"] = scheme_of(head, picked, "greedy", mode)
     if single is not None:
         searched["best option"] = scheme_of(head, [single], "best option", mode)
-    best, finalists = decide(candidates(layers, modes, searched), art_of, budgets.over, run, recipe, metric,
-                             budgets.ms, time_left)
+    cands = candidates(layers, modes, searched)
+    cands += fitted(cands, over, layers, shapes, head)
+    best, finalists = decide(cands, art_of, budgets.over, run, recipe, metric, budgets.ms, time_left)
     assert best is not None and best.result is not None  # the classifier fits (search checks it) and always runs
     sources = {"searched": knapsack, "greedy": picked, "best option": [single] if single else []}
     r = best.result
     decision = (f"{best.label} is the best of {sum(f.result is not None for f in finalists)} candidates fine-tuned "
-                f"with the recipe on validation ({100 * r['accuracy']:.1f}% at lr {r['lr']:.3g}); "
+                f"with the recipe on validation ({100 * r['accuracy']:.1f}% at lr {r['lr']:.3g}"
+                + (f", the mean of {r['orders']} data orders" if r.get("orders", 1) > 1 else "") + "); "
                 f"{sum(bool(f.why) for f in finalists)} set aside (over a budget or out of time)")
     return Final(best, finalists, sources.get(best.name, []), start, trials, decision)
 

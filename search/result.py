@@ -98,18 +98,20 @@ class SearchResult:
 
     def finalists_table(self) -> str:
         """The final candidates: validation accuracy at their best learning rate, costs, or why not run."""
-        rows = [("", "candidate", "val acc", "val loss", "lr", "trainable", "memory", "")]
+        rows = [("", "candidate", "val acc", "val loss", "lr", "orders", "trainable", "memory", "")]
         for f in self.finalists:
             r, g = f.result or {}, f.figures
             won = f.result is not None and f.scheme.rules == self.scheme.rules and \
                 f.scheme.batchnorm == self.scheme.batchnorm
             rows.append(("*" if won else "", f.label, f"{100 * r['accuracy']:.1f}%" if r else "-",
                          f"{r['loss']:.4f}" if r else "-", f"{r['lr']:.3g}" if r else "-",
+                         str(r.get("orders", 1)) if r else "-",
                          f"{g.get('trainable_percent', 0.0):.2f}%",
                          human_bytes(g.get("training_bytes" if self.memory == "training" else "peak_bytes", 0)), f.why))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        return "\n".join(["final candidates (the recipe, each at its best learning rate on validation):"] +
-                         ["  " + "  ".join(c.rjust(w) if 1 < i < 7 else c.ljust(w) for i, (c, w) in
+        return "\n".join(["final candidates (the recipe, each at its best learning rate on validation; the final few as the mean "
+                          "over several data orders):"] +
+                         ["  " + "  ".join(c.rjust(w) if 1 < i < 8 else c.ljust(w) for i, (c, w) in
                                            enumerate(zip(r, widths))).rstrip() for r in rows])
 
     def to_json(self) -> dict[str, Any]:

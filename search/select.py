@@ -250,7 +250,7 @@ def search(model: torch.nn.Module, input_shape: Sequence[int], data: SearchData,
         budgets = Budgets(budget_memory, memory, max_params, budget_ms)
         single = max((o for o in options if o.score > 0 and not budgets.over_option(o, base_fig)),
                      key=lambda o: o.score, default=None)
-        final = finish(options, head, layers, modes, chosen, scheme, single, run_lrs,
+        final = finish(options, head, layers, tm.shapes, modes, chosen, scheme, single, run_lrs,
                        art_compiler(tm, config, cache, loss, preprocess), budgets, recipe, metric, greedy_steps,
                        greedy_width, lambda: cache.time_left)
         stages["greedy"] = final.trials
