@@ -21,6 +21,7 @@ search resumes where it stopped and a repeated one runs no probe again.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -96,12 +97,17 @@ class SearchData:
         train_idx = np.setdiff1d(np.arange(len(y)), val_idx)
         return cls(x[train_idx], y[train_idx], x[val_idx], y[val_idx])
 
-    def fingerprint(self) -> str:
+    @functools.cached_property
+    def _fingerprint(self) -> str:  # computed once: every probe's cache key names its data
         h = hashlib.sha256()
         for a in (self.x_train, self.y_train, self.x_val, self.y_val):
             h.update(f"{a.dtype.str}{a.shape}".encode())
             h.update(np.ascontiguousarray(a).data)
         return h.hexdigest()
+
+    def fingerprint(self) -> str:
+        """sha256 of the four arrays (dtypes, shapes, bytes)."""
+        return self._fingerprint
 
 
 def _one_per_sample(y: Any) -> None:
@@ -220,9 +226,11 @@ class ProbeCache:
         if directory:
             os.makedirs(directory, exist_ok=True)
 
-    def key(self, scheme: Scheme, kind: str, config: FinetuneConfig) -> str:
+    def key(self, scheme: Scheme, kind: str, config: FinetuneConfig, data: SearchData | None = None) -> str:
         rules = {k: v for k, v in scheme_dict(scheme).items() if k != "name"}
         doc = {"v": CACHE_VERSION, "kind": kind, "scheme": rules, "config": config.key()} | self.context
+        if data is not None and data.fingerprint() != self.context.get("data"):  # another split (confirm)
+            doc["split"] = data.fingerprint()
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
     @property
@@ -267,7 +275,7 @@ def probe(tm: TracedModel, scheme: Scheme | str, data: SearchData, config: Finet
     """Compile `scheme` (a preset name: in `batchnorm` mode), fine-tune it (config.repeats times) and evaluate
     it: {"accuracy", "loss", "ms", "seconds", "figures", "cached"}; from the cache when it holds this probe."""
     spec = scheme if isinstance(scheme, Scheme) else Scheme(scheme, (), batchnorm or "frozen")
-    key = cache.key(spec, "probe" if isinstance(scheme, Scheme) else f"preset:{scheme}", config)
+    key = cache.key(spec, "probe" if isinstance(scheme, Scheme) else f"preset:{scheme}", config, data)
     hit = cache.get(key)
     if hit is not None:
         cache.hits += 1
@@ -297,18 +305,25 @@ def better(a: dict[str, Any], b: dict[str, Any] | None, metric: str = "accuracy"
     return b is None or rank(a, metric) > rank(b, metric)
 
 
+def resplit(data: SearchData, k: int) -> SearchData:
+    """The training and validation samples pooled and split again (stratified, seed k) into parts of the same
+    sizes: another hold-out of the same data, for `confirm`."""
+    x, y = np.concatenate([data.x_train, data.x_val]), np.concatenate([data.y_train, data.y_val])
+    return SearchData.split(x, y, len(data.y_val) / len(y), seed=k)
+
+
 def confirm(tm: TracedModel, scheme: Scheme | str, data: SearchData, config: FinetuneConfig, result: dict[str, Any],
             orders: int, cache: ProbeCache, **kw: Any) -> dict[str, Any]:
-    """`result` (a run at config's seed) averaged with `orders` more data orders (seeds seed+1, ...) at its
-    learning rate: one lucky batch order does not decide (validation sets are small, and picking the best of
-    many noisy runs favours luck)."""
+    """`result` (a run at config's seed) averaged with `orders` more runs at its learning rate, each on another
+    hold-out of the same samples (`resplit`) and another batch order: one lucky split or order does not decide
+    (validation sets are small, and the best of many noisy runs is often the luckiest)."""
     if orders < 1:
         return result
-    more = probe(tm, scheme, data, replace(config.with_lr(result["lr"]), seed=config.seed + 1, repeats=orders),
-                 cache, **kw)
+    runs = [probe(tm, scheme, resplit(data, k), replace(config.with_lr(result["lr"]), seed=config.seed + k), cache,
+                  **kw) for k in range(1, orders + 1)]
     n = 1 + orders
-    return result | {"accuracy": (result["accuracy"] + orders * more["accuracy"]) / n,
-                     "loss": (result["loss"] + orders * more["loss"]) / n, "orders": n,
+    return result | {"accuracy": (result["accuracy"] + sum(r["accuracy"] for r in runs)) / n,
+                     "loss": (result["loss"] + sum(r["loss"] for r in runs)) / n, "orders": n,
                      "first": {"accuracy": result["accuracy"], "loss": result["loss"]}}
 
 

@@ -8,8 +8,8 @@ classifier baseline from one trace, fine-tunes each through the device runtime w
 (search/contribution.py) and the deployment recipe (`recipe`; default: the probe config 5 times as long,
 cosine) at every rate of a small grid, keeping each scheme's best rate on validation (a short probe at one
 rate favours the rear: earlier blocks need more steps and larger rates before their change pays off), then
-runs each block at its rate with `orders` more data orders and scores it by the mean (one batch order is a
-noisy judge on a small validation set), in
+runs each block `orders` more times at its rate on other hold-outs of the same samples (contribution.confirm)
+and scores it by the mean (one split and batch order is a noisy judge on a small validation set), in
 each batch-norm mode asked for ("both": frozen and train, every block scored against the frozen
 classifier), and picks the block with the best score over the classifier, the same score `search` maximizes (metric "accuracy": the accuracy gain, the validation
 loss breaking ties; or "loss"); remaining ties go to the lower energy per step, then the earlier
@@ -104,7 +104,7 @@ def drift_probe(model: torch.nn.Module, input_shape: Sequence[int], data: Search
             bar.update(m * len(SCHEMES) + i, f"{s} ({mode} batch norm)", force=i == 0)
             kw = dict(loss=loss, preprocess=preprocess, what=s, batchnorm=mode)
             r = probe_lrs(tm, s, data, recipe, grid, cache, metric=metric, **kw)
-            if s != "classifier" and cache.time_left:  # the blocks' standing from 1 + orders data orders
+            if s != "classifier" and cache.time_left:  # the blocks' standing from 1 + orders hold-outs
                 r = confirm(tm, s, data, recipe, r, orders, cache, **kw)
             results[label(s, mode)] = r
     bar.update(bar.total, "done")

@@ -9,14 +9,15 @@ model too far). So after the screen (select.py):
   the recipe's length), each at every rate of the grid, against the classifier probed the same way; their
   gains are replaced by these. `rungs` rounds, each keeping 1/eta of the previous.
 - `greedy` (forward selection, measured together): from the classifier alone, try adding each of the `width`
-  best remaining layer options and the `width` best blocks (no layer twice, within the budgets), fine-tune every such scheme with the recipe at
-  every rate, keep the best if it beats the current scheme on validation, and repeat up to `steps` times.
-  Interactions are measured, not assumed.
+  best remaining layer options and the `width` best blocks (no layer twice, within the budgets), fine-tune
+  every such scheme with the recipe at every rate, keep the best if it beats the current scheme on
+  validation, and repeat up to `steps` times. Interactions are measured, not assumed.
 - `decide`: the candidates (every preset, and each preset over a budget cut to the largest input-channel
   ratio of 1/2, 1/4, 1/8 that fits, the knapsack's selection, the greedy selection and the best single
   option, each in every batch-norm mode asked for) are compiled; those over a budget are set aside with the
-  reason; the rest are fine-tuned with the recipe at every rate of the grid, and the best on validation wins
-  (`contribution.better`: accuracy, then loss; ties go to the earlier candidate, cheapest first).
+  reason; the rest are fine-tuned with the recipe at every rate of the grid; the `final_few` best run
+  `orders` more times at their rates on other hold-outs of the same samples (contribution.confirm), and the
+  best mean wins (`contribution.rank`: accuracy, then loss; ties go to the earlier candidate, cheapest first).
 
 Every run goes through contribution.probe: the device runtime, the cache, and the device-seconds clock that
 `budget_time` bounds; once it is spent no new run starts (the candidates not run say so).
@@ -196,8 +197,8 @@ def decide(cands: list[tuple[str, Scheme]], art_of: Callable[[Scheme], Any], ove
            time_left: Callable[[], bool] = lambda: True, final_few: int = 3, orders: int = 2,
            figures_of: Callable[[Any], dict[str, Any]] = figures) -> tuple[Finalist | None, list[Finalist]]:
     """Compile every candidate, set aside those over a budget, run the rest with the recipe at every rate, and
-    run the `final_few` best again with `orders` more data orders at their rates: the best mean on validation
-    wins, and every finalist is returned (module doc)."""
+    run the `final_few` best `orders` more times at their rates on other hold-outs (contribution.confirm): the
+    best mean on validation wins, and every finalist is returned (module doc)."""
     finalists = [Finalist(name, s) for name, s in cands]
     for f in finalists:
         f.figures = figures_of(art_of(f.scheme))
@@ -287,7 +288,7 @@ def finish(options: list[Option], head: Layer, layers: list[Layer], shapes: dict
     r = best.result
     decision = (f"{best.label} is the best of {sum(f.result is not None for f in finalists)} candidates fine-tuned "
                 f"with the recipe on validation ({100 * r['accuracy']:.1f}% at lr {r['lr']:.3g}"
-                + (f", the mean of {r['orders']} data orders" if r.get("orders", 1) > 1 else "") + "); "
+                + (f", the mean of {r['orders']} hold-outs" if r.get("orders", 1) > 1 else "") + "); "
                 f"{sum(bool(f.why) for f in finalists)} set aside (over a budget or out of time)")
     return Final(best, finalists, sources.get(best.name, []), start, trials, decision)
 
@@ -301,7 +302,7 @@ def runner(tm: Any, data: Any, cache: Any, lrs: Sequence[float], metric: str, lo
            preprocess: dict[str, Any] | None, progress: bool = False) -> Run:
     """probe_lrs bound to the search's trace, data and cache; with `progress`, one line per run on stderr."""
     def run(scheme: Scheme, cfg: FinetuneConfig, orders: int = 0, first: dict[str, Any] | None = None) -> dict[str, Any]:
-        """The best on the grid; with `orders`, `first` (that run) confirmed with more data orders."""
+        """The best on the grid; with `orders`, `first` (that run) confirmed on more hold-outs."""
         before = cache.seconds
         kw = dict(loss=loss, preprocess=preprocess, what=scheme.name)
         if orders:
@@ -312,7 +313,7 @@ def runner(tm: Any, data: Any, cache: Any, lrs: Sequence[float], metric: str, lo
         if progress:
             length = f"{cfg.steps} steps" if cfg.steps is not None else f"{cfg.epochs:g} epochs"
             print(f"search: {scheme.name}{' +bn' if scheme.batchnorm == 'train' else ''} ({len(scheme.rules)} rules, "
-                  f"{length}{f', {1 + orders} data orders' if orders else ''}): val accuracy "
+                  f"{length}{f', mean of {1 + orders} hold-outs' if orders else ''}): val accuracy "
                   f"{100 * r['accuracy']:.1f}% at lr {r['lr']:.3g} [{cache.seconds - before:.1f}s, "
                   f"{cache.seconds:.0f}s in all]", file=sys.stderr, flush=True)
         return r
