@@ -107,7 +107,7 @@ def test_accuracy_runs_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setattr(acc, "QUICK", tiny)
     doc = tmp_path / "doc.md"
     (ib, ie), (ob, oe) = acc.markers("input"), acc.markers("output")
-    doc.write_text(f"intro\n{ib}\ninput tables\n{ie}\n{ob}\nold\n{oe}\noutro\n")
+    doc.write_text(f"intro\n{ib}\ninput tables\n{ie}\n{ob}\nSTALE-TABLE\n{oe}\noutro\n")
     out = tmp_path / "out"
     assert acc.main(["--quick", "--task", "output", "--out", str(out), "--doc", str(doc)]) == 0
     result = json.loads((out / "output.json").read_text())
@@ -121,7 +121,7 @@ def test_accuracy_runs_end_to_end(tmp_path, monkeypatch):
     for r in rows.values():
         assert 0.0 <= r["test_mean"] <= 100.0 and r["runs"][0]["steps"] > 0 and r["step_ms"] > 0
     text = doc.read_text()
-    assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text
+    assert text.startswith("intro\n") and text.endswith("outro\n") and "STALE-TABLE" not in text
     assert f"{ib}\ninput tables\n{ie}" in text  # the task that did not run keeps its section
     assert "| full |" in text and "| full +bn |" in text and "Drift probe (" in text and "picks **" in text
     assert "Targets: within 1 point of the best other row" in text and "final candidates" in text
