@@ -104,7 +104,7 @@ def drift_probe(model: torch.nn.Module, input_shape: Sequence[int], data: Search
             bar.update(m * len(SCHEMES) + i, f"{s} ({mode} batch norm)", force=i == 0)
             kw = dict(loss=loss, preprocess=preprocess, what=s, batchnorm=mode)
             r = probe_lrs(tm, s, data, recipe, grid, cache, metric=metric, **kw)
-            if s != "classifier" and cache.time_left:  # the blocks' standing from 1 + orders hold-outs
+            if cache.time_left:  # each scheme's standing from 1 + orders hold-outs
                 r = confirm(tm, s, data, recipe, r, orders, cache, **kw)
             results[label(s, mode)] = r
     bar.update(bar.total, "done")

@@ -183,13 +183,18 @@ def candidates(layers: list[Layer], modes: Sequence[str], searched: dict[str, Sc
             except CompileError:  # a model with fewer blocks than the preset needs
                 continue
         out += [(name, replace(s, batchnorm=mode)) for name, s in searched.items()]
-    seen, unique = set(), []
-    for name, s in out:  # a searched scheme equal to a preset (or to another searched one) runs once
+    return out
+
+
+def unique(cands: list[tuple[str, Scheme]]) -> list[tuple[str, Scheme]]:
+    """The first of candidates with the same rules and mode: a searched scheme equal to a preset runs once."""
+    seen, out = set(), []
+    for name, s in cands:
         key = (tuple(sorted(s.rules, key=repr)), s.batchnorm)
         if key not in seen:
             seen.add(key)
-            unique.append((name, s))
-    return unique
+            out.append((name, s))
+    return out
 
 
 def decide(cands: list[tuple[str, Scheme]], art_of: Callable[[Scheme], Any], over: Callable[[dict[str, Any]], str],
@@ -281,7 +286,7 @@ def finish(options: list[Option], head: Layer, layers: list[Layer], shapes: dict
     if single is not None:
         searched["best option"] = scheme_of(head, [single], "best option", mode)
     cands = candidates(layers, modes, searched)
-    cands += fitted(cands, over, layers, shapes, head)
+    cands = unique(cands + fitted(unique(cands), over, layers, shapes, head))
     best, finalists = decide(cands, art_of, budgets.over, run, recipe, metric, budgets.ms, time_left)
     assert best is not None and best.result is not None  # the classifier fits (search checks it) and always runs
     sources = {"searched": knapsack, "greedy": picked, "best option": [single] if single else []}
