@@ -309,7 +309,7 @@ def resplit(data: SearchData, k: int) -> SearchData:
     """The training and validation samples pooled and split again (stratified, seed k) into parts of the same
     sizes: another hold-out of the same data, for `confirm`."""
     x, y = np.concatenate([data.x_train, data.x_val]), np.concatenate([data.y_train, data.y_val])
-    return SearchData.split(x, y, len(data.y_val) / len(y), seed=k)
+    return SearchData.split(x, y, len(data.y_val) / len(y), seed=(1 << 40) + k)  # never a user's split seed
 
 
 def confirm(tm: TracedModel, scheme: Scheme | str, data: SearchData, config: FinetuneConfig, result: dict[str, Any],

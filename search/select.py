@@ -15,14 +15,16 @@
    selection's estimated cost - X - 1) and it solves again. Each round excludes the previous
    selection, and choosing nothing (the baseline) always fits, so this ends; the returned scheme
    respects the budget by its own compile report (and, for budget_ms, by its own measured step time).
-6. With `validate=True` (search/finalists.py): before the knapsack, the best third of the options is probed
-   again three times longer at every rate of a small grid (successive halving, `rungs` rounds), replacing
-   their screen gains; after it, a greedy forward selection measures options together with the recipe, and
-   the final decision fine-tunes every candidate that fits the budgets (each preset, the knapsack's
-   selection, the greedy selection, the best single option, in each batch-norm mode) with the recipe at
-   every rate of the grid and returns the best on validation, with its learning rate; `decision` says which
-   and why, `finalists` holds every candidate's figures and result. Gains need not add up, and the options'
-   probes are short: only the joint, recipe-length runs decide.
+6. With `validate=True` (search/finalists.py): whole blocks are screened beside the layer options;
+   before the knapsack, the best third of them is probed again three times longer at every rate of a small
+   grid (successive halving, `rungs` rounds), replacing their screen gains; after it, a greedy forward
+   selection measures options and blocks together with the recipe, and the final decision fine-tunes every
+   candidate that fits the budgets (each preset, each preset over a budget cut to a channel ratio that
+   fits, the knapsack's selection, the greedy selection, the best single option, in each batch-norm mode)
+   with the recipe at every rate of the grid, confirms the best few on other hold-outs of the same samples
+   and returns the best mean on validation, with its learning rate; `decision` says which and why,
+   `finalists` holds every candidate's figures and result. Gains need not add up, and the options' probes
+   are short: only the joint, recipe-length runs decide.
 7. `budget_time` bounds the device-seconds spent fine-tuning probes (cache hits cost none): once spent,
    no new probe starts and every stage goes on with what was measured.
 
