@@ -15,7 +15,7 @@ from pockprop.search import contribution, select
 from pockprop.search.costs import figures, memory_of
 from pockprop.search.energy import E_BYTE, E_MAC, bytes_moved
 from pockprop.compiler.scheme import Layer, Rule, Scheme, preset_scheme
-from pockprop.search.finalists import decide, greedy, refine
+from pockprop.search.finalists import decide, fitted, greedy, refine, scaled
 from pockprop.search.options import Option, block_options, candidate_layers, parse_ratios, scheme_of
 from pockprop.ops.builder import Builder
 from pockprop.ir import Graph, TensorType
@@ -345,3 +345,25 @@ def test_the_final_few_are_confirmed_with_more_data_orders() -> None:
                        figures_of=lambda art: fig)
     assert best.name == "steady" and best.result["orders"] == 3  # 0.857 beats lucky's 0.767; weak never confirmed
     assert {f.name: "orders" in f.result for f in fin} == {"lucky": True, "steady": True, "weak": False}
+
+
+def test_a_preset_over_budget_is_also_tried_cut_to_a_ratio_that_fits() -> None:
+    """tbft-front of a tiny CNN, cut to the largest input-channel ratio that fits (convs and linears but the
+    head sliced, batch norms as they were), as a user would bring a preset down to a budget by hand."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                torch.nn.Conv2d(8, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 4)).eval()
+    tm = trace_model(model, (torch.zeros(2, 3, 12, 12),))
+    head = tm.layers[-1]
+    front = preset_scheme("tbft-front", tm.layers, "train")
+    half = scaled(front, 1 / 2, tm.layers, tm.shapes, head)
+    assert half.name == "tbft-front@1/2" and half.batchnorm == "train"
+    kinds = {r.pattern: (r.update, r.ratio) for r in half.rules}
+    assert kinds["0"] == ("weight", 0.5) and kinds["1"] == ("full", 1.0) and kinds["9"] == ("full", 1.0)
+    params = lambda s: figures(compile_traced(tm, scheme=s))["trainable_params"]  # noqa: E731
+    assert params(half) < params(front)
+    over = lambda s: "over" if params(s) > params(half) else ""  # noqa: E731  (half fits, whole does not)
+    assert [n for n, _ in fitted([("tbft-front", front), ("classifier", preset_scheme("classifier", tm.layers))],
+                                 over, tm.layers, tm.shapes, head)] == ["tbft-front@1/2"]
+    assert scaled(preset_scheme("classifier", tm.layers), 0.5, tm.layers, tm.shapes, head) is None  # no weight to cut
