@@ -424,8 +424,10 @@ def task_markdown(name: str, r: dict[str, Any]) -> str:
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
              f"| pre-trained, no fine-tuning | {100 * r['pretrained']['test_accuracy']:.1f} | | "
              f"{100 * r['pretrained']['val_accuracy']:.1f} | | 0 | | | |"]
+    searched_bn = r.get("search", {}).get("result", {}).get("scheme", {}).get("batchnorm") == "train"
     for s, row in rows.items():
         delta = f"{row['test_mean'] - full['test_mean']:+.1f}" if full and s != "full" else ""
+        s = s + (" +bn" if s == "searched" and searched_bn else "")
         lines.append(f"| {s} | {row['test_mean']:.1f} ± {row['test_std']:.1f} | {delta} | {row['val_mean']:.1f} | "
                      f"{row.get('lr', '')} | {row['trainable_percent']:.2f} | {mb(row['training_bytes'])} ({row['memory_ratio']:.3f}) | "
                      f"{mb(row['peak_bytes'])} ({row['peak_ratio']:.3f}) | {row['step_ms']:.1f} |")
