@@ -49,7 +49,7 @@ class Config:
     pretrain_epochs: int = 20  # PyTorch, SGD momentum 0.9, weight decay 5e-4, cosine, +-2 px shifts
     pretrain_lr: float = 0.05
     epochs: int = 10  # fine-tuning: SGD momentum 0.9, cosine from lr to 0 over all steps, no weight decay
-    lrs: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1)  # per scheme, chosen on the validation hold-out
+    lrs: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1, 0.3)  # per scheme, chosen on the validation hold-out
     lr: float = 0.01  # compiled into the artifacts, and the search's / probe's fine-tuning lr
     momentum: float = 0.9
     seeds: tuple[int, ...] = (0, 1, 2)
