@@ -63,6 +63,7 @@ class Config:
     search_epochs: float = 2.0  # the search's screening probes (its final candidates and the drift probe: the recipe)
     search_max_layers: int | None = None  # only the last N candidate layers (tests); None: every layer
     probe: bool = True
+    reference: bool = True  # PyTorch's full fine-tuning (BatchNorm train mode) as the last row
     threads: int | None = None  # onnxruntime intra-op threads and PyTorch threads; None: their defaults
 
     def optimizer(self) -> dict[str, Any]:
@@ -363,9 +364,8 @@ def run_task(name: str, cfg: Config, out: str) -> dict[str, Any]:
             top = max(tbft, key=lambda r: r["test_mean"])
             result["probe"]["best"] = top["scheme"]
             result["probe"]["picks_best"] = top["scheme"].split(" ")[0] == f"tbft-{result['probe']['block']}"
-    reference = reference_row(name, out)
-    if reference:
-        result["reference"] = reference
+    if cfg.reference:
+        result["reference"] = reference_row(name, cfg, out)
     result["seconds"] = time.perf_counter() - t_task
     path = os.path.join(out, f"{name}.json")
     with open(path, "w") as f:
@@ -374,16 +374,13 @@ def run_task(name: str, cfg: Config, out: str) -> dict[str, Any]:
     return result
 
 
-def reference_row(task: str, out: str) -> dict[str, Any] | None:
-    """PyTorch's full fine-tuning with BatchNorm in train mode for `task` (experiments/reference.py's
-    out/<...>/reference.json), if it was run."""
-    path = os.path.join(out, "reference.json")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        rows = {r["task"]: r["rows"] for r in json.load(f)}
-    row = rows.get(task, {}).get("torch-bn-train")
-    return None if row is None else {"test_mean": row["mean"], "test_std": row["std"], "lr": row["lr"]}
+def reference_row(task: str, cfg: Config, out: str) -> dict[str, Any]:
+    """PyTorch's full fine-tuning with BatchNorm in train mode for `task`, with this config's recipe and grid
+    (experiments/reference.py; run unless out/<...>/reference.json holds it)."""
+    from experiments import reference
+
+    row = reference.ensure(task, cfg, out)["rows"]["torch-bn-train"]
+    return {"test_mean": row["mean"], "test_std": row["std"], "lr": row["lr"]}
 
 
 def _holdout(y: np.ndarray, fraction: float) -> np.ndarray:

@@ -67,7 +67,7 @@ def run_task(name: str, cfg: Config, out: str) -> dict[str, Any]:
     task0 = make_task(name, cfg.resolution, cfg.channels, seed=cfg.seeds[0])
     state = pretrain(task0, cfg, out)
     test = (task0.test.x, task0.test.y)
-    result: dict[str, Any] = {"task": name, "rows": {}}
+    result: dict[str, Any] = {"task": name, "rows": {}, "recipe": recipe_key(cfg)}
     for mode in MODES:
         bn_train = mode == "torch-bn-train"
         splits = {}
@@ -90,6 +90,38 @@ def run_task(name: str, cfg: Config, out: str) -> dict[str, Any]:
     return result
 
 
+def recipe_key(cfg: Config) -> dict[str, Any]:
+    """What a reference result depends on besides the pre-trained model: a result made with another key is stale."""
+    return {"lrs": list(cfg.lrs), "epochs": cfg.epochs, "seeds": list(cfg.seeds), "batch": cfg.batch,
+            "model": cfg.key()}
+
+
+def load(out: str) -> dict[str, dict[str, Any]]:
+    """out/<...>/reference.json by task ({} when there is none)."""
+    path = os.path.join(out, "reference.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return {r["task"]: r for r in json.load(f)}
+
+
+def save(results: list[dict[str, Any]], out: str) -> None:
+    """Merge `results` into out/<...>/reference.json, one entry per task (tasks not run here are kept)."""
+    merged = load(out) | {r["task"]: r for r in results}
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "reference.json"), "w") as f:
+        json.dump([merged[t] for t in TASKS if t in merged], f, indent=1)
+
+
+def ensure(name: str, cfg: Config, out: str) -> dict[str, Any]:
+    """The task's reference result, run (and saved) unless reference.json holds one of the same recipe."""
+    have = load(out).get(name)
+    if have is None or have.get("recipe") != recipe_key(cfg):
+        have = run_task(name, cfg, out)
+        save([have], out)
+    return have
+
+
 def table(results: list[dict[str, Any]]) -> str:
     lines = ["| task | run | test accuracy (%) | lr (by validation) |", "| --- | --- | ---: | ---: |"]
     for r in results:
@@ -107,11 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = QUICK if args.quick else Config()
     out = args.out or ("out/accuracy-quick" if args.quick else "out/accuracy")
     results = [run_task(t, cfg, out) for t in (args.task or TASKS)]
-    text = table(results)
-    print(text)
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "reference.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    print(table(results))
+    save(results, out)
     return 0
 
 

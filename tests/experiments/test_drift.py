@@ -126,5 +126,8 @@ def test_accuracy_runs_end_to_end(tmp_path, monkeypatch):
     assert "| full |" in text and "| full +bn |" in text and "Drift probe (" in text and "picks **" in text
     assert "Targets: within 1 point of the best other row" in text and "final candidates" in text
     assert result["probe"]["best"] in ("tbft-rear", "tbft-rear +bn")  # the only tbft row of this run
+    assert "| full, PyTorch, BN train mode" in text and 0 <= result["reference"]["test_mean"] <= 100
+    ref = json.loads((out / "reference.json").read_text())  # run once, then reused while its recipe is the same
+    assert [r["task"] for r in ref] == ["output"] and ref[0]["recipe"]["lrs"] == [0.01]
     assert result["probe"]["picks_best"] == (result["probe"]["block"] == "rear")
     assert any(f.startswith("pretrained-") and f.endswith(".safetensors") for f in os.listdir(out))
