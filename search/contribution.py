@@ -222,6 +222,7 @@ class ProbeCache:
         self.directory, self.context, self.budget_time = directory, context, budget_time
         self.hits = self.runs = 0
         self.seconds = 0.0  # fine-tuning and evaluation wall time of the probes run in this call
+        self.saved = 0.0  # the same of the probes read from the cache (what they cost when they ran)
         self._compiled: tuple[str, Any] | None = None  # the last artifact: a learning-rate grid compiles once
         if directory:
             os.makedirs(directory, exist_ok=True)
@@ -279,6 +280,7 @@ def probe(tm: TracedModel, scheme: Scheme | str, data: SearchData, config: Finet
     hit = cache.get(key)
     if hit is not None:
         cache.hits += 1
+        cache.saved += float(hit.get("seconds", 0.0))
         return hit | {"cached": True}
     art = compiled(tm, scheme, config, cache, loss, preprocess, batchnorm)
     runs = []

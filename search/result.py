@@ -48,6 +48,7 @@ class SearchResult:
     finalists: list[Any] = field(default_factory=list)  # search/finalists.Finalist, every final candidate
     lr: float | None = None  # the learning rate the winner was fine-tuned with (chosen on validation)
     probe_seconds: float = 0.0  # device-seconds of the probes run in this call
+    cached_seconds: float = 0.0  # device-seconds the probes read from the cache took when they ran
     budget_time: float | None = None
     stages: dict[str, Any] = field(default_factory=dict)  # what each stage did (counts, greedy trials)
 
@@ -89,7 +90,8 @@ class SearchResult:
             lines.append(f"  estimated gain (sum of probes) {100 * e['estimated_gain']:+.1f} points")
         else:
             lines += ["", self.finalists_table(), f"decision: {self.decision}"]
-        cost = f"probes: {self.probes_run} run ({self.probe_seconds:.1f} device-seconds), {self.probes_cached} from cache"
+        cost = (f"probes: {self.probes_run} run ({self.probe_seconds:.1f} device-seconds), {self.probes_cached} from "
+                f"cache ({self.cached_seconds:.1f} device-seconds when they ran)")
         if self.budget_time is not None:
             cost += f"; time budget {self.budget_time:g} s" + (" (spent: later probes skipped)"
                                                                 if self.probe_seconds >= self.budget_time else "")
@@ -117,7 +119,7 @@ class SearchResult:
     def to_json(self) -> dict[str, Any]:
         return {"model": self.model, "budget_memory": self.budget_memory, "budget_ms": self.budget_ms,
                 "budget_params": self.budget_params, "decision": self.decision, "lr": self.lr,
-                "finalists": [f.to_json() for f in self.finalists], "probe_seconds": self.probe_seconds,
+                "finalists": [f.to_json() for f in self.finalists], "probe_seconds": self.probe_seconds, "cached_seconds": self.cached_seconds,
                 "budget_time": self.budget_time, "stages": self.stages,
                 "memory": self.memory, "metric": self.metric, "scheme": scheme_dict(self.scheme),
                 "chosen": [o.label for o in self.chosen], "options": [o.to_json() for o in self.options],

@@ -268,4 +268,5 @@ def search(model: torch.nn.Module, input_shape: Sequence[int], data: SearchData,
                         front, cache.runs, cache.hits, rounds, time.perf_counter() - t0,
                         name or type(model).__name__, budget_params=max_params,
                         decision=final.decision if final else None, finalists=final.finalists if final else [],
-                        lr=estimate.get("lr"), probe_seconds=cache.seconds, budget_time=budget_time, stages=stages)
+                        lr=estimate.get("lr"), probe_seconds=cache.seconds, cached_seconds=cache.saved,
+                        budget_time=budget_time, stages=stages)
