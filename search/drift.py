@@ -48,6 +48,7 @@ class DriftResult:
     batchnorm: str = "frozen"  # the chosen block's batch-norm mode
     lr: dict[str, float] = field(default_factory=dict)  # scheme -> the learning rate chosen on validation
     probe_seconds: float = 0.0  # device-seconds of the probes run in this call
+    cached_seconds: float = 0.0  # device-seconds the probes read from the cache took when they ran
 
     @property
     def scheme(self) -> str:
@@ -78,7 +79,7 @@ class DriftResult:
 
     def to_json(self) -> dict[str, Any]:
         return {"block": self.block, "scheme": self.scheme, "batchnorm": self.batchnorm, "lr": self.lr,
-                "probe_seconds": self.probe_seconds, "gains": self.gains, "accuracy": self.accuracy,
+                "probe_seconds": self.probe_seconds, "cached_seconds": self.cached_seconds, "gains": self.gains, "accuracy": self.accuracy,
                 "loss": self.loss, "energy": self.energy, "figures": self.figures, "ms": self.ms,
                 "constants": {"e_mac_joules": E_MAC, "e_byte_joules": E_BYTE, "source": SOURCE},
                 "probes_run": self.probes_run, "probes_cached": self.probes_cached, "seconds": self.seconds}
@@ -125,7 +126,7 @@ def drift_probe(model: torch.nn.Module, input_shape: Sequence[int], data: Search
                        {s: {k: v for k, v in r["figures"].items() if k != "energy"} for s, r in results.items()},
                        {s: r["ms"] for s, r in results.items()}, cache.runs, cache.hits, time.perf_counter() - t0,
                        batchnorm=mode_of[best], lr={s: r["lr"] for s, r in results.items()},
-                       probe_seconds=cache.seconds)
+                       probe_seconds=cache.seconds, cached_seconds=cache.saved)
 
 
 def label(scheme: str, mode: str) -> str:
