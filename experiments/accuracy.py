@@ -170,8 +170,10 @@ def training_bytes(art: Any, summary: dict[str, Any]) -> int:
 
 
 def label(scheme: str, mode: str) -> str:
-    """A row's name: the scheme, with " +bn" when batch norm trains in train mode."""
-    return scheme + (" +bn" if mode == "train" else "")
+    """A row's name: the scheme, with " +bn" when batch norm trains in train mode (pockprop.search's naming)."""
+    from pockprop.search.options import mode_label
+
+    return mode_label(scheme, mode)
 
 
 def compile_scheme(state: dict[str, np.ndarray], scheme: Any, cfg: Config, directory: str,
@@ -424,7 +426,7 @@ def task_markdown(name: str, r: dict[str, Any]) -> str:
     searched_bn = r.get("search", {}).get("result", {}).get("scheme", {}).get("batchnorm") == "train"
     for s, row in rows.items():
         delta = f"{row['test_mean'] - full['test_mean']:+.1f}" if full and s != "full" else ""
-        s = s + (" +bn" if s == "searched" and searched_bn else "")
+        s = label(s, "train") if s == "searched" and searched_bn else s
         lines.append(f"| {s} | {row['test_mean']:.1f} ± {row['test_std']:.1f} | {delta} | {row['val_mean']:.1f} | "
                      f"{row.get('lr', '')} | {row['trainable_percent']:.2f} | {mb(row['training_bytes'])} ({row['memory_ratio']:.3f}) | "
                      f"{mb(row['peak_bytes'])} ({row['peak_ratio']:.3f}) | {row['step_ms']:.1f} |")

@@ -26,6 +26,7 @@ import torch
 
 from pockprop.search.contribution import FinetuneConfig, SearchData, confirm, probe_lrs, score
 from pockprop.search.energy import E_BYTE, E_MAC, SOURCE
+from pockprop.search.options import mode_label
 from pockprop.search.result import human_bytes, human_macs
 from pockprop.search.select import ProbeProgress, modes_of, prepare, recipe_of
 
@@ -57,7 +58,7 @@ class DriftResult:
     @property
     def chosen(self) -> str:
         """The chosen key of the dicts: the preset, with " +bn" in train mode."""
-        return self.scheme + (" +bn" if self.batchnorm == "train" else "")
+        return mode_label(self.scheme, self.batchnorm)
 
     def table(self) -> str:
         rows = [("scheme", "val acc", "gain", "val loss", "lr", "trainable", "bwd MACs", "bytes moved", "energy/step",
@@ -107,13 +108,13 @@ def drift_probe(model: torch.nn.Module, input_shape: Sequence[int], data: Search
             r = probe_lrs(tm, s, data, recipe, grid, cache, metric=metric, **kw)
             if cache.time_left:  # each scheme's standing from 1 + orders hold-outs
                 r = confirm(tm, s, data, recipe, r, orders, cache, **kw)
-            results[label(s, mode)] = r
+            results[mode_label(s, mode)] = r
     bar.update(bar.total, "done")
     bar.close()
     acc = {s: r["accuracy"] for s, r in results.items()}
-    base = {mode: results[label("classifier", mode)] for mode in modes}
-    blocks = [label(s, mode) for mode in modes for s in SCHEMES[1:]]
-    mode_of = {label(s, mode): mode for mode in modes for s in SCHEMES}
+    base = {mode: results[mode_label("classifier", mode)] for mode in modes}
+    blocks = [mode_label(s, mode) for mode in modes for s in SCHEMES[1:]]
+    mode_of = {mode_label(s, mode): mode for mode in modes for s in SCHEMES}
     gains = {s: acc[s] - base[mode_of[s]]["accuracy"] for s in blocks}
     energy = {s: r["figures"]["energy"] for s, r in results.items()}
     # every block against the same reference (the first mode's classifier), so that modes compare
@@ -128,7 +129,3 @@ def drift_probe(model: torch.nn.Module, input_shape: Sequence[int], data: Search
                        batchnorm=mode_of[best], lr={s: r["lr"] for s, r in results.items()},
                        probe_seconds=cache.seconds, cached_seconds=cache.saved)
 
-
-def label(scheme: str, mode: str) -> str:
-    """A probed scheme's key in DriftResult's dicts: the preset, with " +bn" in train mode."""
-    return scheme + (" +bn" if mode == "train" else "")

@@ -34,7 +34,7 @@ from pockprop.compiler.scheme import Layer, Rule, Scheme, preset_scheme, resolve
 from pockprop.errors import CompileError
 from pockprop.search.contribution import FinetuneConfig, better, compiled, confirm, probe_lrs, rank, score
 from pockprop.search.costs import figures, memory_of
-from pockprop.search.options import Option, ratio_text, scheme_of
+from pockprop.search.options import Option, mode_label, ratio_text, scheme_of
 from pockprop.search.result import human_bytes
 
 PRESETS = ("classifier", "bias-only", "sparse", "last-k:1", "last-k:2", "tbft-front", "tbft-middle", "tbft-rear",
@@ -56,7 +56,7 @@ class Finalist:
 
     @property
     def label(self) -> str:
-        return self.name + (" +bn" if self.scheme.batchnorm == "train" else "")
+        return mode_label(self.name, self.scheme.batchnorm)
 
     def to_json(self) -> dict[str, Any]:
         from pockprop.search.options import scheme_dict
@@ -317,7 +317,7 @@ def runner(tm: Any, data: Any, cache: Any, lrs: Sequence[float], metric: str, lo
             r = probe_lrs(tm, scheme, data, cfg, lrs, cache, metric=metric, **kw)
         if progress:
             length = f"{cfg.steps} steps" if cfg.steps is not None else f"{cfg.epochs:g} epochs"
-            print(f"search: {scheme.name}{' +bn' if scheme.batchnorm == 'train' else ''} ({len(scheme.rules)} rules, "
+            print(f"search: {mode_label(scheme.name, scheme.batchnorm)} ({len(scheme.rules)} rules, "
                   f"{length}{f', mean of {1 + orders} hold-outs' if orders else ''}): val accuracy "
                   f"{100 * r['accuracy']:.1f}% at lr {r['lr']:.3g} [{cache.seconds - before:.1f}s, "
                   f"{cache.seconds:.0f}s in all]", file=sys.stderr, flush=True)

@@ -149,6 +149,11 @@ def enumerate_options(layers: Sequence[Layer], ratios: Sequence[float], weight_w
     return out
 
 
+def mode_label(name: str, batchnorm: str) -> str:
+    """A scheme's name as the search's tables show it: with " +bn" when batch norm trains in train mode."""
+    return name + (" +bn" if batchnorm == "train" else "")
+
+
 def block_options(layers: Sequence[Layer], candidates: Sequence[Layer]) -> list[Option]:
     """One option per block of the model (compiler/blocks.py) with a candidate layer: every candidate layer of
     the block in full. Blocks are for the greedy selection (measured together), not the knapsack, whose
