@@ -128,4 +128,3 @@ def drift_probe(model: torch.nn.Module, input_shape: Sequence[int], data: Search
                        {s: r["ms"] for s, r in results.items()}, cache.runs, cache.hits, time.perf_counter() - t0,
                        batchnorm=mode_of[best], lr={s: r["lr"] for s, r in results.items()},
                        probe_seconds=cache.seconds, cached_seconds=cache.saved)
-
