@@ -197,16 +197,16 @@ def unique(cands: list[tuple[str, Scheme]]) -> list[tuple[str, Scheme]]:
     return out
 
 
-def decide(cands: list[tuple[str, Scheme]], art_of: Callable[[Scheme], Any], over: Callable[[dict[str, Any]], str],
-           run: Run, recipe: FinetuneConfig, metric: str, budget_ms: float | None = None,
-           time_left: Callable[[], bool] = lambda: True, final_few: int = 3, orders: int = 2,
-           figures_of: Callable[[Any], dict[str, Any]] = figures) -> tuple[Finalist | None, list[Finalist]]:
-    """Compile every candidate, set aside those over a budget, run the rest with the recipe at every rate, and
+def decide(cands: list[tuple[str, Scheme]], figures_of: Callable[[Scheme], dict[str, Any]],
+           over: Callable[[dict[str, Any]], str], run: Run, recipe: FinetuneConfig, metric: str,
+           budget_ms: float | None = None, time_left: Callable[[], bool] = lambda: True, final_few: int = 3,
+           orders: int = 2) -> tuple[Finalist | None, list[Finalist]]:
+    """Compile every candidate (`figures_of`: its compiled figures), set aside those over a budget, run the rest with the recipe at every rate, and
     run the `final_few` best `orders` more times at their rates on other hold-outs (contribution.confirm): the
     best mean on validation wins, and every finalist is returned (module doc)."""
     finalists = [Finalist(name, s) for name, s in cands]
     for f in finalists:
-        f.figures = figures_of(art_of(f.scheme))
+        f.figures = figures_of(f.scheme)
         f.why = over(f.figures)
     runnable = sorted((f for f in finalists if not f.why), key=lambda f: f.figures["training_bytes"])
     ran: list[Finalist] = []
@@ -278,7 +278,15 @@ def finish(options: list[Option], head: Layer, layers: list[Layer], shapes: dict
     and the best single option (`single`), each in every mode (module doc)."""
     mode = modes[-1]
     start = run(scheme_of(head, [], "classifier", mode), recipe)
-    over = lambda sc: budgets.over(figures(art_of(sc)))  # noqa: E731
+    known: dict[tuple[Any, ...], dict[str, Any]] = {}
+
+    def figures_of(sc: Scheme) -> dict[str, Any]:  # each scheme compiled once: budget checks and decide share it
+        key = (sc.rules, sc.batchnorm)
+        if key not in known:
+            known[key] = figures(art_of(sc))
+        return known[key]
+
+    over = lambda sc: budgets.over(figures_of(sc))  # noqa: E731
     picked, _, trials = greedy(options, head, mode, start, run, recipe, over, metric, steps, width, time_left)
     searched = {"searched": knapsack_scheme} if knapsack else {}
     if picked:
@@ -287,7 +295,7 @@ def finish(options: list[Option], head: Layer, layers: list[Layer], shapes: dict
         searched["best option"] = scheme_of(head, [single], "best option", mode)
     cands = candidates(layers, modes, searched)
     cands = unique(cands + fitted(unique(cands), over, layers, shapes, head))
-    best, finalists = decide(cands, art_of, budgets.over, run, recipe, metric, budgets.ms, time_left)
+    best, finalists = decide(cands, figures_of, budgets.over, run, recipe, metric, budgets.ms, time_left)
     assert best is not None and best.result is not None  # the classifier fits (search checks it) and always runs
     sources = {"searched": knapsack, "greedy": picked, "best option": [single] if single else []}
     r = best.result

@@ -341,8 +341,7 @@ def test_the_final_few_are_confirmed_with_more_data_orders() -> None:
         return {"accuracy": first[scheme.name], "loss": 1.0, "lr": 0.1, "ms": 1.0}
 
     fig = {"training_bytes": 1, "trainable_params": 1}
-    best, fin = decide(cands, lambda s: None, lambda f: "", run, CONFIG, "accuracy", final_few=2,
-                       figures_of=lambda art: fig)
+    best, fin = decide(cands, lambda s: fig, lambda f: "", run, CONFIG, "accuracy", final_few=2)
     assert best.name == "steady" and best.result["orders"] == 3  # 0.857 beats lucky's 0.767; weak never confirmed
     assert {f.name: "orders" in f.result for f in fin} == {"lucky": True, "steady": True, "weak": False}
 
