@@ -305,8 +305,7 @@ def run_task(name: str, cfg: Config, out: str) -> dict[str, Any]:
     if api is not None:
         fcfg = api.FinetuneConfig(batch=cfg.batch, epochs=cfg.search_epochs, optimizer=cfg.optimizer(), seed=0,
                                   threads=cfg.threads)
-        recipe = api.FinetuneConfig(batch=cfg.batch, epochs=cfg.epochs, optimizer=cfg.optimizer(), seed=0,
-                                    threads=cfg.threads, schedule="cosine")  # finetune()'s recipe
+        recipe = replace(fcfg, epochs=cfg.epochs, schedule="cosine")  # finetune()'s recipe
     if api is not None and "searched" in cfg.schemes:
         budget = int(cfg.budget_fraction * full["training_bytes"])
         log(f"[{name}] search: memory budget {budget / 2**20:.3f} MiB (= {cfg.budget_fraction:g} x full's training "

@@ -13,6 +13,7 @@ runtime.data and preprocessed by runtime.data.Pipeline, as on the device.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -266,10 +267,9 @@ def search_command(args: argparse.Namespace) -> int:
         optimizer["momentum"] = args.momentum if args.momentum is not None else float(opt.get("momentum", 0.9))
     config = FinetuneConfig(batch=batch, epochs=args.epochs, steps=args.steps, optimizer=optimizer,
                             seed=args.seed, threads=args.threads, repeats=args.repeats)
-    recipe = None
+    recipe = None  # the search's default: 5 x the probes' length
     if args.final_epochs is not None:
-        recipe = FinetuneConfig(batch=batch, epochs=args.final_epochs, optimizer=optimizer, seed=args.seed,
-                                threads=args.threads, repeats=args.repeats, schedule="cosine")
+        recipe = dataclasses.replace(config, epochs=args.final_epochs, steps=None, schedule="cosine")
     longer = dict(recipe=recipe, lrs=args.lrs, batchnorm=args.batchnorm, budget_time=args.budget_time)
     data = _load_data(args, pipeline)
     progress = not args.no_progress
