@@ -307,21 +307,41 @@ def better(a: dict[str, Any], b: dict[str, Any] | None, metric: str = "accuracy"
     return b is None or rank(a, metric) > rank(b, metric)
 
 
-def resplit(data: SearchData, k: int) -> SearchData:
-    """The training and validation samples pooled and split again (stratified, seed k) into parts of the same
-    sizes: another hold-out of the same data, for `confirm`."""
-    x, y = np.concatenate([data.x_train, data.x_val]), np.concatenate([data.y_train, data.y_val])
-    return SearchData.split(x, y, len(data.y_val) / len(y), seed=(1 << 40) + k)  # never a user's split seed
+MAX_FOLDS = 5  # a smaller validation fraction makes larger folds, not more runs
+
+
+def folds_of(data: SearchData) -> int:
+    """How many cross-validation folds `fold` makes: the pool over the validation part's size (20 % -> 5),
+    from 2 to MAX_FOLDS."""
+    return min(MAX_FOLDS, max(2, int(round((len(data.y_train) + len(data.y_val)) / len(data.y_val)))))
+
+
+def fold(data: SearchData, k: int) -> SearchData:
+    """Cross-validation fold k (1 .. folds_of(data) - 1): the training samples, dealt in class order and a fixed
+    seeded order within each class into folds - 1 parts (stratified, sizes within one), give part k - 1 as the
+    validation set, and the original validation samples train. With fold 0 (`data` itself) every sample is
+    validated exactly once, so the mean over all folds judges a scheme on the whole pool, not one small hold-out."""
+    parts = folds_of(data) - 1
+    if not 1 <= k <= parts:
+        raise SearchError(f"fold {k}: the data makes folds 1 to {parts} beside the validation split")
+    rng = np.random.default_rng([0x5EA4C4, 1 << 40])  # never a user's split seed
+    order = np.concatenate([rng.permutation(np.flatnonzero(data.y_train == c)) for c in np.unique(data.y_train)])
+    val = np.sort(order[k - 1::parts])
+    train = np.setdiff1d(np.arange(len(data.y_train)), val)
+    return SearchData(np.concatenate([data.x_train[train], data.x_val]),
+                      np.concatenate([data.y_train[train], data.y_val]), data.x_train[val], data.y_train[val])
 
 
 def confirm(tm: TracedModel, scheme: Scheme | str, data: SearchData, config: FinetuneConfig, result: dict[str, Any],
-            orders: int, cache: ProbeCache, **kw: Any) -> dict[str, Any]:
-    """`result` (a run at config's seed) averaged with `orders` more runs at its learning rate, each on another
-    hold-out of the same samples (`resplit`) and another batch order: one lucky split or order does not decide
-    (validation sets are small, and the best of many noisy runs is often the luckiest)."""
+            orders: int | None, cache: ProbeCache, **kw: Any) -> dict[str, Any]:
+    """`result` (a run at config's seed on `data`'s validation split) averaged with `orders` more runs at its
+    learning rate, each on another cross-validation fold (`fold`; None: every fold, so that every sample is
+    validated once) and another batch order: one lucky split or order does not decide (validation sets are
+    small, and the best of many noisy runs is often the luckiest)."""
+    orders = folds_of(data) - 1 if orders is None else min(orders, folds_of(data) - 1)
     if orders < 1:
         return result
-    runs = [probe(tm, scheme, resplit(data, k), replace(config.with_lr(result["lr"]), seed=config.seed + k), cache,
+    runs = [probe(tm, scheme, fold(data, k), replace(config.with_lr(result["lr"]), seed=config.seed + k), cache,
                   **kw) for k in range(1, orders + 1)]
     n = 1 + orders
     return result | {"accuracy": (result["accuracy"] + sum(r["accuracy"] for r in runs)) / n,

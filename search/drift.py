@@ -8,8 +8,9 @@ classifier baseline from one trace, fine-tunes each through the device runtime w
 (search/contribution.py) and the deployment recipe (`recipe`; default: the probe config 5 times as long,
 cosine) at every rate of a small grid, keeping each scheme's best rate on validation (a short probe at one
 rate favours the rear: earlier blocks need more steps and larger rates before their change pays off), then
-runs each block `orders` more times at its rate on other hold-outs of the same samples (contribution.confirm)
-and scores it by the mean (one split and batch order is a noisy judge on a small validation set), in
+runs each block at its rate on the other cross-validation folds of the same samples (contribution.confirm:
+`orders` of them, None for all, so that every sample is validated once) and scores it by the mean (one
+split and batch order is a noisy judge on a small validation set), in
 each batch-norm mode asked for ("both": frozen and train, every block scored against the frozen
 classifier), and picks the block with the best score over the classifier, the same score `search` maximizes (metric "accuracy": the accuracy gain, the validation
 loss breaking ties; or "loss"); remaining ties go to the lower energy per step, then the earlier
@@ -91,7 +92,7 @@ def drift_probe(model: torch.nn.Module, input_shape: Sequence[int], data: Search
                 loss: str = "cross_entropy", preprocess: dict[str, Any] | None = None,
                 traced: Any = None, metric: str = "accuracy", recipe: FinetuneConfig | None = None,
                 lrs: Sequence[float] | None = None, batchnorm: str = "frozen",
-                budget_time: float | None = None, orders: int = 2) -> DriftResult:
+                budget_time: float | None = None, orders: int | None = None) -> DriftResult:
     """Probe tbft-front/middle/rear against the classifier and choose the block (module docstring)."""
     t0 = time.perf_counter()
     config = config or FinetuneConfig()
@@ -106,7 +107,7 @@ def drift_probe(model: torch.nn.Module, input_shape: Sequence[int], data: Search
             bar.update(m * len(SCHEMES) + i, f"{s} ({mode} batch norm)", force=i == 0)
             kw = dict(loss=loss, preprocess=preprocess, what=s, batchnorm=mode)
             r = probe_lrs(tm, s, data, recipe, grid, cache, metric=metric, **kw)
-            if cache.time_left:  # each scheme's standing from 1 + orders hold-outs
+            if cache.time_left:  # each scheme's standing from the folds
                 r = confirm(tm, s, data, recipe, r, orders, cache, **kw)
             results[mode_label(s, mode)] = r
     bar.update(bar.total, "done")

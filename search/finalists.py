@@ -12,12 +12,13 @@ model too far). So after the screen (select.py):
   best remaining layer options and the `width` best blocks (no layer twice, within the budgets), fine-tune
   every such scheme with the recipe at every rate, keep the best if it beats the current scheme on
   validation, and repeat up to `steps` times. Interactions are measured, not assumed.
-- `decide`: the candidates (every preset, and each preset over a budget cut to the largest input-channel
-  ratio of 1/2, 1/4, 1/8 that fits, the knapsack's selection, the greedy selection and the best single
-  option, each in every batch-norm mode asked for) are compiled; those over a budget are set aside with the
-  reason; the rest are fine-tuned with the recipe at every rate of the grid; the `final_few` best run
-  `orders` more times at their rates on other hold-outs of the same samples (contribution.confirm), and the
-  best mean wins (`contribution.rank`: accuracy, then loss; ties go to the earlier candidate, cheapest first).
+- `decide`: the candidates (every preset; each preset over a budget cut to the largest input-channel ratio of
+  1/2, 1/4, 1/8 that fits and trimmed to fewer blocks from either end until it fits; the knapsack's
+  selection, the greedy selection and the best single option; each in every batch-norm mode asked for) are
+  compiled; those over a budget are set aside with the reason; the rest are fine-tuned with the recipe at
+  every rate of the grid; the `final_few` best run at their rates on the other cross-validation folds of the
+  same samples (contribution.confirm: every sample validated once), and the best mean wins
+  (`contribution.rank`: accuracy, then loss; ties go to the earlier candidate, cheapest first).
 
 Every run goes through contribution.probe: the device runtime, the cache, and the device-seconds clock that
 `budget_time` bounds; once it is spent no new run starts (the candidates not run say so).
@@ -139,28 +140,60 @@ def greedy(options: list[Option], head: Layer, mode: str, start: dict[str, Any],
 SCALES = (1 / 2, 1 / 4, 1 / 8)  # a preset over a budget is also tried at these input-channel ratios
 
 
+def _rule(u: Any, ratio: float | None = None) -> Rule:
+    """The rule that makes one resolved layer update (`ratio`: its weight cut to that input-channel ratio)."""
+    path = glob.escape(u.layer.path)
+    if ratio is not None:
+        return Rule(path, "weight", ratio, bias=u.layer.bias is not None)
+    if u.weight is not None:
+        return Rule(path, "full") if u.weight.is_full else Rule(path, "weight", u.ratio, u.bias)
+    return Rule(path, "bias")
+
+
+def _updates(scheme: Scheme, layers: list[Layer], shapes: dict[str, tuple[int, ...]]) -> list[Any]:
+    return [u for u in resolve_scheme(scheme, layers, shapes).updates if u.weight is not None or u.bias]
+
+
 def scaled(scheme: Scheme, ratio: float, layers: list[Layer], shapes: dict[str, tuple[int, ...]],
            head: Layer) -> Scheme | None:
     """`scheme` with every whole conv/linear weight but the head's cut to the first `ratio` of its input
     channels (bias kept; other updates as they were): a preset brought down to a budget, as a user would
     by hand. None when it has no such weight."""
     rules, cut = [], False
-    for u in resolve_scheme(scheme, layers, shapes).updates:
-        path, l = glob.escape(u.layer.path), u.layer
-        if u.weight is not None and u.weight.is_full and l.op in ("conv2d", "linear") and l.path != head.path \
-                and len(l.shape) >= 2:
-            rules.append(Rule(path, "weight", ratio, bias=l.bias is not None))
-            cut = True
-        elif u.weight is not None:
-            rules.append(Rule(path, "full") if u.weight.is_full else Rule(path, "weight", u.ratio, u.bias))
-        elif u.bias:
-            rules.append(Rule(path, "bias"))
+    for u in _updates(scheme, layers, shapes):
+        l = u.layer
+        whole = u.weight is not None and u.weight.is_full and l.op in ("conv2d", "linear") and len(l.shape) >= 2
+        cut |= whole and l.path != head.path
+        rules.append(_rule(u, ratio if whole and l.path != head.path else None))
     return Scheme(f"{scheme.name}@{ratio_text(ratio)}", tuple(rules), scheme.batchnorm) if cut else None
+
+
+def trimmed(scheme: Scheme, over: Callable[[Scheme], str], layers: list[Layer], shapes: dict[str, tuple[int, ...]],
+            head: Layer) -> list[Scheme]:
+    """`scheme` brought down to the budgets by training fewer of its blocks, as a user would by hand: its first
+    blocks dropped until it fits (backprop then stops later: fewer kept activations), and its last blocks
+    dropped until it fits (fewer parameters); the head's block always stays. Each is named by the blocks it
+    keeps, e.g. tbft-front[layer1.0..layer2.0]; none when nothing short of the head alone fits."""
+    updates = _updates(scheme, layers, shapes)
+    kept = [u for u in updates if u.layer.block == head.block]
+    blocks = list(dict.fromkeys(u.layer.block for u in updates if u.layer.block != head.block))
+    out: list[Scheme] = []
+    for spans in ([(i, len(blocks)) for i in range(1, len(blocks))], [(0, j) for j in range(len(blocks) - 1, 0, -1)]):
+        for lo, hi in spans:
+            keep = set(blocks[lo:hi])
+            name = f"{scheme.name}[{blocks[lo]}{'..' + blocks[hi - 1] if hi - lo > 1 else ''}]"
+            small = Scheme(name, tuple(_rule(u) for u in updates if u.layer.block in keep) +
+                           tuple(_rule(u) for u in kept), scheme.batchnorm)
+            if not over(small):
+                out.append(small)
+                break
+    return out
 
 
 def fitted(cands: list[tuple[str, Scheme]], over: Callable[[Scheme], str], layers: list[Layer],
            shapes: dict[str, tuple[int, ...]], head: Layer) -> list[tuple[str, Scheme]]:
-    """Each preset among `cands` that is over a budget, at the largest ratio of SCALES that fits, if any."""
+    """Each preset among `cands` that is over a budget brought down to fit: at the largest ratio of SCALES that
+    fits, if any, and trimmed to fewer blocks from either end (`trimmed`)."""
     out = []
     for name, s in cands:
         if name in PRESETS and name not in ("classifier", "bias-only") and over(s):
@@ -169,6 +202,7 @@ def fitted(cands: list[tuple[str, Scheme]], over: Callable[[Scheme], str], layer
                 if small is not None and not over(small):
                     out.append((small.name, small))
                     break
+            out += [(t.name, t) for t in trimmed(s, over, layers, shapes, head)]
     return out
 
 
@@ -199,11 +233,12 @@ def unique(cands: list[tuple[str, Scheme]]) -> list[tuple[str, Scheme]]:
 
 def decide(cands: list[tuple[str, Scheme]], figures_of: Callable[[Scheme], dict[str, Any]],
            over: Callable[[dict[str, Any]], str], run: Run, recipe: FinetuneConfig, metric: str,
-           budget_ms: float | None = None, time_left: Callable[[], bool] = lambda: True, final_few: int = 3,
-           orders: int = 2) -> tuple[Finalist | None, list[Finalist]]:
-    """Compile every candidate (`figures_of`: its compiled figures), set aside those over a budget, run the rest with the recipe at every rate, and
-    run the `final_few` best `orders` more times at their rates on other hold-outs (contribution.confirm): the
-    best mean on validation wins, and every finalist is returned (module doc)."""
+           budget_ms: float | None = None, time_left: Callable[[], bool] = lambda: True, final_few: int = 4,
+           orders: int | None = None) -> tuple[Finalist | None, list[Finalist]]:
+    """Compile every candidate (`figures_of`: its compiled figures), set aside those over a budget, run the rest
+    with the recipe at every rate, and run the `final_few` best at their rates on `orders` more
+    cross-validation folds (None: all; contribution.confirm): the best mean on validation wins, and every
+    finalist is returned (module doc)."""
     finalists = [Finalist(name, s) for name, s in cands]
     for f in finalists:
         f.figures = figures_of(f.scheme)
@@ -224,7 +259,7 @@ def decide(cands: list[tuple[str, Scheme]], figures_of: Callable[[Scheme], dict[
     top = sorted(ran, key=lambda f: rank(f.result, metric), reverse=True)[:final_few]  # stable: cheaper first
     confirmed = []
     for f in top:
-        if orders and time_left():
+        if orders != 0 and time_left():
             assert f.result is not None
             f.result = run(f.scheme, recipe, orders=orders, first=f.result)
             confirmed.append(f)
@@ -301,7 +336,7 @@ def finish(options: list[Option], head: Layer, layers: list[Layer], shapes: dict
     r = best.result
     decision = (f"{best.label} is the best of {sum(f.result is not None for f in finalists)} candidates fine-tuned "
                 f"with the recipe on validation ({100 * r['accuracy']:.1f}% at lr {r['lr']:.3g}"
-                + (f", the mean of {r['orders']} hold-outs" if r.get("orders", 1) > 1 else "") + "); "
+                + (f", the mean of {r['orders']} cross-validation folds" if r.get("orders", 1) > 1 else "") + "); "
                 f"{sum(bool(f.why) for f in finalists)} set aside (over a budget or out of time)")
     return Final(best, finalists, sources.get(best.name, []), start, trials, decision)
 
@@ -314,19 +349,22 @@ def art_compiler(tm: Any, config: FinetuneConfig, cache: Any, loss: str,
 def runner(tm: Any, data: Any, cache: Any, lrs: Sequence[float], metric: str, loss: str,
            preprocess: dict[str, Any] | None, progress: bool = False) -> Run:
     """probe_lrs bound to the search's trace, data and cache; with `progress`, one line per run on stderr."""
-    def run(scheme: Scheme, cfg: FinetuneConfig, orders: int = 0, first: dict[str, Any] | None = None) -> dict[str, Any]:
-        """The best on the grid; with `orders`, `first` (that run) confirmed on more hold-outs."""
+    def run(scheme: Scheme, cfg: FinetuneConfig, orders: int | None = 0,
+            first: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The best on the grid; with `orders` other than 0, `first` (that run) confirmed on that many more
+        cross-validation folds (None: all of them)."""
         before = cache.seconds
         kw = dict(loss=loss, preprocess=preprocess, what=scheme.name)
-        if orders:
+        if orders != 0:
             assert first is not None
             r = confirm(tm, scheme, data, cfg, first, orders, cache, **kw)
         else:
             r = probe_lrs(tm, scheme, data, cfg, lrs, cache, metric=metric, **kw)
         if progress:
             length = f"{cfg.steps} steps" if cfg.steps is not None else f"{cfg.epochs:g} epochs"
+            folds = f", mean of {r.get('orders', 1)} folds" if orders != 0 else ""
             print(f"search: {mode_label(scheme.name, scheme.batchnorm)} ({len(scheme.rules)} rules, "
-                  f"{length}{f', mean of {1 + orders} hold-outs' if orders else ''}): val accuracy "
+                  f"{length}{folds}): val accuracy "
                   f"{100 * r['accuracy']:.1f}% at lr {r['lr']:.3g} [{cache.seconds - before:.1f}s, "
                   f"{cache.seconds:.0f}s in all]", file=sys.stderr, flush=True)
         return r

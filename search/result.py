@@ -112,7 +112,7 @@ class SearchResult:
                          human_bytes(g.get("training_bytes" if self.memory == "training" else "peak_bytes", 0)), f.why))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         return "\n".join(["final candidates (the recipe, each at its best learning rate on validation; the final few as the mean "
-                          "of several hold-outs):"] +
+                          "of the cross-validation folds):"] +
                          ["  " + "  ".join(c.rjust(w) if 1 < i < 8 else c.ljust(w) for i, (c, w) in
                                            enumerate(zip(r, widths))).rstrip() for r in rows])
 
