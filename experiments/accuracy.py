@@ -448,8 +448,19 @@ def task_markdown(name: str, r: dict[str, Any]) -> str:
         p = r["probe"]
         res = p["result"]
         acc = ", ".join(f"{k} {100 * v:.1f}%" for k, v in res.get("accuracy", {}).items())
+        gap = ""
+        if "best" in p:
+            mode = p.get("batchnorm", "frozen")
+            by = {row["scheme"]: row for row in r["rows"]}
+            pick, top = by[label(f"tbft-{p['block']}", mode)], by[p["best"]]
+            # the pick minus the best, seed by seed (paired: the same seed and test images), or who ties with it
+            d = np.array([a["test_accuracy"] - b["test_accuracy"] for a, b in zip(pick["runs"], top["runs"])]) * 100
+            ties = [k for k in (label(f"tbft-{b}", mode) for b in ("front", "middle", "rear"))
+                    if k in by and by[k] is not top and abs(by[k]["test_mean"] - top["test_mean"]) < 1e-9]
+            gap = (f", by {-d.mean():.1f} points (seed by seed {', '.join(f'{v:+.1f}' for v in d)})"
+                   if not p["picks_best"] else f" (tied with {', '.join(ties)})" if ties else "")
         best = (f"; the best tbft row on test in that mode is {p['best']}: "
-                f"{'picks the best' if p['picks_best'] else 'NOT the best'}") if "best" in p else ""
+                f"{'picks the best' if p['picks_best'] else 'NOT the best'}{gap}") if "best" in p else ""
         lines += ["", f"Drift probe ({p.get('probe_seconds', 0):.0f} device-seconds): picks **{p['block']}**"
                   f"{' with BN train mode' if p.get('batchnorm') == 'train' else ''} (the TBFT block for {r['kind']} "
                   f"drift is {p['expected']}: {'match' if p['match'] else 'no match'}{best}); validation accuracy "
