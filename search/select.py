@@ -22,9 +22,9 @@
    candidate that fits the budgets (each preset, each preset over a budget cut to a channel ratio that
    fits or trimmed to fewer blocks, the knapsack's selection, the greedy selection, the best single option,
    in each batch-norm mode) with the recipe at every rate of the grid, confirms the best few on the other
-   cross-validation folds of the same samples and returns the best mean, with its learning rate; `decision` says which and why,
-   `finalists` holds every candidate's figures and result. Gains need not add up, and the options' probes
-   are short: only the joint, recipe-length runs decide.
+   cross-validation folds of the same samples and returns the best mean, with its learning rate; `decision`
+   says which and why, `finalists` holds every candidate's figures and result. Gains need not add up, and
+   the options' probes are short: only the joint, recipe-length runs decide.
 7. `budget_time` bounds the device-seconds spent fine-tuning probes (cache hits cost none): once spent,
    no new probe starts and every stage goes on with what was measured.
 
