@@ -346,7 +346,28 @@ def confirm(tm: TracedModel, scheme: Scheme | str, data: SearchData, config: Fin
     n = 1 + orders
     return result | {"accuracy": (result["accuracy"] + sum(r["accuracy"] for r in runs)) / n,
                      "loss": (result["loss"] + sum(r["loss"] for r in runs)) / n, "orders": n,
-                     "first": {"accuracy": result["accuracy"], "loss": result["loss"]}}
+                     "first": {"accuracy": result["accuracy"], "loss": result["loss"]},
+                     "folds": [result["accuracy"]] + [r["accuracy"] for r in runs]}
+
+
+def margin(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, float] | None:
+    """How far `a` is ahead of `b` fold by fold (both confirmed on the same folds): the mean of the paired
+    accuracy differences and its standard error; None when they were not run on the same folds."""
+    fa, fb = a.get("folds"), b.get("folds")
+    if not fa or not fb or len(fa) != len(fb) or len(fa) < 2:
+        return None
+    d = np.array(fa) - np.array(fb)
+    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))
+
+
+def margin_text(name: str, m: tuple[float, float] | None) -> str:
+    """`margin` in words: points ahead of `name`, and whether that is more than twice its standard error."""
+    if m is None:
+        return ""
+    mean, se = m
+    clear = abs(mean) > 2 * se
+    return (f"{100 * mean:+.1f} ± {100 * se:.1f} points over {name} fold by fold"
+            + ("" if clear else ": within the folds' noise, a tie in all but name"))
 
 
 def probe_lrs(tm: TracedModel, scheme: Scheme | str, data: SearchData, config: FinetuneConfig, lrs: Sequence[float],

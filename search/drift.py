@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 import torch
 
-from pockprop.search.contribution import FinetuneConfig, SearchData, confirm, probe_lrs, score
+from pockprop.search.contribution import FinetuneConfig, SearchData, confirm, margin, margin_text, probe_lrs, score
 from pockprop.search.energy import E_BYTE, E_MAC, SOURCE
 from pockprop.search.options import mode_label
 from pockprop.search.result import human_bytes, human_macs
@@ -51,6 +51,7 @@ class DriftResult:
     lr: dict[str, float] = field(default_factory=dict)  # scheme -> the learning rate chosen on validation
     probe_seconds: float = 0.0  # device-seconds of the probes run in this call
     cached_seconds: float = 0.0  # device-seconds the probes read from the cache took when they ran
+    margin: str = ""  # the chosen block against the next one, fold by fold (contribution.margin_text)
 
     @property
     def scheme(self) -> str:
@@ -73,7 +74,8 @@ class DriftResult:
                          human_bytes(e["bytes"]), f"{e['joules'] * 1e3:.3f} mJ", f"{self.ms.get(s, 0.0):.2f}"))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = [f"drift probe ({self.probes_run} probed in {self.probe_seconds:.1f} device-seconds, "
-                 f"{self.probes_cached} from cache): fine-tune the {self.block} block ({self.chosen})"]
+                 f"{self.probes_cached} from cache): fine-tune the {self.block} block ({self.chosen})"
+                 + (f"; {self.margin}" if self.margin else "")]
         lines += ["  " + "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
                   for r in rows]
         lines.append(f"  energy = MACs x {E_MAC * 1e12:.1f} pJ + bytes moved x {E_BYTE * 1e12:.0f} pJ ({SOURCE})")
@@ -81,7 +83,8 @@ class DriftResult:
 
     def to_json(self) -> dict[str, Any]:
         return {"block": self.block, "scheme": self.scheme, "batchnorm": self.batchnorm, "lr": self.lr,
-                "probe_seconds": self.probe_seconds, "cached_seconds": self.cached_seconds, "gains": self.gains, "accuracy": self.accuracy,
+                "probe_seconds": self.probe_seconds, "cached_seconds": self.cached_seconds, "margin": self.margin,
+                "gains": self.gains, "accuracy": self.accuracy,
                 "loss": self.loss, "energy": self.energy, "figures": self.figures, "ms": self.ms,
                 "constants": {"e_mac_joules": E_MAC, "e_byte_joules": E_BYTE, "source": SOURCE},
                 "probes_run": self.probes_run, "probes_cached": self.probes_cached, "seconds": self.seconds}
@@ -122,10 +125,12 @@ def drift_probe(model: torch.nn.Module, input_shape: Sequence[int], data: Search
     ref = base[modes[0]]
     scores = {s: score(acc[s] - ref["accuracy"], ref["loss"] - results[s]["loss"], len(data.y_val), metric)
               for s in blocks}
-    best = max(blocks, key=lambda s: (scores[s], -energy[s]["joules"], -blocks.index(s)))
+    order = sorted(blocks, key=lambda s: (scores[s], -energy[s]["joules"], -blocks.index(s)), reverse=True)
+    best = order[0]
+    close = margin_text(order[1], margin(results[best], results[order[1]])) if len(order) > 1 else ""
     return DriftResult(best.split(" ")[0].removeprefix("tbft-"), gains, acc, energy,
                        {s: r["loss"] for s, r in results.items()},
                        {s: {k: v for k, v in r["figures"].items() if k != "energy"} for s, r in results.items()},
                        {s: r["ms"] for s, r in results.items()}, cache.runs, cache.hits, time.perf_counter() - t0,
                        batchnorm=mode_of[best], lr={s: r["lr"] for s, r in results.items()},
-                       probe_seconds=cache.seconds, cached_seconds=cache.saved)
+                       probe_seconds=cache.seconds, cached_seconds=cache.saved, margin=close)

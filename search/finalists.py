@@ -33,7 +33,8 @@ from typing import Any, Callable, Sequence
 
 from pockprop.compiler.scheme import Layer, Rule, Scheme, preset_scheme, resolve_scheme
 from pockprop.errors import CompileError
-from pockprop.search.contribution import FinetuneConfig, better, compiled, confirm, probe_lrs, rank, score
+from pockprop.search.contribution import (FinetuneConfig, better, compiled, confirm, margin, margin_text,
+                                          probe_lrs, rank, score)
 from pockprop.search.costs import figures, memory_of
 from pockprop.search.options import Option, mode_label, ratio_text, scheme_of
 from pockprop.search.result import human_bytes
@@ -334,9 +335,13 @@ def finish(options: list[Option], head: Layer, layers: list[Layer], shapes: dict
     assert best is not None and best.result is not None  # the classifier fits (search checks it) and always runs
     sources = {"searched": knapsack, "greedy": picked, "best option": [single] if single else []}
     r = best.result
+    runner = max((f for f in finalists if f is not best and f.result and f.result.get("folds")),
+                 key=lambda f: rank(f.result, metric), default=None)  # the next of the confirmed few
+    close = margin_text(runner.label, margin(r, runner.result)) if runner is not None else ""
     decision = (f"{best.label} is the best of {sum(f.result is not None for f in finalists)} candidates fine-tuned "
                 f"with the recipe on validation ({100 * r['accuracy']:.1f}% at lr {r['lr']:.3g}"
-                + (f", the mean of {r['orders']} cross-validation folds" if r.get("orders", 1) > 1 else "") + "); "
+                + (f", the mean of {r['orders']} cross-validation folds" if r.get("orders", 1) > 1 else "")
+                + (f"; {close}" if close else "") + "); "
                 f"{sum(bool(f.why) for f in finalists)} set aside (over a budget or out of time)")
     return Final(best, finalists, sources.get(best.name, []), start, trials, decision)
 

@@ -409,3 +409,15 @@ def test_a_preset_over_budget_is_also_tried_with_fewer_blocks() -> None:
     assert paths(got[0]) == ["1", "2", "6"] and paths(got[1]) == ["0", "1", "6"]  # the 3->8 conv is smaller
     assert all(s.batchnorm == "train" and n(s) <= limit for s in got)
     assert trimmed(full, lambda s: "over", tm.layers, tm.shapes, head) == []  # nothing short of the head fits
+
+
+def test_margin_says_when_the_winner_is_within_the_folds_noise() -> None:
+    """The decision and the drift probe name the next candidate and how far ahead the winner is fold by fold
+    (paired: the same folds); a gap under two standard errors is said to be a tie."""
+    a = {"folds": [0.90, 0.92, 0.91, 0.93, 0.92]}
+    clear, close = {"folds": [0.85, 0.86, 0.85, 0.87, 0.86]}, {"folds": [0.91, 0.90, 0.92, 0.92, 0.91]}
+    mean, se = contribution.margin(a, clear)
+    assert mean == pytest.approx(0.058) and se == pytest.approx(np.std([5, 6, 6, 6, 6], ddof=1) / 100 / 5 ** 0.5)
+    assert contribution.margin_text("b", (mean, se)) == "+5.8 ± 0.2 points over b fold by fold"
+    assert contribution.margin_text("c", contribution.margin(a, close)).endswith("a tie in all but name")
+    assert contribution.margin(a, {"accuracy": 0.9}) is None and contribution.margin_text("d", None) == ""
