@@ -440,7 +440,8 @@ def task_markdown(name: str, r: dict[str, Any]) -> str:
         lines += ["", f"Searched scheme (budget {mb(sr['budget_bytes'])} MiB of training memory"
                   + (f" and {bp:,} trainable parameters" if bp else "")
                   + f"; search took {sr['seconds']:.0f} s, of which {sr.get('probe_seconds', 0):.0f} device-seconds "
-                    f"fine-tuning {sr.get('probes', 0)} probes):", ""]
+                    f"fine-tuning {sr.get('probes', 0)} probes" + cold(sr.get("result", {}).get("cached_seconds")) + "):",
+                  ""]
         if sr.get("finalists"):
             lines += ["```text", sr["finalists"].rstrip(), f"decision: {sr['decision']}", "```", ""]
         lines += ["```yaml", sr["yaml"].rstrip(), "```"]
@@ -461,12 +462,21 @@ def task_markdown(name: str, r: dict[str, Any]) -> str:
                    if not p["picks_best"] else f" (tied with {', '.join(ties)})" if ties else "")
         best = (f"; the best tbft row on test in that mode is {p['best']}: "
                 f"{'picks the best' if p['picks_best'] else 'NOT the best'}{gap}") if "best" in p else ""
-        lines += ["", f"Drift probe ({p.get('probe_seconds', 0):.0f} device-seconds): picks **{p['block']}**"
+        lines += ["", f"Drift probe ({p.get('probe_seconds', 0):.0f} device-seconds{cold(res.get('cached_seconds'))}): "
+                  f"picks **{p['block']}**"
                   f"{' with BN train mode' if p.get('batchnorm') == 'train' else ''} (the TBFT block for {r['kind']} "
                   f"drift is {p['expected']}: {'match' if p['match'] else 'no match'}{best}); validation accuracy "
-                  f"with the recipe: {acc}."]
+                  f"with the recipe: {acc}" + (f"; on validation the pick is {res['margin']}" if res.get("margin") else "")
+                  + "."]
     lines += ["", "Targets: " + target_line(rows, ref), ""]
     return "\n".join(lines)
+
+
+def cold(cached: float | None) -> str:
+    """What the probes read from the cache took when they ran, if any: a warm run's device-seconds alone
+    understate a cold one."""
+    return f"; {cached:.0f} more device-seconds of probes came from the cache (what they took when they ran)" \
+        if cached else ""
 
 
 def target_line(rows: dict[str, dict[str, Any]], reference: dict[str, Any] | None = None) -> str:

@@ -66,7 +66,7 @@ class Finalist:
         r = self.result or {}
         return {"name": self.label, "scheme": scheme_dict(self.scheme), "why": self.why,
                 "accuracy": r.get("accuracy"), "loss": r.get("loss"), "lr": r.get("lr"), "grid": r.get("grid"),
-                "ms": r.get("ms"), "orders": r.get("orders", 1), "first": r.get("first"),
+                "ms": r.get("ms"), "orders": r.get("orders", 1), "first": r.get("first"), "folds": r.get("folds"),
                 "trainable_params": self.figures.get("trainable_params"),
                 "training_bytes": self.figures.get("training_bytes"), "peak_bytes": self.figures.get("peak_bytes")}
 
