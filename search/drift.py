@@ -127,7 +127,8 @@ def drift_probe(model: torch.nn.Module, input_shape: Sequence[int], data: Search
               for s in blocks}
     order = sorted(blocks, key=lambda s: (scores[s], -energy[s]["joules"], -blocks.index(s)), reverse=True)
     best = order[0]
-    close = margin_text(order[1], margin(results[best], results[order[1]])) if len(order) > 1 else ""
+    close = margin_text(order[1], margin(results[best], results[order[1]])) \
+        if len(order) > 1 and metric == "accuracy" else ""  # the margin is in accuracy points
     return DriftResult(best.split(" ")[0].removeprefix("tbft-"), gains, acc, energy,
                        {s: r["loss"] for s, r in results.items()},
                        {s: {k: v for k, v in r["figures"].items() if k != "energy"} for s, r in results.items()},

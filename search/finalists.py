@@ -337,7 +337,8 @@ def finish(options: list[Option], head: Layer, layers: list[Layer], shapes: dict
     r = best.result
     runner = max((f for f in finalists if f is not best and f.result and f.result.get("folds")),
                  key=lambda f: rank(f.result, metric), default=None)  # the next of the confirmed few
-    close = margin_text(runner.label, margin(r, runner.result)) if runner is not None else ""
+    close = margin_text(runner.label, margin(r, runner.result)) \
+        if runner is not None and metric == "accuracy" else ""  # the margin is in accuracy points
     decision = (f"{best.label} is the best of {sum(f.result is not None for f in finalists)} candidates fine-tuned "
                 f"with the recipe on validation ({100 * r['accuracy']:.1f}% at lr {r['lr']:.3g}"
                 + (f", the mean of {r['orders']} cross-validation folds" if r.get("orders", 1) > 1 else "")
