@@ -309,12 +309,15 @@ class Final:
 def finish(options: list[Option], head: Layer, layers: list[Layer], shapes: dict[str, tuple[int, ...]],
            modes: Sequence[str], knapsack: list[Option], knapsack_scheme: Scheme, single: Option | None, run: Run,
            art_of: Callable[[Scheme], Any], budgets: Budgets, recipe: FinetuneConfig, metric: str, steps: int,
-           width: int, time_left: Callable[[], bool]) -> Final:
+           width: int, time_left: Callable[[], bool], knapsack_figures: dict[str, Any] | None = None) -> Final:
     """Greedy selection, then the decision among the presets, the knapsack's selection, the greedy selection
-    and the best single option (`single`), each in every mode (module doc)."""
+    and the best single option (`single`), each in every mode (module doc). knapsack_figures: the compiled
+    figures of `knapsack_scheme`, if the caller has them (it is not compiled again)."""
     mode = modes[-1]
     start = run(scheme_of(head, [], "classifier", mode), recipe)
     known: dict[tuple[Any, ...], dict[str, Any]] = {}
+    if knapsack_figures is not None:
+        known[(knapsack_scheme.rules, knapsack_scheme.batchnorm)] = knapsack_figures
 
     def figures_of(sc: Scheme) -> dict[str, Any]:  # each scheme compiled once: budget checks and decide share it
         key = (sc.rules, sc.batchnorm)

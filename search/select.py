@@ -254,7 +254,7 @@ def search(model: torch.nn.Module, input_shape: Sequence[int], data: SearchData,
                      key=lambda o: o.score, default=None)
         final = finish(options, head, layers, tm.shapes, modes, chosen, scheme, single, run_lrs,
                        art_compiler(tm, config, cache, loss, preprocess), budgets, recipe, metric, greedy_steps,
-                       greedy_width, lambda: cache.time_left)
+                       greedy_width, lambda: cache.time_left, knapsack_figures=fig)
         stages["greedy"] = final.trials
         chosen, fig = final.chosen, final.best.figures
         scheme = replace(final.best.scheme, name=name or f"search-{human_bytes(budget_memory)}")
