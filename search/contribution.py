@@ -341,13 +341,12 @@ def confirm(tm: TracedModel, scheme: Scheme | str, data: SearchData, config: Fin
     orders = folds_of(data) - 1 if orders is None else min(orders, folds_of(data) - 1)
     if orders < 1:
         return result
-    runs = [probe(tm, scheme, fold(data, k), replace(config.with_lr(result["lr"]), seed=config.seed + k), cache,
-                  **kw) for k in range(1, orders + 1)]
-    n = 1 + orders
-    return result | {"accuracy": (result["accuracy"] + sum(r["accuracy"] for r in runs)) / n,
-                     "loss": (result["loss"] + sum(r["loss"] for r in runs)) / n, "orders": n,
-                     "first": {"accuracy": result["accuracy"], "loss": result["loss"]},
-                     "folds": [result["accuracy"]] + [r["accuracy"] for r in runs]}
+    runs = [result] + [probe(tm, scheme, fold(data, k), replace(config.with_lr(result["lr"]), seed=config.seed + k),
+                             cache, **kw) for k in range(1, orders + 1)]
+    folds = [r["accuracy"] for r in runs]
+    return result | {"accuracy": sum(folds) / len(runs), "loss": sum(r["loss"] for r in runs) / len(runs),
+                     "orders": len(runs), "first": {"accuracy": result["accuracy"], "loss": result["loss"]},
+                     "folds": folds}
 
 
 def margin(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, float] | None:
