@@ -27,8 +27,8 @@ from pockprop.artifact.contract import APPLY_FILE, INPUT_GRADIENT, VJP_FILE, Spl
 from pockprop.artifact.durable import write_atomic
 from pockprop.compiler import lora as lora_adapters
 from pockprop.compiler.artifact import Artifact
-from pockprop.compiler.compile import (PartOptions, TracedModel, _check_options, compile_traced, resolve_training,
-                                       trace_model)
+from pockprop.compiler.compile import (PartOptions, TracedModel, _check_options, batchnorm_mode, compile_traced,
+                                       resolve_training, trace_model)
 from pockprop.compiler.optim import parse_optimizer
 from pockprop.compiler.scheme import load_scheme
 from pockprop.errors import CompileError
@@ -153,7 +153,7 @@ def compile_split(model: torch.nn.Module, example_inputs: Any, split_at: str | S
     _check_options(loss, label_smoothing, trainable, scheme, None, pos_weight)
     parse_optimizer(optimizer)
     spec = load_scheme(scheme) if scheme is not None else None
-    if getattr(spec, "batchnorm", "frozen") != "frozen":
+    if batchnorm_mode(None, spec) != "frozen":
         raise CompileError(f"split: the scheme {spec.name} trains batch norm in train mode, which a split model "
                            "does not support")
     lora_spec = lora_adapters.parse_spec(lora) if lora is not None else None
