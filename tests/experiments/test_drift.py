@@ -131,3 +131,22 @@ def test_accuracy_runs_end_to_end(tmp_path, monkeypatch):
     assert [r["task"] for r in ref] == ["output"] and ref[0]["recipe"]["lrs"] == [0.01]
     assert result["probe"]["picks_best"] == (result["probe"]["block"] == "rear")
     assert any(f.startswith("pretrained-") and f.endswith(".safetensors") for f in os.listdir(out))
+
+
+def test_paired_gap_resamples_test_images_paired():
+    from experiments.accuracy import paired_gap, target_line
+
+    same = [{"test_correct": "1101"}, {"test_correct": "1011"}]
+    assert paired_gap(same, same) == (0.0, 0.0, 0.0)  # the same images right: no gap, whatever the resampling
+    a, b = [{"test_correct": "1111"}], [{"test_correct": "1110"}]
+    mean, lo, hi = paired_gap(a, b)
+    assert mean == pytest.approx(25.0) and 0.0 <= lo <= mean <= hi <= 100.0 and lo == 0.0  # some resamples miss it
+    assert paired_gap(a, [{"test_accuracy": 0.75}]) is None  # no per-image record: no interval
+    # 2 seeds, 40 images: the searched row is 2.5 points behind on average, two images apart, so a 40-image test set
+    # cannot say whether it is within 1 point
+    rows = {"full": {"test_mean": 90.0, "runs": [{"test_correct": "1" * 36 + "0" * 4}] * 2},
+            "searched": {"test_mean": 87.5, "trainable_percent": 5.0, "memory_ratio": 0.2,
+                         "runs": [{"test_correct": "1" * 35 + "0" * 5}, {"test_correct": "0" + "1" * 35 + "0" * 4}]}}
+    line = target_line(rows)
+    assert "MISSED** (-2.5 points, 95 % interval over the test images" in line
+    assert "cannot tell whether it is within 1 point" in line
