@@ -239,17 +239,39 @@ def paired_gap(a: list[dict[str, Any]], b: list[dict[str, Any]], boots: int = 10
     allows one to say about the gap; None when a run lacks its per-image record."""
     if not a or not b or any("test_correct" not in r for r in a + b):
         return None
-    per = lambda runs: np.mean([[c == "1" for c in r["test_correct"]] for r in runs], axis=0)  # noqa: E731
-    d = (per(a) - per(b)) * 100
+    d = (_per_image(a) - _per_image(b)) * 100
     if len(d) == 0:
         return None
-    idx = np.random.default_rng(seed).integers(0, len(d), size=(boots, len(d)))
-    means = d[idx].mean(axis=1)
+    means = d[_resamples(len(d), boots, seed)].mean(axis=1)
     return float(d.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
+def _per_image(runs: list[dict[str, Any]]) -> np.ndarray:
+    """Each test image's correctness averaged over the runs (seeds) of a row."""
+    return np.mean([[c == "1" for c in r["test_correct"]] for r in runs], axis=0)
+
+
+def _resamples(n: int, boots: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, n, size=(boots, n))
+
+
+def chance_within(s: list[dict[str, Any]], others: list[list[dict[str, Any]]], points: float = 1.0,
+                  boots: int = 10_000, seed: int = 0) -> float | None:
+    """How often row s is within `points` of the best of `others` on test sets resampled from this one (the
+    images drawn with replacement, every row judged on the same draw): the best of many rows on one test set is
+    the luckiest as much as the best, and this says how often the target would be met on another test set of
+    the same size. None when a run lacks its per-image record."""
+    runs = [s] + others
+    if not others or any("test_correct" not in r for rs in runs for r in rs):
+        return None
+    per = np.stack([_per_image(rs) for rs in runs]) * 100  # rows x images
+    idx = _resamples(per.shape[1], boots, seed)
+    acc = np.stack([p[idx].mean(axis=1) for p in per])  # rows x resamples
+    return float(np.mean(acc[0] >= acc[1:].max(axis=0) - points))
+
+
 def gap_text(g: tuple[float, float, float] | None) -> str:
-    """A paired_gap in words, e.g. "95 % interval over test images −2.6 … −0.2"."""
+    """A paired_gap in words, e.g. "95 % interval over the test images -2.6 … -0.2"."""
     return f"95 % interval over the test images {g[1]:+.1f} … {g[2]:+.1f}" if g else ""
 
 
@@ -524,6 +546,9 @@ def target_line(rows: dict[str, dict[str, Any]], reference: dict[str, Any] | Non
     g = paired_gap(s["runs"], rows[top]["runs"]) if top in rows else None
     resolved = "" if g is None else "; the test set cannot tell whether it is within 1 point" \
         if g[1] <= -1.0 <= g[2] else "; the test set resolves it"
+    chance = chance_within(s["runs"], [v["runs"] for k, v in rows.items() if k != "searched"])
+    if chance is not None:
+        resolved += f"; within 1 point of the best other row on {100 * chance:.0f} % of resampled test sets"
     checks = [(f"within 1 point of the best other row ({top}, {others[top]:.1f})", gap >= -1.0,
                f"{gap:+.1f} points" + (f", {gap_text(g)}{resolved}" if g else "")),
               ("≤ 10 % of the weights trained", s["trainable_percent"] <= 10.0, f"{s['trainable_percent']:.2f} %"),

@@ -93,9 +93,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--lrs", type=cli_args.numbers(lo=0, lo_open=True),
                    help="learning rates the longer runs try, each candidate keeping its best on validation, e.g. "
                         "0.003,0.01,0.03 (default: --lr / 3, --lr, 3 x --lr)")
-    s.add_argument("--batchnorm", choices=["frozen", "train", "both"], default="frozen",
+    s.add_argument("--batchnorm", choices=["frozen", "train", "both"], default="both",
                    help="the candidates' batch norm: frozen statistics, train mode (batch statistics, running "
-                        "statistics updated), or both, each candidate in each mode")
+                        "statistics updated), or both, each candidate in each mode (default: both; frozen alone "
+                        "halves the final runs; a model without batch norm has one mode)")
     s.add_argument("--budget-time", type=cli_args.number(0, lo_open=True), metavar="SECONDS",
                    help="start no new probe once the probes have spent this many device-seconds fine-tuning")
     s.add_argument("--no-validate", action="store_true",

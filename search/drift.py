@@ -11,7 +11,7 @@ rate favours the rear: earlier blocks need more steps and larger rates before th
 runs each block at its rate on the other cross-validation folds of the same samples (contribution.confirm:
 `orders` of them, None for all, so that every sample is validated once) and scores it by the mean (one
 split and batch order is a noisy judge on a small validation set), in
-each batch-norm mode asked for ("both": frozen and train, every block scored against the frozen
+each batch-norm mode asked for ("both", the default: frozen and train, every block scored against the frozen
 classifier), and picks the block with the best score over the classifier, the same score `search` maximizes (metric "accuracy": the accuracy gain, the validation
 loss breaking ties; or "loss"); remaining ties go to the lower energy per step, then the earlier
 preset in front/middle/rear order. Each scheme's energy per training step is estimated from its MACs and bytes
@@ -94,7 +94,7 @@ def drift_probe(model: torch.nn.Module, input_shape: Sequence[int], data: Search
                 config: FinetuneConfig | None = None, progress: bool = True, cache_dir: str | None = None,
                 loss: str = "cross_entropy", preprocess: dict[str, Any] | None = None,
                 traced: Any = None, metric: str = "accuracy", recipe: FinetuneConfig | None = None,
-                lrs: Sequence[float] | None = None, batchnorm: str = "frozen",
+                lrs: Sequence[float] | None = None, batchnorm: str = "both",
                 budget_time: float | None = None, orders: int | None = None) -> DriftResult:
     """Probe tbft-front/middle/rear against the classifier and choose the block (module docstring)."""
     t0 = time.perf_counter()

@@ -125,7 +125,7 @@ def search(model: torch.nn.Module, input_shape: Sequence[int], data: SearchData,
            max_layers: int | None = None, metric: str = "accuracy", memory: str = "training",
            loss: str = "cross_entropy", weight_with_bias: bool = True, validate: bool = True,
            name: str | None = None, traced: TracedModel | None = None, max_rounds: int = 32,
-           budget_params: float | None = None, batchnorm: str = "frozen", recipe: FinetuneConfig | None = None,
+           budget_params: float | None = None, batchnorm: str = "both", recipe: FinetuneConfig | None = None,
            lrs: Sequence[float] | None = None, rungs: int = 1, eta: int = 3, greedy_steps: int = 3,
            greedy_width: int = 4, budget_time: float | None = None) -> SearchResult:
     """Choose an update scheme for `model` that fits `budget_memory` bytes (see the module docstring).
@@ -136,8 +136,8 @@ def search(model: torch.nn.Module, input_shape: Sequence[int], data: SearchData,
     max_layers: only the last N candidate layers. preprocess: recorded in the probes' artifacts only
     (the data is model-ready already). traced: a TracedModel of `model` to reuse (batch config.batch).
     validate=False stops after the knapsack (no refinement, greedy selection or final decision).
-    batchnorm: the candidates' batch-norm mode, "frozen", "train" or "both" (the options are screened in
-    train mode then). recipe: how the final candidates are fine-tuned (default: the probes' config, 5 times
+    batchnorm: the candidates' batch-norm mode, "frozen", "train" or "both" (the default: each candidate in
+    each mode, the options screened in train mode). recipe: how the final candidates are fine-tuned (default: the probes' config, 5 times
     as long, cosine); lrs: the learning-rate grid of the longer runs (default: config's lr / 3, x 1, x 3).
     rungs, eta: successive halving; greedy_steps, greedy_width: forward selection (search/finalists.py).
     budget_time: device-seconds of probing; once spent, no new probe starts (the screen's first probe and

@@ -149,4 +149,15 @@ def test_paired_gap_resamples_test_images_paired():
                          "runs": [{"test_correct": "1" * 35 + "0" * 5}, {"test_correct": "0" + "1" * 35 + "0" * 4}]}}
     line = target_line(rows)
     assert "MISSED** (-2.5 points, 95 % interval over the test images" in line
-    assert "cannot tell whether it is within 1 point" in line
+    assert "cannot tell whether it is within 1 point" in line and "of resampled test sets" in line
+
+
+def test_chance_within_counts_resampled_test_sets():
+    from experiments.accuracy import chance_within
+
+    right, wrong = [{"test_correct": "1" * 50}], [{"test_correct": "0" * 50}]
+    assert chance_within(right, [wrong]) == 1.0 and chance_within(wrong, [right]) == 0.0
+    assert chance_within(right, [right, wrong], points=0.0) == 1.0  # a tie with the best is within 0 points
+    half = [{"test_correct": "10" * 25}]
+    assert 0.0 < chance_within(half, [[{"test_correct": "01" * 25}]], points=0.0) < 1.0  # either way, by the draw
+    assert chance_within(right, [[{"test_accuracy": 1.0}]]) is None

@@ -278,6 +278,8 @@ def test_refine_probes_the_best_third_longer() -> None:
 
 
 def test_batchnorm_both_tries_each_candidate_in_each_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both modes are the default (search and drift_probe alike): a user who does not know that BatchNorm's
+    training mode matters for a drift gets it tried."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
                                 torch.nn.Linear(16, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
@@ -292,8 +294,7 @@ def test_batchnorm_both_tries_each_candidate_in_each_mode(tmp_path: Path, monkey
         return dict(r, accuracy=1.0) if won else r
 
     monkeypatch.setattr(contribution, "probe", probe)
-    r = search(model, (64,), d, budget_memory=1 << 20, config=CONFIG, progress=False, batchnorm="both",
-               greedy_steps=1, greedy_width=1)
+    r = search(model, (64,), d, budget_memory=1 << 20, config=CONFIG, progress=False, greedy_steps=1, greedy_width=1)
     labels = {f.label for f in r.finalists}
     assert {"classifier", "classifier +bn", "bias-only +bn", "full +bn"} <= labels
     assert r.scheme.batchnorm == "train" and "batchnorm: train" in r.yaml()
@@ -303,7 +304,7 @@ def test_batchnorm_both_tries_each_candidate_in_each_mode(tmp_path: Path, monkey
     assert any(e.role.value == "statistic" for e in art.manifest().state)
     with pytest.raises(SearchError, match="batchnorm"):
         search(model, (64,), d, budget_memory=1 << 20, config=CONFIG, progress=False, batchnorm="sometimes")
-    dr = drift_probe(model, (64,), d, config=CONFIG, progress=False, batchnorm="both")
+    dr = drift_probe(model, (64,), d, config=CONFIG, progress=False)
     assert set(dr.accuracy) == {f"{s}{m}" for s in ("classifier", "tbft-front", "tbft-middle", "tbft-rear")
                                 for m in ("", " +bn")}
     assert dr.chosen in dr.gains and dr.chosen.endswith("+bn") == (dr.batchnorm == "train")
