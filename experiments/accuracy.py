@@ -220,14 +220,17 @@ def finetune(art_dir: str, train: tuple[np.ndarray, np.ndarray], cfg: Config, se
 
 
 def evaluate(trainer: Any, record: dict[str, Any], evals: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
-    """Accuracy and loss on each named split into `record`; for "test" also which images were right
-    ("test_correct", one "0"/"1" per image): paired_gap compares two rows image by image."""
+    """Accuracy and loss on each named split into `record` (Trainer.evaluate's figures, from one prediction
+    pass); for "test" also which images were right ("test_correct", one "0"/"1" per image): paired_gap
+    compares two rows image by image."""
+    from pockprop.runtime.trainer import metrics
+
     for name, (x, y) in evals.items():
-        m = trainer.evaluate(x, y)
+        pred, y = trainer.predict(x), np.asarray(y)
+        m = metrics(trainer.manifest.loss, pred, y)
         record[f"{name}_accuracy"], record[f"{name}_loss"] = float(m["accuracy"]), float(m["loss"])
         if name == "test":
-            right = trainer.predict(x).argmax(1) == np.asarray(y)
-            record["test_correct"] = "".join("1" if c else "0" for c in right)
+            record["test_correct"] = "".join("1" if c else "0" for c in pred.argmax(1) == y)
     return record
 
 

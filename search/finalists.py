@@ -163,9 +163,10 @@ def scaled(scheme: Scheme, ratio: float, layers: list[Layer], shapes: dict[str, 
     rules, cut = [], False
     for u in _updates(scheme, layers, shapes):
         l = u.layer
-        whole = u.weight is not None and u.weight.is_full and l.op in ("conv2d", "linear") and len(l.shape) >= 2
-        cut |= whole and l.path != head.path
-        rules.append(_rule(u, ratio if whole and l.path != head.path else None))
+        cuts = (u.weight is not None and u.weight.is_full and l.op in ("conv2d", "linear") and len(l.shape) >= 2
+                and l.path != head.path)
+        cut |= cuts
+        rules.append(_rule(u, ratio if cuts else None))
     return Scheme(f"{scheme.name}@{ratio_text(ratio)}", tuple(rules), scheme.batchnorm) if cut else None
 
 
